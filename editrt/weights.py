@@ -1,0 +1,171 @@
+"""The weights directory (DESIGN.md contract 1): its layout, and `editrt weights init`.
+
+    DIR/
+      editrt.json                   which config and seed wrote it (absent for published weights; optional)
+      inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/
+      task_prompts.safetensors      remove / complete / harmonize / null, each [50, cross_attention_dim]
+      harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format
+      sam/                          config.json + segment-anything checkpoint (.pth)
+
+`init_weights` writes random weights in exactly these formats, into a temporary sibling folder
+that is renamed into place at the end: an interrupted init leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import diffusers
+import torch
+
+from editrt.errors import InputError, WeightsError
+
+CONFIG_NAMES = ("tiny", "full")
+
+
+def load_config(name: str) -> dict:
+    if name not in CONFIG_NAMES:
+        raise InputError(f"--config: expected one of {', '.join(CONFIG_NAMES)}, got {name!r}")
+    return json.loads(resources.files("editrt").joinpath("configs", f"{name}.json").read_text())
+
+
+class WeightsLayout:
+    """Paths inside a weights directory; the one place that knows the file names."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    inpaint = property(lambda self: self.root / "inpaint")
+    unet = property(lambda self: self.root / "inpaint" / "unet")
+    vae = property(lambda self: self.root / "inpaint" / "vae")
+    scheduler = property(lambda self: self.root / "inpaint" / "scheduler")
+    task_prompts = property(lambda self: self.root / "task_prompts.safetensors")
+    harmonizer_lora = property(lambda self: self.root / "harmonizer_lora.safetensors")
+    sam = property(lambda self: self.root / "sam")
+    info = property(lambda self: self.root / "editrt.json")
+
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise WeightsError(f"{self.root}: no such weights directory; create one with `editrt weights init {self.root}`")
+
+    def read_info(self) -> dict:
+        if not self.info.is_file():
+            return {}
+        try:
+            return json.loads(self.info.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{self.info}: not valid JSON ({e})") from None
+
+
+def _model_index() -> dict:
+    # What diffusers writes for StableDiffusionInpaintPipeline, minus the text encoder that task
+    # inversion replaces; published SD-2 inpainting folders (which also list one) load the same way.
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_inpaint(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from editrt.models.inpaint import TASKS, save_task_prompts
+    from editrt.models.lora import random_lora, save_lora
+
+    cfg = config["inpaint"]
+    layout.inpaint.mkdir(parents=True)
+    (layout.inpaint / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+
+    log("inpaint/unet")
+    torch.manual_seed(generator.initial_seed())
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    unet.save_pretrained(layout.unet, safe_serialization=True)
+    log("inpaint/vae")
+    AutoencoderKL.from_config(cfg["vae"]).save_pretrained(layout.vae, safe_serialization=True)
+    DDIMScheduler.from_config(cfg["scheduler"]).save_pretrained(layout.scheduler)
+
+    log("task_prompts.safetensors")
+    dim, tokens = unet.config.cross_attention_dim, cfg["task_prompt_tokens"]
+    prompts = {k: torch.randn(tokens, dim, generator=generator) for k in TASKS + ("null",)}
+    save_task_prompts(layout.task_prompts, prompts, base_model=f"stable-diffusion-2-inpainting ({config['name']} random)")
+
+    log("harmonizer_lora.safetensors")
+    lora = random_lora(unet, cfg["lora_targets"], cfg["lora_rank"], generator)
+    save_lora(layout.harmonizer_lora, lora, metadata={"base_model": "stable-diffusion-2-inpainting", "rank": str(cfg["lora_rank"])})
+
+
+def _write_sam(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
+    from editrt.models.sam import build_sam, save_sam
+
+    log("sam")
+    torch.manual_seed(generator.initial_seed() + 1)
+    sam = build_sam(config["sam"])
+    save_sam(sam, layout.sam, config["sam"])
+
+
+def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log=lambda what: None) -> Path:
+    """Write a complete weights directory of random weights in the real formats; returns its path."""
+    cfg = load_config(config)
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InputError(f"{target}: already exists and is not empty; choose a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        layout = WeightsLayout(tmp)
+        generator = torch.Generator().manual_seed(seed)
+        _write_inpaint(layout, cfg, generator, log)
+        _write_sam(layout, cfg, generator, log)
+        layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": 1}, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("EDITRT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "editrt"))
+
+
+def resolve_weights(spec: str | Path | None, log=lambda what: None) -> Path:
+    """A weights directory from `--weights`: a folder, or 'tiny' / 'full' for cached random weights.
+
+    Without `--weights`, $EDITRT_WEIGHTS is used. 'tiny' and 'full' (when no folder of that name
+    exists) mean random weights of that config, written once under the user cache (seed 0).
+    """
+    import os
+
+    spec = spec or os.environ.get("EDITRT_WEIGHTS")
+    if not spec:
+        raise InputError("--weights: expected a weights directory (or 'tiny' / 'full' for random weights); "
+                         "set it or $EDITRT_WEIGHTS")
+    path = Path(spec)
+    if path.is_dir() or str(spec) not in CONFIG_NAMES:
+        WeightsLayout(path).check_root()
+        return path
+    cached = cache_dir() / "weights" / f"{spec}-seed0"
+    if not cached.is_dir():
+        log(f"writing random '{spec}' weights to {cached} (once)")
+        try:
+            init_weights(cached, str(spec), seed=0)
+        except (OSError, InputError):
+            if not cached.is_dir():  # not a concurrent writer that finished first
+                raise
+    return cached

@@ -1,0 +1,1 @@
+"""torch -> ONNX -> TensorRT exporters, engine cache and refit."""

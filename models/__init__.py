@@ -1,0 +1,1 @@
+"""PyTorch model definitions and weight loading (plain PyTorch; speed-ups are applied by builders)."""

@@ -1,0 +1,147 @@
+"""LoRA for the harmonizer: read diffusers' LoRA files and fuse them into the UNet in place.
+
+The harmonizer is the inpainting UNet with a LoRA fused at scale c (paper 000 Sec. 3.2 iii).
+`FusedLoRA` keeps, for each LoRA-touched weight only, the base tensor W0 and the fused tensor
+W0 + c·(alpha/r)·B@A, and switches by copying one into the live parameter. So
+
+* c = 0 restores W0 bit for bit (never W1 − delta, which would round),
+* c = 1 equals diffusers' `load_lora_weights` + `fuse_lora(lora_scale=1.0)` (peft merges
+  W += (B@A)·scaling the same way),
+* the switch is in place: the parameter's storage never changes, so captured CUDA graphs and
+  exported weight maps see the new values.
+
+Accepted key formats (the ones diffusers writes and reads for a UNet):
+``unet.<module>.lora_A.weight`` / ``unet.<module>.lora_B.weight`` (peft style) or
+``unet.<module>.lora.down.weight`` / ``unet.<module>.lora.up.weight`` (older diffusers style),
+with an optional ``unet.<module>.alpha`` scalar (alpha defaults to the rank, i.e. scaling 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from editrt.errors import WeightsError
+
+_SUFFIXES = {
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+
+
+@dataclass
+class LoRALayer:
+    down: torch.Tensor  # A: [r, in_features]
+    up: torch.Tensor  # B: [out_features, r]
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """(B @ A) * alpha / r in float32, the order peft's merge uses."""
+        return (self.up.float() @ self.down.float()) * self.scaling
+
+
+def load_lora(path: str | Path) -> dict[str, LoRALayer]:
+    """{UNet module path (e.g. 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'): LoRALayer}."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing; expected the harmonizer LoRA in diffusers' LoRA key format")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith("unet."):
+            raise WeightsError(f"{path}: unexpected key {key!r}; expected 'unet.<module>.lora_A.weight' / "
+                               "'.lora_B.weight' (or '.lora.down.weight' / '.lora.up.weight', '.alpha')")
+        module = key[len("unet."):-len(suffix)]
+        parts.setdefault(module, {})[_SUFFIXES[suffix]] = value
+    if not parts:
+        raise WeightsError(f"{path}: holds no LoRA weights")
+    layers = {}
+    for module, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise WeightsError(f"{path}: module {module!r} lacks its {'up (B)' if 'up' not in p else 'down (A)'} matrix")
+        down, up = p["down"], p["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise WeightsError(f"{path}: module {module!r} has A {list(down.shape)} and B {list(up.shape)}; "
+                               "expected A [r, in] and B [out, r]")
+        alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])
+        layers[module] = LoRALayer(down=down, up=up, alpha=alpha)
+    return layers
+
+
+def save_lora(path: Path, layers: dict[str, LoRALayer], metadata: dict[str, str] | None = None) -> None:
+    tensors = {}
+    for module, layer in layers.items():
+        tensors[f"unet.{module}.lora_A.weight"] = layer.down.contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = layer.up.contiguous()
+    save_file(tensors, str(path), metadata=metadata or {})
+
+
+def random_lora(unet: torch.nn.Module, targets: list[str], rank: int, generator: torch.Generator) -> dict[str, LoRALayer]:
+    """A random LoRA on every attention projection named in `targets` (e.g. 'to_q', 'to_out.0').
+
+    B is not zero (as a freshly initialised peft LoRA would be) so that c = 1 visibly differs from c = 0.
+    """
+    layers = {}
+    for name, module in unet.named_modules():
+        if not any(name.endswith("." + t) for t in targets) or not isinstance(module, torch.nn.Linear):
+            continue
+        if ".attn1." not in name and ".attn2." not in name:
+            continue
+        out_f, in_f = module.weight.shape
+        down = torch.randn(rank, in_f, generator=generator) / in_f**0.5
+        up = torch.randn(out_f, rank, generator=generator) * (0.5 / rank**0.5)
+        layers[name] = LoRALayer(down=down, up=up, alpha=float(rank))
+    return layers
+
+
+class FusedLoRA:
+    """Switches a UNet between its base weights (c = 0) and LoRA-fused weights (c != 0) in place."""
+
+    def __init__(self, unet: torch.nn.Module, layers: dict[str, LoRALayer], source: str = "LoRA"):
+        modules = dict(unet.named_modules())
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        for name, layer in layers.items():
+            module = modules.get(name)
+            if not isinstance(module, torch.nn.Linear):
+                raise WeightsError(f"{source}: module {name!r} is not a linear layer of the UNet")
+            if tuple(module.weight.shape) != (layer.up.shape[0], layer.down.shape[1]):
+                raise WeightsError(f"{source}: module {name!r} has weight {list(module.weight.shape)} but the LoRA "
+                                   f"gives [{layer.up.shape[0]}, {layer.down.shape[1]}]")
+            self.params[name] = module.weight
+            self.base[name] = module.weight.detach().clone()
+            self.deltas[name] = layer.delta().to(module.weight.device)
+        self.scale = 0.0
+        self._fused: dict[float, dict[str, torch.Tensor]] = {}
+
+    def fused_weights(self, scale: float) -> dict[str, torch.Tensor]:
+        """The LoRA-touched weights at `scale` (cached: switching back and forth costs copies only)."""
+        if scale == 0.0:
+            return self.base
+        if scale not in self._fused:
+            self._fused[scale] = {
+                n: (self.base[n].float() + scale * self.deltas[n]).to(self.base[n].dtype) for n in self.params
+            }
+        return self._fused[scale]
+
+    @torch.no_grad()
+    def set_scale(self, scale: float) -> None:
+        if scale == self.scale:
+            return
+        weights = self.fused_weights(scale)
+        for name, param in self.params.items():
+            param.copy_(weights[name])
+        self.scale = scale

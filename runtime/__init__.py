@@ -1,0 +1,1 @@
+"""Engine backends, the CUDA-graph scheduler, pipelines and interactive sessions."""

@@ -1,0 +1,312 @@
+"""Subject repositioning (SEELE, paper 000): segment, move, remove, complete, harmonize, paste back.
+
+One SD-2 inpainting UNet does every generative stage; only the task prompt changes (task
+inversion), and for harmonization a LoRA is fused in at scale c = 1. The inpainting pass is,
+step for step, diffusers' `StableDiffusionInpaintPipeline` with `prompt_embeds` = task prompt,
+`negative_prompt_embeds` = null prompt and a DDIM scheduler (tests hold it to that oracle).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
+from tqdm.auto import tqdm
+
+from editrt.errors import InputError
+from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts, load_unet, load_vae
+from editrt.models.lora import FusedLoRA, load_lora
+from editrt.models.sam import load_sam
+from editrt.runtime.images import (
+    as_mask, as_rgb, dilate, processing_size, resize_mask_covering, resize_rgb, save_mask_png, save_png,
+    shift_or_warp,
+)
+from editrt.weights import WeightsLayout
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_steps(steps: int, guidance: float) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps: expected a positive integer, got {steps!r}")
+    if guidance < 1.0:
+        raise InputError(f"guidance: expected >= 1.0 (1.0 = no classifier-free guidance), got {guidance}")
+
+
+@dataclass
+class Stage:
+    image: Image.Image | None = None
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class RepositionResult:
+    image: Image.Image
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    def save_stages(self, folder: str | Path) -> list[Path]:
+        written = []
+        for i, (name, stage) in enumerate(self.stages.items()):
+            if stage.image is not None:
+                written.append(save_png(stage.image, Path(folder) / f"{i}_{name}.png"))
+            if stage.mask is not None:
+                written.append(save_mask_png(stage.mask, Path(folder) / f"{i}_{name}_mask.png"))
+        return written
+
+
+class RepositionPipeline:
+    """SEELE on the PyTorch backend: any device, fp32 / fp16 / bf16."""
+
+    def __init__(self, unet, vae, scheduler, task_prompts, harmonizer: FusedLoRA, sam, device="cpu", dtype=torch.float32):
+        self.unet, self.vae, self.sam = unet, vae, sam
+        self.scheduler_config = scheduler.config
+        self.task_prompts = task_prompts
+        self.harmonizer = harmonizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.default_resolution = unet.config.sample_size * self.vae_scale_factor
+        self.sam_transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._sam_cache: tuple[str, torch.Tensor, tuple, tuple] | None = None
+
+    @classmethod
+    def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32") -> "RepositionPipeline":
+        layout = WeightsLayout(weights)
+        layout.check_root()
+        dtype = resolve_dtype(dtype)
+        unet = load_unet(layout.unet, dtype).to(device)
+        vae = load_vae(layout.vae, dtype).to(device)
+        scheduler = load_scheduler(layout.scheduler)
+        prompts = load_task_prompts(layout.task_prompts, unet.config.cross_attention_dim)
+        harmonizer = FusedLoRA(unet, load_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
+        sam = load_sam(layout.sam, device)
+        return cls(unet, vae, scheduler, prompts, harmonizer, sam, device, dtype)
+
+    # ------------------------------------------------------------------ segmentation
+    def _image_embedding(self, rgb: np.ndarray):
+        """SAM image embedding, cached for the last image (SamPredictor.set_image's preprocessing)."""
+        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
+        if self._sam_cache is None or self._sam_cache[0] != key:
+            resized = self.sam_transform.apply_image(rgb)
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h, w)
+            with torch.no_grad():
+                features = self.sam.image_encoder(self.sam.preprocess(x))
+            self._sam_cache = (key, features, tuple(x.shape[-2:]), rgb.shape[:2])
+        return self._sam_cache[1:]
+
+    def segment(self, image, points=None, labels=None, box=None) -> np.ndarray:
+        """Subject mask (bool [H, W]) from points (x, y) with labels (1 fg, 0 bg) and/or a box (x0, y0, x1, y1).
+
+        Multimask output; the mask with the best predicted IoU wins (as SamPredictor users do).
+        """
+        rgb = as_rgb(image)
+        h, w = rgb.shape[:2]
+        if points is None and box is None:
+            raise InputError("segment: expected at least one point or a box")
+        coords = labels_t = box_t = None
+        features, input_size, original_size = self._image_embedding(rgb)
+        if points is not None:
+            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            for x, y in pts:
+                if not (0 <= x < w and 0 <= y < h):
+                    raise InputError(f"point ({x:g}, {y:g}): outside the image ({w}x{h}); expected 0 <= x < {w}, 0 <= y < {h}")
+            lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
+            if len(lab) != len(pts) or not np.isin(lab, (0, 1)).all():
+                raise InputError(f"labels: expected one label per point, each 0 (background) or 1 (foreground), got {lab.tolist()}")
+            coords = torch.as_tensor(self.sam_transform.apply_coords(pts, original_size), dtype=torch.float, device=self.device)[None]
+            labels_t = torch.as_tensor(lab, dtype=torch.int, device=self.device)[None]
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,) or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
+                raise InputError(f"box {b.tolist()}: expected x0 < x1, y0 < y1 inside the image ({w}x{h})")
+            box_t = torch.as_tensor(self.sam_transform.apply_boxes(b, original_size), dtype=torch.float, device=self.device)
+        with torch.no_grad():
+            sparse, dense = self.sam.prompt_encoder(points=None if coords is None else (coords, labels_t), boxes=box_t, masks=None)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+            )
+            masks = self.sam.postprocess_masks(low_res, input_size, original_size) > self.sam.mask_threshold
+        best = int(torch.argmax(iou[0]))
+        mask = masks[0, best].cpu().numpy()
+        if not mask.any():
+            raise InputError("segment: SAM found no subject at the given point/box; try another point or a box")
+        return mask
+
+    # ------------------------------------------------------------------ inpainting
+    @torch.no_grad()
+    def _denoise(self, rgb: np.ndarray, mask: np.ndarray, prompt: torch.Tensor, steps: int, guidance: float,
+                 seed: int, full_condition: bool, progress: bool) -> np.ndarray:
+        """One prompt-guided inpainting pass at the given (processing) size; returns decoded uint8 RGB.
+
+        Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet.
+        `full_condition` makes the unmasked condition the whole image (harmonization, paper Eq. 2).
+        """
+        device, dtype = self.device, self.dtype
+        h, w = mask.shape
+        lh, lw = h // self.vae_scale_factor, w // self.vae_scale_factor
+        do_cfg = guidance > 1.0
+
+        # 1. Prompts: [null; task] batched for CFG, like negative_prompt_embeds / prompt_embeds.
+        embeds = prompt[None] if not do_cfg else torch.stack([self.task_prompts["null"], prompt])
+        embeds = embeds.to(device, dtype)  # (B, L, C)
+
+        # 2. Timesteps.
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # fresh: schedulers keep per-run state
+        scheduler.set_timesteps(steps, device=device)
+        timesteps = scheduler.timesteps
+
+        # 3. Image and mask in the pipeline's value ranges.
+        # Built the way VaeImageProcessor does (NHWC numpy, transposed): conv kernels on CPU pick
+        # their path by memory layout, and bit-equality with the diffusers oracle depends on it.
+        image = torch.from_numpy(np.stack([rgb.astype(np.float32) / 255.0]).transpose(0, 3, 1, 2))  # (1, 3, H, W)
+        image = 2.0 * image - 1.0
+        mask_t = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+
+        # 4. Initial noise first, then the condition latents: the generator's draw order matters.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = randn_tensor((1, 4, lh, lw), generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        mask_latent = F.interpolate(mask_t, size=(lh, lw)).to(device, dtype)
+        condition = image if full_condition else image * (mask_t < 0.5)
+        condition = condition.to(device, dtype)
+        condition_latents = self.vae.encode(condition).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        if do_cfg:
+            mask_latent = torch.cat([mask_latent] * 2)
+            condition_latents = torch.cat([condition_latents] * 2)
+
+        # 5. Denoising loop.
+        for t in tqdm(timesteps, disable=not progress, desc="denoising", leave=False):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([model_input, mask_latent, condition_latents], dim=1)  # (B, 9, h, w)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if do_cfg:
+                noise_uncond, noise_task = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance * (noise_task - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, eta=0.0, generator=generator, return_dict=False)[0]
+
+        # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        decoded = (decoded / 2 + 0.5).clamp(0, 1)
+        decoded = decoded.cpu().permute(0, 2, 3, 1).float().numpy()
+        return (decoded[0] * 255).round().astype(np.uint8)
+
+    def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
+                    full_condition: bool, progress: bool, mask_name: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+        """Run one pass at the processing resolution; paste the result back inside `mask` only."""
+        if task not in TASKS:
+            raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+        check_steps(steps, guidance)
+        rgb = as_rgb(image)
+        mask = as_mask(mask, rgb.shape[:2], name=mask_name)
+        size = processing_size(rgb.shape[:2], resolution or self.default_resolution)
+        work_rgb, work_mask = resize_rgb(rgb, size), resize_mask_covering(mask, size)
+        decoded = self._denoise(work_rgb, work_mask, self.task_prompts[task], steps, guidance, seed, full_condition, progress)
+        decoded = resize_rgb(decoded, rgb.shape[:2])
+        out = rgb.copy()
+        out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
+        return out, mask
+
+    def inpaint(self, image, mask, task: str = "remove", steps: int = 50, guidance: float = 1.0, seed: int = 0,
+                resolution: int | None = None, progress: bool = False) -> Image.Image:
+        """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation."""
+        if task not in ("remove", "complete"):
+            raise InputError(f"task: expected 'remove' or 'complete', got {task!r}")
+        out, _ = self._regenerate(image, mask, task, steps, guidance, seed, resolution, False, progress)
+        return Image.fromarray(out)
+
+    def harmonize(self, image, mask, steps: int = 50, seed: int = 0, guidance: float = 1.0, resolution: int | None = None,
+                  lora_scale: float = 1.0, progress: bool = False) -> Image.Image:
+        """Harmonize the masked region: harmonize prompt, LoRA fused at `lora_scale`, whole image as condition."""
+        self.harmonizer.set_scale(lora_scale)
+        try:
+            out, _ = self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, True, progress)
+        finally:
+            self.harmonizer.set_scale(0.0)
+        return Image.fromarray(out)
+
+    # ------------------------------------------------------------------ the SEELE flow
+    def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float = 1.0,
+                 complete_mask=None, occluder_mask=None, harmonize: bool = True, steps: int = 50,
+                 guidance: float = 1.0, seed: int = 0, resolution: int | None = None, dilation: int | None = None,
+                 progress: bool = False) -> RepositionResult:
+        # 1. Check inputs.
+        rgb = as_rgb(image)
+        size = rgb.shape[:2]
+        check_steps(steps, guidance)
+        if not (isinstance(scale, (int, float)) and 0.05 <= scale <= 20):
+            raise InputError(f"scale: expected a number in [0.05, 20], got {scale!r}")
+        try:
+            dx, dy = (float(v) for v in move)
+        except (TypeError, ValueError):
+            raise InputError(f"move: expected (dx, dy) in pixels, got {move!r}") from None
+        complete = None if complete_mask is None else as_mask(complete_mask, size, "complete_mask")
+        occluder = None if occluder_mask is None else as_mask(occluder_mask, size, "occluder_mask")
+        radius = max(1, round(0.01 * min(size))) if dilation is None else int(dilation)
+        stages: dict[str, Stage] = {"input": Stage(image=Image.fromarray(rgb))}
+
+        # 2. Subject mask: given, or SAM from points / box.
+        if mask is not None:
+            subject = as_mask(mask, size, "mask")
+        else:
+            subject = self.segment(rgb, points=points, labels=labels, box=box)
+        stages["subject"] = Stage(mask=subject)
+
+        # 3. Move / scale the subject; hide the parts under occluders.
+        moved_rgb, moved_mask = shift_or_warp(rgb, subject, dx, dy, scale)
+        if not moved_mask.any():
+            raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})")
+        visible = moved_mask & ~occluder if occluder is not None else moved_mask
+
+        # 4. REMOVE: inpaint the void the subject leaves (dilated: SAM edges leave a halo otherwise).
+        void = dilate(subject, radius)
+        current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, False, progress, "mask")
+        stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
+
+        # 5. Paste the moved subject.
+        current = current.copy()
+        current[visible] = moved_rgb[visible]
+        stages["moved"] = Stage(image=Image.fromarray(current), mask=visible)
+        regenerated = void | visible
+
+        # 6. COMPLETE the occluded / cut-off part of the subject (user mask, output coordinates).
+        if complete is not None:
+            current, _ = self._regenerate(current, complete, "complete", steps, guidance, seed + 1, resolution, False,
+                                          progress, "complete_mask")
+            stages["completed"] = Stage(image=Image.fromarray(current), mask=complete)
+            regenerated |= complete
+
+        # 7. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1).
+        if harmonize:
+            region = dilate(visible if complete is None else visible | complete, radius)
+            self.harmonizer.set_scale(1.0)
+            try:
+                current, _ = self._regenerate(current, region, "harmonize", steps, 1.0, seed + 2, resolution, True,
+                                              progress, "harmonize region")
+            finally:
+                self.harmonizer.set_scale(0.0)
+            stages["harmonized"] = Stage(image=Image.fromarray(current), mask=region)
+            regenerated |= region
+
+        # 8. Paste only the regenerated regions back into the original image.
+        out = rgb.copy()
+        out[regenerated] = current[regenerated]
+        result = Image.fromarray(out)
+        stages["output"] = Stage(image=result, mask=regenerated)
+        return RepositionResult(image=result, stages=stages)
+

@@ -1,0 +1,42 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU through the interpreter. The switch must be set before any
+# @triton.jit function is decorated, i.e. before editrt.kernels is imported by a test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA (no GPU on this machine)"))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="full-size check; opt in with `pytest -m slow`"))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A complete `tiny` weights directory written by `editrt weights init` (random, seed 0)."""
+    from editrt.weights import init_weights
+
+    return init_weights(tmp_path_factory.mktemp("weights") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reposition(tiny_weights):
+    from editrt.runtime.reposition import RepositionPipeline
+
+    return RepositionPipeline.from_pretrained(tiny_weights)
+
+
+@pytest.fixture
+def photo():
+    """A real photograph (scikit-image's Chelsea, 300x451), not noise."""
+    from skimage import data
+
+    return data.chelsea()
