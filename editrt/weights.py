@@ -6,6 +6,12 @@
       task_prompts.safetensors      remove / complete / harmonize / null, each [50, cross_attention_dim]
       harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format
       sam/                          config.json + segment-anything checkpoint (.pth)
+      elements/                     the element decoder (paper 001), each a folder:
+        unet/                       diffusers SD-1.5 UNet (SD-1.5 weights drop in)
+        element_adapter/            config.json + model.safetensors: element embedder + element cross-attentions
+        content_encoder/            config.json + model.safetensors
+        vae/ scheduler/             diffusers VAE and scheduler
+        text_encoder/ tokenizer/    transformers CLIPTextModel and CLIPTokenizer files
 
 `init_weights` writes random weights in exactly these formats, into a temporary sibling folder
 that is renamed into place at the end: an interrupted init leaves nothing half-written.
@@ -45,6 +51,7 @@ class WeightsLayout:
     task_prompts = property(lambda self: self.root / "task_prompts.safetensors")
     harmonizer_lora = property(lambda self: self.root / "harmonizer_lora.safetensors")
     sam = property(lambda self: self.root / "sam")
+    elements = property(lambda self: self.root / "elements")
     info = property(lambda self: self.root / "editrt.json")
 
     def check_root(self) -> None:
@@ -115,6 +122,30 @@ def _write_sam(layout: WeightsLayout, config: dict, generator: torch.Generator, 
     save_sam(sam, layout.sam, config["sam"])
 
 
+def _write_elements(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from editrt.models.content_encoder import ContentEncoder
+    from editrt.models.element_unet import adapter_config, build_element_decoder
+    from editrt.models.text import random_text_encoder, write_tiny_tokenizer
+
+    cfg, root = config["elements"], layout.elements
+    torch.manual_seed(generator.initial_seed() + 2)
+    log("elements/unet")
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    log("elements/element_adapter")
+    adapter = adapter_config(token_dim=unet.config.cross_attention_dim, **cfg["element_adapter"])
+    build_element_decoder(unet, adapter).save_adapter(root / "element_adapter")
+    log("elements/content_encoder")
+    ContentEncoder(**cfg["content_encoder"]).save_pretrained(root / "content_encoder")
+    log("elements/vae, scheduler, text_encoder, tokenizer")
+    AutoencoderKL.from_config(cfg["vae"]).save_pretrained(root / "vae", safe_serialization=True)
+    DDIMScheduler.from_config(cfg["scheduler"]).save_pretrained(root / "scheduler")
+    vocab = write_tiny_tokenizer(root / "tokenizer")
+    random_text_encoder(cfg["text_encoder"], vocab).save_pretrained(root / "text_encoder")
+
+
 def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log=lambda what: None) -> Path:
     """Write a complete weights directory of random weights in the real formats; returns its path."""
     cfg = load_config(config)
@@ -128,6 +159,7 @@ def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log
         generator = torch.Generator().manual_seed(seed)
         _write_inpaint(layout, cfg, generator, log)
         _write_sam(layout, cfg, generator, log)
+        _write_elements(layout, cfg, generator, log)
         layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": 1}, indent=2) + "\n")
         if target.exists():
             target.rmdir()

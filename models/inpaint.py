@@ -12,34 +12,17 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from editrt.errors import WeightsError
+from editrt.models.files import load_diffusers, read_json, read_safetensors
 
 TASKS = ("remove", "complete", "harmonize")
 PROMPT_KEYS = TASKS + ("null",)
 
 
-def _load_diffusers(cls, folder: Path, what: str, dtype: torch.dtype):
-    config = folder / "config.json"
-    if not config.is_file():
-        raise WeightsError(f"{config}: missing; expected the diffusers config of the {what}")
-    try:
-        json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{config}: not valid JSON ({e})") from None
-    if not any(folder.glob("diffusion_pytorch_model*.safetensors")) and not any(folder.glob("diffusion_pytorch_model*.bin")):
-        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors; expected the {what} weights")
-    try:
-        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{folder}: cannot load the {what} ({first})") from None
-
-
 def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    unet = _load_diffusers(UNet2DConditionModel, Path(folder), "inpainting UNet", dtype)
+    unet = load_diffusers(UNet2DConditionModel, Path(folder), "inpainting UNet", dtype)
     if unet.config.in_channels != 9:
         raise WeightsError(f"{Path(folder) / 'config.json'}: in_channels is {unet.config.in_channels}; "
                            "an inpainting UNet takes 9 (latents | mask | masked-image latents)")
@@ -47,19 +30,12 @@ def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DC
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    return _load_diffusers(AutoencoderKL, Path(folder), "VAE", dtype).eval()
+    return load_diffusers(AutoencoderKL, Path(folder), "VAE", dtype).eval()
 
 
 def load_scheduler(folder: str | Path) -> DDIMScheduler:
     """A DDIM scheduler from the folder's config (a published PNDM config converts unchanged)."""
-    path = Path(folder) / "scheduler_config.json"
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected the scheduler config")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
-    return DDIMScheduler.from_config(config)
+    return DDIMScheduler.from_config(read_json(Path(folder) / "scheduler_config.json", "the scheduler config"))
 
 
 def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: str) -> None:
@@ -77,12 +53,7 @@ def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: 
 def load_task_prompts(path: str | Path, cross_attention_dim: int) -> dict[str, torch.Tensor]:
     """{'remove', 'complete', 'harmonize', 'null'} -> [L, cross_attention_dim] float32."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected the task prompts (keys {', '.join(PROMPT_KEYS)})")
-    try:
-        prompts = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    prompts = read_safetensors(path, f"the task prompts (keys {', '.join(PROMPT_KEYS)})")
     missing = [k for k in PROMPT_KEYS if k not in prompts]
     if missing:
         raise WeightsError(f"{path}: missing keys {missing}; expected {', '.join(PROMPT_KEYS)}")

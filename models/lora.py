@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from editrt.errors import WeightsError
+from editrt.models.files import read_safetensors
 
 _SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
@@ -51,12 +51,7 @@ class LoRALayer:
 def load_lora(path: str | Path) -> dict[str, LoRALayer]:
     """{UNet module path (e.g. 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'): LoRALayer}."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected the harmonizer LoRA in diffusers' LoRA key format")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = read_safetensors(path, "the harmonizer LoRA in diffusers' LoRA key format")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)

@@ -19,6 +19,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from editrt.errors import WeightsError
+from editrt.models.files import read_json
 
 # The published architectures, as segment-anything's build_sam.py defines them.
 PUBLISHED = {
@@ -104,13 +105,8 @@ def load_sam(folder: str | Path, device: str | torch.device = "cpu") -> Sam:
     """Load segment-anything's `Sam` from `folder` (config.json + checkpoint). Errors name the file."""
     folder = Path(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise WeightsError(f"{config_path}: missing; expected a JSON naming the SAM architecture and checkpoint")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or "checkpoint" not in config:
+    config = read_json(config_path, "a JSON naming the SAM architecture and checkpoint")
+    if "checkpoint" not in config:
         raise WeightsError(f"{config_path}: expected an object with 'architecture' and 'checkpoint'")
     sam = build_sam(config)
     checkpoint = folder / config["checkpoint"]

@@ -7,7 +7,6 @@ step for step, diffusers' `StableDiffusionInpaintPipeline` with `prompt_embeds` 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +16,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm.auto import tqdm
 
 from editrt.errors import InputError
 from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts, load_unet, load_vae
 from editrt.models.lora import FusedLoRA, load_lora
 from editrt.models.sam import load_sam
+from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.images import (
     as_mask, as_rgb, dilate, processing_size, resize_mask_covering, resize_rgb, save_mask_png, save_png,
     shift_or_warp,
@@ -80,8 +79,7 @@ class RepositionPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.default_resolution = unet.config.sample_size * self.vae_scale_factor
-        self.sam_transform = ResizeLongestSide(sam.image_encoder.img_size)
-        self._sam_cache: tuple[str, torch.Tensor, tuple, tuple] | None = None
+        self.segmenter = Segmenter(sam, self.device)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32") -> "RepositionPipeline":
@@ -97,55 +95,13 @@ class RepositionPipeline:
         return cls(unet, vae, scheduler, prompts, harmonizer, sam, device, dtype)
 
     # ------------------------------------------------------------------ segmentation
-    def _image_embedding(self, rgb: np.ndarray):
-        """SAM image embedding, cached for the last image (SamPredictor.set_image's preprocessing)."""
-        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
-        if self._sam_cache is None or self._sam_cache[0] != key:
-            resized = self.sam_transform.apply_image(rgb)
-            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h, w)
-            with torch.no_grad():
-                features = self.sam.image_encoder(self.sam.preprocess(x))
-            self._sam_cache = (key, features, tuple(x.shape[-2:]), rgb.shape[:2])
-        return self._sam_cache[1:]
-
     def segment(self, image, points=None, labels=None, box=None) -> np.ndarray:
         """Subject mask (bool [H, W]) from points (x, y) with labels (1 fg, 0 bg) and/or a box (x0, y0, x1, y1).
 
         Multimask output; the mask with the best predicted IoU wins (as SamPredictor users do).
+        The SAM image embedding is cached per image, so new clicks on the same image are cheap.
         """
-        rgb = as_rgb(image)
-        h, w = rgb.shape[:2]
-        if points is None and box is None:
-            raise InputError("segment: expected at least one point or a box")
-        coords = labels_t = box_t = None
-        features, input_size, original_size = self._image_embedding(rgb)
-        if points is not None:
-            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-            for x, y in pts:
-                if not (0 <= x < w and 0 <= y < h):
-                    raise InputError(f"point ({x:g}, {y:g}): outside the image ({w}x{h}); expected 0 <= x < {w}, 0 <= y < {h}")
-            lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
-            if len(lab) != len(pts) or not np.isin(lab, (0, 1)).all():
-                raise InputError(f"labels: expected one label per point, each 0 (background) or 1 (foreground), got {lab.tolist()}")
-            coords = torch.as_tensor(self.sam_transform.apply_coords(pts, original_size), dtype=torch.float, device=self.device)[None]
-            labels_t = torch.as_tensor(lab, dtype=torch.int, device=self.device)[None]
-        if box is not None:
-            b = np.asarray(box, dtype=np.float64).reshape(-1)
-            if b.shape != (4,) or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
-                raise InputError(f"box {b.tolist()}: expected x0 < x1, y0 < y1 inside the image ({w}x{h})")
-            box_t = torch.as_tensor(self.sam_transform.apply_boxes(b, original_size), dtype=torch.float, device=self.device)
-        with torch.no_grad():
-            sparse, dense = self.sam.prompt_encoder(points=None if coords is None else (coords, labels_t), boxes=box_t, masks=None)
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-            )
-            masks = self.sam.postprocess_masks(low_res, input_size, original_size) > self.sam.mask_threshold
-        best = int(torch.argmax(iou[0]))
-        mask = masks[0, best].cpu().numpy()
-        if not mask.any():
-            raise InputError("segment: SAM found no subject at the given point/box; try another point or a box")
-        return mask
+        return self.segmenter.masks(as_rgb(image), points=points, labels=labels, box=box)
 
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """The SEELE flow on a real photo: stages, byte-identity outside regenerated regions, bad input."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from editrt.errors import EditError, InputError
@@ -84,3 +85,17 @@ def test_provenance_chunk_and_invisible_watermark(tmp_path, photo):
     marked = np.asarray(Image.open(path))
     assert (marked != photo).any(axis=2).mean() > 0.5  # documented: it touches every region of the image
     assert read_watermark(marked) == b"editrt"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_runs(tiny_weights, dtype):
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, dtype=dtype)
+    assert pipe.unet.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = ellipse((64, 64), 30, 30, 10, 14)
+    out = np.asarray(pipe.inpaint(image, mask, steps=2, guidance=2.0, resolution=64))
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    out = np.asarray(pipe.harmonize(image, mask, steps=1, resolution=64))
+    np.testing.assert_array_equal(out[~mask], image[~mask])

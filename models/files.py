@@ -1,0 +1,45 @@
+"""Reading weight files with errors that name the file and what was expected (DESIGN.md contract 5)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from editrt.errors import WeightsError
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing; expected {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing; expected {what}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_diffusers(cls, folder: Path, what: str, dtype: torch.dtype = torch.float32):
+    """`cls.from_pretrained(folder)` for a diffusers model folder (config.json + safetensors), offline."""
+    folder = Path(folder)
+    read_json(folder / "config.json", f"the diffusers config of the {what}")
+    if not any(folder.glob("diffusion_pytorch_model*.safetensors")) and not any(folder.glob("diffusion_pytorch_model*.bin")):
+        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors; expected the {what} weights")
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{folder}: cannot load the {what} ({first})") from None
