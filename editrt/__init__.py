@@ -2,6 +2,8 @@
 
 Public API (imported lazily, so `import editrt` and the CLI start fast):
     editrt.RepositionPipeline   subject repositioning (SEELE)
+    editrt.ElementsPipeline     editable image elements (partition, edit, render)
+    editrt.Elements             the editable elements of one image
     editrt.errors               the exception family for bad input
 """
 __version__ = "0.1.0"
@@ -9,6 +11,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "RepositionPipeline": ("editrt.runtime.reposition", "RepositionPipeline"),
     "RepositionResult": ("editrt.runtime.reposition", "RepositionResult"),
+    "ElementsPipeline": ("editrt.runtime.elements_pipeline", "ElementsPipeline"),
+    "Elements": ("editrt.runtime.elements", "Elements"),
     "init_weights": ("editrt.weights", "init_weights"),
 }
 

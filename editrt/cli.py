@@ -68,13 +68,22 @@ def _log(args):
     return (lambda what: None) if args.quiet else (lambda what: print(f"editrt: {what}", file=sys.stderr))
 
 
+def _backend(args) -> dict:
+    from editrt.runtime.backends import check_backend
+
+    backend = getattr(args, "backend", "torch")
+    engines = getattr(args, "engines", None)
+    check_backend(backend, engines)
+    return {"backend": backend, "engines": engines}
+
+
 def _reposition_pipeline(args):
     from editrt.runtime.reposition import RepositionPipeline
     from editrt.weights import resolve_weights
 
     device = _device(args)
     weights = resolve_weights(args.weights, log=_log(args))
-    return RepositionPipeline.from_pretrained(weights, device=device, dtype=_dtype(args, device))
+    return RepositionPipeline.from_pretrained(weights, device=device, dtype=_dtype(args, device), **_backend(args))
 
 
 def _prompt_args(args) -> dict:
@@ -162,16 +171,167 @@ def cmd_reposition(args) -> None:
     _log(args)(f"reposition -> {out}" + (f" (stages in {stages_dir})" if stages_dir else ""))
 
 
+def _elements_pipeline(args):
+    from editrt.runtime.elements_pipeline import ElementsPipeline
+    from editrt.weights import resolve_weights
+
+    device = _device(args)
+    weights = resolve_weights(args.weights, log=_log(args))
+    return ElementsPipeline.from_pretrained(weights, device=device, dtype=_dtype(args, device), **_backend(args))
+
+
+def _check_elements_output(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".json":
+        raise InputError(f"-o {path}: expected a .json file name (the .npz is written beside it)")
+    return out
+
+
+def cmd_elements_partition(args) -> None:
+    from editrt.runtime.images import save_png
+
+    out = _check_elements_output(args.output)
+    overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
+    image = load_image(args.image)
+    pipe = _elements_pipeline(args)
+    elements = pipe.partition(image, resolution=args.resolution, grid=args.grid, beta=args.beta,
+                              iterations=args.iterations)
+    if overlay:
+        save_png(pipe.render_overlay(elements, image, ids=args.ids), overlay)
+    elements.save(out)
+    h, w = elements.image_size
+    _log(args)(f"{len(elements.alive_ids)} elements on a {w}x{h} canvas, "
+               f"{100 * elements.info['dropped_fraction']:.2f}% of pixels dropped -> {out}")
+
+
+class _EditOp(argparse.Action):
+    """Keeps --move/--resize/--delete/--insert in command-line order in args.ops."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        ops = getattr(namespace, "ops", None) or []
+        ops.append((option_string, value))
+        namespace.ops = ops
+
+
+def _ids(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split("+")]
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected element ids like 12 or 12+13") from None
+
+
+def _split(text: str, sep: str, option: str, form: str) -> tuple[str, str]:
+    if sep not in text:
+        raise InputError(f"{option} {text!r}: expected {form}")
+    return tuple(text.rsplit(sep, 1))
+
+
+def cmd_elements_edit(args) -> None:
+    from editrt.runtime.elements import Elements
+
+    out = _check_elements_output(args.output)
+    elements = Elements.load(args.elements)
+    if not getattr(args, "ops", None):
+        raise InputError("edit: expected at least one --move, --resize, --delete or --insert")
+    for option, value in args.ops:
+        if option == "--move":
+            ids, delta = _split(value, ":", option, "ID:DX,DY")
+            dx, dy = _numbers(delta, option, (2,))
+            deleted = elements.move(_ids(ids, option), dx, dy)
+        elif option == "--resize":
+            ids, scale = _split(value, ":", option, "ID:SCALE")
+            deleted = elements.resize(_ids(ids, option), _numbers(scale, option, (1,))[0])
+        elif option == "--delete":
+            deleted = elements.delete(_ids(value, option))
+        else:  # --insert OTHER.json:IDS@X,Y
+            source, at = _split(value, "@", option, "OTHER.json:ID[+ID...]@X,Y")
+            other, ids = _split(source, ":", option, "OTHER.json:ID[+ID...]@X,Y")
+            new, deleted = elements.insert(Elements.load(other), _ids(ids, option), _numbers(at, option, (2,)))
+            _log(args)(f"{option} {value}: new ids {new}")
+        if deleted and option != "--delete":
+            _log(args)(f"{option} {value}: deleted the covered elements {deleted}")
+    elements.save(out)
+    _log(args)(f"{len(elements.alive_ids)} elements -> {out}")
+
+
+def cmd_elements_render(args) -> None:
+    from editrt.runtime.elements import Elements
+    from editrt.runtime.images import save_png
+
+    out = _check_output(args.output)
+    elements = Elements.load(args.elements)
+    image = _elements_pipeline(args).decode(elements, prompt=args.prompt, guidance=args.guidance, steps=args.steps,
+                                            seed=args.seed, progress=_progress(args))
+    save_png(image, out, watermark=args.watermark)
+    _log(args)(f"render -> {out}")
+
+
+def cmd_elements_show(args) -> None:
+    from editrt.runtime.elements import Elements
+
+    elements = Elements.load(args.elements)
+    if args.point or args.box:
+        point = _numbers(args.point, "--point", (2,)) if args.point else None
+        box = _numbers(args.box, "--box", (4,)) if args.box else None
+        ids = elements.select(point=point, box=box)
+    else:
+        ids = elements.alive_ids
+    H, W = elements.image_size
+    for i in ids:
+        x, y = elements.centroids[i] * (W, H)
+        w, h = elements.sizes[i] * (W, H)
+        print(f"{i}\tx={x:.1f}\ty={y:.1f}\tw={w:.1f}\th={h:.1f}")
+
+
+def cmd_export(args) -> None:
+    from editrt.export.components import FORMATS, export_components, resolve_components
+    from editrt.weights import resolve_weights
+
+    if args.format not in FORMATS:
+        raise InputError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+    names = resolve_components(args.component.split(",") if args.component != "all" else "all")
+    if args.format == "tensorrt":  # before any work: TensorRT and a GPU must be there
+        from editrt.export.tensorrt import BuildOptions, tensorrt_module
+
+        tensorrt_module()
+        BuildOptions(precision=args.precision, optimization_level=args.optimization_level)
+        if not __import__("torch").cuda.is_available():
+            raise InputError("--format tensorrt: needs a CUDA GPU")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: exists and is not a directory")
+    weights = resolve_weights(args.weights, log=_log(args))
+    results = export_components(weights, names, out, check=True, progress=_progress(args), log=_log(args))
+    if args.check:
+        for r in results:
+            print(f"{r.name}\tmax relative error vs PyTorch {r.max_rel_error:.2e}\t{r.path}")
+    if args.format == "tensorrt":
+        from editrt.export.specs import network_specs
+        from editrt.export.tensorrt import BuildOptions, build_engine
+        from editrt.models.components import WeightsLayout
+
+        specs = network_specs(WeightsLayout(weights).network_config())
+        for r in results:
+            if r.name == "inpaint_unet":
+                continue  # served by the refittable harmonizer engine at c = 0
+            options = BuildOptions(precision=args.precision, optimization_level=args.optimization_level,
+                                   refit=specs[r.name].refittable)
+            build_engine(specs[r.name], r.path, out, options, progress=_progress(args), log=_log(args))
+
+
 # ---------------------------------------------------------------------- parser
-def _common(p: argparse.ArgumentParser, steps: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--weights", help="weights directory, or 'tiny' / 'full' for cached random weights "
                    "(default: $EDITRT_WEIGHTS)")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
+    g.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
     if steps:
         g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-        g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (default)")
+        g.add_argument("--guidance", type=float, default=guidance,
+                       help=f"classifier-free guidance scale; 1 = off (default {guidance:g})")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--resolution", type=int, help="processing short side, multiple of 8 (default: the model's)")
         g.add_argument("--watermark", action="store_true",
@@ -225,10 +385,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_reposition)
+
+    elements = sub.add_parser("elements", help="editable image elements").add_subparsers(dest="elements_command", required=True)
+    p = elements.add_parser("partition", help="split an image into elements (SAM-feature SLIC) and encode them")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, metavar="ELEMENTS.json")
+    p.add_argument("--overlay", metavar="PNG", help="also draw the element boundaries and centroids")
+    p.add_argument("--ids", action="store_true", help="label each centroid with its id in the overlay")
+    p.add_argument("--resolution", type=int, help="working short side, multiple of 8 (default: the model's)")
+    p.add_argument("--grid", type=int, default=16, help="query grid (16 -> 256 elements)")
+    p.add_argument("--beta", type=float, default=64.0, help="distance weight (Eq. 1)")
+    p.add_argument("--iterations", type=int, default=1, help="SLIC iterations T")
+    _common(p, steps=False)
+    p.set_defaults(func=cmd_elements_partition)
+
+    p = elements.add_parser("edit", help="move, resize, delete or insert elements (applied in order)")
+    p.add_argument("elements", metavar="ELEMENTS.json")
+    p.add_argument("--move", action=_EditOp, metavar="ID[+ID]:DX,DY")
+    p.add_argument("--resize", action=_EditOp, metavar="ID[+ID]:SCALE")
+    p.add_argument("--delete", action=_EditOp, metavar="ID[+ID]")
+    p.add_argument("--insert", action=_EditOp, metavar="OTHER.json:ID[+ID]@X,Y",
+                   help="copy elements of another partition, their joint centre at canvas pixel X,Y")
+    p.add_argument("-o", "--output", required=True, metavar="EDITED.json")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_elements_edit)
+
+    p = elements.add_parser("render", help="render elements with the diffusion decoder")
+    p.add_argument("elements", metavar="ELEMENTS.json")
+    p.add_argument("--prompt", default="", help="text prompt (default: empty)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    _common(p, guidance=3.0)
+    p.set_defaults(func=cmd_elements_render)
+
+    p = elements.add_parser("show", help="list elements (all, the one under --point, or those centred in --box)")
+    p.add_argument("elements", metavar="ELEMENTS.json")
+    p.add_argument("--point", metavar="X,Y")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1")
+    p.set_defaults(func=cmd_elements_show)
+
+    p = sub.add_parser("export", help="export components to ONNX (and build TensorRT engines)")
+    p.add_argument("--component", default="all", help="all (default) or comma-separated names")
+    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (ONNX first, then engines)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("--check", action="store_true", help="print each component's max relative error vs PyTorch "
+                   "(the check always runs; it fails above 1e-4)")
+    p.add_argument("--precision", default="fp16", help="TensorRT: fp16 (default), bf16, fp8 or fp32")
+    p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    p.add_argument("--weights", help="weights directory, or 'tiny' / 'full' (default: $EDITRT_WEIGHTS)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    from editrt.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Loading local weights needs no per-file download bars from huggingface_hub / transformers.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process use): the variable is read at import
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,20 +1,9 @@
-"""The weights directory (DESIGN.md contract 1): its layout, and `editrt weights init`.
+"""`editrt weights init`: random weights in the real formats (DESIGN.md contract 1).
 
-    DIR/
-      editrt.json                   which config and seed wrote it (absent for published weights; optional)
-      inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/
-      task_prompts.safetensors      remove / complete / harmonize / null, each [50, cross_attention_dim]
-      harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format
-      sam/                          config.json + segment-anything checkpoint (.pth)
-      elements/                     the element decoder (paper 001), each a folder:
-        unet/                       diffusers SD-1.5 UNet (SD-1.5 weights drop in)
-        element_adapter/            config.json + model.safetensors: element embedder + element cross-attentions
-        content_encoder/            config.json + model.safetensors
-        vae/ scheduler/             diffusers VAE and scheduler
-        text_encoder/ tokenizer/    transformers CLIPTextModel and CLIPTokenizer files
-
-`init_weights` writes random weights in exactly these formats, into a temporary sibling folder
-that is renamed into place at the end: an interrupted init leaves nothing half-written.
+The layout is models/components.py's `WeightsLayout`. `init_weights` writes random weights in
+exactly that layout into a temporary sibling folder renamed into place at the end: an interrupted
+init leaves nothing half-written. `full` has the real architectures (so its latency is the real
+latency); `tiny` keeps every code path at a small width for CPU tests.
 """
 from __future__ import annotations
 
@@ -27,44 +16,18 @@ from pathlib import Path
 import diffusers
 import torch
 
-from editrt.errors import InputError, WeightsError
+from editrt.errors import InputError
+from editrt.models.components import WeightsLayout
 
 CONFIG_NAMES = ("tiny", "full")
+# Bumped when `init_weights` writes something new, so cached random weights are rewritten.
+LAYOUT_VERSION = 2
 
 
 def load_config(name: str) -> dict:
     if name not in CONFIG_NAMES:
         raise InputError(f"--config: expected one of {', '.join(CONFIG_NAMES)}, got {name!r}")
     return json.loads(resources.files("editrt").joinpath("configs", f"{name}.json").read_text())
-
-
-class WeightsLayout:
-    """Paths inside a weights directory; the one place that knows the file names."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    inpaint = property(lambda self: self.root / "inpaint")
-    unet = property(lambda self: self.root / "inpaint" / "unet")
-    vae = property(lambda self: self.root / "inpaint" / "vae")
-    scheduler = property(lambda self: self.root / "inpaint" / "scheduler")
-    task_prompts = property(lambda self: self.root / "task_prompts.safetensors")
-    harmonizer_lora = property(lambda self: self.root / "harmonizer_lora.safetensors")
-    sam = property(lambda self: self.root / "sam")
-    elements = property(lambda self: self.root / "elements")
-    info = property(lambda self: self.root / "editrt.json")
-
-    def check_root(self) -> None:
-        if not self.root.is_dir():
-            raise WeightsError(f"{self.root}: no such weights directory; create one with `editrt weights init {self.root}`")
-
-    def read_info(self) -> dict:
-        if not self.info.is_file():
-            return {}
-        try:
-            return json.loads(self.info.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{self.info}: not valid JSON ({e})") from None
 
 
 def _model_index() -> dict:
@@ -160,7 +123,7 @@ def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log
         _write_inpaint(layout, cfg, generator, log)
         _write_sam(layout, cfg, generator, log)
         _write_elements(layout, cfg, generator, log)
-        layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": 1}, indent=2) + "\n")
+        layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": LAYOUT_VERSION}, indent=2) + "\n")
         if target.exists():
             target.rmdir()
         tmp.rename(target)
@@ -192,7 +155,7 @@ def resolve_weights(spec: str | Path | None, log=lambda what: None) -> Path:
     if path.is_dir() or str(spec) not in CONFIG_NAMES:
         WeightsLayout(path).check_root()
         return path
-    cached = cache_dir() / "weights" / f"{spec}-seed0"
+    cached = cache_dir() / "weights" / f"{spec}-seed0-v{LAYOUT_VERSION}"
     if not cached.is_dir():
         log(f"writing random '{spec}' weights to {cached} (once)")
         try:

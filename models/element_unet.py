@@ -181,3 +181,16 @@ def load_element_decoder(unet_folder: Path, adapter_folder: Path, dtype: torch.d
     decoder = build_element_decoder(unet, config)
     decoder.load_adapter(adapter_folder / "model.safetensors")
     return decoder.eval()
+
+
+def load_element_embedder(adapter_folder: Path, dtype: torch.dtype = torch.float32) -> ElementEmbedder:
+    """Only the token embedder (for backends that run the UNet as an engine)."""
+    config = read_json(adapter_folder / "config.json", "the element adapter config")
+    embedder = ElementEmbedder(config["feature_dim"], config["fourier_bands"], config["token_dim"])
+    state = read_safetensors(adapter_folder / "model.safetensors", "the element attention and embedder weights")
+    try:
+        embedder.load_state_dict({k[len("embedder."):]: v for k, v in state.items() if k.startswith("embedder.")})
+    except RuntimeError as e:
+        raise WeightsError(f"{adapter_folder / 'model.safetensors'}: embedder weights do not match its config "
+                           f"({str(e).splitlines()[0]})") from None
+    return embedder.to(dtype).eval()

@@ -19,15 +19,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from editrt.errors import InputError
-from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts, load_unet, load_vae
-from editrt.models.lora import FusedLoRA, load_lora
-from editrt.models.sam import load_sam
+from editrt.export.networks import reposition_networks
+from editrt.export.specs import network_specs
+from editrt.models.components import WeightsLayout, load_reposition_components
+from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
+from editrt.models.sam import sam_architecture
+from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, file_engines, torch_engines
 from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.images import (
     as_mask, as_rgb, dilate, processing_size, resize_mask_covering, resize_rgb, save_mask_png, save_png,
     shift_or_warp,
 )
-from editrt.weights import WeightsLayout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -69,30 +71,52 @@ class RepositionResult:
 
 
 class RepositionPipeline:
-    """SEELE on the PyTorch backend: any device, fp32 / fp16 / bf16."""
+    """SEELE over engines (torch, onnxruntime or tensorrt): any device, fp32 / fp16 / bf16.
 
-    def __init__(self, unet, vae, scheduler, task_prompts, harmonizer: FusedLoRA, sam, device="cpu", dtype=torch.float32):
-        self.unet, self.vae, self.sam = unet, vae, sam
-        self.scheduler_config = scheduler.config
-        self.task_prompts = task_prompts
-        self.harmonizer = harmonizer
-        self.device, self.dtype = torch.device(device), dtype
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.default_resolution = unet.config.sample_size * self.vae_scale_factor
-        self.segmenter = Segmenter(sam, self.device)
+    `components` holds the PyTorch modules on the torch backend (None otherwise): `unet`, `vae`,
+    `sam` and `harmonizer` (the in-place LoRA switch) are exposed from it for tests and tools.
+    """
+
+    def __init__(self, engines: dict, task_prompts: dict, scheduler_config, vae_scale_factor: int,
+                 default_resolution: int, sam_image_size: int, device="cpu", dtype=torch.float32, components=None):
+        self.engines, self.task_prompts, self.scheduler_config = engines, task_prompts, scheduler_config
+        self.vae_scale_factor, self.default_resolution = vae_scale_factor, default_resolution
+        self.device, self.dtype, self.components = torch.device(device), dtype, components
+        self.segmenter = Segmenter(engines, sam_image_size, self.device)
 
     @classmethod
-    def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32") -> "RepositionPipeline":
+    def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
+                        engines: str | Path | None = None) -> "RepositionPipeline":
+        """Load from a weights directory; `backend` 'onnxruntime' / 'tensorrt' run the networks exported
+        to `engines` by `editrt export` (task prompts and the scheduler still come from `weights`)."""
+        check_backend(backend, engines)
         layout = WeightsLayout(weights)
         layout.check_root()
         dtype = resolve_dtype(dtype)
-        unet = load_unet(layout.unet, dtype).to(device)
-        vae = load_vae(layout.vae, dtype).to(device)
-        scheduler = load_scheduler(layout.scheduler)
-        prompts = load_task_prompts(layout.task_prompts, unet.config.cross_attention_dim)
-        harmonizer = FusedLoRA(unet, load_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
-        sam = load_sam(layout.sam, device)
-        return cls(unet, vae, scheduler, prompts, harmonizer, sam, device, dtype)
+        config = layout.network_config()
+        specs = network_specs(config)
+        vae_scale_factor = 2 ** (len(config["inpaint"]["vae"]["block_out_channels"]) - 1)
+        resolution = config["inpaint"]["unet"]["sample_size"] * vae_scale_factor
+        sam_size = sam_architecture(config["sam"])["image_size"]
+        if backend == "torch":
+            components = load_reposition_components(weights, device, dtype)
+            engines_ = torch_engines(specs, reposition_networks(components), REPOSITION_NETWORKS)
+            return cls(engines_, components.task_prompts, components.scheduler_config, vae_scale_factor, resolution,
+                       sam_size, device, dtype, components)
+        prompts = load_task_prompts(layout.task_prompts, config["inpaint"]["unet"]["cross_attention_dim"])
+        engines_ = file_engines(specs, REPOSITION_NETWORKS, backend, engines, device, weights)
+        return cls(engines_, prompts, load_scheduler(layout.scheduler).config, vae_scale_factor, resolution, sam_size,
+                   device, dtype)
+
+    def _component(self, name):
+        if self.components is None:
+            raise AttributeError(f"{name}: only the torch backend holds PyTorch modules")
+        return getattr(self.components, name)
+
+    unet = property(lambda self: self._component("unet"))
+    vae = property(lambda self: self._component("vae"))
+    sam = property(lambda self: self._component("sam"))
+    harmonizer = property(lambda self: self._component("harmonizer"))
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, image, points=None, labels=None, box=None) -> np.ndarray:
@@ -105,14 +129,16 @@ class RepositionPipeline:
 
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()
-    def _denoise(self, rgb: np.ndarray, mask: np.ndarray, prompt: torch.Tensor, steps: int, guidance: float,
-                 seed: int, full_condition: bool, progress: bool) -> np.ndarray:
+    def _denoise(self, rgb: np.ndarray, mask: np.ndarray, task: str, steps: int, guidance: float, seed: int,
+                 progress: bool) -> np.ndarray:
         """One prompt-guided inpainting pass at the given (processing) size; returns decoded uint8 RGB.
 
-        Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet.
-        `full_condition` makes the unmasked condition the whole image (harmonization, paper Eq. 2).
+        Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet. The
+        harmonize task runs the harmonizer UNet, and its unmasked condition is the whole image
+        (paper Eq. 2) instead of the image with the mask cut out.
         """
         device, dtype = self.device, self.dtype
+        prompt, harmonize = self.task_prompts[task], task == "harmonize"
         h, w = mask.shape
         lh, lw = h // self.vae_scale_factor, w // self.vae_scale_factor
         do_cfg = guidance > 1.0
@@ -138,32 +164,35 @@ class RepositionPipeline:
         latents = randn_tensor((1, 4, lh, lw), generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
         mask_latent = F.interpolate(mask_t, size=(lh, lw)).to(device, dtype)
-        condition = image if full_condition else image * (mask_t < 0.5)
-        condition = condition.to(device, dtype)
-        condition_latents = self.vae.encode(condition).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        condition = image if harmonize else image * (mask_t < 0.5)
+        # the VAE posterior sample's noise, drawn where diffusers' latent_dist.sample(generator) draws it
+        posterior_noise = randn_tensor((1, 4, lh, lw), generator=generator, device=device, dtype=dtype)
+        condition_latents = self.engines["vae_encoder"](image=condition.to(device, dtype), noise=posterior_noise)["latent"]
         if do_cfg:
             mask_latent = torch.cat([mask_latent] * 2)
             condition_latents = torch.cat([condition_latents] * 2)
 
         # 5. Denoising loop.
+        unet = self.engines["harmonizer_unet" if harmonize else "inpaint_unet"]
         for t in tqdm(timesteps, disable=not progress, desc="denoising", leave=False):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             model_input = torch.cat([model_input, mask_latent, condition_latents], dim=1)  # (B, 9, h, w)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            timestep = t.to(device, torch.float32).expand(model_input.shape[0])  # (B,)
+            noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeds)["noise_pred"]
             if do_cfg:
                 noise_uncond, noise_task = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance * (noise_task - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0, generator=generator, return_dict=False)[0]
 
         # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        decoded = self.engines["vae_decoder"](latent=latents)["image"]
         decoded = (decoded / 2 + 0.5).clamp(0, 1)
         decoded = decoded.cpu().permute(0, 2, 3, 1).float().numpy()
         return (decoded[0] * 255).round().astype(np.uint8)
 
     def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
-                    full_condition: bool, progress: bool, mask_name: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool, mask_name: str = "mask") -> tuple[np.ndarray, np.ndarray]:
         """Run one pass at the processing resolution; paste the result back inside `mask` only."""
         if task not in TASKS:
             raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
@@ -172,7 +201,7 @@ class RepositionPipeline:
         mask = as_mask(mask, rgb.shape[:2], name=mask_name)
         size = processing_size(rgb.shape[:2], resolution or self.default_resolution)
         work_rgb, work_mask = resize_rgb(rgb, size), resize_mask_covering(mask, size)
-        decoded = self._denoise(work_rgb, work_mask, self.task_prompts[task], steps, guidance, seed, full_condition, progress)
+        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress)
         decoded = resize_rgb(decoded, rgb.shape[:2])
         out = rgb.copy()
         out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
@@ -183,17 +212,26 @@ class RepositionPipeline:
         """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation."""
         if task not in ("remove", "complete"):
             raise InputError(f"task: expected 'remove' or 'complete', got {task!r}")
-        out, _ = self._regenerate(image, mask, task, steps, guidance, seed, resolution, False, progress)
+        out, _ = self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress)
         return Image.fromarray(out)
 
     def harmonize(self, image, mask, steps: int = 50, seed: int = 0, guidance: float = 1.0, resolution: int | None = None,
                   lora_scale: float = 1.0, progress: bool = False) -> Image.Image:
-        """Harmonize the masked region: harmonize prompt, LoRA fused at `lora_scale`, whole image as condition."""
-        self.harmonizer.set_scale(lora_scale)
+        """Harmonize the masked region: harmonize prompt, LoRA fused at `lora_scale`, whole image as condition.
+
+        lora_scale 0 is the base UNet bit for bit; other scales than 1 need an engine that can switch
+        its weights (torch: in place; tensorrt: refit); an exported ONNX harmonizer is fused at 1.
+        """
+        engine = self.engines["harmonizer_unet"]
+        if lora_scale != 1.0 and not hasattr(engine, "set_lora_scale"):
+            raise InputError(f"lora_scale {lora_scale:g}: the {engine.backend} harmonizer has the LoRA fused at 1")
+        if lora_scale != 1.0:
+            engine.set_lora_scale(lora_scale)
         try:
-            out, _ = self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, True, progress)
+            out, _ = self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, progress)
         finally:
-            self.harmonizer.set_scale(0.0)
+            if lora_scale != 1.0:
+                engine.set_lora_scale(1.0)
         return Image.fromarray(out)
 
     # ------------------------------------------------------------------ the SEELE flow
@@ -231,7 +269,7 @@ class RepositionPipeline:
 
         # 4. REMOVE: inpaint the void the subject leaves (dilated: SAM edges leave a halo otherwise).
         void = dilate(subject, radius)
-        current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, False, progress, "mask")
+        current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask")
         stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
 
         # 5. Paste the moved subject.
@@ -242,7 +280,7 @@ class RepositionPipeline:
 
         # 6. COMPLETE the occluded / cut-off part of the subject (user mask, output coordinates).
         if complete is not None:
-            current, _ = self._regenerate(current, complete, "complete", steps, guidance, seed + 1, resolution, False,
+            current, _ = self._regenerate(current, complete, "complete", steps, guidance, seed + 1, resolution,
                                           progress, "complete_mask")
             stages["completed"] = Stage(image=Image.fromarray(current), mask=complete)
             regenerated |= complete
@@ -250,12 +288,8 @@ class RepositionPipeline:
         # 7. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1).
         if harmonize:
             region = dilate(visible if complete is None else visible | complete, radius)
-            self.harmonizer.set_scale(1.0)
-            try:
-                current, _ = self._regenerate(current, region, "harmonize", steps, 1.0, seed + 2, resolution, True,
-                                              progress, "harmonize region")
-            finally:
-                self.harmonizer.set_scale(0.0)
+            current, _ = self._regenerate(current, region, "harmonize", steps, 1.0, seed + 2, resolution, progress,
+                                          "harmonize region")
             stages["harmonized"] = Stage(image=Image.fromarray(current), mask=region)
             regenerated |= region
 

@@ -1,52 +1,55 @@
-"""SAM on the PyTorch backend: the image embedding once per image, prompts decoded against it.
+"""SAM through engines: the image embedding once per image, prompts decoded against it.
 
-`Segmenter.masks` reproduces `segment_anything.SamPredictor` (set_image + predict) op for op;
-`Segmenter.grid_logits` decodes many single-point queries in one batched mask-decoder call (the
-elements partition uses it for its 16x16 grid).
+`Segmenter.masks` reproduces `segment_anything.SamPredictor` (set_image + predict with multimask
+output, best predicted IoU): the same preprocessing (ResizeLongestSide, normalise, pad) and the
+prompt encoding of segment-anything's own SamOnnxModel, which embeds points, the padding point
+and box corners exactly as the predictor's PromptEncoder does. `Segmenter.grid_logits` decodes
+many single-point queries in one batched call (the elements partition's 16x16 grid).
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
+import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from editrt.errors import InputError
 
+# segment-anything's Sam.pixel_mean / pixel_std / mask_threshold
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+MASK_THRESHOLD = 0.0
+
 
 class Segmenter:
-    def __init__(self, sam: Sam, device: torch.device):
-        self.sam, self.device = sam, torch.device(device)
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
-        self._cache: tuple[str, torch.Tensor, tuple, tuple] | None = None
+    def __init__(self, engines: dict, image_size: int, device):
+        self.engines, self.image_size, self.device = engines, image_size, torch.device(device)
+        self.transform = ResizeLongestSide(image_size)
+        self._cache: tuple[np.ndarray, torch.Tensor, tuple, tuple] | None = None
+
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """SamPredictor.set_image + Sam.preprocess: resize the long side, normalise, pad to a square."""
+        resized = self.transform.apply_image(rgb)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h, w)
+        x = (x - PIXEL_MEAN.to(self.device)) / PIXEL_STD.to(self.device)
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h)), (h, w)
 
     def embedding(self, rgb: np.ndarray):
-        """(image embedding [1, C, h, w], input size before padding, original size); cached for the last image."""
-        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
-        if self._cache is None or self._cache[0] != key:
-            resized = self.transform.apply_image(rgb)  # longest side = img_size, as SamPredictor.set_image
-            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h, w)
-            with torch.no_grad():
-                features = self.sam.image_encoder(self.sam.preprocess(x))
-            self._cache = (key, features, tuple(x.shape[-2:]), rgb.shape[:2])
+        """(image embeddings [1, C, e, e], input size before padding, original size); cached for the last image."""
+        # Compare with the cached image itself: exact, and cheaper than hashing it.
+        if self._cache is None or not np.array_equal(self._cache[0], rgb):
+            x, input_size = self.preprocess(rgb)
+            features = self.engines["sam_image_encoder"](image=x)["image_embeddings"]
+            self._cache = (rgb.copy(), features, input_size, rgb.shape[:2])
         return self._cache[1:]
 
-    def _decode(self, features, sparse, dense):
-        return self.sam.mask_decoder(
-            image_embeddings=features, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-        )
-
-    @torch.no_grad()
     def masks(self, rgb: np.ndarray, points=None, labels=None, box=None) -> np.ndarray:
         """Best-IoU mask (bool [H, W]) of SAM's multimask output for points (x, y) + labels and/or a box."""
         h, w = rgb.shape[:2]
         if points is None and box is None:
             raise InputError("segment: expected at least one point or a box")
-        features, input_size, original_size = self.embedding(rgb)
-        coords = labels_t = box_t = None
+        coords, codes = np.zeros((0, 2)), np.zeros(0)
         if points is not None:
             pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
             for x, y in pts:
@@ -55,40 +58,43 @@ class Segmenter:
             lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
             if len(lab) != len(pts) or not np.isin(lab, (0, 1)).all():
                 raise InputError(f"labels: expected one label per point, each 0 (background) or 1 (foreground), got {lab.tolist()}")
-            coords = torch.as_tensor(self.transform.apply_coords(pts, original_size), dtype=torch.float, device=self.device)[None]
-            labels_t = torch.as_tensor(lab, dtype=torch.int, device=self.device)[None]
+            coords, codes = self.transform.apply_coords(pts, (h, w)), lab
         if box is not None:
             b = np.asarray(box, dtype=np.float64).reshape(-1)
             if b.shape != (4,) or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
                 raise InputError(f"box {b.tolist()}: expected x0 < x1, y0 < y1 inside the image ({w}x{h})")
-            box_t = torch.as_tensor(self.transform.apply_boxes(b, original_size), dtype=torch.float, device=self.device)
-        sparse, dense = self.sam.prompt_encoder(points=None if coords is None else (coords, labels_t), boxes=box_t, masks=None)
-        low_res, iou = self._decode(features, sparse, dense)
-        masks = self.sam.postprocess_masks(low_res, input_size, original_size) > self.sam.mask_threshold
-        mask = masks[0, int(torch.argmax(iou[0]))].cpu().numpy()
+            corners = self.transform.apply_boxes(b, (h, w)).reshape(2, 2)
+            coords, codes = np.concatenate([coords, corners]), np.concatenate([codes, [2, 3]])
+        else:  # without a box SamPredictor's prompt encoder appends a padding point
+            coords, codes = np.concatenate([coords, [[0.0, 0.0]]]), np.concatenate([codes, [-1]])
+
+        features, _, original_size = self.embedding(rgb)
+        low = 4 * features.shape[-1]
+        out = self.engines["sam_mask_decoder"](
+            image_embeddings=features,
+            point_coords=torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None],
+            point_labels=torch.as_tensor(codes, dtype=torch.float32, device=self.device)[None],
+            mask_input=torch.zeros(1, 1, low, low, device=self.device),
+            has_mask_input=torch.zeros(1, device=self.device),
+            orig_im_size=torch.tensor(original_size, dtype=torch.float32, device=self.device),
+        )
+        best = 1 + int(torch.argmax(out["iou_predictions"][0, 1:]))  # multimask: tokens 1..3
+        mask = (out["masks"][0, best] > MASK_THRESHOLD).cpu().numpy()
         if not mask.any():
             raise InputError("segment: SAM found no subject at the given point/box; try another point or a box")
         return mask
 
-    @torch.no_grad()
-    def grid_logits(self, rgb: np.ndarray, points_xy: np.ndarray, chunk: int = 64) -> torch.Tensor:
-        """Low-resolution mask logits [N, h, w] for N single foreground points (pixel x, y), one query each.
+    def grid_logits(self, rgb: np.ndarray, points_xy: np.ndarray) -> torch.Tensor:
+        """Low-resolution mask logits [N, h, w] for N single foreground points (pixel x, y), in one call.
 
-        Each query keeps its best-IoU mask of the multimask output (as `masks` does). The logits are
-        cropped to the image's part of SAM's padded square, so they span exactly the image.
-        Chunks of `chunk` queries bound the memory of the batched decoder (it repeats the embedding).
+        Each query keeps its best-IoU multimask logits. They are cropped to the image's part of
+        SAM's padded square, so they span exactly the image.
         """
         features, input_size, original_size = self.embedding(rgb)
-        coords = torch.as_tensor(self.transform.apply_coords(np.asarray(points_xy, np.float64), original_size),
-                                 dtype=torch.float, device=self.device)[:, None, :]  # (N, 1, 2)
-        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)  # (N, 1)
-        best = []
-        for start in range(0, len(coords), chunk):
-            sparse, dense = self.sam.prompt_encoder(points=(coords[start:start + chunk], labels[start:start + chunk]),
-                                                    boxes=None, masks=None)
-            low_res, iou = self._decode(features, sparse, dense)  # (n, 3, 4h, 4w), (n, 3)
-            best.append(low_res[torch.arange(len(iou)), iou.argmax(dim=1)])
-        logits = torch.cat(best)  # (N, 4h, 4w) over the padded square
-        scale = logits.shape[-1] / self.sam.image_encoder.img_size
+        coords = self.transform.apply_coords(np.asarray(points_xy, np.float64), original_size)
+        logits = self.engines["sam_mask_decoder_grid"](
+            image_embeddings=features, point_coords=torch.as_tensor(coords, dtype=torch.float32, device=self.device),
+        )["low_res_logits"]  # (N, 4e, 4e) over the padded square
+        scale = logits.shape[-1] / self.image_size
         valid_h, valid_w = round(input_size[0] * scale), round(input_size[1] * scale)
         return logits[:, :valid_h, :valid_w].float()

@@ -40,3 +40,10 @@ def photo():
     from skimage import data
 
     return data.chelsea()
+
+
+@pytest.fixture(scope="session")
+def elements_pipe(tiny_weights):
+    from editrt.runtime.elements_pipeline import ElementsPipeline
+
+    return ElementsPipeline.from_pretrained(tiny_weights)

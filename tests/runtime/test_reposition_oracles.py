@@ -70,8 +70,12 @@ def test_harmonize_lora_scale_0_is_base_unet_bit_for_bit(reposition, diffusers_p
     ours = np.asarray(reposition.harmonize(image, mask, steps=3, seed=4, lora_scale=0.0))
     theirs = run_diffusers(diffusers_pipe, reposition.task_prompts, "harmonize", image, mask, 3, 1.0, 4, full_condition(image))
     np.testing.assert_array_equal(ours[mask], theirs[mask])
-    # a c = 1 pass in between must leave the base weights bit-identical afterwards
+    # after a c = 1 pass, the next base-UNet pass runs on the base weights, bit for bit
     reposition.harmonize(image, mask, steps=1, seed=4, lora_scale=1.0)
+    assert any(not torch.equal(before[n], p) for n, p in reposition.unet.named_parameters())  # c = 1 is in place
+    again = np.asarray(reposition.inpaint(image, mask, steps=3, seed=4))
+    theirs = run_diffusers(diffusers_pipe, reposition.task_prompts, "remove", image, mask, 3, 1.0, 4)
+    np.testing.assert_array_equal(again[mask], theirs[mask])
     for name, p in reposition.unet.named_parameters():
         assert torch.equal(before[name], p), name
 

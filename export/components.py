@@ -1,0 +1,115 @@
+"""`editrt export`: every component of a weights directory to ONNX (and from there to TensorRT).
+
+    out/
+      inpaint_unet.onnx  harmonizer_unet.onnx  vae_encoder.onnx  vae_decoder.onnx
+      sam_image_encoder.onnx  sam_mask_decoder.onnx  sam_mask_decoder_grid.onnx
+      content_encoder.onnx  element_unet.onnx  element_vae_decoder.onnx
+      manifest.json          which weights, what was checked (max relative error vs PyTorch), versions
+      *.plan                 TensorRT engines (--format tensorrt), with their cache keys in the manifest
+
+Export runs in fp32 on the CPU, from the same modules the PyTorch backend runs (export/networks.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from editrt.errors import InputError
+from editrt.export.networks import elements_networks, reposition_networks
+from editrt.export.onnx import ExportResult, export_network
+from editrt.export.specs import NetworkSpec, network_specs
+from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
+
+REPOSITION = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder", "sam_mask_decoder",
+              "sam_mask_decoder_grid")
+ELEMENTS = ("content_encoder", "element_unet", "element_vae_decoder")
+COMPONENTS = REPOSITION + ELEMENTS
+FORMATS = ("onnx", "tensorrt")
+
+
+def export_dims(spec: NetworkSpec) -> dict[str, int]:
+    """The shapes a network is traced and checked at: each dynamic axis at its profile's optimum."""
+    dims = {name: opt for name, (_, opt, _) in (spec.profiles[0].items() if spec.profiles else [])}
+    for name, (base, factor) in spec.derived.items():
+        dims.setdefault(name, factor * dims[base])
+    return dims
+
+
+def weights_fingerprint(root: Path) -> str:
+    """Identity of a weights directory: hash of every file's name, size and modification time."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        h.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resolve_components(names: list[str] | str) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if names == ["all"]:
+        return list(COMPONENTS)
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise InputError(f"--component {unknown[0]!r}: expected 'all' or one of {', '.join(COMPONENTS)}")
+    return names
+
+
+def export_components(weights: str | Path, names, out_dir: str | Path, check: bool = True, progress: bool = False,
+                      log=lambda what: None) -> list[ExportResult]:
+    """Export `names` ('all' or component names) of `weights` to ONNX in `out_dir`; returns what was written."""
+    from tqdm.auto import tqdm
+
+    names = resolve_components(names)
+    layout = WeightsLayout(weights)
+    layout.check_root()
+    config = layout.network_config()
+    specs = network_specs(config)
+    networks: dict[str, torch.nn.Module] = {}
+    if any(n in REPOSITION for n in names):
+        networks.update(reposition_networks(load_reposition_components(weights)))
+    if any(n in ELEMENTS for n in names):
+        networks.update({k: v for k, v in elements_networks(load_elements_components(weights)).items() if k in ELEMENTS})
+    from editrt.models.sam import sam_architecture
+
+    context = {"sam_image_size": sam_architecture(config["sam"])["image_size"]}
+    results, extra = [], {}
+    for name in tqdm(names, desc="export", disable=not progress):
+        result = export_network(specs[name], networks[name], out_dir, export_dims(specs[name]), check=check, context=context)
+        log(f"{name}: {result.path}" + (f", max relative error vs PyTorch {result.max_rel_error:.2e}" if check else ""))
+        results.append(result)
+        if name == "harmonizer_unet":  # which initializers a TensorRT refit swaps between c = 0 and c = 1
+            from editrt.export.tensorrt import refit_weight_map
+
+            harmonizer = networks[name]
+            harmonizer.apply_weights()  # c = 1, as exported
+            extra[name] = {"refit_map": refit_weight_map(result.path, harmonizer.lora.params)}
+    write_manifest(Path(out_dir), layout.root, results, extra)
+    return results
+
+
+def write_manifest(out_dir: Path, weights_root: Path, results: list[ExportResult], extra: dict | None = None) -> None:
+    import onnx
+    import onnxruntime
+
+    from editrt import __version__
+
+    path = out_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"networks": {}}
+    manifest.update({
+        "weights": str(weights_root.resolve()), "weights_fingerprint": weights_fingerprint(weights_root),
+        "versions": {"editrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    })
+    for r in results:
+        manifest["networks"][r.name] = {"onnx": r.path.name, "max_rel_error": r.max_rel_error,
+                                        "export_seconds": round(r.seconds, 2), **(extra or {}).get(r.name, {})}
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
