@@ -1,1 +1,12 @@
-"""The benchmark suite behind `editrt bench`."""
+"""The benchmark suite behind `editrt bench`.
+
+    cli.py               the `bench` subcommand: options, outputs (`add_bench_parser`, `main`)
+    suite.py             runs the cases, assembles the result rows; the JSON schema
+    cases.py             the registry: backends, `Case` / `Run`, the shared context, `--only` matching
+    reposition_cases.py  the repositioning editor's rows (UNet, LoRA switch, VAE, SAM, passes, peers)
+    elements_cases.py    the elements editor's rows (decoder UNet, content encoder, partition, render)
+    kernel_rows.py       the Triton kernels' rows, from kernel_cases.py
+    timing.py            warm-up, rotating inputs, CUDA events / perf_counter, p50 / p90, peak memory
+    report.py            terminal table, Markdown, plot, atomic writes, bench/results/
+    results/             committed runs, one JSON per device and date, and a README of the latest
+"""

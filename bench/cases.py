@@ -1,0 +1,230 @@
+"""The benchmark case registry: backends, cases, and the shared context cases are built from.
+
+A **case** is one component at one shape (`unet-inpaint-b1`, `sam-mask-decoder-grid256`, ...).
+It maps each backend it supports to a **builder**: a function, called only when that row runs,
+that loads what it needs and returns a `Run` (the call to time and the inputs to rotate through).
+Each (case, backend) pair becomes one row of the results; within a case, every row is compared to
+the row of the case's `baseline` backend (PyTorch eager for our components, the peer library where
+a peer computes the same thing).
+
+Extending the suite:
+
+* a new row (component): write a builder and add a `Case` to an area module's `*_cases(ctx)`
+  function (e.g. `reposition_cases.py`); a new area is one more entry in `suite.CASE_PROVIDERS`;
+* a new backend for a component: add `"onnxruntime": build_unet_ort` to that case's `runners`
+  (the backend must be listed in `BACKENDS`, which says what it needs to be available);
+* a planned backend with no runner yet is declared with `None`: its row is printed as skipped,
+  with the backend's own reason when it is absent ("tensorrt not installed").
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------- backends
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    peer: bool = False  # another library computing the same thing, not editrt
+    module: str | None = None  # the Python package it needs
+    cuda_only: str | None = None  # why it is not timed on CPU, if it is not
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run here, or None."""
+        if self.module and importlib.util.find_spec(self.module) is None:
+            return f"{self.module} not installed"
+        if self.cuda_only and device.type != "cuda":
+            return self.cuda_only
+        return None
+
+
+BACKENDS = {b.name: b for b in [
+    # ours
+    Backend("torch-eager"),
+    Backend("torch+kernels", module="triton",
+            cuda_only="Triton kernels are timed on CUDA only (on CPU they run in the interpreter, for tests)"),
+    Backend("torch+cudagraph", cuda_only="CUDA graphs need CUDA"),
+    Backend("onnxruntime", module="onnxruntime"),
+    Backend("tensorrt", module="tensorrt", cuda_only="TensorRT needs CUDA"),
+    # peers
+    Backend("diffusers", peer=True, module="diffusers"),
+    Backend("segment-anything", peer=True, module="segment_anything"),
+    Backend("sdpa", peer=True),  # two scaled_dot_product_attention calls + add
+    Backend("reference", peer=True),  # the pure-PyTorch reference beside a kernel
+]}
+
+# Declared on every network case: a skipped row until export/ builds TensorRT engines.
+PLANNED_ENGINES: dict[str, None] = {"tensorrt": None}
+
+
+# ---------------------------------------------------------------------- cases
+@dataclass
+class Run:
+    """What a builder returns: one call to time and the inputs it rotates through."""
+
+    call: Callable[[Any], Any]  # one timed run on one input
+    inputs: list  # pre-built, random or real data, never zeros; at least 2 where a cache could hit
+    dtype: str  # the precision that really ran (a peer may differ from ours: recorded as is)
+    check: Callable[[Any], None] | None = None  # validates one output: proves the work really happened
+    flops: int | None = None  # per call, for TFLOP/s
+    bytes: int | None = None  # per call, for GB/s (memory-bound components)
+    close: Callable[[], None] | None = None  # restores shared state (e.g. LoRA scale) after timing
+
+
+Builder = Callable[[], Run]
+
+
+@dataclass
+class Case:
+    component: str  # row name; lowercase words joined by '-', families share a prefix ("unet-", "sam-")
+    shape: str  # the input shapes, as people read them
+    runners: dict[str, Builder | None]  # backend -> builder (None: declared, not built yet -> skipped row)
+    baseline: str = "torch-eager"  # the backend every other row of this case is compared to
+    steps: int | None = None  # denoising steps, for whole passes
+    heavy: bool = False  # a whole pipeline: fewer repeats
+    about: str = ""  # one line: what exactly is timed
+
+    def __post_init__(self):
+        unknown = [b for b in self.runners if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"case {self.component}: unknown backends {unknown}; known: {sorted(BACKENDS)}")
+        if self.baseline not in self.runners:
+            raise ValueError(f"case {self.component}: baseline {self.baseline!r} is not among its runners")
+
+    def backends(self) -> list[str]:
+        """Baseline first, then the others in declaration order."""
+        return [self.baseline] + [b for b in self.runners if b != self.baseline]
+
+
+# ---------------------------------------------------------------------- selection (--only)
+def matches(component: str, pattern: str) -> bool:
+    """`--only` semantics: the exact name, a glob (`unet-*`), or a prefix ending at a '-' (`sam`)."""
+    return component == pattern or fnmatch.fnmatchcase(component, pattern) or component.startswith(pattern + "-")
+
+
+@dataclass
+class Selection:
+    patterns: list[str] = field(default_factory=list)  # empty: everything
+
+    def wants(self, component: str) -> bool:
+        return not self.patterns or any(matches(component, p) for p in self.patterns)
+
+    def may_want_family(self, prefix: str) -> bool:
+        """Cheap pre-check before building a family of cases whose names start with `prefix`."""
+        return not self.patterns or any(
+            matches(prefix, p) or p.startswith(prefix) or fnmatch.fnmatchcase(prefix + "-x", p) for p in self.patterns
+        )
+
+
+# ---------------------------------------------------------------------- context
+def _photo() -> np.ndarray:
+    """The bundled real photograph (Chelsea the cat, 451x300), uint8 RGB."""
+    from importlib import resources
+
+    from PIL import Image
+
+    with resources.files("editrt").joinpath("assets", "chelsea.png").open("rb") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+class BenchContext:
+    """What cases share: options, the weights, lazily loaded models, and input makers.
+
+    Models load on first use, so `--only` runs load only what they time.
+    """
+
+    def __init__(self, weights: Path, device: torch.device, dtype: torch.dtype, config: str, quick: bool,
+                 steps: int, selection: Selection, log: Callable[[str], None] = lambda what: None):
+        self.weights, self.device, self.dtype = Path(weights), torch.device(device), dtype
+        self.config, self.quick, self.steps, self.selection, self.log = config, quick, steps, selection, log
+        self.n_inputs = 3  # rotating input sets per row
+        self.notes: list[str] = []  # why some rows are absent (printed under the table)
+        self._generator = torch.Generator("cpu").manual_seed(1234)
+        self._memo: dict[str, Any] = {}
+
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """`make()` once per run: inputs that several rows share (a peer and ours on the same data)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    # cheap facts read from the weights' JSON files (no model load)
+    def read_json(self, *parts) -> dict:
+        return json.loads(self.weights.joinpath(*parts).read_text())
+
+    @cached_property
+    def unet_config(self) -> dict:
+        return self.read_json("inpaint", "unet", "config.json")
+
+    @cached_property
+    def vae_config(self) -> dict:
+        return self.read_json("inpaint", "vae", "config.json")
+
+    @cached_property
+    def sam_architecture(self) -> dict:
+        from editrt.models.sam import sam_architecture
+
+        return sam_architecture(self.read_json("sam", "config.json"))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The processing side (square images): the UNet's native size, as the pipeline defaults to."""
+        return self.unet_config["sample_size"] * self.vae_scale_factor
+
+    # models
+    @cached_property
+    def pipeline(self):
+        from editrt.runtime.reposition import RepositionPipeline
+
+        self.log(f"loading the repositioning pipeline from {self.weights}")
+        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype)
+
+    # inputs
+    def randn(self, *shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal on the bench device (drawn on the CPU generator: the same on every device)."""
+        return torch.randn(*shape, generator=self._generator).to(self.device, dtype or self.dtype)
+
+    def photos(self, size: int, n: int | None = None) -> list[np.ndarray]:
+        """`n` different square crops of the real photograph, resized to size x size (uint8 RGB)."""
+        from PIL import Image
+
+        photo = _photo()
+        h, w = photo.shape[:2]
+        side = min(h, w) * 9 // 10
+        out = []
+        for i in range(n or self.n_inputs):
+            x0 = (w - side) * i // max(1, (n or self.n_inputs) - 1)  # crops slide left to right
+            y0 = (h - side) * (i % 2)
+            crop = photo[y0:y0 + side, x0:x0 + side]
+            out.append(np.array(Image.fromarray(crop).resize((size, size), Image.LANCZOS)))  # writable
+        return out
+
+    def subject_masks(self, size: int, n: int | None = None) -> list[np.ndarray]:
+        """`n` different non-empty elliptical subject masks (bool, size x size), inside the central area."""
+        rng = np.random.default_rng(7)
+        yy, xx = np.mgrid[:size, :size]
+        out = []
+        for _ in range(n or self.n_inputs):
+            cy, cx = rng.uniform(0.35, 0.6, 2) * size
+            ry, rx = rng.uniform(0.1, 0.2, 2) * size
+            out.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
+        return out

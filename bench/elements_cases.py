@@ -1,0 +1,145 @@
+"""Benchmark cases of the editable-image-elements editor (paper 001).
+
+| component | what one timed run is |
+| --- | --- |
+| elements-unet-b1 / -cfg2 | one element-decoder step (SD-1.5 UNet + element cross-attention beside every text one); 77 text tokens and 256 element tokens; batch 1, or batch 2 = [(∅, ∅); (C, S)] for CFG |
+| content-encoder-256 | the content encoder on 256 element patches (32x32 crops of a real photo) |
+| elements-partition | `partition`: SAM embedding, 16x16 grid decode, SLIC assignment, clean-up, content encoding |
+| elements-render-e2e | `decode`: render 256 elements with CFG (w = 3), DDIM steps, VAE decode |
+
+No peer computes these; every row is its own PyTorch-eager baseline. Weights written before the
+elements editor existed have no `elements/` folder: the rows are then absent, with a note.
+"""
+from __future__ import annotations
+
+import torch
+
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name
+from editrt.bench.timing import count_flops
+
+GRID = 16  # 16x16 query points -> 256 elements, the paper's N
+PROMPT = "a photo of a cat"
+
+
+def elements_pipeline(ctx: BenchContext):
+    def load():
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        from editrt.runtime.elements_pipeline import ElementsPipeline
+
+        ctx.log(f"loading the elements pipeline from {ctx.weights}")
+        bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+        for module, _ in bars:
+            module.disable_progress_bar()  # their loading bars would cut through ours
+        try:
+            return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype)
+        finally:
+            for module, was_on in bars:
+                if was_on:
+                    module.enable_progress_bar()
+
+    return ctx.memo("elements pipeline", load)
+
+
+def _check_shape(expected: tuple[int, ...], what: str):
+    def check(out) -> None:
+        if tuple(out.shape) != expected or not torch.isfinite(out).all():
+            raise AssertionError(f"{what}: output {tuple(out.shape)} (finite: {bool(torch.isfinite(out).all())}), "
+                                 f"expected {expected}")
+    return check
+
+
+def _decoder_step(ctx: BenchContext, batch: int) -> Run:
+    pipe = elements_pipeline(ctx)
+    lat = pipe.default_resolution // pipe.vae_scale_factor
+    width = pipe.decoder.unet.config.cross_attention_dim
+    text = pipe.prompt_embedding(PROMPT)  # (1, 77, D)
+    if batch == 2:  # CFG: [(∅, ∅); (C, S)], the unconditional element tokens are all zero
+        text = torch.cat([pipe.prompt_embedding(""), text])
+    inputs = []
+    for t in (981, 501, 21):
+        tokens = ctx.randn(1, GRID * GRID, width)  # (1, N, D)
+        if batch == 2:
+            tokens = torch.cat([torch.zeros_like(tokens), tokens])
+        inputs.append((ctx.randn(batch, 4, lat, lat), torch.tensor(t, device=ctx.device), text, tokens))
+
+    def call(x):
+        sample, t, states, tokens = x
+        return pipe.decoder(sample, t, states, tokens)
+
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "element decoder step"),
+               flops=count_flops(call, inputs[0]))
+
+
+def _content_encoder(ctx: BenchContext) -> Run:
+    from editrt.models.content_encoder import PATCH
+
+    pipe = elements_pipeline(ctx)
+    inputs = []
+    for photo in ctx.photos(GRID * PATCH):  # a 16x16 grid of 32x32 patches of a real photo
+        image = torch.from_numpy(photo).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, 512, 512)
+        patches = image.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH)  # (3, 16, 16, 32, 32)
+        inputs.append(patches.permute(1, 2, 0, 3, 4).reshape(-1, 3, PATCH, PATCH).to(ctx.device, ctx.dtype))
+    call = pipe.content_encoder
+    dim = pipe.decoder.embedder.feature_dim
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((GRID * GRID, dim), "content encoder"),
+               flops=count_flops(call, inputs[0]))
+
+
+def _check_elements(elements) -> None:
+    if not elements.alive.any():
+        raise AssertionError("partition: no element survived")
+
+
+def _partition(ctx: BenchContext) -> Run:
+    pipe = elements_pipeline(ctx)
+    photos = ctx.photos(pipe.default_resolution)  # different photos: the SAM embedding cache never hits
+    return Run(lambda photo: pipe.partition(photo, grid=GRID), photos, dtype_name(ctx.dtype), _check_elements)
+
+
+def _render(ctx: BenchContext) -> Run:
+    pipe = elements_pipeline(ctx)
+    size = pipe.default_resolution
+    inputs = [(pipe.partition(photo, grid=GRID), seed) for seed, photo in enumerate(ctx.photos(size))]
+
+    def call(x):
+        elements, seed = x
+        return pipe.decode(elements, prompt=PROMPT, guidance=3.0, steps=ctx.steps, seed=seed)
+
+    def check(image) -> None:
+        if image.size != (size, size):
+            raise AssertionError(f"render: image {image.size}, expected {(size, size)}")
+
+    return Run(call, inputs, dtype_name(ctx.dtype), check)
+
+
+def elements_cases(ctx: BenchContext) -> list[Case]:
+    from editrt.weights import WeightsLayout
+
+    root = WeightsLayout(ctx.weights).elements
+    if not root.is_dir():
+        ctx.notes.append(f"elements rows absent: {ctx.weights} has no elements/ folder (weights written before "
+                         "the elements editor; write new ones with `editrt weights init`)")
+        return []
+    unet = ctx.read_json("elements", "unet", "config.json")
+    vae = ctx.read_json("elements", "vae", "config.json")
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    size, lat, width = unet["sample_size"] * scale, unet["sample_size"], unet["cross_attention_dim"]
+    n, steps = GRID * GRID, ctx.steps
+
+    def step(component: str, batch: int) -> Case:
+        return Case(component, f"x {batch}x4x{lat}x{lat}, text {batch}x77x{width}, elements {batch}x{n}x{width}",
+                    {"torch-eager": lambda: _decoder_step(ctx, batch), **PLANNED_ENGINES},
+                    about=f"element decoder UNet step (dual cross-attention), batch {batch}")
+
+    return [
+        step("elements-unet-b1", 1),
+        step("elements-unet-cfg2", 2),
+        Case("content-encoder-256", f"{n}x3x32x32", {"torch-eager": lambda: _content_encoder(ctx), **PLANNED_ENGINES},
+             about="content encoder on 256 element patches"),
+        Case("elements-partition", f"{size}x{size} photo, {GRID}x{GRID} grid", {"torch-eager": lambda: _partition(ctx)},
+             heavy=True, about="SAM embedding + grid decode + SLIC assignment + clean-up + content encoding"),
+        Case("elements-render-e2e", f"{size}x{size}, {n} elements, CFG w=3, {steps} steps", steps=steps, heavy=True,
+             runners={"torch-eager": lambda: _render(ctx)}, about="render the elements: CFG denoising + VAE decode"),
+    ]

@@ -1,0 +1,344 @@
+"""Benchmark cases of the repositioning editor (SEELE): its networks, and its passes beside the peers.
+
+Rows (component names; `--only` takes a name, a glob or a '-'-ended prefix such as `unet` or `sam`):
+
+| component | what one timed run is | peer (baseline) |
+| --- | --- | --- |
+| unet-inpaint-b1 / -cfg2 | one UNet step, remove prompt; batch 1, or batch 2 = [null; task] for CFG | — |
+| unet-harmonizer-b1 / -cfg2 | the same step with the harmonizer LoRA fused in (c = 1) | — |
+| lora-switch | one switch of the fused LoRA between c = 0 and c = 1 (in-place weight copies) | — |
+| vae-encode / vae-decode | the VAE encoder (latent mean) / decoder at the processing size | — |
+| sam-image-encoder | SAM's ViT on one preprocessed image | — |
+| sam-mask-decoder-1pt | prompt encoder + mask decoder for one click (multimask) | — |
+| sam-mask-decoder-grid256 | one batched decode of 256 single-point prompts (16x16 grid, multimask), the elements partition's query | — |
+| sam-segment-1pt | a new photo and one click to the best mask: `segment` | segment-anything's `SamPredictor` (set_image + predict) |
+| inpaint-pass | one remove pass at the processing size: `inpaint` | diffusers' `StableDiffusionInpaintPipeline`, same weights, dtype, steps; SDPA attention |
+| reposition-e2e | the SEELE flow with a given subject mask: remove + paste + harmonize | — |
+
+Network rows also declare the planned TensorRT engine (a skipped row until export/ builds it).
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import numpy as np
+import torch
+
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name
+from editrt.bench.timing import count_flops
+
+TIMESTEPS = (981, 501, 21)  # rotating: early, middle and late DDIM steps
+
+
+def _check_shape(expected: tuple[int, ...], what: str):
+    def check(out) -> None:
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if tuple(out.shape) != expected:
+            raise AssertionError(f"{what}: output shape {tuple(out.shape)}, expected {expected}")
+        if not torch.isfinite(out).all():
+            raise AssertionError(f"{what}: output holds non-finite values")
+    return check
+
+
+def _check_image(size: int, what: str):
+    def check(out) -> None:
+        if out.size != (size, size):
+            raise AssertionError(f"{what}: output image {out.size}, expected {(size, size)}")
+    return check
+
+
+def _prompt_tokens(ctx: BenchContext) -> int:
+    from safetensors import safe_open
+
+    from editrt.weights import WeightsLayout
+
+    with safe_open(str(WeightsLayout(ctx.weights).task_prompts), "pt") as f:
+        return f.get_slice("remove").get_shape()[0]
+
+
+# ---------------------------------------------------------------------- UNet and LoRA
+def _unet_step(ctx: BenchContext, batch: int, harmonizer: bool) -> Run:
+    pipe = ctx.pipeline
+    lat = ctx.resolution // ctx.vae_scale_factor
+    prompt = pipe.task_prompts["harmonize" if harmonizer else "remove"]
+    # CFG batches [null; task] exactly as the pipeline does
+    embeds = prompt[None] if batch == 1 else torch.stack([pipe.task_prompts["null"], prompt])
+    embeds = embeds.to(ctx.device, ctx.dtype)  # (B, L, C)
+    inputs = [(ctx.randn(batch, 9, lat, lat), torch.tensor(t, device=ctx.device), embeds) for t in TIMESTEPS]
+
+    def call(x):
+        sample, t, states = x  # (B, 9, h, w) = noisy latents | mask | condition latents
+        return pipe.unet(sample, t, encoder_hidden_states=states, return_dict=False)[0]
+
+    flops = count_flops(call, inputs[0])
+    close = None
+    if harmonizer:  # last: nothing may fail between the switch and handing back `close`
+        pipe.harmonizer.set_scale(1.0)
+        close = lambda: pipe.harmonizer.set_scale(0.0)  # noqa: E731
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "UNet step"), flops=flops,
+               close=close)
+
+
+def _lora_switch(ctx: BenchContext) -> Run:
+    harmonizer = ctx.pipeline.harmonizer
+    harmonizer.fused_weights(1.0)  # made once per scale and cached, as the first harmonize pass does
+    weight_bytes = sum(p.numel() * p.element_size() for p in harmonizer.params.values())
+
+    def check(_) -> None:
+        name, param = next(iter(harmonizer.params.items()))
+        expected = harmonizer.fused_weights(harmonizer.scale)[name]
+        if not torch.equal(param, expected):
+            raise AssertionError(f"LoRA switch: {name} does not hold the weights of scale {harmonizer.scale}")
+
+    # Inputs alternate, so every timed call is a real switch; each copies every touched weight once.
+    return Run(harmonizer.set_scale, [1.0, 0.0], dtype_name(ctx.dtype), check, bytes=2 * weight_bytes,
+               close=lambda: harmonizer.set_scale(0.0))
+
+
+def _lora_shape(ctx: BenchContext) -> str:
+    from safetensors import safe_open
+
+    from editrt.weights import WeightsLayout
+
+    params, count = 0, 0
+    with safe_open(str(WeightsLayout(ctx.weights).harmonizer_lora), "pt") as f:
+        for key in f.keys():
+            if key.endswith((".lora_A.weight", ".lora.down.weight")):
+                up = key.replace("lora_A", "lora_B").replace("lora.down", "lora.up")
+                params += f.get_slice(up).get_shape()[0] * f.get_slice(key).get_shape()[1]
+                count += 1
+    return f"{count} weights, {params / 1e6:.2f}M params"
+
+
+# ---------------------------------------------------------------------- VAE
+def _vae_encode(ctx: BenchContext) -> Run:
+    vae, r = ctx.pipeline.vae, ctx.resolution
+    inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].to(ctx.device, ctx.dtype) / 127.5 - 1.0 for p in ctx.photos(r)]
+    call = lambda x: vae.encode(x).latent_dist.mean  # noqa: E731
+    lat = r // ctx.vae_scale_factor
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 4, lat, lat), "VAE encode"),
+               flops=count_flops(call, inputs[0]))
+
+
+def _vae_decode(ctx: BenchContext) -> Run:
+    vae, r = ctx.pipeline.vae, ctx.resolution
+    lat = r // ctx.vae_scale_factor
+    inputs = [ctx.randn(1, 4, lat, lat) for _ in range(ctx.n_inputs)]
+    call = lambda z: vae.decode(z, return_dict=False)[0]  # noqa: E731
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 3, r, r), "VAE decode"),
+               flops=count_flops(call, inputs[0]))
+
+
+# ---------------------------------------------------------------------- SAM
+def _sam_dtype(sam) -> str:
+    return dtype_name(next(sam.parameters()).dtype)
+
+
+def _sam_encoder_inputs(ctx: BenchContext) -> list[torch.Tensor]:
+    """Preprocessed real photographs at SAM's input size (what SamPredictor.set_image feeds the ViT)."""
+    sam = ctx.pipeline.sam
+    size = sam.image_encoder.img_size
+    return [sam.preprocess(torch.as_tensor(p, device=ctx.device).permute(2, 0, 1).contiguous()[None])
+            for p in ctx.photos(size)]  # (1, 3, S, S)
+
+
+def _sam_image_encoder(ctx: BenchContext) -> Run:
+    sam = ctx.pipeline.sam
+    inputs = _sam_encoder_inputs(ctx)
+    call = sam.image_encoder
+    e = sam.prompt_encoder.image_embedding_size
+    return Run(call, inputs, _sam_dtype(sam), _check_shape((1, sam.prompt_encoder.embed_dim, *e), "SAM encoder"),
+               flops=count_flops(call, inputs[0]))
+
+
+def _sam_mask_decoder(ctx: BenchContext, grid: int | None) -> Run:
+    sam = ctx.pipeline.sam
+    size = sam.image_encoder.img_size
+    with torch.no_grad():
+        features = [sam.image_encoder(x) for x in _sam_encoder_inputs(ctx)]  # real embeddings, (1, D, E, E)
+    rng = np.random.default_rng(3)
+    if grid is None:  # one click per input, somewhere in the middle of the photo
+        points = [rng.uniform(0.25, 0.75, (1, 1, 2)) * size for _ in features]
+    else:  # grid x grid query points at cell centres, as the elements partition places them
+        centres = (np.arange(grid) + 0.5) * size / grid
+        gx, gy = np.meshgrid(centres, centres)
+        points = [np.stack([gx.ravel(), gy.ravel()], axis=1)[:, None, :]] * len(features)  # (N, 1, 2)
+    inputs = [(f, torch.as_tensor(p, dtype=torch.float, device=ctx.device),
+               torch.ones(p.shape[:2], dtype=torch.int, device=ctx.device)) for f, p in zip(features, points)]
+
+    def call(x):
+        image_embedding, coords, labels = x  # (1, D, E, E), (N, 1, 2), (N, 1)
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return sam.mask_decoder(image_embeddings=image_embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=True)  # 3 candidates per prompt, as `segment` and the partition
+
+    n = 1 if grid is None else grid * grid
+    low_res = tuple(4 * s for s in sam.prompt_encoder.image_embedding_size)
+    return Run(call, inputs, _sam_dtype(sam), _check_shape((n, 3, *low_res), "SAM decoder"),
+               flops=count_flops(call, inputs[0]))
+
+
+def _segment_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, list[float]]]:
+    """(photo, click) pairs on which `segment` finds a subject (random weights may find none at a point)."""
+    from editrt.errors import InputError
+
+    def make():
+        pipe = ctx.pipeline
+        size = pipe.sam.image_encoder.img_size
+        inputs = []
+        candidates = [[0.5, 0.5], [0.4, 0.6], [0.6, 0.4], [0.3, 0.3], [0.7, 0.7], [0.5, 0.25], [0.25, 0.5]]
+        for i, photo in enumerate(ctx.photos(size)):
+            for cx, cy in candidates[i:] + candidates[:i]:  # a different click per photo where possible
+                point = [cx * size, cy * size]
+                try:
+                    pipe.segment(photo, points=[point])
+                except InputError:
+                    continue
+                inputs.append((photo, point))
+                break
+        if len(inputs) < 2:
+            raise RuntimeError("SAM found no subject at any tried click on the bench photos")
+        return inputs
+
+    return ctx.memo("segment inputs", make)
+
+
+def _check_mask(what: str):
+    def check(mask) -> None:
+        if mask.ndim != 2 or not mask.any():
+            raise AssertionError(f"{what}: expected a non-empty [H, W] mask, got shape {mask.shape}")
+    return check
+
+
+def _segment_ours(ctx: BenchContext) -> Run:
+    pipe = ctx.pipeline
+    inputs = _segment_inputs(ctx)  # >= 2 different photos, so the embedding cache never hits in a row
+    call = lambda x: pipe.segment(x[0], points=[x[1]])  # noqa: E731
+    return Run(call, inputs, _sam_dtype(pipe.sam), _check_mask("segment"))
+
+
+def _segment_sam_predictor(ctx: BenchContext) -> Run:
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(ctx.pipeline.sam)  # the same model object: same weights, device and dtype
+
+    def call(x):
+        photo, point = x
+        predictor.set_image(photo)
+        masks, iou, _ = predictor.predict(point_coords=np.array([point]), point_labels=np.array([1]),
+                                          multimask_output=True)
+        return masks[int(np.argmax(iou))]
+
+    return Run(call, _segment_inputs(ctx), _sam_dtype(ctx.pipeline.sam), _check_mask("SamPredictor"))
+
+
+# ---------------------------------------------------------------------- passes and end to end
+def _pass_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    r = ctx.resolution
+    return [(photo, mask, seed) for seed, (photo, mask) in enumerate(zip(ctx.photos(r), ctx.subject_masks(r)))]
+
+
+def _inpaint_ours(ctx: BenchContext) -> Run:
+    pipe = ctx.pipeline
+    call = lambda x: pipe.inpaint(x[0], x[1], task="remove", steps=ctx.steps, guidance=1.0, seed=x[2])  # noqa: E731
+    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(ctx.resolution, "inpaint"))
+
+
+def _inpaint_diffusers(ctx: BenchContext) -> Run:
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from PIL import Image
+
+    from editrt.models.inpaint import load_task_prompts
+    from editrt.weights import WeightsLayout
+
+    layout = WeightsLayout(ctx.weights)
+    bar_was_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar would cut through ours
+    try:
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones know only that name
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            peer = StableDiffusionInpaintPipeline.from_pretrained(
+                layout.inpaint, local_files_only=True, torch_dtype=ctx.dtype, safety_checker=None,
+                requires_safety_checker=False, text_encoder=None, tokenizer=None, feature_extractor=None,
+                image_encoder=None,
+            ).to(ctx.device)  # its own copy of the UNet and VAE, with diffusers' default SDPA attention
+    finally:
+        if bar_was_on:
+            diffusers_logging.enable_progress_bar()
+    peer.set_progress_bar_config(disable=True)
+    prompt = load_task_prompts(layout.task_prompts, ctx.unet_config["cross_attention_dim"])["remove"]
+    prompt = prompt[None].to(ctx.device, ctx.dtype)  # (1, L, C): the task prompt as prompt_embeds
+    r = ctx.resolution
+    inputs = [(Image.fromarray(photo), Image.fromarray(mask.astype(np.uint8) * 255), seed)
+              for photo, mask, seed in _pass_inputs(ctx)]
+
+    def call(x):
+        image, mask, seed = x
+        return peer(prompt_embeds=prompt, image=image, mask_image=mask, height=r, width=r,
+                    num_inference_steps=ctx.steps, guidance_scale=1.0,
+                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+    def close():
+        nonlocal peer
+        peer = None  # drop the peer's copy of the weights before the next row's memory is read
+        gc.collect()
+
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_image(r, "diffusers inpaint"), close=close)
+
+
+def _reposition_e2e(ctx: BenchContext) -> Run:
+    pipe, r = ctx.pipeline, ctx.resolution
+    move = (r // 8, r // 16)  # the masks sit in the central area, so the moved subject stays inside
+
+    def call(x):
+        photo, mask, seed = x
+        return pipe(photo, mask=mask, move=move, steps=ctx.steps, guidance=1.0, seed=seed, harmonize=True).image
+
+    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(r, "reposition"))
+
+
+# ---------------------------------------------------------------------- the cases
+def reposition_cases(ctx: BenchContext) -> list[Case]:
+    r, lat = ctx.resolution, ctx.resolution // ctx.vae_scale_factor
+    tokens, width = _prompt_tokens(ctx), ctx.unet_config["cross_attention_dim"]
+    sam = ctx.sam_architecture
+    s, e, d = sam["image_size"], sam["image_size"] // sam["patch_size"], sam["prompt_embed_dim"]
+    steps = ctx.steps
+
+    def unet(component: str, batch: int, harmonizer: bool) -> Case:
+        return Case(component, f"x {batch}x9x{lat}x{lat}, ctx {batch}x{tokens}x{width}",
+                    {"torch-eager": lambda: _unet_step(ctx, batch, harmonizer), **PLANNED_ENGINES},
+                    about=("harmonizer (LoRA fused, c = 1) " if harmonizer else "inpainting ") + f"UNet step, batch {batch}")
+
+    return [
+        unet("unet-inpaint-b1", 1, False),
+        unet("unet-inpaint-cfg2", 2, False),
+        unet("unet-harmonizer-b1", 1, True),
+        unet("unet-harmonizer-cfg2", 2, True),
+        Case("lora-switch", _lora_shape(ctx), {"torch-eager": lambda: _lora_switch(ctx)},
+             about="one in-place switch of the fused LoRA between c = 0 and c = 1"),
+        Case("vae-encode", f"1x3x{r}x{r} -> 1x4x{lat}x{lat}",
+             {"torch-eager": lambda: _vae_encode(ctx), **PLANNED_ENGINES}, about="VAE encoder (latent mean)"),
+        Case("vae-decode", f"1x4x{lat}x{lat} -> 1x3x{r}x{r}",
+             {"torch-eager": lambda: _vae_decode(ctx), **PLANNED_ENGINES}, about="VAE decoder"),
+        Case("sam-image-encoder", f"1x3x{s}x{s} -> 1x{d}x{e}x{e}",
+             {"torch-eager": lambda: _sam_image_encoder(ctx), **PLANNED_ENGINES}, about="SAM ViT image encoder"),
+        Case("sam-mask-decoder-1pt", f"1 point, emb 1x{d}x{e}x{e}",
+             {"torch-eager": lambda: _sam_mask_decoder(ctx, None), **PLANNED_ENGINES},
+             about="SAM prompt encoder + mask decoder, one click, 3 masks"),
+        Case("sam-mask-decoder-grid256", f"256 points (16x16), emb 1x{d}x{e}x{e}",
+             {"torch-eager": lambda: _sam_mask_decoder(ctx, 16), **PLANNED_ENGINES},
+             about="SAM prompt encoder + mask decoder, 256 single-point prompts in one batched call"),
+        Case("sam-segment-1pt", f"{s}x{s} photo, 1 point",
+             {"segment-anything": lambda: _segment_sam_predictor(ctx), "torch-eager": lambda: _segment_ours(ctx)},
+             baseline="segment-anything", about="new photo + one click -> best mask (SamPredictor vs segment)"),
+        Case("inpaint-pass", f"{r}x{r}, remove, {steps} steps", steps=steps, heavy=True,
+             runners={"diffusers": lambda: _inpaint_diffusers(ctx), "torch-eager": lambda: _inpaint_ours(ctx)},
+             baseline="diffusers", about="one inpainting pass, guidance 1 (StableDiffusionInpaintPipeline vs inpaint)"),
+        Case("reposition-e2e", f"{r}x{r}, remove + harmonize, {steps} steps each", steps=steps, heavy=True,
+             runners={"torch-eager": lambda: _reposition_e2e(ctx)},
+             about="the SEELE flow with a given mask: remove, paste, harmonize, paste back"),
+    ]
