@@ -56,8 +56,9 @@ class Backend:
 BACKENDS = {b.name: b for b in [
     # ours
     Backend("torch-eager"),
-    Backend("torch+kernels", module="triton",
-            cuda_only="Triton kernels are timed on CUDA only (on CPU they run in the interpreter, for tests)"),
+    # editrt's optimized PyTorch path: cached cross-attention K/V, and on CUDA the Triton kernels
+    # (fused dual attention); rows that time a Triton kernel alone skip on CPU (see kernel_rows.py)
+    Backend("torch+kernels", module="triton"),
     Backend("torch+cudagraph", cuda_only="CUDA graphs need CUDA"),
     Backend("onnxruntime", module="onnxruntime"),
     Backend("tensorrt", module="tensorrt", cuda_only="TensorRT needs CUDA"),
@@ -87,6 +88,10 @@ class Run:
 
 
 Builder = Callable[[], Run]
+
+
+class Skip(Exception):
+    """Raised by a builder when its row cannot run here: the row is printed as skipped with the reason."""
 
 
 @dataclass
@@ -196,7 +201,44 @@ class BenchContext:
         from editrt.runtime.reposition import RepositionPipeline
 
         self.log(f"loading the repositioning pipeline from {self.weights}")
-        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype)
+        # plain diffusers modules: the PyTorch eager baseline
+        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype, optimize=False)
+
+    @cached_property
+    def fast_pipeline(self):
+        from editrt.runtime.reposition import RepositionPipeline
+
+        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype, optimize=True)
+
+    def onnx_dir(self) -> Path:
+        """ONNX files of these weights (exported once, cached by the weights' fingerprint)."""
+        def export():
+            from editrt.export.components import export_components, weights_fingerprint
+            from editrt.weights import cache_dir
+
+            out = cache_dir() / "engines" / weights_fingerprint(self.weights)[:16]
+            if not (out / "manifest.json").is_file():
+                self.log(f"exporting ONNX engines to {out}")
+                export_components(self.weights, "all", out, check=True)
+            return out
+
+        return self.memo("onnx dir", export)
+
+    def check_onnxruntime(self) -> None:
+        import onnxruntime as ort
+
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Skip("onnxruntime has no CUDAExecutionProvider here (pip install 'editrt[gpu]')")
+        if self.dtype != torch.float32:
+            raise Skip(f"the ONNX graphs are fp32; this run is {dtype_name(self.dtype)}")
+
+    @cached_property
+    def ort_pipeline(self):
+        from editrt.runtime.reposition import RepositionPipeline
+
+        self.check_onnxruntime()
+        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype,
+                                                  backend="onnxruntime", engines=self.onnx_dir())
 
     # inputs
     def randn(self, *shape, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,10 +18,15 @@ from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_n
 from editrt.bench.timing import count_flops
 
 GRID = 16  # 16x16 query points -> 256 elements, the paper's N
+OURS = ("torch+kernels", "onnxruntime")  # editrt's faster backends, each compared with torch-eager
 PROMPT = "a photo of a cat"
 
 
-def elements_pipeline(ctx: BenchContext):
+def elements_pipeline(ctx: BenchContext, backend: str = "torch-eager"):
+    """The elements pipeline a backend's row runs (plain modules, optimized torch path, ONNX Runtime)."""
+    if backend == "onnxruntime":
+        ctx.check_onnxruntime()
+
     def load():
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -33,13 +38,18 @@ def elements_pipeline(ctx: BenchContext):
         for module, _ in bars:
             module.disable_progress_bar()  # their loading bars would cut through ours
         try:
-            return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype)
+            if backend == "onnxruntime":
+                return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype,
+                                                       backend="onnxruntime", engines=ctx.onnx_dir())
+            fast = backend == "torch+kernels"  # K/V caching; the Triton dual attention on CUDA
+            return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype, optimize=fast,
+                                                   kernels=fast and ctx.device.type == "cuda")
         finally:
             for module, was_on in bars:
                 if was_on:
                     module.enable_progress_bar()
 
-    return ctx.memo("elements pipeline", load)
+    return ctx.memo(f"elements pipeline {backend}", load)
 
 
 def _check_shape(expected: tuple[int, ...], what: str):
@@ -50,41 +60,43 @@ def _check_shape(expected: tuple[int, ...], what: str):
     return check
 
 
-def _decoder_step(ctx: BenchContext, batch: int) -> Run:
-    pipe = elements_pipeline(ctx)
+def _decoder_step(ctx: BenchContext, batch: int, backend: str = "torch-eager") -> Run:
+    pipe = elements_pipeline(ctx, backend)
     lat = pipe.default_resolution // pipe.vae_scale_factor
-    width = pipe.decoder.unet.config.cross_attention_dim
+    width = pipe.embedder.proj.out_features
     text = pipe.prompt_embedding(PROMPT)  # (1, 77, D)
     if batch == 2:  # CFG: [(∅, ∅); (C, S)], the unconditional element tokens are all zero
         text = torch.cat([pipe.prompt_embedding(""), text])
-    inputs = []
-    for t in (981, 501, 21):
-        tokens = ctx.randn(1, GRID * GRID, width)  # (1, N, D)
-        if batch == 2:
-            tokens = torch.cat([torch.zeros_like(tokens), tokens])
-        inputs.append((ctx.randn(batch, 4, lat, lat), torch.tensor(t, device=ctx.device), text, tokens))
+    # one render: the same text and element tokens every step (as the pipeline passes them)
+    tokens = ctx.randn(1, GRID * GRID, width)  # (1, N, D)
+    if batch == 2:
+        tokens = torch.cat([torch.zeros_like(tokens), tokens])
+    inputs = [(ctx.randn(batch, 4, lat, lat), torch.full((batch,), float(t), device=ctx.device)) for t in (981, 501, 21)]
+    unet = pipe.engines["element_unet"]
 
     def call(x):
-        sample, t, states, tokens = x
-        return pipe.decoder(sample, t, states, tokens)
+        sample, t = x
+        return unet(sample=sample, timestep=t, encoder_hidden_states=text, element_tokens=tokens)["noise_pred"]
 
+    flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
     return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "element decoder step"),
-               flops=count_flops(call, inputs[0]))
+               flops=flops)
 
 
-def _content_encoder(ctx: BenchContext) -> Run:
+def _content_encoder(ctx: BenchContext, backend: str = "torch-eager") -> Run:
     from editrt.models.content_encoder import PATCH
 
-    pipe = elements_pipeline(ctx)
+    pipe = elements_pipeline(ctx, backend)
     inputs = []
     for photo in ctx.photos(GRID * PATCH):  # a 16x16 grid of 32x32 patches of a real photo
         image = torch.from_numpy(photo).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, 512, 512)
         patches = image.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH)  # (3, 16, 16, 32, 32)
         inputs.append(patches.permute(1, 2, 0, 3, 4).reshape(-1, 3, PATCH, PATCH).to(ctx.device, ctx.dtype))
-    call = pipe.content_encoder
-    dim = pipe.decoder.embedder.feature_dim
-    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((GRID * GRID, dim), "content encoder"),
-               flops=count_flops(call, inputs[0]))
+    engine = pipe.engines["content_encoder"]
+    call = lambda x: engine(patches=x)["features"]  # noqa: E731
+    flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((GRID * GRID, pipe.embedder.feature_dim),
+                                                                 "content encoder"), flops=flops)
 
 
 def _check_elements(elements) -> None:
@@ -92,14 +104,14 @@ def _check_elements(elements) -> None:
         raise AssertionError("partition: no element survived")
 
 
-def _partition(ctx: BenchContext) -> Run:
-    pipe = elements_pipeline(ctx)
+def _partition(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    pipe = elements_pipeline(ctx, backend)
     photos = ctx.photos(pipe.default_resolution)  # different photos: the SAM embedding cache never hits
     return Run(lambda photo: pipe.partition(photo, grid=GRID), photos, dtype_name(ctx.dtype), _check_elements)
 
 
-def _render(ctx: BenchContext) -> Run:
-    pipe = elements_pipeline(ctx)
+def _render(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    pipe = elements_pipeline(ctx, backend)
     size = pipe.default_resolution
     inputs = [(pipe.partition(photo, grid=GRID), seed) for seed, photo in enumerate(ctx.photos(size))]
 
@@ -130,16 +142,21 @@ def elements_cases(ctx: BenchContext) -> list[Case]:
 
     def step(component: str, batch: int) -> Case:
         return Case(component, f"x {batch}x4x{lat}x{lat}, text {batch}x77x{width}, elements {batch}x{n}x{width}",
-                    {"torch-eager": lambda: _decoder_step(ctx, batch), **PLANNED_ENGINES},
+                    {"torch-eager": lambda: _decoder_step(ctx, batch),
+                     **{b: (lambda b=b: _decoder_step(ctx, batch, b)) for b in OURS}, **PLANNED_ENGINES},
                     about=f"element decoder UNet step (dual cross-attention), batch {batch}")
 
     return [
         step("elements-unet-b1", 1),
         step("elements-unet-cfg2", 2),
-        Case("content-encoder-256", f"{n}x3x32x32", {"torch-eager": lambda: _content_encoder(ctx), **PLANNED_ENGINES},
+        Case("content-encoder-256", f"{n}x3x32x32", {"torch-eager": lambda: _content_encoder(ctx),
+                                                     "onnxruntime": lambda: _content_encoder(ctx, "onnxruntime"),
+                                                     **PLANNED_ENGINES},
              about="content encoder on 256 element patches"),
-        Case("elements-partition", f"{size}x{size} photo, {GRID}x{GRID} grid", {"torch-eager": lambda: _partition(ctx)},
+        Case("elements-partition", f"{size}x{size} photo, {GRID}x{GRID} grid",
+             {"torch-eager": lambda: _partition(ctx), **{b: (lambda b=b: _partition(ctx, b)) for b in OURS}},
              heavy=True, about="SAM embedding + grid decode + SLIC assignment + clean-up + content encoding"),
         Case("elements-render-e2e", f"{size}x{size}, {n} elements, CFG w=3, {steps} steps", steps=steps, heavy=True,
-             runners={"torch-eager": lambda: _render(ctx)}, about="render the elements: CFG denoising + VAE decode"),
+             runners={"torch-eager": lambda: _render(ctx), **{b: (lambda b=b: _render(ctx, b)) for b in OURS}},
+             about="render the elements: CFG denoising + VAE decode"),
     ]

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from editrt.bench.cases import BenchContext, Case, Run, dtype_name
+from editrt.bench.cases import BenchContext, Case, Run, Skip, dtype_name
 
 # (function in kernel_cases, component prefix, peer backend, whether it takes a dtype)
 FAMILIES = (
@@ -39,19 +39,23 @@ def _check_output(what: str):
     return check
 
 
-def _case_from_spec(spec: dict, prefix: str, peer: str, default_dtype: str) -> Case:
+def _case_from_spec(spec: dict, prefix: str, peer: str, default_dtype: str, on_cuda: bool) -> Case:
     name = _slug(spec["name"])
     component = name if name.startswith(prefix) else f"{prefix}-{name}"
     dtype = spec.get("dtype", default_dtype)
     dtype = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
 
-    def runner(fn, what):
-        return lambda: Run(lambda _: fn(), [None], dtype, _check_output(what), flops=spec.get("flops"),
-                           bytes=spec.get("bytes"))
+    def runner(fn, what, kernel=False):
+        def build():
+            if kernel and not on_cuda:
+                raise Skip("Triton kernels are timed on CUDA only (on CPU they run in the interpreter, for tests)")
+            return Run(lambda _: fn(), [None], dtype, _check_output(what), flops=spec.get("flops"),
+                       bytes=spec.get("bytes"))
+        return build
 
     return Case(component, str(spec["shape"]),
                 {peer: runner(spec["baseline"], f"{component} {peer}"),
-                 "torch+kernels": runner(spec["kernel"], f"{component} kernel")},
+                 "torch+kernels": runner(spec["kernel"], f"{component} kernel", kernel=True)},
                 baseline=peer, about=f"Triton kernel vs {peer}")
 
 
@@ -66,5 +70,5 @@ def kernel_cases(ctx: BenchContext) -> list[Case]:
         device = str(ctx.device)
         found = make(device, ctx.dtype, ctx.quick) if takes_dtype else make(device, ctx.quick)
         default_dtype = dtype_name(ctx.dtype) if takes_dtype else "fp32"
-        cases += [_case_from_spec(spec, prefix, peer, default_dtype) for spec in found]
+        cases += [_case_from_spec(spec, prefix, peer, default_dtype, ctx.device.type == "cuda") for spec in found]
     return cases

@@ -240,8 +240,49 @@ def _pass_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, np.ndarray, int]]:
     return [(photo, mask, seed) for seed, (photo, mask) in enumerate(zip(ctx.photos(r), ctx.subject_masks(r)))]
 
 
-def _inpaint_ours(ctx: BenchContext) -> Run:
-    pipe = ctx.pipeline
+def _pipeline(ctx: BenchContext, backend: str):
+    """The pipeline a backend's row runs: plain modules, the optimized torch path, or ONNX Runtime engines."""
+    return {"torch-eager": lambda: ctx.pipeline, "torch+kernels": lambda: ctx.fast_pipeline,
+            "onnxruntime": lambda: ctx.ort_pipeline}[backend]()
+
+
+def _unet_engine_step(ctx: BenchContext, batch: int, harmonizer: bool, backend: str) -> Run:
+    """One UNet step through the engine interface (what the pipeline calls per step)."""
+    pipe = _pipeline(ctx, backend)
+    engine = pipe.engines["harmonizer_unet" if harmonizer else "inpaint_unet"]
+    lat = ctx.resolution // ctx.vae_scale_factor
+    prompt = pipe.task_prompts["harmonize" if harmonizer else "remove"]
+    embeds = prompt[None] if batch == 1 else torch.stack([pipe.task_prompts["null"], prompt])
+    embeds = embeds.to(ctx.device, ctx.dtype)  # one request: the same prompt tensor every step
+    inputs = [(ctx.randn(batch, 9, lat, lat), torch.full((batch,), float(t), device=ctx.device)) for t in TIMESTEPS]
+    call = lambda x: engine(sample=x[0], timestep=x[1], encoder_hidden_states=embeds)["noise_pred"]  # noqa: E731
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "UNet step"))
+
+
+def _vae_engine(ctx: BenchContext, backend: str, encode: bool) -> Run:
+    pipe, r = _pipeline(ctx, backend), ctx.resolution
+    lat = r // ctx.vae_scale_factor
+    if encode:
+        engine = pipe.engines["vae_encoder"]
+        inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].to(ctx.device, ctx.dtype) / 127.5 - 1.0 for p in ctx.photos(r)]
+        noise = ctx.randn(1, 4, lat, lat)
+        call = lambda x: engine(image=x, noise=noise)["latent"]  # noqa: E731
+        return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 4, lat, lat), "VAE encode"))
+    engine = pipe.engines["vae_decoder"]
+    inputs = [ctx.randn(1, 4, lat, lat) for _ in range(ctx.n_inputs)]
+    return Run(lambda z: engine(latent=z)["image"], inputs, dtype_name(ctx.dtype), _check_shape((1, 3, r, r), "VAE decode"))
+
+
+def _sam_encoder_engine(ctx: BenchContext, backend: str) -> Run:
+    engine = _pipeline(ctx, backend).engines["sam_image_encoder"]
+    inputs = _sam_encoder_inputs(ctx)
+    e = ctx.sam_architecture["image_size"] // ctx.sam_architecture["patch_size"]
+    return Run(lambda x: engine(image=x)["image_embeddings"], inputs, "fp32",
+               _check_shape((1, ctx.sam_architecture["prompt_embed_dim"], e, e), "SAM encoder"))
+
+
+def _inpaint_ours(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    pipe = _pipeline(ctx, backend)
     call = lambda x: pipe.inpaint(x[0], x[1], task="remove", steps=ctx.steps, guidance=1.0, seed=x[2])  # noqa: E731
     return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(ctx.resolution, "inpaint"))
 
@@ -289,8 +330,8 @@ def _inpaint_diffusers(ctx: BenchContext) -> Run:
     return Run(call, inputs, dtype_name(ctx.dtype), _check_image(r, "diffusers inpaint"), close=close)
 
 
-def _reposition_e2e(ctx: BenchContext) -> Run:
-    pipe, r = ctx.pipeline, ctx.resolution
+def _reposition_e2e(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    pipe, r = _pipeline(ctx, backend), ctx.resolution
     move = (r // 8, r // 16)  # the masks sit in the central area, so the moved subject stays inside
 
     def call(x):
@@ -301,6 +342,8 @@ def _reposition_e2e(ctx: BenchContext) -> Run:
 
 
 # ---------------------------------------------------------------------- the cases
+OURS = ("torch+kernels", "onnxruntime")  # editrt's faster backends, each compared with torch-eager
+
 def reposition_cases(ctx: BenchContext) -> list[Case]:
     r, lat = ctx.resolution, ctx.resolution // ctx.vae_scale_factor
     tokens, width = _prompt_tokens(ctx), ctx.unet_config["cross_attention_dim"]
@@ -310,7 +353,9 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
 
     def unet(component: str, batch: int, harmonizer: bool) -> Case:
         return Case(component, f"x {batch}x9x{lat}x{lat}, ctx {batch}x{tokens}x{width}",
-                    {"torch-eager": lambda: _unet_step(ctx, batch, harmonizer), **PLANNED_ENGINES},
+                    {"torch-eager": lambda: _unet_step(ctx, batch, harmonizer),
+                     **{b: (lambda b=b: _unet_engine_step(ctx, batch, harmonizer, b)) for b in OURS},
+                     **PLANNED_ENGINES},
                     about=("harmonizer (LoRA fused, c = 1) " if harmonizer else "inpainting ") + f"UNet step, batch {batch}")
 
     return [
@@ -321,11 +366,14 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
         Case("lora-switch", _lora_shape(ctx), {"torch-eager": lambda: _lora_switch(ctx)},
              about="one in-place switch of the fused LoRA between c = 0 and c = 1"),
         Case("vae-encode", f"1x3x{r}x{r} -> 1x4x{lat}x{lat}",
-             {"torch-eager": lambda: _vae_encode(ctx), **PLANNED_ENGINES}, about="VAE encoder (latent mean)"),
+             {"torch-eager": lambda: _vae_encode(ctx), "onnxruntime": lambda: _vae_engine(ctx, "onnxruntime", True),
+              **PLANNED_ENGINES}, about="VAE encoder (latent mean; engines add the posterior sample)"),
         Case("vae-decode", f"1x4x{lat}x{lat} -> 1x3x{r}x{r}",
-             {"torch-eager": lambda: _vae_decode(ctx), **PLANNED_ENGINES}, about="VAE decoder"),
+             {"torch-eager": lambda: _vae_decode(ctx), "onnxruntime": lambda: _vae_engine(ctx, "onnxruntime", False),
+              **PLANNED_ENGINES}, about="VAE decoder"),
         Case("sam-image-encoder", f"1x3x{s}x{s} -> 1x{d}x{e}x{e}",
-             {"torch-eager": lambda: _sam_image_encoder(ctx), **PLANNED_ENGINES}, about="SAM ViT image encoder"),
+             {"torch-eager": lambda: _sam_image_encoder(ctx), "onnxruntime": lambda: _sam_encoder_engine(ctx, "onnxruntime"),
+              **PLANNED_ENGINES}, about="SAM ViT image encoder"),
         Case("sam-mask-decoder-1pt", f"1 point, emb 1x{d}x{e}x{e}",
              {"torch-eager": lambda: _sam_mask_decoder(ctx, None), **PLANNED_ENGINES},
              about="SAM prompt encoder + mask decoder, one click, 3 masks"),
@@ -336,9 +384,11 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
              {"segment-anything": lambda: _segment_sam_predictor(ctx), "torch-eager": lambda: _segment_ours(ctx)},
              baseline="segment-anything", about="new photo + one click -> best mask (SamPredictor vs segment)"),
         Case("inpaint-pass", f"{r}x{r}, remove, {steps} steps", steps=steps, heavy=True,
-             runners={"diffusers": lambda: _inpaint_diffusers(ctx), "torch-eager": lambda: _inpaint_ours(ctx)},
+             runners={"diffusers": lambda: _inpaint_diffusers(ctx), "torch-eager": lambda: _inpaint_ours(ctx),
+                      **{b: (lambda b=b: _inpaint_ours(ctx, b)) for b in OURS}},
              baseline="diffusers", about="one inpainting pass, guidance 1 (StableDiffusionInpaintPipeline vs inpaint)"),
         Case("reposition-e2e", f"{r}x{r}, remove + harmonize, {steps} steps each", steps=steps, heavy=True,
-             runners={"torch-eager": lambda: _reposition_e2e(ctx)},
+             runners={"torch-eager": lambda: _reposition_e2e(ctx),
+                      **{b: (lambda b=b: _reposition_e2e(ctx, b)) for b in OURS}},
              about="the SEELE flow with a given mask: remove, paste, harmonize, paste back"),
     ]

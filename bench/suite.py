@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from editrt.bench.cases import BACKENDS, BenchContext, Case, Run, Selection, dtype_name, matches
+from editrt.bench.cases import BACKENDS, BenchContext, Case, Run, Selection, Skip, dtype_name, matches
 from editrt.bench.elements_cases import elements_cases
 from editrt.bench.kernel_rows import kernel_cases
 from editrt.bench.reposition_cases import reposition_cases
@@ -238,6 +238,8 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
         try:
             run, timing = _time_one(case, backend, settings, ctx)
             rows.append(_row(case, backend, settings, device, run, timing))
+        except Skip as e:
+            rows.append(_row(case, backend, settings, device, skipped=str(e)))
         except Exception as e:  # one broken row must not lose the others; it is reported as failed
             first = (str(e).strip().splitlines() or [""])[0]
             rows.append(_row(case, backend, settings, device, skipped=f"failed: {type(e).__name__}: {first}"))

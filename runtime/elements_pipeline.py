@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from editrt.errors import ElementsError, InputError, WeightsError
 from editrt.export.networks import elements_networks
 from editrt.export.specs import network_specs
+from editrt.models.attention import cache_cross_attention_kv, use_fused_dual_attention
 from editrt.models.components import WeightsLayout, load_elements_components
 from editrt.models.content_encoder import PATCH
 from editrt.models.element_unet import load_element_embedder
@@ -54,7 +55,13 @@ class ElementsPipeline:
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
-                        engines: str | Path | None = None) -> "ElementsPipeline":
+                        engines: str | Path | None = None, optimize: bool = True,
+                        kernels: bool | None = None) -> "ElementsPipeline":
+        """Load from a weights directory (see RepositionPipeline.from_pretrained for `backend`, `optimize`).
+
+        `kernels` (torch backend): run each block's text + element cross-attention as the fused
+        Triton dual attention (default: on CUDA); otherwise the two attentions of Algorithm 1.
+        """
         check_backend(backend, engines)
         layout = WeightsLayout(weights)
         layout.check_root()
@@ -68,6 +75,10 @@ class ElementsPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             c = load_elements_components(weights, device, dtype)
+            if optimize:
+                cache_cross_attention_kv(c.decoder.unet)
+            if kernels if kernels is not None else torch.device(device).type == "cuda":
+                use_fused_dual_attention(c.decoder)
             engines_ = torch_engines(specs, elements_networks(c), ELEMENTS_NETWORKS)
             return cls(engines_, c.decoder.embedder, c.tokenizer, c.text_encoder, c.scheduler_config, vae_scale_factor,
                        resolution, sam_size, device, dtype, c)

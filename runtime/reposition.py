@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from editrt.errors import InputError
 from editrt.export.networks import reposition_networks
 from editrt.export.specs import network_specs
+from editrt.models.attention import cache_cross_attention_kv
 from editrt.models.components import WeightsLayout, load_reposition_components
 from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
 from editrt.models.sam import sam_architecture
@@ -86,9 +87,13 @@ class RepositionPipeline:
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
-                        engines: str | Path | None = None) -> "RepositionPipeline":
+                        engines: str | Path | None = None, optimize: bool = True) -> "RepositionPipeline":
         """Load from a weights directory; `backend` 'onnxruntime' / 'tensorrt' run the networks exported
-        to `engines` by `editrt export` (task prompts and the scheduler still come from `weights`)."""
+        to `engines` by `editrt export` (task prompts and the scheduler still come from `weights`).
+
+        `optimize` (torch backend): cache each cross-attention's K/V per request (the task prompt is
+        constant through the denoising loop; bit-equal results). False: plain diffusers modules.
+        """
         check_backend(backend, engines)
         layout = WeightsLayout(weights)
         layout.check_root()
@@ -100,6 +105,8 @@ class RepositionPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             components = load_reposition_components(weights, device, dtype)
+            if optimize:
+                cache_cross_attention_kv(components.unet)
             engines_ = torch_engines(specs, reposition_networks(components), REPOSITION_NETWORKS)
             return cls(engines_, components.task_prompts, components.scheduler_config, vae_scale_factor, resolution,
                        sam_size, device, dtype, components)

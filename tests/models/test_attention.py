@@ -1,0 +1,60 @@
+"""Attention processors against the plain diffusers path.
+
+K/V caching changes no arithmetic: equal bit for bit. The fused dual attention folds the
+LayerNorm affine into the query weights and sums the two output projections in one GEMM, which
+reorders fp32 rounding: allclose at 1e-5 (relative to the output scale).
+"""
+import torch
+
+from editrt.models.attention import cache_cross_attention_kv, use_fused_dual_attention
+from editrt.models.components import load_elements_components, load_reposition_components
+
+
+def test_cached_kv_is_bit_equal_and_follows_context_and_weights(tiny_weights):
+    c = load_reposition_components(tiny_weights)
+    unet = c.unet
+    x, ctx = torch.randn(2, 9, 16, 16), torch.randn(2, 50, 32)
+    with torch.no_grad():
+        plain = [unet(x, t, encoder_hidden_states=ctx).sample for t in (981, 500, 21)]
+        blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert cache_cross_attention_kv(unet) == len(blocks) == 4  # every attn2; self-attention untouched
+        cached = [unet(x, t, encoder_hidden_states=ctx).sample for t in (981, 500, 21)]
+        for a, b in zip(plain, cached):
+            assert torch.equal(a, b)
+        other = torch.randn(2, 50, 32)  # a new context: recomputed, not the stale K/V
+        fresh = unet(x, 500, encoder_hidden_states=other).sample
+        ctx.mul_(2)  # the same tensor changed in place: recomputed too
+        doubled = unet(x, 500, encoder_hidden_states=ctx).sample
+        c.harmonizer.set_scale(1.0)  # the LoRA switch rewrites to_k / to_v in place
+        fused = unet(x, 500, encoder_hidden_states=ctx).sample
+    reference = load_reposition_components(tiny_weights)
+    with torch.no_grad():
+        assert torch.equal(fresh, reference.unet(x, 500, encoder_hidden_states=other).sample)
+        assert torch.equal(doubled, reference.unet(x, 500, encoder_hidden_states=ctx).sample)
+        reference.harmonizer.set_scale(1.0)
+        assert torch.equal(fused, reference.unet(x, 500, encoder_hidden_states=ctx).sample)
+
+
+def test_fused_dual_attention_matches_the_two_attention_path(tiny_weights):
+    c = load_elements_components(tiny_weights)
+    decoder = c.decoder
+    for block in decoder.blocks.values():  # non-trivial LayerNorm affine, so the fold is exercised
+        with torch.no_grad():
+            for norm in (block.norm2, block.norm_elements):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(400.0).expand(2)  # small: the kernel runs in the interpreter
+    text, tokens = torch.randn(2, 77, 32), torch.randn(2, 256, 32)
+    with torch.no_grad():
+        reference = decoder(x, t, text, tokens)
+        assert use_fused_dual_attention(decoder) == len(decoder.blocks)
+        fused = decoder(x, t, text, tokens)
+        again = decoder(x, t * 0.5, text, tokens)  # K/V reused across steps
+        text_only = decoder(x, t, text, None)  # one attention: the reference path
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    for block in decoder.blocks.values():
+        block.dual_processor = None
+    with torch.no_grad():
+        torch.testing.assert_close(again, decoder(x, t * 0.5, text, tokens), rtol=1e-5,
+                                   atol=1e-5 * reference.abs().max().item())
+        assert torch.equal(text_only, decoder(x, t, text, None))
