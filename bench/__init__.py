@@ -5,7 +5,9 @@
     cases.py             the registry: backends, `Case` / `Run`, the shared context, `--only` matching
     reposition_cases.py  the repositioning editor's rows (UNet, LoRA switch, VAE, SAM, passes, peers)
     elements_cases.py    the elements editor's rows (decoder UNet, content encoder, partition, render)
+    runtime_cases.py     the scheduler's rows (eager loop vs CUDA graph) and the edit sessions'
     kernel_rows.py       the Triton kernels' rows, from kernel_cases.py
+    kernel_cases.py      the kernels' inputs, baselines and work counts (beside the kernels)
     timing.py            warm-up, rotating inputs, CUDA events / perf_counter, p50 / p90, peak memory
     report.py            terminal table, Markdown, plot, atomic writes, bench/results/
     results/             committed runs, one JSON per device and date, and a README of the latest

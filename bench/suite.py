@@ -55,13 +55,15 @@ from editrt.bench.cases import BACKENDS, BenchContext, Case, Run, Selection, Ski
 from editrt.bench.elements_cases import elements_cases
 from editrt.bench.kernel_rows import kernel_cases
 from editrt.bench.reposition_cases import reposition_cases
+from editrt.bench.runtime_cases import runtime_cases
 from editrt.bench.timing import measure
 from editrt.errors import InputError
 
 SCHEMA = "editrt-bench/1"
 
 # Each area adds its cases here (engine backends and new components add theirs as they land).
-CASE_PROVIDERS: list[Callable[[BenchContext], list[Case]]] = [reposition_cases, elements_cases, kernel_cases]
+CASE_PROVIDERS: list[Callable[[BenchContext], list[Case]]] = [reposition_cases, elements_cases, runtime_cases,
+                                                              kernel_cases]
 
 ROW_FIELDS = {  # field -> allowed types (the schema, checked by the tests)
     "name": (str,), "component": (str,), "backend": (str,), "peer": (bool,), "about": (str,),

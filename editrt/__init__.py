@@ -4,6 +4,7 @@ Public API (imported lazily, so `import editrt` and the CLI start fast):
     editrt.RepositionPipeline   subject repositioning (SEELE)
     editrt.ElementsPipeline     editable image elements (partition, edit, render)
     editrt.Elements             the editable elements of one image
+    editrt.EditSession          interactive editing: cached work, previews while dragging, final on release
     editrt.errors               the exception family for bad input
 """
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ _LAZY = {
     "RepositionResult": ("editrt.runtime.reposition", "RepositionResult"),
     "ElementsPipeline": ("editrt.runtime.elements_pipeline", "ElementsPipeline"),
     "Elements": ("editrt.runtime.elements", "Elements"),
+    "EditSession": ("editrt.runtime.session", "EditSession"),
     "init_weights": ("editrt.weights", "init_weights"),
 }
 

@@ -131,3 +131,56 @@ def use_fused_dual_attention(decoder) -> int:
     for block in decoder.blocks.values():
         block.dual_processor = FusedDualCrossAttention(block)
     return len(decoder.blocks)
+
+
+def clear_kv_caches(module) -> None:
+    """Forget every cached K/V under `module` (before a CUDA-graph capture, so the graph computes them)."""
+    if module is None:
+        return
+    for m in module.modules():
+        processor = getattr(m, "processor", None)
+        if isinstance(processor, CachedKVCrossAttnProcessor):
+            processor.cache.clear()
+        dual = getattr(m, "dual_processor", None)
+        if isinstance(dual, FusedDualCrossAttention):
+            dual.text_kv.clear()
+            dual.element_kv.clear()
+
+
+class UpcastAttnProcessor:
+    """Attention with q, k, v in float32 (for fp16 UNets whose attention overflows), cast back after."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch, dtype = hidden_states.shape[0], hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = k.shape[-1] // attn.heads
+        q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2).float() for t in (q, k, v))  # (B, H, N, D)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        return attn.to_out[1](attn.to_out[0](out.to(dtype))) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def fp16_is_finite(unet, context_shape: tuple[int, int], timesteps=(999, 500, 1)) -> bool:
+    """One CFG-sized UNet step per timestep on random latents: are all outputs finite?"""
+    p = next(unet.parameters())
+    size = unet.config.sample_size
+    sample = torch.randn(2, unet.config.in_channels, size, size, device=p.device, dtype=p.dtype)
+    context = torch.randn(2, *context_shape, device=p.device, dtype=p.dtype)
+    return all(torch.isfinite(unet(sample, torch.tensor(t, device=p.device), encoder_hidden_states=context).sample).all()
+               for t in timesteps)
+
+
+def ensure_fp16_finite(unet, context_shape: tuple[int, int]) -> str:
+    """fp16 SD-2 UNets are known to overflow in attention (black images): probe, and upcast if needed.
+
+    Returns "ok" or "upcast attention"; raises ValueError if even fp32 attention overflows.
+    """
+    if fp16_is_finite(unet, context_shape):
+        return "ok"
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(UpcastAttnProcessor())
+    if not fp16_is_finite(unet, context_shape):
+        raise ValueError("the UNet overflows in fp16 even with fp32 attention; use bf16 or fp32")
+    return "upcast attention"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from editrt.errors import ElementsError, InputError, WeightsError
 from editrt.export.networks import elements_networks
 from editrt.export.specs import network_specs
-from editrt.models.attention import cache_cross_attention_kv, use_fused_dual_attention
+from editrt.models.attention import cache_cross_attention_kv, ensure_fp16_finite, use_fused_dual_attention
 from editrt.models.components import WeightsLayout, load_elements_components
 from editrt.models.content_encoder import PATCH
 from editrt.models.element_unet import load_element_embedder
@@ -34,6 +34,7 @@ from editrt.runtime.images import as_rgb, processing_size, resize_rgb
 from editrt.runtime.partition import Partition, partition
 from editrt.runtime.reposition import check_steps, resolve_dtype
 from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, file_engines, torch_engines
+from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
 
 
@@ -52,6 +53,7 @@ class ElementsPipeline:
         self.device, self.dtype, self.components = torch.device(device), dtype, components
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.loops = LoopCache(scheduler_config, self.device)  # CUDA graphs on CUDA (torch backend)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -75,7 +77,9 @@ class ElementsPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             c = load_elements_components(weights, device, dtype)
-            if optimize:
+            if dtype == torch.float16:  # the plain SD-1.5 UNet probed; element attention has the same widths
+                c.fp16_attention = ensure_fp16_finite(c.decoder.unet, (77, c.decoder.unet.config.cross_attention_dim))
+            if optimize and getattr(c, "fp16_attention", "ok") == "ok":
                 cache_cross_attention_kv(c.decoder.unet)
             if kernels if kernels is not None else torch.device(device).type == "cuda":
                 use_fused_dual_attention(c.decoder)
@@ -170,12 +174,16 @@ class ElementsPipeline:
 
     @torch.no_grad()
     def decode(self, elements: Elements, prompt: str = "", guidance: float = 3.0, steps: int = 50, seed: int = 0,
-               progress: bool = False) -> Image.Image:
-        """Render the (edited) elements; guidance w combines eps(∅, ∅) and eps(C, S) as in the paper."""
+               progress: bool = False, step_callback=None, size: tuple[int, int] | None = None) -> Image.Image:
+        """Render the (edited) elements; guidance w combines eps(∅, ∅) and eps(C, S) as in the paper.
+
+        `size` (H, W) renders on another canvas than the elements' own (their positions and sizes
+        are normalised): a preview renders smaller.
+        """
         check_steps(steps, guidance)
         if not isinstance(prompt, str):
             raise InputError(f"prompt: expected text, got {type(prompt).__name__}")
-        h, w = elements.image_size
+        h, w = size or elements.image_size
         if h % self.vae_scale_factor or w % self.vae_scale_factor:
             raise ElementsError(f"elements: canvas {w}x{h} is not a multiple of {self.vae_scale_factor}")
         if elements.features.shape[1] != self.embedder.feature_dim:
@@ -189,26 +197,20 @@ class ElementsPipeline:
             text = torch.cat([self.prompt_embedding(""), text])
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
 
-        # 2. Timesteps and initial noise (CPU generator, as diffusers does).
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
+        # 2. Initial noise (CPU generator, as diffusers does).
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, 4, h // self.vae_scale_factor, w // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * DDIMScheduler.from_config(self.scheduler_config).init_noise_sigma
 
-        # 3. Denoising loop.
-        unet = self.engines["element_unet"]
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="rendering", leave=False):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            timestep = t.to(self.device, torch.float32).expand(model_input.shape[0])  # (B,)
-            noise = unet(sample=model_input, timestep=timestep, encoder_hidden_states=text,
-                         element_tokens=tokens)["noise_pred"]
-            if do_cfg:
-                noise_null, noise_cond = noise.chunk(2)
-                noise = noise_null + guidance * (noise_cond - noise_null)
-            latents = scheduler.step(noise, t, latents, eta=0.0, generator=generator, return_dict=False)[0]
+        # 3. Denoising loop: static buffers, coefficients on the device; one CUDA graph on CUDA.
+        key = LoopKey("elements", tuple(latents.shape), None, (("encoder_hidden_states", tuple(text.shape)),
+                                                                ("element_tokens", tuple(tokens.shape))),
+                      steps, do_cfg, self.dtype)
+        with tqdm(total=steps, disable=not progress, desc="rendering", leave=False) as bar:
+            latents = self.loops.get(key, self.engines["element_unet"]).run(
+                latents, {"encoder_hidden_states": text, "element_tokens": tokens}, None, guidance,
+                callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
         # 4. Decode.
         image = self.engines["element_vae_decoder"](latent=latents)["image"]

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from editrt.errors import InputError
 from editrt.export.networks import reposition_networks
 from editrt.export.specs import network_specs
-from editrt.models.attention import cache_cross_attention_kv
+from editrt.models.attention import cache_cross_attention_kv, ensure_fp16_finite
 from editrt.models.components import WeightsLayout, load_reposition_components
 from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
 from editrt.models.sam import sam_architecture
 from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, file_engines, torch_engines
+from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.images import (
     as_mask, as_rgb, dilate, processing_size, resize_mask_covering, resize_rgb, save_mask_png, save_png,
@@ -84,6 +85,8 @@ class RepositionPipeline:
         self.vae_scale_factor, self.default_resolution = vae_scale_factor, default_resolution
         self.device, self.dtype, self.components = torch.device(device), dtype, components
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
+        self.loops = LoopCache(scheduler_config, self.device)  # CUDA graphs on CUDA (torch backend)
+        self._embeds: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -105,7 +108,9 @@ class RepositionPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             components = load_reposition_components(weights, device, dtype)
-            if optimize:
+            if dtype == torch.float16:  # before the K/V cache: an upcast replaces the processors
+                components.fp16_attention = ensure_fp16_finite(components.unet, tuple(components.task_prompts["null"].shape))
+            if optimize and getattr(components, "fp16_attention", "ok") == "ok":
                 cache_cross_attention_kv(components.unet)
             engines_ = torch_engines(specs, reposition_networks(components), REPOSITION_NETWORKS)
             return cls(engines_, components.task_prompts, components.scheduler_config, vae_scale_factor, resolution,
@@ -136,8 +141,17 @@ class RepositionPipeline:
 
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()
+    def prompt_embeds(self, task: str, cfg: bool) -> torch.Tensor:
+        """[1 or 2, L, C] on the device, made once: the same tensor every request, so K/V caches hold."""
+        key = (task, cfg)
+        if key not in self._embeds:
+            prompt = self.task_prompts[task]
+            embeds = torch.stack([self.task_prompts["null"], prompt]) if cfg else prompt[None]
+            self._embeds[key] = embeds.to(self.device, self.dtype)
+        return self._embeds[key]
+
     def _denoise(self, rgb: np.ndarray, mask: np.ndarray, task: str, steps: int, guidance: float, seed: int,
-                 progress: bool) -> np.ndarray:
+                 progress: bool, step_callback=None) -> np.ndarray:
         """One prompt-guided inpainting pass at the given (processing) size; returns decoded uint8 RGB.
 
         Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet. The
@@ -145,19 +159,16 @@ class RepositionPipeline:
         (paper Eq. 2) instead of the image with the mask cut out.
         """
         device, dtype = self.device, self.dtype
-        prompt, harmonize = self.task_prompts[task], task == "harmonize"
+        harmonize = task == "harmonize"
         h, w = mask.shape
         lh, lw = h // self.vae_scale_factor, w // self.vae_scale_factor
         do_cfg = guidance > 1.0
 
         # 1. Prompts: [null; task] batched for CFG, like negative_prompt_embeds / prompt_embeds.
-        embeds = prompt[None] if not do_cfg else torch.stack([self.task_prompts["null"], prompt])
-        embeds = embeds.to(device, dtype)  # (B, L, C)
+        embeds = self.prompt_embeds(task, do_cfg)  # (B, L, C)
 
-        # 2. Timesteps.
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # fresh: schedulers keep per-run state
-        scheduler.set_timesteps(steps, device=device)
-        timesteps = scheduler.timesteps
+        # 2. The initial noise scale (DDIM: 1.0); timesteps and coefficients live in the loop.
+        init_noise_sigma = DDIMScheduler.from_config(self.scheduler_config).init_noise_sigma
 
         # 3. Image and mask in the pipeline's value ranges.
         # Built the way VaeImageProcessor does (NHWC numpy, transposed): conv kernels on CPU pick
@@ -169,7 +180,7 @@ class RepositionPipeline:
         # 4. Initial noise first, then the condition latents: the generator's draw order matters.
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = randn_tensor((1, 4, lh, lw), generator=generator, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * init_noise_sigma
         mask_latent = F.interpolate(mask_t, size=(lh, lw)).to(device, dtype)
         condition = image if harmonize else image * (mask_t < 0.5)
         # the VAE posterior sample's noise, drawn where diffusers' latent_dist.sample(generator) draws it
@@ -179,18 +190,14 @@ class RepositionPipeline:
             mask_latent = torch.cat([mask_latent] * 2)
             condition_latents = torch.cat([condition_latents] * 2)
 
-        # 5. Denoising loop.
+        # 5. Denoising loop: static buffers, coefficients on the device; one CUDA graph on CUDA.
         unet = self.engines["harmonizer_unet" if harmonize else "inpaint_unet"]
-        for t in tqdm(timesteps, disable=not progress, desc="denoising", leave=False):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            model_input = torch.cat([model_input, mask_latent, condition_latents], dim=1)  # (B, 9, h, w)
-            timestep = t.to(device, torch.float32).expand(model_input.shape[0])  # (B,)
-            noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeds)["noise_pred"]
-            if do_cfg:
-                noise_uncond, noise_task = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance * (noise_task - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, eta=0.0, generator=generator, return_dict=False)[0]
+        extra = torch.cat([mask_latent, condition_latents], dim=1)  # (B, 5, h, w): mask | condition latents
+        key = LoopKey("harmonize" if harmonize else "inpaint", tuple(latents.shape), tuple(extra.shape),
+                      (("encoder_hidden_states", tuple(embeds.shape)),), steps, do_cfg, dtype)
+        with tqdm(total=steps, disable=not progress, desc="denoising", leave=False) as bar:
+            latents = self.loops.get(key, unet).run(latents, {"encoder_hidden_states": embeds}, extra, guidance,
+                                                    callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
         # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
         decoded = self.engines["vae_decoder"](latent=latents)["image"]
@@ -199,7 +206,7 @@ class RepositionPipeline:
         return (decoded[0] * 255).round().astype(np.uint8)
 
     def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
-                    progress: bool, mask_name: str = "mask") -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool, mask_name: str = "mask", step_callback=None) -> tuple[np.ndarray, np.ndarray]:
         """Run one pass at the processing resolution; paste the result back inside `mask` only."""
         if task not in TASKS:
             raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
@@ -208,7 +215,7 @@ class RepositionPipeline:
         mask = as_mask(mask, rgb.shape[:2], name=mask_name)
         size = processing_size(rgb.shape[:2], resolution or self.default_resolution)
         work_rgb, work_mask = resize_rgb(rgb, size), resize_mask_covering(mask, size)
-        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress)
+        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback)
         decoded = resize_rgb(decoded, rgb.shape[:2])
         out = rgb.copy()
         out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
@@ -245,7 +252,10 @@ class RepositionPipeline:
     def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float = 1.0,
                  complete_mask=None, occluder_mask=None, harmonize: bool = True, steps: int = 50,
                  guidance: float = 1.0, seed: int = 0, resolution: int | None = None, dilation: int | None = None,
-                 progress: bool = False) -> RepositionResult:
+                 progress: bool = False, cache: dict | None = None, step_callback=None) -> RepositionResult:
+        """The SEELE flow. `cache` (a dict the caller keeps, e.g. an EditSession) memoizes the REMOVE
+        pass, which depends on the image and subject mask but not on the move: a new drag position
+        then costs only paste + harmonize. `step_callback(i)` runs after each eager denoising step."""
         # 1. Check inputs.
         rgb = as_rgb(image)
         size = rgb.shape[:2]
@@ -276,7 +286,14 @@ class RepositionPipeline:
 
         # 4. REMOVE: inpaint the void the subject leaves (dilated: SAM edges leave a halo otherwise).
         void = dilate(subject, radius)
-        current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask")
+        remove_key = ("remove", hash(rgb.tobytes()), hash(void.tobytes()), steps, guidance, seed, resolution)
+        if cache is not None and remove_key in cache:
+            current = cache[remove_key]
+        else:
+            current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask",
+                                          step_callback)
+            if cache is not None:
+                cache[remove_key] = current
         stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
 
         # 5. Paste the moved subject.
@@ -288,7 +305,7 @@ class RepositionPipeline:
         # 6. COMPLETE the occluded / cut-off part of the subject (user mask, output coordinates).
         if complete is not None:
             current, _ = self._regenerate(current, complete, "complete", steps, guidance, seed + 1, resolution,
-                                          progress, "complete_mask")
+                                          progress, "complete_mask", step_callback)
             stages["completed"] = Stage(image=Image.fromarray(current), mask=complete)
             regenerated |= complete
 
@@ -296,7 +313,7 @@ class RepositionPipeline:
         if harmonize:
             region = dilate(visible if complete is None else visible | complete, radius)
             current, _ = self._regenerate(current, region, "harmonize", steps, 1.0, seed + 2, resolution, progress,
-                                          "harmonize region")
+                                          "harmonize region", step_callback)
             stages["harmonized"] = Stage(image=Image.fromarray(current), mask=region)
             regenerated |= region
 

@@ -4,6 +4,7 @@ K/V caching changes no arithmetic: equal bit for bit. The fused dual attention f
 LayerNorm affine into the query weights and sums the two output projections in one GEMM, which
 reorders fp32 rounding: allclose at 1e-5 (relative to the output scale).
 """
+import pytest
 import torch
 
 from editrt.models.attention import cache_cross_attention_kv, use_fused_dual_attention
@@ -58,3 +59,34 @@ def test_fused_dual_attention_matches_the_two_attention_path(tiny_weights):
         torch.testing.assert_close(again, decoder(x, t * 0.5, text, tokens), rtol=1e-5,
                                    atol=1e-5 * reference.abs().max().item())
         assert torch.equal(text_only, decoder(x, t, text, None))
+
+
+def test_fp16_overflow_falls_back_to_fp32_attention(tiny_weights, monkeypatch):
+    import editrt.models.attention as attention
+
+    c = load_reposition_components(tiny_weights)
+    x, ctx = torch.randn(1, 9, 16, 16), torch.randn(1, 50, 32)
+    with torch.no_grad():
+        reference = c.unet(x, 300, encoder_hidden_states=ctx).sample
+    answers = iter([False, True])  # as if fp16 overflowed once, and not after the upcast
+    monkeypatch.setattr(attention, "fp16_is_finite", lambda *a, **k: next(answers))
+    assert attention.ensure_fp16_finite(c.unet, (50, 32)) == "upcast attention"
+    assert all(isinstance(p, attention.UpcastAttnProcessor) for p in c.unet.attn_processors.values())
+    with torch.no_grad():  # the fp32-attention processor computes the same attention
+        torch.testing.assert_close(c.unet(x, 300, encoder_hidden_states=ctx).sample, reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(attention, "fp16_is_finite", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="use bf16 or fp32"):
+        attention.ensure_fp16_finite(c.unet, (50, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_full_sd2_unet_is_finite_in_fp16(tmp_path):
+    """The real SD-2 inpainting architecture at fp16 on CUDA: probed for inf/NaN (the pipeline upcasts if needed)."""
+    from diffusers import UNet2DConditionModel
+
+    from editrt.models.attention import fp16_is_finite
+    from editrt.weights import load_config
+
+    unet = UNet2DConditionModel.from_config(load_config("full")["inpaint"]["unet"]).to("cuda", torch.float16).eval()
+    assert fp16_is_finite(unet, (50, 1024))

@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from skimage import data
 
 from editrt.errors import ElementsError, InputError
 from editrt.runtime.elements import Elements
 from editrt.runtime.partition import Partition
+from editrt.runtime.scheduler import DenoiseLoop
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +85,15 @@ def test_guidance_formula(elements_pipe, elements, monkeypatch):
         calls.append((text.clone(), tokens.clone(), out.clone()))
         return out
 
-    real_step = DDIMScheduler.step
+    real_guided = DenoiseLoop.guided
 
-    def step(self, noise, t, latents, **kw):
-        steps.append(noise.clone())
-        return real_step(self, noise, t, latents, **kw)
+    def guided(self, noise):
+        out = real_guided(self, noise)
+        steps.append(out.clone())
+        return out
 
     monkeypatch.setattr(elements_pipe.decoder, "forward", recording)
-    monkeypatch.setattr(DDIMScheduler, "step", step)
+    monkeypatch.setattr(DenoiseLoop, "guided", guided)
     elements_pipe.decode(elements, prompt="a cat", guidance=3.0, steps=2, seed=3)
     assert len(calls) == 2 and len(steps) == 2
     for (text, tokens, out), noise in zip(calls, steps):
