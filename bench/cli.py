@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from editrt.errors import EditError, InputError
+from editrt.errors import InputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS = ("tiny", "full")
@@ -187,19 +187,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`editrt bench ARGS` without editrt/cli.py: same exit codes (2 on bad input)."""
-    parser = argparse.ArgumentParser(prog="editrt")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except EditError as e:
-        print(f"editrt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("editrt: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    """`editrt bench ARGS`: the same entry point (one-line errors, exit 2 on bad input)."""
+    from editrt.cli import main as editrt_main
+
+    return editrt_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 
 from editrt.errors import EngineError
@@ -109,7 +110,7 @@ def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Pa
         model = onnx.load(str(tmp), load_external_data=True)
         for f in tmp_dir.iterdir():
             f.unlink()
-        external = model.ByteSize() > TWO_GB if _fits(model) else True
+        external = weight_bytes(model) > TWO_GB  # protobuf cannot serialise more than 2 GB in one message
         onnx.save_model(model, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=f"{target.name}.data" if external else None)
         onnx.checker.check_model(str(tmp))
@@ -131,9 +132,6 @@ def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Pa
     return ExportResult(spec.name, target, error, time.perf_counter() - start)
 
 
-def _fits(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except ValueError:  # protobuf refuses to size messages over 2 GB
-        return False
+def weight_bytes(model) -> int:
+    """Bytes of the graph's weights (initializers, loaded in memory)."""
+    return sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer)

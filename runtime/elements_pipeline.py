@@ -77,9 +77,10 @@ class ElementsPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             c = load_elements_components(weights, device, dtype)
-            if dtype == torch.float16:  # the plain SD-1.5 UNet probed; element attention has the same widths
-                c.fp16_attention = ensure_fp16_finite(c.decoder.unet, (77, c.decoder.unet.config.cross_attention_dim))
-            if optimize and getattr(c, "fp16_attention", "ok") == "ok":
+            attention = "ok"  # fp16: probed first (text-only path); an upcast replaces the attention processors
+            if dtype == torch.float16:
+                attention = ensure_fp16_finite(c.decoder.unet, (77, c.decoder.unet.config.cross_attention_dim))
+            if optimize and attention == "ok":
                 cache_cross_attention_kv(c.decoder.unet)
             if kernels if kernels is not None else torch.device(device).type == "cuda":
                 use_fused_dual_attention(c.decoder)

@@ -5,13 +5,15 @@ An engine is a compiled component with named, typed inputs and outputs (its `Net
     outputs = engine(sample=..., timestep=..., encoder_hidden_states=...)   # dict name -> tensor
 
 Pipelines talk only to this interface. Implementations: `TorchEngine` (the export/networks.py
-module itself, eager), `OrtEngine` (ONNX Runtime: CPU here; CUDA / TensorRT execution providers
-with IO binding when onnxruntime-gpu is installed) and, in export/tensorrt.py, `TensorRTEngine`.
+module itself, eager), `OrtEngine` (ONNX Runtime: CPU here; with onnxruntime-gpu the CUDA
+execution provider with IO binding, and its TensorRT provider first when EDITRT_ORT_TENSORRT=1)
+and, in export/tensorrt.py, `TensorRTEngine`.
 Every engine checks its inputs against the spec, so a wrong shape is a clear error, not a crash
 deep inside a runtime.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,14 @@ class OrtEngine:
                 if "CUDAExecutionProvider" not in available:
                     raise EngineError(f"{spec.name}: CUDA requested but this onnxruntime has no CUDAExecutionProvider "
                                       "(pip install 'editrt[gpu]')")
-                providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})] + providers
+                device_id = self.device.index or 0
+                providers = [("CUDAExecutionProvider", {"device_id": device_id})] + providers
+                # ONNX Runtime's own TensorRT execution provider, first, when asked for and present
+                if os.environ.get("EDITRT_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in available:
+                    cache = str(self.path.parent / "ort_trt_cache")
+                    providers.insert(0, ("TensorrtExecutionProvider", {
+                        "device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": cache, "trt_timing_cache_enable": True}))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

@@ -108,9 +108,10 @@ class RepositionPipeline:
         sam_size = sam_architecture(config["sam"])["image_size"]
         if backend == "torch":
             components = load_reposition_components(weights, device, dtype)
-            if dtype == torch.float16:  # before the K/V cache: an upcast replaces the processors
-                components.fp16_attention = ensure_fp16_finite(components.unet, tuple(components.task_prompts["null"].shape))
-            if optimize and getattr(components, "fp16_attention", "ok") == "ok":
+            attention = "ok"  # fp16 UNets are probed first: an upcast replaces the attention processors
+            if dtype == torch.float16:
+                attention = ensure_fp16_finite(components.unet, tuple(components.task_prompts["null"].shape))
+            if optimize and attention == "ok":
                 cache_cross_attention_kv(components.unet)
             engines_ = torch_engines(specs, reposition_networks(components), REPOSITION_NETWORKS)
             return cls(engines_, components.task_prompts, components.scheduler_config, vae_scale_factor, resolution,

@@ -54,3 +54,12 @@ def test_full_reposition_and_elements_run(full_weights):
     image = elements_pipe.decode(elements, steps=1)
     assert image.size == elements.image_size[::-1]
     assert torch.isfinite(elements_pipe.element_tokens(elements)).all()
+
+
+def test_full_export_sd2_unet_and_sam_vit_b(full_weights, tmp_path):
+    """The real SD-2 UNet (over 2 GB in fp32: external data) and SAM ViT-B export and match PyTorch (<= 1e-4)."""
+    from editrt.export.components import export_components
+
+    results = export_components(full_weights, ["inpaint_unet", "sam_image_encoder"], tmp_path, check=True)
+    assert all(r.max_rel_error <= 1e-4 for r in results)
+    assert (tmp_path / "inpaint_unet.onnx.data").stat().st_size > 2**31
