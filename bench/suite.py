@@ -116,8 +116,8 @@ def device_name(device: torch.device) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
+    except OSError:  # not Linux: platform.processor()'s answer stands
+        return f"{model} ({torch.get_num_threads()} threads)"
     return f"{model} ({torch.get_num_threads()} threads)"
 
 

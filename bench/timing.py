@@ -86,8 +86,8 @@ def _read_status_kb(field: str) -> int | None:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): the caller falls back to the lifetime peak
+        return None
     return None
 
 

@@ -34,7 +34,7 @@ from editrt.runtime.scheduler import overlap
 
 
 class _Cancelled(Exception):
-    pass
+    """Raised inside a preview's denoising loop when a final request supersedes it."""
 
 
 @dataclass
