@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from editrt.export.networks import elements_networks, reposition_networks
 from editrt.export.onnx import ExportResult, export_network
 from editrt.export.specs import NetworkSpec, network_specs
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
+from editrt.models.files import write_atomic
 
 REPOSITION = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder", "sam_mask_decoder",
               "sam_mask_decoder_grid")
@@ -108,8 +107,4 @@ def write_manifest(out_dir: Path, weights_root: Path, results: list[ExportResult
     for r in results:
         manifest["networks"][r.name] = {"onnx": r.path.name, "max_rel_error": r.max_rel_error,
                                         "export_seconds": round(r.seconds, 2), **(extra or {}).get(r.name, {})}
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))

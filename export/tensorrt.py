@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch
 
 from editrt.errors import EngineError
 from editrt.export.specs import NetworkSpec
+from editrt.models.files import write_bytes_atomic
 
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 NOT_INSTALLED = "tensorrt not installed (its wheels come from NVIDIA's own index: pip install 'editrt[tensorrt]')"
@@ -108,18 +107,6 @@ def plan_paths(engines_dir: Path, name: str) -> tuple[Path, Path]:
     return engines_dir / f"{name}.plan", engines_dir / f"{name}.plan.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_engine(spec: NetworkSpec, engines_dir: Path, key: str, build, deserialize):
     """The deserialized engine for `key`: from the cache when valid, else built (and cached).
 
@@ -147,8 +134,8 @@ def cached_engine(spec: NetworkSpec, engines_dir: Path, key: str, build, deseria
     engine = deserialize(data)
     if engine is None:
         raise EngineError(f"{spec.name}: TensorRT built a plan it cannot deserialize")
-    atomic_write(plan, bytes(data))
-    atomic_write(meta, json.dumps({"key": key, "network": spec.name, "built": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    write_bytes_atomic(plan, bytes(data))
+    write_bytes_atomic(meta, json.dumps({"key": key, "network": spec.name, "built": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     return engine
 
 
@@ -226,7 +213,7 @@ def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options:
         start = time.perf_counter()
         plan = builder.build_serialized_network(network, config)
         log(f"{spec.name}: built in {time.perf_counter() - start:.1f} s")
-        atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
         return plan
 
     return cached_engine(spec, engines_dir, key, build, runtime.deserialize_cuda_engine)

@@ -184,3 +184,14 @@ def ensure_fp16_finite(unet, context_shape: tuple[int, int]) -> str:
     if not fp16_is_finite(unet, context_shape):
         raise ValueError("the UNet overflows in fp16 even with fp32 attention; use bf16 or fp32")
     return "upcast attention"
+
+
+def prepare_unet(unet, dtype: torch.dtype, context_shape: tuple[int, int], cache_kv: bool) -> str:
+    """fp16: probe first (an upcast replaces the attention processors); then, unless upcast, K/V caching.
+
+    Returns the fp16 probe's verdict ("ok" or "upcast attention").
+    """
+    attention = ensure_fp16_finite(unet, context_shape) if dtype == torch.float16 else "ok"
+    if cache_kv and attention == "ok":
+        cache_cross_attention_kv(unet)
+    return attention

@@ -1,8 +1,12 @@
-"""Reading weight files with errors that name the file and what was expected (DESIGN.md contract 5)."""
+"""Files: reading weights with errors that name the file and what was expected, and writing any
+output atomically (DESIGN.md contract 5: nothing on disk is left half-written)."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -43,3 +47,23 @@ def load_diffusers(cls, folder: Path, what: str, dtype: torch.dtype = torch.floa
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{folder}: cannot load the {what} ({first})") from None
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path` (0644)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))

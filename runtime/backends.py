@@ -4,13 +4,15 @@ The only place that branches on the backend; pipelines receive a dict name -> en
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from editrt.errors import EngineError, InputError
+from editrt.errors import EngineError, InputError, WeightsError
 from editrt.export.specs import network_specs
 from editrt.models.components import WeightsLayout
+from editrt.models.sam import sam_architecture
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 REPOSITION_NETWORKS = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
@@ -26,8 +28,29 @@ def check_backend(backend: str, engines: str | Path | None) -> None:
         raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`")
 
 
-def specs_for(weights: str | Path) -> dict:
-    return network_specs(WeightsLayout(weights).network_config())
+@dataclass
+class EditorSettings:
+    """What an editor needs to know of a weights directory before loading any network."""
+
+    layout: WeightsLayout
+    config: dict  # the sizes the network specs need (WeightsLayout.network_config)
+    specs: dict  # network name -> NetworkSpec
+    vae_scale_factor: int
+    resolution: int  # the default working resolution: the UNet's sample size in pixels
+    sam_image_size: int
+
+
+def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
+    """`editor` is 'inpaint' (repositioning) or 'elements'; reads only the folder's JSON configs."""
+    layout = WeightsLayout(weights)
+    layout.check_root()
+    config = layout.network_config()
+    if editor not in config:
+        raise WeightsError(f"{layout.elements}: missing; expected the element decoder folder (editrt weights init writes it)")
+    vae_scale_factor = 2 ** (len(config[editor]["vae"]["block_out_channels"]) - 1)
+    return EditorSettings(layout, config, network_specs(config), vae_scale_factor,
+                          config[editor]["unet"]["sample_size"] * vae_scale_factor,
+                          sam_architecture(config["sam"])["image_size"])
 
 
 def torch_engines(specs: dict, networks: dict[str, torch.nn.Module], names) -> dict:

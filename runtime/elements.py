@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from editrt.errors import ElementsError
+from editrt.models.files import write_bytes_atomic
 
 FORMAT, VERSION = "editrt.elements", 1
 
@@ -214,8 +213,8 @@ class Elements:
                 for i in range(len(self))
             ],
         }
-        _atomic_write(npz_path, data)
-        _atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+        write_bytes_atomic(npz_path, data)
+        write_bytes_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
         return path
 
     @classmethod
@@ -259,18 +258,6 @@ class Elements:
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ElementsError(f"{path}: malformed elements file ({e})") from None
         return elements
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_overlay(elements: Elements, image=None, ids: bool = False) -> Image.Image:

@@ -19,21 +19,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from editrt.errors import ElementsError, InputError, WeightsError
+from editrt.errors import ElementsError, InputError
 from editrt.export.networks import elements_networks
-from editrt.export.specs import network_specs
-from editrt.models.attention import cache_cross_attention_kv, ensure_fp16_finite, use_fused_dual_attention
-from editrt.models.components import WeightsLayout, load_elements_components
+from editrt.models.attention import prepare_unet, use_fused_dual_attention
+from editrt.models.components import load_elements_components
 from editrt.models.content_encoder import PATCH
 from editrt.models.element_unet import load_element_embedder
 from editrt.models.inpaint import load_scheduler
-from editrt.models.sam import sam_architecture
 from editrt.models.text import encode_prompt, load_text_encoder, load_tokenizer
 from editrt.runtime.elements import Elements, render_overlay
 from editrt.runtime.images import as_rgb, processing_size, resize_rgb
 from editrt.runtime.partition import Partition, partition
 from editrt.runtime.reposition import check_steps, resolve_dtype
-from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, file_engines, torch_engines
+from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
 from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
 
@@ -65,33 +63,23 @@ class ElementsPipeline:
         Triton dual attention (default: on CUDA); otherwise the two attentions of Algorithm 1.
         """
         check_backend(backend, engines)
-        layout = WeightsLayout(weights)
-        layout.check_root()
         dtype = resolve_dtype(dtype)
-        config = layout.network_config()
-        if "elements" not in config:
-            raise WeightsError(f"{layout.elements}: missing; expected the element decoder folder (editrt weights init writes it)")
-        specs = network_specs(config)
-        vae_scale_factor = 2 ** (len(config["elements"]["vae"]["block_out_channels"]) - 1)
-        resolution = config["elements"]["unet"]["sample_size"] * vae_scale_factor
-        sam_size = sam_architecture(config["sam"])["image_size"]
+        w = editor_settings(weights, "elements")
+        sizes = (w.vae_scale_factor, w.resolution, w.sam_image_size)
         if backend == "torch":
             c = load_elements_components(weights, device, dtype)
-            attention = "ok"  # fp16: probed first (text-only path); an upcast replaces the attention processors
-            if dtype == torch.float16:
-                attention = ensure_fp16_finite(c.decoder.unet, (77, c.decoder.unet.config.cross_attention_dim))
-            if optimize and attention == "ok":
-                cache_cross_attention_kv(c.decoder.unet)
+            # the fp16 probe runs the text-only path; the element attention has the same widths
+            prepare_unet(c.decoder.unet, dtype, (77, c.decoder.unet.config.cross_attention_dim), cache_kv=optimize)
             if kernels if kernels is not None else torch.device(device).type == "cuda":
                 use_fused_dual_attention(c.decoder)
-            engines_ = torch_engines(specs, elements_networks(c), ELEMENTS_NETWORKS)
-            return cls(engines_, c.decoder.embedder, c.tokenizer, c.text_encoder, c.scheduler_config, vae_scale_factor,
-                       resolution, sam_size, device, dtype, c)
-        root = layout.elements
-        engines_ = file_engines(specs, ELEMENTS_NETWORKS, backend, engines, device, weights)
+            engines_ = torch_engines(w.specs, elements_networks(c), ELEMENTS_NETWORKS)
+            return cls(engines_, c.decoder.embedder, c.tokenizer, c.text_encoder, c.scheduler_config, *sizes,
+                       device, dtype, c)
+        root = w.layout.elements
+        engines_ = file_engines(w.specs, ELEMENTS_NETWORKS, backend, engines, device, weights)
         return cls(engines_, load_element_embedder(root / "element_adapter", dtype).to(device),
                    load_tokenizer(root / "tokenizer"), load_text_encoder(root / "text_encoder", dtype).to(device),
-                   load_scheduler(root / "scheduler").config, vae_scale_factor, resolution, sam_size, device, dtype)
+                   load_scheduler(root / "scheduler").config, *sizes, device, dtype)
 
     @property
     def decoder(self):

@@ -5,8 +5,6 @@ at the API boundary and converted once.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image, PngImagePlugin
 from scipy import ndimage
 
 from editrt.errors import InputError
+from editrt.models.files import write_atomic
 
 
 def as_rgb(image, name: str = "image") -> np.ndarray:
@@ -133,15 +132,7 @@ def save_png(image, path: str | Path, watermark: bool = False) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", f"editrt {__version__}")
     info.add_text("Comment", PROVENANCE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", pnginfo=info))
     return path
 
 

@@ -20,12 +20,10 @@ from tqdm.auto import tqdm
 
 from editrt.errors import InputError
 from editrt.export.networks import reposition_networks
-from editrt.export.specs import network_specs
-from editrt.models.attention import cache_cross_attention_kv, ensure_fp16_finite
-from editrt.models.components import WeightsLayout, load_reposition_components
+from editrt.models.attention import prepare_unet
+from editrt.models.components import load_reposition_components
 from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
-from editrt.models.sam import sam_architecture
-from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, file_engines, torch_engines
+from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
 from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.images import (
@@ -98,28 +96,17 @@ class RepositionPipeline:
         constant through the denoising loop; bit-equal results). False: plain diffusers modules.
         """
         check_backend(backend, engines)
-        layout = WeightsLayout(weights)
-        layout.check_root()
         dtype = resolve_dtype(dtype)
-        config = layout.network_config()
-        specs = network_specs(config)
-        vae_scale_factor = 2 ** (len(config["inpaint"]["vae"]["block_out_channels"]) - 1)
-        resolution = config["inpaint"]["unet"]["sample_size"] * vae_scale_factor
-        sam_size = sam_architecture(config["sam"])["image_size"]
+        w = editor_settings(weights, "inpaint")
+        sizes = (w.vae_scale_factor, w.resolution, w.sam_image_size)
         if backend == "torch":
             components = load_reposition_components(weights, device, dtype)
-            attention = "ok"  # fp16 UNets are probed first: an upcast replaces the attention processors
-            if dtype == torch.float16:
-                attention = ensure_fp16_finite(components.unet, tuple(components.task_prompts["null"].shape))
-            if optimize and attention == "ok":
-                cache_cross_attention_kv(components.unet)
-            engines_ = torch_engines(specs, reposition_networks(components), REPOSITION_NETWORKS)
-            return cls(engines_, components.task_prompts, components.scheduler_config, vae_scale_factor, resolution,
-                       sam_size, device, dtype, components)
-        prompts = load_task_prompts(layout.task_prompts, config["inpaint"]["unet"]["cross_attention_dim"])
-        engines_ = file_engines(specs, REPOSITION_NETWORKS, backend, engines, device, weights)
-        return cls(engines_, prompts, load_scheduler(layout.scheduler).config, vae_scale_factor, resolution, sam_size,
-                   device, dtype)
+            prepare_unet(components.unet, dtype, tuple(components.task_prompts["null"].shape), cache_kv=optimize)
+            engines_ = torch_engines(w.specs, reposition_networks(components), REPOSITION_NETWORKS)
+            return cls(engines_, components.task_prompts, components.scheduler_config, *sizes, device, dtype, components)
+        prompts = load_task_prompts(w.layout.task_prompts, w.config["inpaint"]["unet"]["cross_attention_dim"])
+        engines_ = file_engines(w.specs, REPOSITION_NETWORKS, backend, engines, device, weights)
+        return cls(engines_, prompts, load_scheduler(w.layout.scheduler).config, *sizes, device, dtype)
 
     def _component(self, name):
         if self.components is None:
