@@ -24,9 +24,10 @@ setup(
     },
     package_data={"editrt": ["configs/*.json", "assets/*"]},
     install_requires=[
-        # These two pins match the wheels on the development/CI machines' disk (no multi-GB download).
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        # A range, so the package installs beside an existing CUDA torch (tested: 2.11 on the GPU machine,
+        # 2.14.1 on the development/CI machines, whose pip is capped at the wheels on their disk).
+        "torch>=2.4",
+        "torchvision>=0.19",
         "diffusers>=0.32",
         "transformers>=4.45",
         "segment-anything>=1.0",
@@ -47,6 +48,7 @@ setup(
         "watermark": ["invisible-watermark>=0.2"],
         "dev": [
             "pytest>=8",
+            "ruff>=0.6",
             "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
             "scikit-image>=0.22",  # real photographs for tests
             "invisible-watermark>=0.2",

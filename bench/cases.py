@@ -21,10 +21,11 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

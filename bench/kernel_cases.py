@@ -62,7 +62,7 @@ def dual_attention_cases(device, dtype, quick: bool) -> list[dict]:
     for B, H, M, D, N_a, N_b in _QUICK_ATTENTION if quick else _SD15_ATTENTION:
         C = H * D  # SD's to_out projection maps inner_dim -> inner_dim
 
-        def make_inputs():
+        def make_inputs(B=B, H=H, M=M, D=D, N_a=N_a, N_b=N_b, C=C):
             q_a = torch.randn(B, H, M, D, device=device, dtype=dtype)
             q_b = torch.randn(B, H, M, D, device=device, dtype=dtype)
             k_a, v_a = (torch.randn(B, H, N_a, D, device=device, dtype=dtype) for _ in range(2))
@@ -110,7 +110,7 @@ def slic_assign_cases(device, quick: bool) -> list[dict]:
     cases = []
     for N, h, w, H, W, beta in _QUICK_SLIC_ASSIGN if quick else _SLIC_ASSIGN:
 
-        def make_inputs():
+        def make_inputs(N=N, h=h, w=w):
             logits = torch.randn(N, h, w, device=device) * 8  # SAM low-res logits are O(10)
             centroids = torch.rand(N, 2, device=device)
             return (logits, centroids)

@@ -7,7 +7,7 @@
       manifest.json          which weights, what was checked (max relative error vs PyTorch), versions
       *.plan                 TensorRT engines (--format tensorrt), with their cache keys in the manifest
 
-Export runs in fp32 on the CPU, from the same modules the PyTorch backend runs (export/networks.py).
+Export runs in fp32 on the CPU, from the same modules the PyTorch backend runs (models/networks.py).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from editrt.errors import InputError
-from editrt.export.networks import elements_networks, reposition_networks
 from editrt.export.onnx import ExportResult, export_network
 from editrt.export.specs import NetworkSpec, network_specs
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
 from editrt.models.files import write_atomic
+from editrt.models.networks import elements_networks, reposition_networks
 
 REPOSITION = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder", "sam_mask_decoder",
               "sam_mask_decoder_grid")

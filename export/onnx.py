@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 
 from editrt.errors import EngineError
 from editrt.export.specs import NetworkSpec

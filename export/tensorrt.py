@@ -120,14 +120,14 @@ def cached_engine(spec: NetworkSpec, engines_dir: Path, key: str, build, deseria
         except (json.JSONDecodeError, UnicodeDecodeError):
             recorded = None
         if recorded != key:
-            warnings.warn(f"{plan}: built for other inputs (ONNX, TensorRT, GPU, precision or profiles); rebuilding")
+            warnings.warn(f"{plan}: built for other inputs (ONNX, TensorRT, GPU, precision or profiles); rebuilding", stacklevel=2)
         else:
             engine = deserialize(plan.read_bytes())
             if engine is not None:
                 return engine
-            warnings.warn(f"{plan}: corrupt or unreadable by this TensorRT; rebuilding")
+            warnings.warn(f"{plan}: corrupt or unreadable by this TensorRT; rebuilding", stacklevel=2)
     elif plan.is_file():
-        warnings.warn(f"{plan}: has no {meta.name} recording its cache key; rebuilding")
+        warnings.warn(f"{plan}: has no {meta.name} recording its cache key; rebuilding", stacklevel=2)
     data = build()
     if data is None:
         raise EngineError(f"{spec.name}: TensorRT failed to build the engine")

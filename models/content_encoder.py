@@ -49,7 +49,7 @@ class ContentEncoder(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "ContentEncoder":
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> ContentEncoder:
         folder = Path(folder)
         config = read_json(folder / "config.json", "the content encoder config")
         try:

@@ -52,7 +52,7 @@ class Elements:
     def alive_ids(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.alive)]
 
-    def copy(self) -> "Elements":
+    def copy(self) -> Elements:
         return Elements(self.image_size, self.features.copy(), self.centroids.copy(), self.sizes.copy(),
                         self.alive.copy(), [m.copy() for m in self.masks], self.anchors.copy(), self.scales.copy(),
                         dict(self.info))
@@ -132,7 +132,7 @@ class Elements:
         self.alive[ids] = False
         return ids
 
-    def insert(self, other: "Elements", ids, at: tuple[float, float]) -> tuple[list[int], list[int]]:
+    def insert(self, other: Elements, ids, at: tuple[float, float]) -> tuple[list[int], list[int]]:
         """Compose: copy elements `ids` of `other` here, their joint centroid at canvas pixel `at`.
 
         Sizes keep their pixel size. Reuses deleted slots first, then appends. Returns (new ids, deleted ids).
@@ -218,7 +218,7 @@ class Elements:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Elements":
+    def load(cls, path: str | Path) -> Elements:
         path = Path(path)
         try:
             doc = json.loads(path.read_text())

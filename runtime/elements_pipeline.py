@@ -20,18 +20,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from editrt.errors import ElementsError, InputError
-from editrt.export.networks import elements_networks
 from editrt.models.attention import prepare_unet, use_fused_dual_attention
 from editrt.models.components import load_elements_components
 from editrt.models.content_encoder import PATCH
 from editrt.models.element_unet import load_element_embedder
 from editrt.models.inpaint import load_scheduler
+from editrt.models.networks import elements_networks
 from editrt.models.text import encode_prompt, load_text_encoder, load_tokenizer
+from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
 from editrt.runtime.elements import Elements, render_overlay
 from editrt.runtime.images import as_rgb, processing_size, resize_rgb
 from editrt.runtime.partition import Partition, partition
 from editrt.runtime.reposition import check_steps, resolve_dtype
-from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
 from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
 
@@ -56,7 +56,7 @@ class ElementsPipeline:
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
                         engines: str | Path | None = None, optimize: bool = True,
-                        kernels: bool | None = None) -> "ElementsPipeline":
+                        kernels: bool | None = None) -> ElementsPipeline:
         """Load from a weights directory (see RepositionPipeline.from_pretrained for `backend`, `optimize`).
 
         `kernels` (torch backend): run each block's text + element cross-attention as the fused

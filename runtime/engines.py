@@ -4,7 +4,7 @@ An engine is a compiled component with named, typed inputs and outputs (its `Net
 
     outputs = engine(sample=..., timestep=..., encoder_hidden_states=...)   # dict name -> tensor
 
-Pipelines talk only to this interface. Implementations: `TorchEngine` (the export/networks.py
+Pipelines talk only to this interface. Implementations: `TorchEngine` (the models/networks.py
 module itself, eager), `OrtEngine` (ONNX Runtime: CPU here; with onnxruntime-gpu the CUDA
 execution provider with IO binding, and its TensorRT provider first when EDITRT_ORT_TENSORRT=1)
 and, in export/tensorrt.py, `TensorRTEngine`.

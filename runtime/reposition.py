@@ -19,17 +19,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from editrt.errors import InputError
-from editrt.export.networks import reposition_networks
 from editrt.models.attention import prepare_unet
 from editrt.models.components import load_reposition_components
 from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
+from editrt.models.networks import reposition_networks
 from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
-from editrt.runtime.scheduler import LoopCache, LoopKey
-from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.images import (
-    as_mask, as_rgb, dilate, processing_size, resize_mask_covering, resize_rgb, save_mask_png, save_png,
+    as_mask,
+    as_rgb,
+    dilate,
+    processing_size,
+    resize_mask_covering,
+    resize_rgb,
+    save_mask_png,
+    save_png,
     shift_or_warp,
 )
+from editrt.runtime.scheduler import LoopCache, LoopKey
+from editrt.runtime.segmenter import Segmenter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -88,7 +95,7 @@ class RepositionPipeline:
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
-                        engines: str | Path | None = None, optimize: bool = True) -> "RepositionPipeline":
+                        engines: str | Path | None = None, optimize: bool = True) -> RepositionPipeline:
         """Load from a weights directory; `backend` 'onnxruntime' / 'tensorrt' run the networks exported
         to `engines` by `editrt export` (task prompts and the scheduler still come from `weights`).
 

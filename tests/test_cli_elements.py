@@ -1,7 +1,6 @@
 """`editrt elements partition | edit | render | show`: happy path and one-line errors with nothing written."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

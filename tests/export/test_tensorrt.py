@@ -11,7 +11,13 @@ from editrt.errors import EngineError
 from editrt.export.components import export_components
 from editrt.export.specs import network_specs
 from editrt.export.tensorrt import (
-    BuildOptions, cache_key, cached_engine, harmonizer_weights, plan_paths, profile_shapes, refit_weight_map,
+    BuildOptions,
+    cache_key,
+    cached_engine,
+    harmonizer_weights,
+    plan_paths,
+    profile_shapes,
+    refit_weight_map,
 )
 from editrt.models.components import WeightsLayout
 from editrt.weights import load_config
@@ -128,8 +134,8 @@ def test_tensorrt_build_and_run(tiny_weights, tmp_path):
     specs = network_specs(WeightsLayout(tiny_weights).network_config())
     engine = load_engine(specs["vae_decoder"], tmp_path, "cuda", BuildOptions(precision="fp32"))
     latent = torch.randn(1, 4, 16, 16, device="cuda")
-    from editrt.export.networks import reposition_networks
     from editrt.models.components import load_reposition_components
+    from editrt.models.networks import reposition_networks
 
     reference = TorchEngine(specs["vae_decoder"], reposition_networks(load_reposition_components(tiny_weights, "cuda"))["vae_decoder"])
     torch.testing.assert_close(engine(latent=latent)["image"], reference(latent=latent)["image"], rtol=1e-3, atol=1e-3)
