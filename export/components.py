@@ -7,7 +7,11 @@
       manifest.json          which weights, what was checked (max relative error vs PyTorch), versions
       *.plan                 TensorRT engines (--format tensorrt), with their cache keys in the manifest
 
-Export runs in fp32 on the CPU, from the same modules the PyTorch backend runs (models/networks.py).
+Export runs on the CPU from the same modules the PyTorch backend runs (models/networks.py), through
+an export variant where a module's trace would freeze a dynamic input (export/traceable.py); the
+check compares each graph with the runtime's own module. `precision='fp16'` exports the networks
+whose spec lists fp16 (the UNets and VAEs) in fp16 and the others (SAM, the content encoder) in
+fp32; the manifest records each network's precision.
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from pathlib import Path
 import torch
 
 from editrt.errors import InputError
-from editrt.export.onnx import ExportResult, export_network
+from editrt.export.onnx import ONNX_PRECISIONS, ExportResult, export_network, trace_dims
 from editrt.export.specs import NetworkSpec, network_specs
+from editrt.export.traceable import export_module
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
 from editrt.models.files import write_atomic
 from editrt.models.networks import elements_networks, reposition_networks
@@ -32,11 +37,8 @@ FORMATS = ("onnx", "tensorrt")
 
 
 def export_dims(spec: NetworkSpec) -> dict[str, int]:
-    """The shapes a network is traced and checked at: each dynamic axis at its profile's optimum."""
-    dims = {name: opt for name, (_, opt, _) in (spec.profiles[0].items() if spec.profiles else [])}
-    for name, (base, factor) in spec.derived.items():
-        dims.setdefault(name, factor * dims[base])
-    return dims
+    """The shapes a network is traced at (export/onnx.py `trace_dims`; the check runs at others)."""
+    return trace_dims(spec)
 
 
 def weights_fingerprint(root: Path) -> str:
@@ -59,10 +61,15 @@ def resolve_components(names: list[str] | str) -> list[str]:
 
 
 def export_components(weights: str | Path, names, out_dir: str | Path, check: bool = True, progress: bool = False,
-                      log=lambda what: None) -> list[ExportResult]:
-    """Export `names` ('all' or component names) of `weights` to ONNX in `out_dir`; returns what was written."""
+                      log=lambda what: None, precision: str = "fp32") -> list[ExportResult]:
+    """Export `names` ('all' or component names) of `weights` to ONNX in `out_dir`; returns what was written.
+
+    `precision`: 'fp32' (default) or 'fp16' (for the networks whose spec allows it; the others stay fp32).
+    """
     from tqdm.auto import tqdm
 
+    if precision not in ONNX_PRECISIONS:
+        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
     names = resolve_components(names)
     layout = WeightsLayout(weights)
     layout.check_root()
@@ -78,8 +85,12 @@ def export_components(weights: str | Path, names, out_dir: str | Path, check: bo
     context = {"sam_image_size": sam_architecture(config["sam"])["image_size"]}
     results, extra = [], {}
     for name in tqdm(names, desc="export", disable=not progress):
-        result = export_network(specs[name], networks[name], out_dir, export_dims(specs[name]), check=check, context=context)
-        log(f"{name}: {result.path}" + (f", max relative error vs PyTorch {result.max_rel_error:.2e}" if check else ""))
+        spec = specs[name]
+        result = export_network(spec, export_module(name, networks[name]), out_dir, export_dims(spec), check=check,
+                                context=context, reference=networks[name],
+                                precision=precision if precision in spec.precisions else "fp32")
+        log(f"{name}: {result.path} ({result.precision})"
+            + (f", max relative error vs PyTorch {result.max_rel_error:.2e}" if check else ""))
         results.append(result)
         if name == "harmonizer_unet":  # which initializers a TensorRT refit swaps between c = 0 and c = 1
             from editrt.export.tensorrt import refit_weight_map
@@ -105,6 +116,6 @@ def write_manifest(out_dir: Path, weights_root: Path, results: list[ExportResult
                      "onnxruntime": onnxruntime.__version__},
     })
     for r in results:
-        manifest["networks"][r.name] = {"onnx": r.path.name, "max_rel_error": r.max_rel_error,
+        manifest["networks"][r.name] = {"onnx": r.path.name, "precision": r.precision, "max_rel_error": r.max_rel_error,
                                         "export_seconds": round(r.seconds, 2), **(extra or {}).get(r.name, {})}
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))

@@ -4,13 +4,29 @@
 check passes), with the spec's I/O names and dynamic axes, opset 18. Graphs over 2 GB (the full
 SD UNets in fp32) keep their weights in `<name>.onnx.data` beside the graph (ONNX's external data).
 
-The check runs the module and the ONNX graph on fresh random inputs of the spec's shapes and
-reports the max relative error max|ort - torch| / max|torch| (fp32: <= 1e-4 required).
+Tracing records one run, so every dynamic input is traced at one example and checked at others:
+`trace_dims` puts latent axes at an odd size (diffusers then traces the up-sampling path that
+takes the skips' sizes, which is right for every size), and the check (`check_cases`) runs fresh
+random inputs with every dynamic axis, and shape-like values such as SAM's `orig_im_size`, moved
+away from the example. It compares with the runtime's own network (`reference`), not with the
+export variant that was traced (export/traceable.py).
+
+Precision. fp32 (the default) or fp16 for the networks whose spec lists it: the fp32 graph is
+converted with ONNX Runtime's float16 converter, keeping fp32 graph inputs and outputs (a Cast at
+each end), so every backend feeds and reads the same tensors whichever precision was exported,
+while ONNX Runtime's CUDA/TensorRT providers and a strongly typed TensorRT build compute in fp16.
+
+Error measure: max |ort - torch| / max |torch| per output, the worst over outputs and cases.
+fp32 must be <= 1e-4 (we see ~1e-6). fp16 must be <= 2e-2 against PyTorch fp32: fp16 rounds
+each op's result to 2**-11 relative and a UNet chains ~50 of them (normalisations, attention
+softmax, residual sums), so ~1e-3 is the expected level (the tiny UNet: ~3e-3); 2e-2 still
+catches a graph that computes something else (errors of order 1).
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +36,19 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from editrt.errors import EngineError
+from editrt.errors import EngineError, InputError
 from editrt.export.specs import NetworkSpec
 
 OPSET = 18
 TWO_GB = 2**31 - 1
-FP32_TOLERANCE = 1e-4
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
+ONNX_PRECISIONS = tuple(TOLERANCES)
+LATENT_AXES = ("height", "width")
+# SAM's original image sizes: the trace example (the Chelsea photo's), then those the check runs
+# (square, portrait, landscape, smaller and larger than SAM's input, an odd long side)
+TRACE_ORIG_IM_SIZE = (300.0, 451.0)
+CHECK_ORIG_IM_SIZES = ((192.0, 256.0), (480.0, 640.0), (1024.0, 1024.0), (256.0, 256.0), (451.0, 300.0),
+                       (240.0, 320.0))
 
 
 @dataclass
@@ -34,6 +57,46 @@ class ExportResult:
     path: Path
     max_rel_error: float | None  # None when not checked
     seconds: float
+    precision: str = "fp32"
+
+
+def trace_dims(spec: NetworkSpec) -> dict[str, int]:
+    """The shapes a network is traced at: each dynamic axis at its profile's optimum, latent axes at an
+    odd size (not a multiple of any UNet's 2**num_upsamplers) so the traced up-sampling follows the skips."""
+    dims = {}
+    for name, (lo, opt, hi) in (spec.profiles[0].items() if spec.profiles else []):
+        if name in LATENT_AXES and opt % 2 == 0:
+            opt = opt - 1 if opt - 1 >= lo else opt + 1
+            if not lo <= opt <= hi:
+                raise EngineError(f"{spec.name}: profile {name} {(lo, opt, hi)} has no odd size to trace at")
+        dims[name] = opt
+    return _with_derived(spec, dims)
+
+
+def _with_derived(spec: NetworkSpec, dims: dict[str, int]) -> dict[str, int]:
+    dims = dict(dims)
+    for name, (base, factor) in spec.derived.items():
+        dims[name] = factor * dims[base]
+    return dims
+
+
+def check_cases(spec: NetworkSpec, traced: dict[str, int]) -> list[tuple[dict[str, int], dict]]:
+    """(dims, context) per check run; every dynamic axis and `orig_im_size` differ from the trace example.
+
+    Two sets of dims: each axis at its minimum (its maximum where the minimum is the example) and
+    at an odd value between (its other bound where none fits). Networks with `orig_im_size` run one
+    case per CHECK_ORIG_IM_SIZES, alternating the two sets of dims.
+    """
+    ranges = spec.profiles[0] if spec.profiles else {}
+    low, odd = {}, {}
+    for name, (lo, _, hi) in ranges.items():
+        low[name] = lo if lo != traced[name] else hi
+        between = [v for v in range(lo, hi + 1) if v % 2 == 1 and v not in (traced[name], low[name])]
+        odd[name] = between[0] if between else next((v for v in (lo, hi) if v != traced[name]), traced[name])
+    sets = [_with_derived(spec, low), _with_derived(spec, odd)]
+    if "orig_im_size" in spec.input_names:
+        return [(sets[i % 2], {"orig_im_size": size}) for i, size in enumerate(CHECK_ORIG_IM_SIZES)]
+    return [(d, {}) for d in sets]
 
 
 def random_inputs(spec: NetworkSpec, dims: dict[str, int], generator: torch.Generator | None = None,
@@ -54,7 +117,7 @@ def random_inputs(spec: NetworkSpec, dims: dict[str, int], generator: torch.Gene
         elif t.name == "has_mask_input":
             out[t.name] = torch.zeros(shape)
         elif t.name == "orig_im_size":
-            out[t.name] = torch.tensor(context.get("orig_im_size", (300.0, 451.0)))
+            out[t.name] = torch.tensor(context.get("orig_im_size", TRACE_ORIG_IM_SIZE))
         elif t.name in ("image", "patches"):
             out[t.name] = torch.rand(shape, generator=g) * 2 - 1
         else:
@@ -68,16 +131,22 @@ def _max_rel_error(reference: list[torch.Tensor], actual: list[np.ndarray]) -> f
         r = r.detach().float().cpu().numpy()
         if r.shape != a.shape:
             raise EngineError(f"ONNX output shape {list(a.shape)} differs from PyTorch's {list(r.shape)}")
-        worst = max(worst, float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-12)))
+        worst = max(worst, float(np.abs(a.astype(np.float32) - r).max() / max(np.abs(r).max(), 1e-12)))
     return worst
 
 
-def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+def ort_session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: dict[str, torch.Tensor],
+               session=None) -> float:
+    """Max relative error of the graph at `path` against `module` on `inputs` (ONNX Runtime, CPU)."""
+    session = session or ort_session(path)
     with torch.no_grad():
         reference = module(*(inputs[n] for n in spec.input_names))
     reference = list(reference) if isinstance(reference, tuple) else [reference]
@@ -85,18 +154,42 @@ def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: d
     return _max_rel_error(reference, actual)
 
 
-def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Path, dims: dict[str, int],
-                   check: bool = True, context: dict | None = None) -> ExportResult:
-    """Export `module` (fp32, CPU) with `spec`'s I/O to `<out_dir>/<spec.name>.onnx`; check it with ORT."""
-    import time
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp32 graph -> fp16 compute with fp32 graph inputs and outputs (ONNX Runtime's converter)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=weight_bytes(model) > TWO_GB)
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """'fp16' when the graph's floating-point weights are fp16, else 'fp32'."""
+    kinds = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}
+    return "fp16" if onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds else "fp32"
+
+
+def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Path, dims: dict[str, int] | None = None,
+                   check: bool = True, context: dict | None = None, reference: torch.nn.Module | None = None,
+                   precision: str = "fp32") -> ExportResult:
+    """Export `module` (fp32, CPU) with `spec`'s I/O to `<out_dir>/<spec.name>.onnx`; check it with ORT.
+
+    `dims`: the trace example (default `trace_dims(spec)`); `reference`: the module the check compares
+    with (default `module`); `precision`: 'fp32' or, where the spec allows it, 'fp16'.
+    """
+    if precision not in ONNX_PRECISIONS:
+        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
+    if precision not in spec.precisions:
+        raise InputError(f"{spec.name}: precision {precision!r} not supported; expected one of {', '.join(spec.precisions)}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{spec.name}.onnx"
     module = module.eval()
-    if hasattr(module, "apply_weights"):  # e.g. the harmonizer's LoRA, fused in place before tracing
-        module.apply_weights()
+    reference = (reference or module).eval()
+    for m in {id(module): module, id(reference): reference}.values():
+        if hasattr(m, "apply_weights"):  # e.g. the harmonizer's LoRA, fused in place before tracing
+            m.apply_weights()
+    dims = dims or trace_dims(spec)
+    context = context or {}
     example = random_inputs(spec, dims, context=context)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
     try:
@@ -110,17 +203,21 @@ def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Pa
         model = onnx.load(str(tmp), load_external_data=True)
         for f in tmp_dir.iterdir():
             f.unlink()
+        if precision == "fp16":
+            model = to_fp16(model)
         external = weight_bytes(model) > TWO_GB  # protobuf cannot serialise more than 2 GB in one message
         onnx.save_model(model, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=f"{target.name}.data" if external else None)
+        del model
         onnx.checker.check_model(str(tmp))
         error = None
         if check:
-            fresh = random_inputs(spec, dims, context=context)  # not the tracing inputs
-            error = check_onnx(tmp, spec, module, fresh)
-            if error > FP32_TOLERANCE:
-                raise EngineError(f"{spec.name}: ONNX Runtime differs from PyTorch by {error:.2e} (max relative), "
-                                  f"more than {FP32_TOLERANCE:g}")
+            session = ort_session(tmp)
+            error = max(check_onnx(tmp, spec, reference, random_inputs(spec, d, context={**context, **c}), session)
+                        for d, c in check_cases(spec, dims))  # fresh inputs, away from the trace example
+            if error > TOLERANCES[precision]:
+                raise EngineError(f"{spec.name}: ONNX Runtime ({precision}) differs from PyTorch by {error:.2e} "
+                                  f"(max relative), more than {TOLERANCES[precision]:g}")
         for f in sorted(tmp_dir.iterdir(), key=lambda f: f.suffix == ".onnx"):  # data first, graph last
             os.replace(f, out_dir / f.name)
         if not external:
@@ -129,7 +226,7 @@ def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Pa
         for f in tmp_dir.iterdir():
             f.unlink()
         tmp_dir.rmdir()
-    return ExportResult(spec.name, target, error, time.perf_counter() - start)
+    return ExportResult(spec.name, target, error, time.perf_counter() - start, precision)
 
 
 def weight_bytes(model) -> int:

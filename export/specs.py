@@ -40,6 +40,10 @@ class NetworkSpec:
     refittable: bool = False
     # dynamic axes that are a multiple of another (image size = 8 x latent size): name -> (base, factor)
     derived: dict = field(default_factory=dict)
+    # compute precisions its ONNX graph may be exported at (graph I/O stays as `inputs`/`outputs` say):
+    # fp16 for the diffusion networks; SAM and the content encoder stay fp32 (SAM's masks are
+    # thresholded logits, and the encoders are cheap next to the UNets)
+    precisions: tuple[str, ...] = ("fp32",)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -95,14 +99,15 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
          TensorSpec("encoder_hidden_states", ("batch", "tokens", c_inpaint))),
         (TensorSpec("noise_pred", ("batch", 4, "height", "width")),),
     )
+    fp16 = ("fp32", "fp16")
     unet_profiles = ({**batch, "height": lat, "width": lat, "tokens": _range(tokens, tokens, 77)},)
     img = tuple(8 * v for v in lat)
     image_axes = {"image_height": ("height", 8), "image_width": ("width", 8)}
     specs = [
         NetworkSpec("inpaint_unet", *unet_io, "SD-2 inpainting UNet; the task prompt replaces the text encoder output",
-                    unet_profiles),
+                    unet_profiles, precisions=fp16),
         NetworkSpec("harmonizer_unet", *unet_io, "the inpainting UNet with the harmonizer LoRA fused at c = 1",
-                    unet_profiles, refittable=True),
+                    unet_profiles, refittable=True, precisions=fp16),
         NetworkSpec("vae_encoder",
                     (TensorSpec("image", ("batch", 3, "image_height", "image_width")),
                      TensorSpec("noise", ("batch", 4, "height", "width"))),
@@ -110,12 +115,12 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
                     "image in [-1, 1] -> scaled latent (mean + std * noise) * scaling_factor; noise = 0 gives the "
                     "scaled mean (the noise comes from the pipeline's generator, as diffusers draws it)",
                     ({"batch": _range(1, 1, 1), "image_height": img, "image_width": img, "height": lat, "width": lat},),
-                    derived=image_axes),
+                    derived=image_axes, precisions=fp16),
         NetworkSpec("vae_decoder",
                     (TensorSpec("latent", ("batch", 4, "height", "width")),),
                     (TensorSpec("image", ("batch", 3, "image_height", "image_width")),),
                     "scaled latent -> image in [-1, 1] (the decoder divides by scaling_factor)",
-                    ({"batch": _range(1, 1, 1), "height": lat, "width": lat},), derived=image_axes),
+                    ({"batch": _range(1, 1, 1), "height": lat, "width": lat},), derived=image_axes, precisions=fp16),
     ]
     sam = _sam_sizes(config["sam"])
     emb, low = sam["image_size"] // sam["patch_size"], 4 * (sam["image_size"] // sam["patch_size"])
@@ -162,13 +167,14 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
                          TensorSpec("element_tokens", ("batch", "num_elements", c_el))),
                         (TensorSpec("noise_pred", ("batch", 4, "height", "width")),),
                         "SD-1.5 UNet with the element cross-attention beside every text cross-attention",
-                        ({**batch, "height": lat_e, "width": lat_e, "num_elements": _range(1, 256, 512)},)),
+                        ({**batch, "height": lat_e, "width": lat_e, "num_elements": _range(1, 256, 512)},),
+                        precisions=fp16),
             NetworkSpec("element_vae_decoder",
                         (TensorSpec("latent", ("batch", 4, "height", "width")),),
                         (TensorSpec("image", ("batch", 3, "image_height", "image_width")),),
                         "the element decoder's VAE: scaled latent -> image in [-1, 1]",
                         ({"batch": _range(1, 1, 1), "height": lat_e, "width": lat_e},),
-                        derived={"image_height": ("height", 8), "image_width": ("width", 8)}),
+                        derived={"image_height": ("height", 8), "image_width": ("width", 8)}, precisions=fp16),
         ]
     return {s.name: s for s in specs}
 
