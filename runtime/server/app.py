@@ -1,0 +1,245 @@
+"""The FastAPI app, built by a factory from loaded pipelines (tests pass tiny ones).
+
+    app = create_app(reposition=RepositionPipeline.from_pretrained(w), elements=ElementsPipeline.from_pretrained(w),
+                     settings=Settings(token="..."))
+
+Heavy objects are made by the caller (or `cli.run`) and shared through `app.state.editrt`; each
+pipeline gets one work queue (work.py) that all its requests and sessions go through. The edge
+middleware times every request, bounds the body size before it is read, and counts requests
+per endpoint for /metrics. Every refusal is an ErrorBody with a 4xx status (503 when busy).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from editrt.errors import EditError
+from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.metrics import Metrics
+from editrt.runtime.server.routers import ops, sessions, stateless
+from editrt.runtime.server.sessions import SessionStore
+from editrt.runtime.server.work import INTERACTIVE, PipelineWork
+
+log = logging.getLogger("editrt.serve")
+CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+         413: "too_large", 415: "unsupported_media_type", 422: "invalid", 503: "busy"}
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    reposition: object | None
+    elements: object | None
+    metrics: Metrics = field(default_factory=Metrics)
+    queues: dict = field(default_factory=dict)
+    sessions: SessionStore = None
+    device: object = "cpu"
+    warm: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.queues) and (self.warm or not self.settings.warmup)
+
+
+def error_body(status: int, field: str, message: str) -> dict:
+    return {"error": CODES.get(status, "error"), "field": field, "message": message}
+
+
+def _json_error(status: int, field: str, message: str, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, field, message), status_code=status, headers=headers)
+
+
+class Edge:
+    """Pure ASGI: request timing (X-Server-Ms), the body-size bound, per-endpoint metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = scope["editrt_t0"] = time.perf_counter()
+        limit = self.state.settings.max_upload_bytes
+        status = {"code": 500}
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            response = _json_error(413 if length.isdigit() else 400, "content-length",
+                                   f"content-length: the body is larger than the limit ({limit} bytes)"
+                                   if length.isdigit() else "content-length: expected a number")
+            await response(scope, receive, send)
+            self._record(scope, response.status_code, t0)
+            return
+        seen = 0
+
+        async def bounded_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise APIError(413, "body", f"body: larger than the limit ({limit} bytes)")
+            return message
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-server-ms", f"{(time.perf_counter() - t0) * 1e3:.3f}".encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, timed_send)
+        finally:
+            self._record(scope, status["code"], t0)
+
+    def _record(self, scope, status: int, t0: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
+        self.state.metrics.request(endpoint, scope["method"], status, time.perf_counter() - t0)
+
+
+def _warm_up(state: ServerState) -> None:
+    """One small request through each pipeline (and their loops), so the first user does not pay for it."""
+    rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
+        resources.files("editrt").joinpath("assets", "chelsea.png")).convert("RGB").resize((64, 48)))
+    with torch.no_grad():
+        if state.reposition is not None:
+            mask = state.reposition.segment(rgb, points=[[32, 24]])
+            state.reposition(rgb, mask=mask, move=(4, 0), steps=1)
+        if state.elements is not None:
+            state.elements.decode(state.elements.partition(rgb, grid=4), steps=1)
+
+
+def create_app(reposition=None, elements=None, settings: Settings | None = None) -> FastAPI:
+    """The app over loaded pipelines (either may be None: its endpoints then answer 422 / are absent)."""
+    if reposition is None and elements is None:
+        raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")
+    settings = settings or Settings.from_env()
+    state = ServerState(settings, reposition, elements)
+    state.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s, settings.session_bytes)
+    state.device = (reposition or elements).device
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        observe = lambda name: (lambda stage, wait_s, run_s: state.metrics.stage_time(name, stage, wait_s, run_s))
+        for name, pipe in (("reposition", reposition), ("elements", elements)):
+            if pipe is not None:
+                state.queues[name] = PipelineWork(name, pipe, settings.retry_after_s, settings.queue_size, observe(name))
+        sweeper = asyncio.create_task(_sweep(state))
+        warm = asyncio.create_task(_warm(state)) if settings.warmup else None
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            if warm is not None:
+                warm.cancel()
+            await asyncio.to_thread(state.sessions.close_all)
+            state.queues.clear()
+
+    app = FastAPI(title="editrt", version="0.1.0", lifespan=lifespan,
+                  description="Interactive diffusion-based spatial image editing: subject repositioning and image "
+                              "elements. Every error is an ErrorBody naming the field.")
+    app.state.editrt = state
+    _metrics_gauges(state)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return _json_error(e.status, e.field, e.message, e.headers)
+
+    @app.exception_handler(EditError)
+    async def edit_error(request, e: EditError):
+        from editrt.runtime.server.routers.common import field_of
+
+        return _json_error(422, field_of(str(e), ["body"]), str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid request"}
+        loc = [str(p) for p in first["loc"]]
+        if len(loc) > 1 and loc[0] in ("body", "query", "path"):
+            loc = loc[1:]
+        field = ".".join(loc) or "body"
+        return _json_error(422, field, f"{field}: {first['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return _json_error(e.status_code, "path" if e.status_code in (404, 405) else "body", str(e.detail),
+                           getattr(e, "headers", None))
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def bad_json(request, e):
+        return _json_error(400, "body", f"body: not valid JSON ({e.msg})")
+
+    app.include_router(ops.router)
+    app.include_router(ops.page)
+    app.include_router(stateless.router)
+    app.include_router(sessions.router)
+    app.mount("/static", StaticFiles(packages=[("editrt.runtime.server", "static")]), name="static")
+    app.add_middleware(Edge, state=state)
+    return app
+
+
+async def _warm(state: ServerState) -> None:
+    """Warm-up as a job of the first pipeline's queue; /readyz turns 200 when it is done."""
+    name = next(iter(state.queues))
+    try:
+        await state.queues[name].run(lambda: _warm_up(state), INTERACTIVE, "warmup")
+    except Exception:  # noqa: BLE001 - logged with its traceback; /readyz stays 503, naming no field
+        log.exception("warm-up failed; /readyz stays not ready")
+        return
+    state.warm = True
+
+
+async def _sweep(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(min(5.0, max(0.05, state.settings.session_ttl_s / 4)))
+        state.sessions.sweep()
+
+
+def _metrics_gauges(state: ServerState) -> None:
+    m = state.metrics
+    m.gauge("editrt_queue_depth", "Jobs waiting in each pipeline's work queue.",
+            lambda: {(("queue",), (n,)): q.depth for n, q in state.queues.items()})
+    m.gauge("editrt_sessions_open", "Open edit sessions.", lambda: len(state.sessions))
+    m.gauge("editrt_session_bytes", "Host bytes held by open sessions (images, masks, caches, undo).",
+            lambda: state.sessions.bytes())
+    m.gauge("editrt_sessions_evicted_total", "Sessions closed by TTL, the LRU cap or the byte budget.",
+            lambda: {(("reason",), (k,)): v for k, v in state.sessions.evicted.items()})
+    m.gauge("editrt_cache_bytes", "Bytes held by each of the pipelines' bounded caches (SAM embeddings, REMOVE "
+            "passes, prompts, denoising loops).", lambda: _cache_bytes(state))
+    m.gauge("editrt_ready", "1 when weights are loaded and warm.", lambda: int(state.ready))
+    if torch.device(state.device).type == "cuda":
+        m.gauge("editrt_cuda_memory_bytes", "CUDA memory allocated / reserved by PyTorch.",
+                lambda: {(("kind",), ("allocated",)): torch.cuda.memory_allocated(state.device),
+                         (("kind",), ("reserved",)): torch.cuda.memory_reserved(state.device)})
+
+
+def _caches(pipe):
+    """The pipeline's ByteLRU caches: its own, its segmenter's and its loop cache's."""
+    from editrt.runtime.caches import ByteLRU
+
+    for owner in (pipe, getattr(pipe, "segmenter", None), getattr(pipe, "loops", None)):
+        for value in vars(owner).values() if owner is not None else ():
+            if isinstance(value, ByteLRU):
+                yield value
+
+
+def _cache_bytes(state: ServerState) -> dict:
+    out = {}
+    for name, pipe in (("reposition", state.reposition), ("elements", state.elements)):
+        for cache in _caches(pipe) if pipe is not None else ():
+            out[(("pipeline", "cache"), (name, cache.name))] = cache.stats()["bytes"]
+    return out

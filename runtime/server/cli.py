@@ -1,0 +1,117 @@
+"""`editrt serve`: options and the uvicorn launch (editrt/cli.py calls configure_parser and run)."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+
+from editrt.errors import InputError
+from editrt.runtime.server.limits import Settings
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="weights directory, or 'tiny' / 'full' for cached random weights "
+                   "(default: $EDITRT_WEIGHTS)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
+    p.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--editors", default="reposition,elements", help="which pipelines to load (default both)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every endpoint and the WebSocket "
+                   "(default: $EDITRT_TOKEN; none = no authentication)")
+    p.add_argument("--max-sessions", type=int, default=16, help="open sessions before the least recently used closes")
+    p.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session lives (default 900)")
+    p.add_argument("--session-bytes", type=int, default=1 << 30, help="byte budget of all sessions (default 1 GiB)")
+    p.add_argument("--max-upload-bytes", type=int, default=16 << 20, help="largest request body (default 16 MiB)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width x height")
+    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
+    p.add_argument("--steps", type=int, default=20, help="session final steps (default 20)")
+    p.add_argument("--preview-steps", type=int, default=4, help="session preview steps (default 4)")
+    p.add_argument("--queue-size", type=int, default=32, help="jobs waiting per pipeline before 503 (default 32)")
+    p.add_argument("--no-warmup", action="store_true", help="ready at once, without the warm-up request")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+
+
+def settings_from(args) -> Settings:
+    for name in ("max_sessions", "max_upload_bytes", "max_pixels", "max_steps", "steps", "preview_steps",
+                 "queue_size", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.session_ttl <= 0 or args.session_bytes < 1:
+        raise InputError("--session-ttl / --session-bytes: expected positive numbers")
+    return Settings.from_env(token=args.token or None, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+                             session_bytes=args.session_bytes, max_upload_bytes=args.max_upload_bytes,
+                             max_pixels=args.max_pixels, max_steps=args.max_steps, final_steps=args.steps,
+                             preview_steps=args.preview_steps, queue_size=args.queue_size,
+                             warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")))
+
+
+def load_pipelines(args, settings: Settings) -> dict:
+    """The pipelines to serve, loaded the way the other commands load them."""
+    import torch
+
+    from editrt.runtime.backends import check_backend
+    from editrt.weights import resolve_weights
+
+    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
+    unknown = set(editors) - {"reposition", "elements"}
+    if unknown or not editors:
+        raise InputError(f"--editors {args.editors!r}: expected reposition, elements or both (comma-separated)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    check_backend(args.backend, args.engines)
+    weights = resolve_weights(args.weights, log=lambda what: None if args.quiet else print(f"editrt: {what}",
+                                                                                           file=sys.stderr))
+    settings.weights = str(weights)
+    pipelines = {}
+    for editor in editors:
+        if editor == "reposition":
+            from editrt.runtime.reposition import RepositionPipeline as cls
+        else:
+            from editrt.runtime.elements_pipeline import ElementsPipeline as cls
+        kwargs = dict(device=device, dtype=dtype, backend=args.backend, engines=args.engines)
+        if "max_waiting" in inspect.signature(cls.from_pretrained).parameters:
+            kwargs["max_waiting"] = settings.queue_size
+        pipelines[editor] = cls.from_pretrained(weights, **kwargs)
+    return pipelines
+
+
+def run(args) -> int:
+    """Load, build the app, serve until interrupted. Bad options raise InputError (the CLI prints one line)."""
+    import uvicorn
+
+    from editrt.runtime.server.app import create_app
+
+    settings = settings_from(args)
+    if args.host not in LOOPBACK and not settings.token:
+        print(f"editrt: warning: serving on {args.host} without --token: anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(**load_pipelines(args, settings), settings=settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                            access_log=not args.quiet, ws_max_size=settings.max_upload_bytes, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv=None) -> int:
+    from editrt.errors import EditError
+
+    parser = argparse.ArgumentParser(prog="editrt serve", description="The editing server and its browser editor.")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EditError as e:
+        print(f"editrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

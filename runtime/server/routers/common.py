@@ -1,0 +1,171 @@
+"""What every router shares: body parsing (JSON or multipart), images, running pipeline work, timing."""
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+import time
+
+import anyio
+from fastapi import HTTPException, Request, Response
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import HTTPConnection
+
+from editrt.errors import EditError
+from editrt.runtime.server.limits import APIError, b64decode, decode_image, png_bytes
+from editrt.runtime.server.schemas import Timing
+from editrt.runtime.server.work import Busy
+from editrt.runtime.work_queue import BusyError
+
+MULTIPART = "multipart/form-data"
+
+
+def state(conn: HTTPConnection):
+    return conn.app.state.editrt
+
+
+# ---------------------------------------------------------------------- authentication
+def token_ok(conn: HTTPConnection, allow_query: bool = False) -> bool:
+    expected = state(conn).settings.token
+    if not expected:
+        return True
+    scheme, given = get_authorization_scheme_param(conn.headers.get("authorization"))
+    if scheme.lower() != "bearer":
+        given = conn.query_params.get("token", "") if allow_query else ""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def require_token(conn: HTTPConnection) -> None:
+    """Every API route depends on this; the WebSocket route checks the same token itself, where a
+    browser can also give it as ?token= (it cannot set headers on a WebSocket)."""
+    if conn.scope["type"] == "websocket":
+        return
+    if not token_ok(conn):
+        raise APIError(401, "authorization", "authorization: expected the header 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+# ---------------------------------------------------------------------- request bodies
+def validation_error(e: ValidationError, prefix: tuple = ()) -> APIError:
+    first = e.errors()[0]
+    loc = [str(p) for p in (*prefix, *first["loc"])]
+    field = ".".join(loc) or "body"
+    return APIError(422, field, f"{field}: {first['msg']}")
+
+
+async def parse_body(request: Request, model: type[BaseModel], image_fields: tuple[str, ...] = ()) -> BaseModel:
+    """The request body as `model`: JSON, or multipart/form-data whose file parts are the image fields
+    (sent as files) and whose other parts are the remaining fields (JSON values or plain text)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == MULTIPART:
+        limits = state(request).settings
+        try:
+            form = await request.form(max_files=8, max_fields=64, max_part_size=limits.max_upload_bytes)
+        except HTTPException as e:  # starlette's multipart parser: malformed body or too many parts
+            raise APIError(400, "body", f"body: {e.detail}") from None
+        data = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in image_fields:
+                    raise APIError(422, key, f"{key}: a file was uploaded, but this field is not an image")
+                raw = await value.read()
+                if raw:
+                    from editrt.runtime.server.limits import sniff_format
+
+                    sniff_format(raw, key, (value.content_type or "").lower() or None)
+                data[key] = base64.b64encode(raw).decode()
+            elif key in image_fields:
+                data[key] = value
+            else:
+                data[key] = _form_value(value)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+    if ctype not in ("application/json", ""):
+        raise APIError(415, "content-type", f"content-type: expected application/json or {MULTIPART}, got {ctype}")
+    body = await request.body()
+    if not body:
+        raise APIError(422, "body", "body: expected a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _form_value(text: str):
+    """A multipart text part: JSON when it parses as JSON (lists, numbers, booleans), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def image(request: Request, text: str, name: str, mode: str = "RGB"):
+    """base64 text -> uint8 array, decoded off the event loop (bounded by the size checks first)."""
+    settings = state(request).settings
+    data = b64decode(text, name)
+    return await anyio.to_thread.run_sync(lambda: decode_image(data, name, settings, mode))
+
+
+async def mask(request: Request, text: str, name: str):
+    return (await image(request, text, name, mode="L")) > 127
+
+
+# ---------------------------------------------------------------------- pipeline work
+_FIELD = re.compile(r"^-*([A-Za-z_][A-Za-z_ ]*?)(?=[\s:(\[]|$)")
+ALIASES = {"point": "points", "segment": "points", "harmonize region": "mask", "partition": "grid",
+           "select": "point", "preview/final": "selected", "resize": "ops", "delete": "ops", "insert": "ops"}
+
+
+def field_of(message: str, fields) -> str:
+    """The request field an EditError message is about: its leading name ('mask: ...', 'point (3, 4): ...')."""
+    m = _FIELD.match(message)
+    name = m.group(1).strip() if m else ""
+    name = ALIASES.get(name, name)
+    return name if name in fields else (fields[0] if fields else "body")
+
+
+async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fields=("body",), future=None):
+    """Run `fn` as a job of the pipeline's work queue (or await `future`, a session's own job: a
+    callable returning (future, cancel)); bad input becomes 422 naming the field, a full queue 503."""
+    st = state(request_or_ws)
+    work = st.queues[queue_name]
+    try:
+        if future is not None:
+            try:
+                fut, cancel = future()
+            except BusyError as e:
+                raise Busy(str(e), work.retry_after) from None
+            return await work.wait(fut, cancel, stage)
+        return await work.run(fn, priority, stage)
+    except Busy as e:
+        st.metrics.count("busy", (queue_name,))
+        raise APIError(503, "queue", f"queue: {e}", headers={"Retry-After": str(e.retry_after)}) from None
+    except EditError as e:
+        raise APIError(422, field_of(str(e), list(fields)), str(e)) from None
+
+
+def timing(request_or_ws, t0: float, run_s: float, queue_s: float = 0.0) -> Timing:
+    return Timing(server_ms=round((time.perf_counter() - t0) * 1e3, 3), pipeline_ms=round(run_s * 1e3, 3),
+                  queue_ms=round(queue_s * 1e3, 3))
+
+
+def png_response(image, t0: float, run_s: float, wait_s: float) -> Response:
+    """A PNG body with the server-side timing in headers (the edge adds X-Server-Ms)."""
+    return Response(png_bytes(image), media_type="image/png",
+                    headers={"X-Pipeline-Ms": f"{run_s * 1e3:.3f}", "X-Queue-Ms": f"{wait_s * 1e3:.3f}"})
+
+
+def check_steps(request, *values) -> None:
+    cap = state(request).settings.max_steps
+    for name, v in values:
+        if v is not None and v > cap:
+            raise APIError(422, name, f"{name}: at most {cap} on this server, got {v}")
+
+
+def t0_of(request) -> float:
+    return request.scope.get("editrt_t0", time.perf_counter())

@@ -1,0 +1,67 @@
+"""Elements across the wire: the file pair as a JSON blob, element boxes in image pixels, edit ops."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tempfile
+from pathlib import Path
+
+from editrt.errors import ElementsError
+from editrt.runtime.elements import Elements
+from editrt.runtime.server.limits import APIError
+from editrt.runtime.server.schemas import EditOp, ElementInfo, ElementsBlob
+
+NPZ = "elements.npz"
+
+
+def to_blob(elements: Elements) -> ElementsBlob:
+    """Through Elements.save, so the blob is exactly the file pair the CLI writes."""
+    with tempfile.TemporaryDirectory(prefix="editrt-serve-") as tmp:
+        path = elements.save(Path(tmp) / "elements.json")
+        doc = json.loads(path.read_text())
+        data = path.with_suffix(".npz").read_bytes()
+    return ElementsBlob(doc=doc, data=base64.b64encode(data).decode())
+
+
+def from_blob(blob: ElementsBlob, field: str = "elements") -> Elements:
+    """Through Elements.load (its format, version and SHA-256 checks); the npz name is ours, never the doc's."""
+    try:
+        data = base64.b64decode(blob.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(422, f"{field}.data", f"{field}.data: not valid base64") from None
+    doc = dict(blob.doc, data=NPZ)
+    with tempfile.TemporaryDirectory(prefix="editrt-serve-") as tmp:
+        (Path(tmp) / NPZ).write_bytes(data)
+        (Path(tmp) / "elements.json").write_text(json.dumps(doc))
+        try:
+            return Elements.load(Path(tmp) / "elements.json")
+        except ElementsError as e:
+            message = str(e).replace(str(Path(tmp) / "elements.json"), field).replace(tmp, field)
+            raise APIError(422, field, message) from None
+
+
+def items(elements: Elements) -> list[ElementInfo]:
+    """The alive elements' centroids and box sizes; elements live in image pixels (runtime/elements.py)."""
+    out = []
+    for i in elements.alive_ids:
+        x, y = (float(v) for v in elements.centroids[i])
+        w, h = (float(v) for v in elements.sizes[i])
+        out.append(ElementInfo(id=i, x=x, y=y, w=w, h=h))
+    return out
+
+
+def apply_ops(elements: Elements, ops: list[EditOp], field: str = "ops") -> list[int]:
+    """Apply the edits in order (moves in image pixels); returns every id deleted. Bad ids name the op."""
+    deleted: list[int] = []
+    for k, op in enumerate(ops):
+        try:
+            if op.op == "move":
+                deleted += elements.move(op.ids, op.dx, op.dy)
+            elif op.op == "resize":
+                deleted += elements.resize(op.ids, op.scale)
+            else:
+                deleted += elements.delete(op.ids)
+        except ElementsError as e:
+            raise APIError(422, f"{field}.{k}", f"{field}.{k}: {e}") from None
+    return sorted(set(deleted))

@@ -1,0 +1,144 @@
+"""One-shot endpoints mirroring the CLI: segment, inpaint, reposition, elements partition / edit / render.
+
+Each takes JSON (images base64) or multipart (images as files) and runs on the pipeline's work
+queue at INTERACTIVE priority; image results come back as PNG with X-Pipeline-Ms / X-Queue-Ms /
+X-Server-Ms headers.
+"""
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Depends, Request
+
+from editrt.runtime.server.limits import APIError, png_b64
+from editrt.runtime.server.routers import common
+from editrt.runtime.server.routers.elements_io import apply_ops, from_blob, items, to_blob
+from editrt.runtime.server.schemas import (
+    ElementsEditRequest,
+    ElementsResponse,
+    ErrorBody,
+    InpaintRequest,
+    PartitionRequest,
+    RenderRequest,
+    RepositionRequest,
+    SegmentRequest,
+)
+from editrt.runtime.server.work import INTERACTIVE
+
+ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 503)}
+PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+def body(model, *images):
+    """OpenAPI: the same model as JSON or as multipart form (image fields as files)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                           "multipart/form-data": {"schema": schema}}}}
+
+
+router = APIRouter(prefix="/v1", tags=["stateless"], dependencies=[Depends(common.require_token)], responses=ERRORS)
+
+
+def _prompt(req, h: int, w: int) -> dict:
+    if req.points is None and req.box is None:
+        raise APIError(422, "points", "points: expected at least one point or a box")
+    labels = req.labels
+    if req.points is not None and labels is not None and len(labels) != len(req.points):
+        raise APIError(422, "labels", f"labels: expected one per point ({len(req.points)}), got {len(labels)}")
+    return dict(points=req.points, labels=labels, box=req.box)
+
+
+@router.post("/segment", responses=PNG, openapi_extra=body(SegmentRequest, "image"))
+async def segment(request: Request):
+    """The subject mask (PNG, 255 inside) from points and/or a box."""
+    t0 = common.t0_of(request)
+    req = await common.parse_body(request, SegmentRequest, ("image",))
+    rgb = await common.image(request, req.image, "image")
+    prompt = _prompt(req, *rgb.shape[:2])
+    pipe = common.state(request).reposition
+    mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), INTERACTIVE,
+                                           "segment", ("points", "labels", "box"))
+    return common.png_response(mask, t0, run_s, wait_s)
+
+
+@router.post("/inpaint", responses=PNG, openapi_extra=body(InpaintRequest, "image", "mask"))
+async def inpaint(request: Request):
+    """One prompt-guided inpainting pass (remove / complete) inside the mask; outside it the input bytes."""
+    t0 = common.t0_of(request)
+    req = await common.parse_body(request, InpaintRequest, ("image", "mask"))
+    common.check_steps(request, ("steps", req.steps))
+    rgb = await common.image(request, req.image, "image")
+    mask = await common.mask(request, req.mask, "mask")
+    pipe = common.state(request).reposition
+
+    def job():
+        with torch.no_grad():
+            return pipe.inpaint(rgb, mask, task=req.task, steps=req.steps, guidance=req.guidance, seed=req.seed,
+                                resolution=req.resolution)
+    out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "inpaint",
+                                          ("mask", "task", "steps", "guidance", "resolution"))
+    return common.png_response(out, t0, run_s, wait_s)
+
+
+@router.post("/reposition", responses=PNG, openapi_extra=body(RepositionRequest, "image", "mask"))
+async def reposition(request: Request):
+    """The SEELE flow: move (and scale) the subject, remove, harmonize; PNG result."""
+    t0 = common.t0_of(request)
+    req = await common.parse_body(request, RepositionRequest, ("image", "mask"))
+    common.check_steps(request, ("steps", req.steps))
+    rgb = await common.image(request, req.image, "image")
+    if req.mask is not None:
+        subject, prompt = await common.mask(request, req.mask, "mask"), {}
+    else:
+        subject, prompt = None, _prompt(req, *rgb.shape[:2])
+    pipe = common.state(request).reposition
+
+    def job():
+        with torch.no_grad():
+            return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), scale=req.scale, harmonize=req.harmonize,
+                        steps=req.steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution).image
+    out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "reposition",
+                                          ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution"))
+    return common.png_response(out, t0, run_s, wait_s)
+
+
+@router.post("/elements/partition", response_model=ElementsResponse, openapi_extra=body(PartitionRequest, "image"))
+async def partition(request: Request):
+    """Split the image into elements; the elements file pair, their boxes (image pixels) and the overlay."""
+    t0 = common.t0_of(request)
+    req = await common.parse_body(request, PartitionRequest, ("image",))
+    rgb = await common.image(request, req.image, "image")
+    pipe = common.state(request).elements
+
+    def job():
+        with torch.no_grad():
+            el = pipe.partition(rgb, resolution=req.resolution, grid=req.grid, beta=req.beta, iterations=req.iterations)
+        return el, png_b64(pipe.render_overlay(el, rgb))
+    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, INTERACTIVE, "partition",
+                                                    ("grid", "beta", "iterations", "resolution"))
+    return ElementsResponse(elements=to_blob(el), items=items(el), overlay=overlay,
+                            canvas=list(el.image_size), timing=common.timing(request, t0, run_s, wait_s))
+
+
+@router.post("/elements/edit", response_model=ElementsResponse)
+async def edit(request: Request, req: ElementsEditRequest):
+    """Move (image pixels) / resize / delete elements, in order; elements an edit covers are deleted."""
+    t0 = common.t0_of(request)
+    el = from_blob(req.elements)
+    deleted = apply_ops(el, req.ops)
+    pipe = common.state(request).elements
+    return ElementsResponse(elements=to_blob(el), items=items(el), deleted=deleted,
+                            overlay=png_b64(pipe.render_overlay(el)), canvas=list(el.image_size),
+                            timing=common.timing(request, t0, 0.0))
+
+
+@router.post("/elements/render", responses=PNG)
+async def render(request: Request, req: RenderRequest):
+    """Render the (edited) elements with the decoder; PNG on the elements' canvas."""
+    t0 = common.t0_of(request)
+    common.check_steps(request, ("steps", req.steps))
+    el = from_blob(req.elements)
+    pipe = common.state(request).elements
+    out, run_s, wait_s = await common.run(
+        request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=req.steps,
+                                                 seed=req.seed), INTERACTIVE, "render", ("elements", "prompt", "steps"))
+    return common.png_response(out, t0, run_s, wait_s)

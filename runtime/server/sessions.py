@@ -1,0 +1,111 @@
+"""Open edit sessions: ids, undo history, TTL, an LRU cap and a byte budget.
+
+A `Live` wraps one EditSession and what the server keeps beside it: the image history (undo),
+for elements sessions the elements before the current drag. All its pipeline work runs on the
+pipeline's work queue; `lock` orders a session's state changes (select, final, undo) between
+its REST calls and its WebSocket.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from editrt.runtime.server.limits import APIError
+from editrt.runtime.session import EditSession
+
+
+@dataclass
+class Live:
+    id: str
+    kind: str
+    session: EditSession
+    steps: int
+    preview_steps: int
+    seed: int
+    history: list = field(default_factory=list)  # previous images (reposition) / Elements (elements)
+    drag_base: object = None  # elements: the elements when the current drag started
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.session.rgb
+
+    def nbytes(self) -> int:
+        """What this session holds in host memory: image, mask, history, elements (the pipeline's caches have
+        their own byte budgets and show in /metrics)."""
+        s = self.session
+        total = s.rgb.nbytes + (s.subject.nbytes if s.subject is not None else 0)
+        total += sum(v.nbytes for v in getattr(s, "cache", {}).values() if isinstance(v, np.ndarray))
+        for item in self.history:
+            total += item.nbytes if isinstance(item, np.ndarray) else elements_bytes(item)
+        if s.elements is not None:
+            total += elements_bytes(s.elements) + elements_bytes(s.original)
+        return total
+
+
+def elements_bytes(el) -> int:
+    return int(el.features.nbytes + sum(m.nbytes for m in el.masks) + el.centroids.nbytes * 4)
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int, ttl_s: float, budget_bytes: int):
+        self.max_sessions, self.ttl_s, self.budget = max_sessions, ttl_s, budget_bytes
+        self._live: dict[str, Live] = {}  # insertion order = LRU order (touch moves to the end)
+        self.evicted = {"ttl": 0, "lru": 0, "bytes": 0}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def bytes(self) -> int:
+        return sum(s.nbytes() for s in self._live.values())
+
+    def get(self, sid: str) -> Live:
+        live = self._live.get(sid)
+        if live is None or live.closed:
+            raise APIError(404, "session_id", f"session_id {sid[:64]!r}: no such session (closed or expired)")
+        live.last_used = time.monotonic()
+        self._live[sid] = self._live.pop(sid)  # most recently used last
+        return live
+
+    def add(self, kind: str, session: EditSession, steps: int, preview_steps: int, seed: int) -> Live:
+        live = Live(secrets.token_urlsafe(16), kind, session, steps, preview_steps, seed)
+        self._live[live.id] = live
+        self.sweep(keep=live.id)
+        if live.id not in self._live:
+            raise APIError(413, "image", "image: this session alone is larger than the server's session budget")
+        return live
+
+    def sweep(self, keep: str | None = None) -> None:
+        """Close expired sessions, then the least recently used beyond the cap or the byte budget."""
+        now = time.monotonic()
+        for sid, live in list(self._live.items()):
+            if now - live.last_used > self.ttl_s and sid != keep:
+                self.close(sid, "ttl")
+        while len(self._live) > self.max_sessions:
+            self.close(next(s for s in self._live if s != keep), "lru")
+        while self._live and self.bytes() > self.budget:
+            victims = [s for s in self._live if s != keep] or list(self._live)
+            self.close(victims[0], "bytes")
+
+    def close(self, sid: str, why: str | None = None) -> None:
+        live = self._live.pop(sid, None)
+        if live is None:
+            return
+        live.closed = True
+        if why:
+            self.evicted[why] += 1
+        # EditSession.close joins its preview thread (at most one short preview): off the event loop
+        threading.Thread(target=live.session.close, name="editrt-session-close", daemon=True).start()
+
+    def close_all(self) -> None:
+        for sid in list(self._live):
+            live = self._live.pop(sid)
+            live.closed = True
+            live.session.close()
