@@ -36,76 +36,212 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import interpreter_active, next_power_of_2, use_triton
+from . import autotune_cache
+from ._triton_utils import interpreter_active, next_power_of_2, triton_disabled
+from .aot import Launch, fake_arguments
+from .launches import record
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_NAME = "dual_attention"  # what the launcher records in editrt.kernels.launches
 
-if interpreter_active():
-    # The interpreter runs every program serially with NumPy; autotuning would multiply that cost.
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 2),
-            (128, 64, 4, 3),
-            (64, 64, 4, 3),
-            (64, 32, 4, 2),
-            (32, 64, 4, 2),
-            # fit fp32 with D padded to 256 (H100: 227 KB shared memory per block); configs that do
-            # not fit are skipped by the autotuner (OutOfResources)
-            (64, 32, 4, 1),
-            (32, 32, 4, 1),
-        ]
-    ]
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """Split D into two power-of-two widths (D0, D1) for the tensor-core dots (K >= 16 each).
+
+    D0 is the largest power of two <= D (at least 16) and D1 the power of two (>= 16, or 0) that
+    covers the rest: 40 -> (32, 16), 80 -> (64, 16), 160 -> (128, 32), 64 -> (64, 0). The dots run
+    on D0 + D1 columns, so the MMA work wasted on padding is 1 - D / (D0 + D1): 16.7% at D = 40
+    and 0% at 80 and 160 (one power-of-two block would waste 37.5%, 37.5% and 37.5%).
+    """
+    d0 = max(16, 1 << (int(head_dim).bit_length() - 1))
+    rest = head_dim - d0
+    d1 = 0 if rest <= 0 else max(16, next_power_of_2(rest))
+    return d0, d1
+
+
+def padded_mma_fraction(head_dim: int) -> float:
+    """Share of the QK^T and PV tensor-core work spent on pad columns at head dim D."""
+    d0, d1 = head_dim_chunks(head_dim)
+    return 1.0 - head_dim / (d0 + d1)
+
+
+def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Autotune candidates by padded head dim D0 + D1 (the bucket that holds it), measured with
+# `editrt doctor --arch sm_90 / sm_80` (registers, spills, shared memory, blocks per SM):
+# every one compiles without spilling on both and fits their shared memory; each list mixes a
+# large tile (tensor-core efficiency) with small-tile configs that keep 3-6 blocks per SM
+# (64-74 registers at D = 40 on sm_90). D = 160 drops what spilled on sm_80 at 255 registers
+# ((128, 64, 8 warps, 2 stages), (64, 64, 4, 2|3)); (BLOCK_M, BLOCK_N, warps, stages):
+_GPU_CONFIGS = {
+    64: [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 32, 4, 3), _config(128, 32, 8, 3)],
+    128: [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 3), _config(128, 32, 8, 3)],
+    256: [_config(128, 64, 8, 3), _config(64, 32, 4, 2), _config(64, 32, 8, 3), _config(128, 32, 8, 3)],
+}
+# The interpreter runs every program serially with NumPy; autotuning would multiply that cost.
+_INTERPRETER_CONFIGS = [_config(32, 32, 4, 1)]
+
+
+def _padded_bucket(head_dim: int) -> int:
+    d0, d1 = head_dim_chunks(head_dim)
+    return next(b for b in sorted(_GPU_CONFIGS) if d0 + d1 <= b)
+
+
+def shared_memory_estimate(config: triton.Config, head_dim: int, itemsize: int) -> int:
+    """The kernel's shared memory: K and V tiles for every pipeline stage plus the query tile
+    (what Triton allocates for the dot operands; tests/test_doctor.py checks it against the
+    compiled size of every candidate on sm_80 and sm_90)."""
+    d0, d1 = head_dim_chunks(head_dim)
+    kw = config.kwargs
+    return (max(config.num_stages, 1) * kw["BLOCK_N"] * 2 + kw["BLOCK_M"]) * (d0 + d1) * itemsize
+
+
+def attention_configs(head_dim: int, itemsize: int, smem_per_block: int) -> list[triton.Config]:
+    """The configs the launcher may pick at head dim D on a device with `smem_per_block` bytes.
+
+    The one source for the autotuner (`prune_configs_by`) and for `editrt doctor`.
+    """
+    candidates = _GPU_CONFIGS[_padded_bucket(head_dim)]
+    fitting = [c for c in candidates if shared_memory_estimate(c, head_dim, itemsize) <= smem_per_block]
+    return fitting or candidates[-1:]
+
+
+def _device_smem_per_block() -> int:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner hook: keep the candidates of this head dim that fit this GPU's shared memory."""
+    if interpreter_active():
+        return configs
+    allowed = attention_configs(kwargs["HEAD_DIM"], named_args["out_ptr"].element_size(), _device_smem_per_block())
+    return [c for c in configs if c in allowed]
+
+
+_ALL_GPU_CONFIGS = list(dict.fromkeys(c for cs in _GPU_CONFIGS.values() for c in cs))
+_CONFIGS = _INTERPRETER_CONFIGS if interpreter_active() else _ALL_GPU_CONFIGS
 
 
 @triton.jit
-def _attend_one_set(
-    q_base, k_base, v_base, out_base,
-    s_qm, s_qd, s_kn, s_kd, s_vn, s_vd, s_out_m, s_out_c,
-    M, n_kv, D, qk_scale_log2, pid_m,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BF16_DOT_IN_FP32: tl.constexpr,
+def _load_tile(base, rows, row_valid, s_row, col0, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[rows, WIDTH] tile of columns col0 .. col0 + WIDTH of a [rows, HEAD_DIM] operand (zeros past D)."""
+    offs_d = col0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None]
+    if col0 + WIDTH > HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * s_row + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, row_valid, s_row, col0, tile, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = col0 + tl.arange(0, WIDTH)
+    mask = row_valid[:, None]
+    if col0 + WIDTH > HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * s_row + offs_d[None, :], tile, mask=mask)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N_a", "N_b", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _dual_attention_fwd_kernel(
+    qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr,
+    # strides (batch, head, row) of each input; the head dim is contiguous (stride 1)
+    s_qa_b, s_qa_h, s_qa_m,
+    s_ka_b, s_ka_h, s_ka_n,
+    s_va_b, s_va_h, s_va_n,
+    s_qb_b, s_qb_h, s_qb_m,
+    s_kb_b, s_kb_h, s_kb_n,
+    s_vb_b, s_vb_h, s_vb_n,
+    s_out_b, s_out_m,
+    H, M, N_a, N_b,
+    qk_scale_log2,  # scale * log2(e): the softmax runs in base 2 (exp2 is the native instruction)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # D, exact: masks of the tail chunk fold to constants
+    D0: tl.constexpr, D1: tl.constexpr,  # head_dim_chunks(D); D1 == 0: one chunk
+    ALIGN: tl.constexpr,  # every non-unit stride is a multiple of ALIGN elements (16 bytes) or 1
+    IEEE_DOT: tl.constexpr,  # fp32 inputs (interpreter only): full-precision dots instead of TF32
+    BF16_DOT_IN_FP32: tl.constexpr,  # interpreter only: see below
 ):
-    """softmax(q k^T * scale) v for one [BLOCK_M] query tile of one (batch, head, key/value set)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_set = tl.program_id(2)  # 0: set a (text/task prompt), 1: set b (elements)
+    b = pid_bh // H
+    h = pid_bh % H
+
+    # One code path for both sets (a single pipelined loop: one set of shared-memory buffers).
+    # Strides are rewritten as (s // ALIGN) * ALIGN: equal to s (the launcher checked), but it
+    # tells Triton's alignment analysis that rows and heads start on 16-byte boundaries even when
+    # the head stride is 40 elements, so the loads vectorise (ld.global.v4 / cp.async).
+    if kv_set == 0:
+        q_base = qa_ptr + b * (s_qa_b // ALIGN * ALIGN) + h * (s_qa_h // ALIGN * ALIGN)
+        k_base = ka_ptr + b * (s_ka_b // ALIGN * ALIGN) + h * (s_ka_h // ALIGN * ALIGN)
+        v_base = va_ptr + b * (s_va_b // ALIGN * ALIGN) + h * (s_va_h // ALIGN * ALIGN)
+        s_qm = s_qa_m // ALIGN * ALIGN
+        s_kn = s_ka_n // ALIGN * ALIGN
+        s_vn = s_va_n // ALIGN * ALIGN
+        n_kv = N_a
+    else:
+        q_base = qb_ptr + b * (s_qb_b // ALIGN * ALIGN) + h * (s_qb_h // ALIGN * ALIGN)
+        k_base = kb_ptr + b * (s_kb_b // ALIGN * ALIGN) + h * (s_kb_h // ALIGN * ALIGN)
+        v_base = vb_ptr + b * (s_vb_b // ALIGN * ALIGN) + h * (s_vb_h // ALIGN * ALIGN)
+        s_qm = s_qb_m // ALIGN * ALIGN
+        s_kn = s_kb_n // ALIGN * ALIGN
+        s_vn = s_vb_n // ALIGN * ALIGN
+        n_kv = N_b
+    # Heads-merged output: set a fills columns [0, H*D), set b [H*D, 2*H*D); head h at h*D.
+    s_out_m = s_out_m // ALIGN * ALIGN
+    out_base = out_ptr + b * (s_out_b // ALIGN * ALIGN) + (kv_set * H + h) * HEAD_DIM
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < M
-    d_valid = offs_d < D  # BLOCK_D is D rounded up to a power of two; the pad lanes load zeros
 
-    # The query tile stays in registers for the whole key/value sweep.
-    q = tl.load(
-        q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-        mask=m_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
+    # The query tile (two column chunks) stays in registers for the whole key/value sweep.
+    q0 = _load_tile(q_base, offs_m, m_valid, s_qm, 0, D0, HEAD_DIM)  # (BLOCK_M, D0)
     if BF16_DOT_IN_FP32:
-        q = q.to(tl.float32)
+        # Triton's CPU interpreter multiplies bf16 tiles as raw integers; bf16 x bf16 products
+        # are exact in fp32, so upcasting first gives the bf16 tensor-core result.
+        q0 = q0.to(tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        q1 = _load_tile(q_base, offs_m, m_valid, s_qm, D0, D1, HEAD_DIM)  # (BLOCK_M, D1)
+        if BF16_DOT_IN_FP32:
+            q1 = q1.to(tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 logits)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(logit - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, n_kv, BLOCK_N):
         kv_rows = start_n + offs_n
         n_valid = kv_rows < n_kv
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + kv_rows[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_rows[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+        k0 = _load_tile(k_base, kv_rows, n_valid, s_kn, 0, D0, HEAD_DIM)
+        v0 = _load_tile(v_base, kv_rows, n_valid, s_vn, 0, D0, HEAD_DIM)
         if BF16_DOT_IN_FP32:
-            # Triton's CPU interpreter multiplies bf16 tiles as raw integers; bf16 x bf16 products
-            # are exact in fp32, so upcasting first gives the bf16 tensor-core result.
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), fp32 accumulate
+            k0 = k0.to(tl.float32)
+            v0 = v0.to(tl.float32)
+        qk = _dot(q0, tl.trans(k0), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE_DOT)
+        if D1 > 0:
+            k1 = _load_tile(k_base, kv_rows, n_valid, s_kn, D0, D1, HEAD_DIM)
+            v1 = _load_tile(v_base, kv_rows, n_valid, s_vn, D0, D1, HEAD_DIM)
+            if BF16_DOT_IN_FP32:
+                k1 = k1.to(tl.float32)
+                v1 = v1.to(tl.float32)
+            qk = _dot(q1, tl.trans(k1), qk, IEEE_DOT)  # (BLOCK_M, BLOCK_N), fp32 accumulate
         qk = qk * qk_scale_log2
         qk = tl.where(n_valid[None, :], qk, float("-inf"))  # key tail: no probability mass
 
@@ -114,66 +250,21 @@ def _attend_one_set(
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
+        if not IEEE_DOT:
             # p is rounded to the input dtype (fp16/bf16) for the tensor-core PV product, as in
-            # flash attention; acc stays fp32.
-            p_lowp = p.to(v_base.dtype.element_ty)
+            # flash attention; the accumulators stay fp32.
+            p = p.to(out_ptr.dtype.element_ty)
             if BF16_DOT_IN_FP32:
-                p_lowp = p_lowp.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_lowp, v)
+                p = p.to(tl.float32)
+        acc0 = _dot(p, v0, acc0 * alpha[:, None], IEEE_DOT)
+        if D1 > 0:
+            acc1 = _dot(p, v1, acc1 * alpha[:, None], IEEE_DOT)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    out_ptrs = out_base + offs_m[:, None] * s_out_m + offs_d[None, :] * s_out_c
-    tl.store(out_ptrs, acc.to(out_base.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-
-
-@triton.autotune(configs=_CONFIGS, key=["M", "N_a", "N_b", "BLOCK_D", "IEEE_DOT"])
-@triton.jit
-def _dual_attention_fwd_kernel(
-    qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr,
-    # strides (batch, head, row, dim) of each input; they may be non-contiguous views
-    s_qa_b, s_qa_h, s_qa_m, s_qa_d,
-    s_ka_b, s_ka_h, s_ka_n, s_ka_d,
-    s_va_b, s_va_h, s_va_n, s_va_d,
-    s_qb_b, s_qb_h, s_qb_m, s_qb_d,
-    s_kb_b, s_kb_h, s_kb_n, s_kb_d,
-    s_vb_b, s_vb_h, s_vb_n, s_vb_d,
-    s_out_b, s_out_m, s_out_c,
-    H, M, N_a, N_b, D,
-    qk_scale_log2,  # scale * log2(e): the softmax runs in base 2 (exp2 is the native instruction)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots instead of TF32
-    BF16_DOT_IN_FP32: tl.constexpr,  # interpreter only, see _attend_one_set
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    kv_set = tl.program_id(2)  # 0: set a (text/task prompt), 1: set b (elements)
-    b = pid_bh // H
-    h = pid_bh % H
-    # Heads-merged output: set a fills columns [0, H*D), set b [H*D, 2*H*D); head h at h*D.
-    out_row0 = out_ptr + b * s_out_b + h * D * s_out_c
-
-    # Each branch inlines the same helper with its own operands, so Triton still specialises the
-    # strides of each set (stride 1 on D gives vectorised loads) -- no runtime pointer select.
-    if kv_set == 0:
-        _attend_one_set(
-            qa_ptr + b * s_qa_b + h * s_qa_h, ka_ptr + b * s_ka_b + h * s_ka_h,
-            va_ptr + b * s_va_b + h * s_va_h, out_row0,
-            s_qa_m, s_qa_d, s_ka_n, s_ka_d, s_va_n, s_va_d, s_out_m, s_out_c,
-            M, N_a, D, qk_scale_log2, pid_m,
-            BLOCK_M, BLOCK_N, BLOCK_D, IEEE_DOT, BF16_DOT_IN_FP32,
-        )
-    else:
-        _attend_one_set(
-            qb_ptr + b * s_qb_b + h * s_qb_h, kb_ptr + b * s_kb_b + h * s_kb_h,
-            vb_ptr + b * s_vb_b + h * s_vb_h, out_row0 + H * D * s_out_c,
-            s_qb_m, s_qb_d, s_kb_n, s_kb_d, s_vb_n, s_vb_d, s_out_m, s_out_c,
-            M, N_b, D, qk_scale_log2, pid_m,
-            BLOCK_M, BLOCK_N, BLOCK_D, IEEE_DOT, BF16_DOT_IN_FP32,
-        )
+    dtype = out_ptr.dtype.element_ty
+    _store_tile(out_base, offs_m, m_valid, s_out_m, 0, (acc0 / l_i[:, None]).to(dtype), D0, HEAD_DIM)
+    if D1 > 0:
+        _store_tile(out_base, offs_m, m_valid, s_out_m, D0, (acc1 / l_i[:, None]).to(dtype), D1, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,27 +326,86 @@ def _check_out(out: torch.Tensor, q_a: torch.Tensor, B: int, M: int, C: int) -> 
 # --------------------------------------------------------------------------------------------
 
 
+def kernel_handles(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether a call on `device_type` tensors of `dtype` runs the Triton kernel (else the SDPA pair).
+
+    fp32 on CUDA takes the reference (two SDPA calls): the kernel's fp32 path needs full-precision
+    dots, whose configs spill (up to 268 KB) and take minutes to compile on sm_90, while SDPA's
+    fp32 kernels are as fast. The Triton kernel serves fp16 and bf16 on CUDA, and every dtype under
+    the interpreter (TRITON_INTERPRET=1 on CPU), where the fp32 path tests the algorithm tightly.
+    """
+    if triton_disabled():
+        return False
+    if interpreter_active():
+        return device_type == "cpu"
+    return device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _alignment(tensors, itemsize: int) -> int:
+    """16 bytes in elements if every operand starts on a 16-byte boundary and every row, head and
+    batch stride is a multiple of 16 bytes (SD's head dims 40/80/160 at fp16/bf16 are), else 1."""
+    elems = 16 // itemsize
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s % elems for s in t.stride()[:-1]):
+            return 1
+    return elems
+
+
+def kernel_arguments(q_a, k_a, v_a, q_b, k_b, v_b, scale: float, out: torch.Tensor) -> tuple[list, dict]:
+    """(positional args, constexpr kwargs) of one launch; operands have unit stride on D.
+
+    Used by the launcher and by `editrt doctor` (which passes meta tensors), so both compile the same.
+    """
+    B, H, M, D = q_a.shape
+    d0, d1 = head_dim_chunks(D)
+    operands = (q_a, k_a, v_a, q_b, k_b, v_b)
+    args = [*operands, out]
+    for t in operands:
+        args += list(t.stride()[:3])
+    args += [*out.stride()[:2], H, M, k_a.shape[2], k_b.shape[2], scale * _LOG2E]
+    constexprs = dict(
+        HEAD_DIM=D, D0=d0, D1=d1,
+        ALIGN=_alignment((*operands, out), q_a.element_size()),
+        IEEE_DOT=q_a.dtype == torch.float32,
+        BF16_DOT_IN_FP32=interpreter_active() and q_a.dtype == torch.bfloat16,
+    )
+    return args, constexprs
+
+
 def _launch(q_a, k_a, v_a, q_b, k_b, v_b, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Run the Triton kernel into `out` ([B, M, 2*H*D]); inputs are already validated."""
     B, H, M, D = q_a.shape
-    N_a, N_b = k_a.shape[2], k_b.shape[2]
-    block_d = max(16, next_power_of_2(D))  # tl.dot needs K >= 16
+    q_a, k_a, v_a, q_b, k_b, v_b = (_unit_d(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
+    target = out if out.stride(-1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    args, constexprs = kernel_arguments(q_a, k_a, v_a, q_b, k_b, v_b, scale, target)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), B * H, 2)
 
-    _dual_attention_fwd_kernel[grid](
-        q_a, k_a, v_a, q_b, k_b, v_b, out,
-        *q_a.stride(), *k_a.stride(), *v_a.stride(),
-        *q_b.stride(), *k_b.stride(), *v_b.stride(),
-        *out.stride(),
-        H, M, N_a, N_b, D,
-        scale * _LOG2E,
-        BLOCK_D=block_d,
-        IEEE_DOT=q_a.dtype == torch.float32,
-        BF16_DOT_IN_FP32=interpreter_active() and q_a.dtype == torch.bfloat16,
-    )
-    return out
+    with autotune_cache.persisted(_dual_attention_fwd_kernel, KERNEL_NAME, q_a.device):
+        _dual_attention_fwd_kernel[grid](*args, **constexprs)
+    record(KERNEL_NAME)
+    return out if target is out else out.copy_(target)
+
+
+def aot_launches(q_a, k_a, v_a, q_b, k_b, v_b, out, smem_per_block: int, shape: str) -> list[Launch]:
+    """Every launch `_launch` can make for these (meta) operands: one per config the autotuner may
+    pick on a device with `smem_per_block` bytes of shared memory per block (for `editrt doctor`)."""
+    if not kernel_handles("cuda", q_a.dtype):
+        return []
+    args, constexprs = kernel_arguments(q_a, k_a, v_a, q_b, k_b, v_b, 1.0, out)
+    launches = []
+    for config in attention_configs(q_a.shape[-1], q_a.element_size(), smem_per_block):
+        kw = config.kwargs
+        name = f"D={q_a.shape[-1]} {str(q_a.dtype).split('.')[-1]} BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} " \
+               f"warps={config.num_warps} stages={config.num_stages}"
+        launches.append(Launch(KERNEL_NAME, name, shape, _dual_attention_fwd_kernel.fn, fake_arguments(args),
+                               {**constexprs, **config.all_kwargs()}))
+    return launches
 
 
 def dual_cross_attention_reference(q_a, k_a, v_a, q_b, k_b, v_b, scale=None) -> torch.Tensor:
@@ -276,7 +426,7 @@ def _dual_cross_attention_op(
     scale: float,
 ) -> torch.Tensor:
     B, H, M, D, _, _ = _check_inputs(q_a, k_a, v_a, q_b, k_b, v_b)
-    if not use_triton(q_a):
+    if not kernel_handles(q_a.device.type, q_a.dtype):
         return dual_cross_attention_reference(q_a, k_a, v_a, q_b, k_b, v_b, scale)
     out = torch.empty((B, M, 2 * H * D), dtype=q_a.dtype, device=q_a.device)
     return _launch(q_a, k_a, v_a, q_b, k_b, v_b, scale, out)
@@ -292,15 +442,17 @@ def dual_cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale=None, out=None) -> 
     """Both cross-attentions in one launch; returns [B, M, 2*H*D] (set a heads, then set b heads).
 
     q_*: [B, H, M, D]; k_a, v_a: [B, H, N_a, D]; k_b, v_b: [B, H, N_b, D]; fp32/fp16/bf16, one
-    device and dtype; D <= 256; strides are free. ``scale`` defaults to 1/sqrt(D). ``out``
-    (optional, [B, M, 2*H*D], same dtype/device) receives the result; without it the call goes
-    through the ``torch.ops.editrt.dual_cross_attention`` custom op, which torch.compile sees.
+    device and dtype; D <= 256; strides are free (a head dim with stride != 1 is copied first).
+    ``scale`` defaults to 1/sqrt(D). fp32 on CUDA runs the reference (two SDPA calls, see
+    `kernel_handles`). ``out`` (optional, [B, M, 2*H*D], same dtype/device) receives the result;
+    without it the call goes through the ``torch.ops.editrt.dual_cross_attention`` custom op,
+    which torch.compile sees.
     """
     B, H, M, D, _, _ = _check_inputs(q_a, k_a, v_a, q_b, k_b, v_b)
     scale = _resolve_scale(scale, D)
     if out is None:
         return torch.ops.editrt.dual_cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
     _check_out(out, q_a, B, M, 2 * H * D)
-    if use_triton(q_a):
+    if kernel_handles(q_a.device.type, q_a.dtype):
         return _launch(q_a, k_a, v_a, q_b, k_b, v_b, scale, out)
     return out.copy_(dual_cross_attention_reference(q_a, k_a, v_a, q_b, k_b, v_b, scale))

@@ -74,9 +74,15 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from . import autotune_cache
 from ._triton_utils import interpreter_active, use_triton
+from .aot import Launch, fake_arguments
+from .launches import record
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ASSIGN_KERNEL = "slic_assign"  # the names the launchers record in editrt.kernels.launches
+STATS_KERNEL = "slic_element_stats"
+_GPU_STATS_TILE = (256, 16, 8)  # BLOCK_P, BLOCK_E, warps of the statistics kernel on a GPU
 _INT32_MAX = tl.constexpr(2**31 - 1)  # "no element" in the running argmax
 # PyTorch's CPU bilinear kernel switches to its channels-last implementation (different FMA
 # grouping) when out_h + out_w <= 128 (aten/src/ATen/native/cpu/UpSampleKernel.cpp,
@@ -263,16 +269,19 @@ def _element_bounds(cx, cy, x_lo, x_hi, y_lo, y_hi):
     return gx * gx + gy * gy, fx * fx + fy * fy
 
 
-if interpreter_active():
-    # Large tiles: fewer program instances, each of which the interpreter runs serially in Python.
-    _ASSIGN_CONFIGS = [triton.Config({"TILE_H": 32, "TILE_W": 32, "BLOCK_N": 32}, num_warps=4)]
-else:
-    # (tile rows, tile cols, elements per chunk, warps): 8 (pixel, element) pairs per thread keeps
-    # every live value in registers on sm_90 (16 per thread spills).
-    _ASSIGN_CONFIGS = [
-        triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_N": bn}, num_warps=nw)
-        for th, tw, bn, nw in [(16, 16, 8, 8), (8, 16, 16, 8), (16, 8, 8, 4), (8, 16, 8, 4), (8, 8, 16, 4)]
-    ]
+# (tile rows, tile cols, elements per chunk, warps). Measured with `editrt doctor --arch sm_90`:
+# 8 (pixel, element) pairs per thread take 157-175 registers (1-3 blocks, 8-12 warps per SM; 16
+# pairs spill); 4 pairs take 80-100 registers and keep 16-24 warps per SM resident, which hides
+# the latency of the four gathers per pair. The list keeps two 8-pair configs (more independent
+# work per thread) beside three 4-pair ones and lets the autotuner time them; capping 8-pair
+# configs at 128 registers (maxnreg) spilled 84-100 bytes, so it is not used.
+_GPU_ASSIGN_CONFIGS = [
+    triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_N": bn}, num_warps=nw)
+    for th, tw, bn, nw in [(16, 16, 4, 8), (8, 16, 8, 8), (8, 8, 8, 4), (16, 16, 8, 8), (8, 16, 8, 4)]
+]
+# Large tiles under the interpreter: fewer program instances, each run serially in Python.
+_INTERPRETER_ASSIGN_CONFIGS = [triton.Config({"TILE_H": 32, "TILE_W": 32, "BLOCK_N": 32}, num_warps=4)]
+_ASSIGN_CONFIGS = _INTERPRETER_ASSIGN_CONFIGS if interpreter_active() else _GPU_ASSIGN_CONFIGS
 
 
 @triton.autotune(configs=_ASSIGN_CONFIGS, key=["N", "h", "w", "H", "W", "PRUNE"])
@@ -503,28 +512,57 @@ def _morton_order(centroids: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True).to(torch.int32)
 
 
-def _launch_assign(logits, centroids, beta: float, H: int, W: int, out: torch.Tensor, prune: bool = True):
-    """Run the assignment kernel into `out` ([H, W] int64); inputs are already validated."""
+def assign_kernel_arguments(logits, centroids32, order, beta: float, out: torch.Tensor, prune: bool) -> tuple[list, dict]:
+    """(positional args, constexprs and compile options) of one assignment launch.
+
+    Used by the launcher and by `editrt doctor` (with meta tensors), so both compile the same.
+    """
     N, h, w = logits.shape
+    H, W = out.shape
     cpu_numerics = logits.device.type == "cpu"
-    centroids32 = centroids.to(torch.float32).contiguous()  # (N, 2)
-    order = _morton_order(centroids32) if prune else torch.arange(N, dtype=torch.int32, device=logits.device)
-
-    def grid(meta):
-        return (triton.cdiv(H, meta["TILE_H"]), triton.cdiv(W, meta["TILE_W"]))
-
-    _assign_kernel[grid](
-        logits, centroids32, order, out,
-        N, h, w, H, W,
-        *logits.stride(), *out.stride(),
-        float(beta),
+    args = [logits, centroids32, order, out, N, h, w, H, W, *logits.stride(), *out.stride(), float(beta)]
+    options = dict(
         PRUNE=prune,
         CPU_NUMERICS=cpu_numerics,
         WEIGHTS4=cpu_numerics and H + W <= _TORCH_CPU_SMALL_OUTPUT,
         enable_fp_fusion=False,  # every FMA is explicit; the reference rounds each op
         enable_reflect_ftz=False,  # libdevice without flush-to-zero, as PyTorch's CUDA build
     )
+    return args, options
+
+
+def _launch_assign(logits, centroids, beta: float, H: int, W: int, out: torch.Tensor, prune: bool = True):
+    """Run the assignment kernel into `out` ([H, W] int64); inputs are already validated."""
+    N = logits.shape[0]
+    centroids32 = centroids.to(torch.float32).contiguous()  # (N, 2)
+    order = _morton_order(centroids32) if prune else torch.arange(N, dtype=torch.int32, device=logits.device)
+    args, options = assign_kernel_arguments(logits, centroids32, order, beta, out, prune)
+
+    def grid(meta):
+        return (triton.cdiv(H, meta["TILE_H"]), triton.cdiv(W, meta["TILE_W"]))
+
+    with autotune_cache.persisted(_assign_kernel, ASSIGN_KERNEL, logits.device):
+        _assign_kernel[grid](*args, **options)
+    record(ASSIGN_KERNEL)
     return out
+
+
+def aot_assign_launches(N: int, h: int, w: int, H: int, W: int, dtype: torch.dtype, shape: str) -> list[Launch]:
+    """Every launch `_launch_assign` can make for these sizes on a GPU (one per autotune config), with
+    the layout the partition passes (contiguous [N, h, w] logits), for `editrt doctor`."""
+    logits = torch.empty(N, h, w, dtype=dtype, device="meta")
+    centroids32 = torch.empty(N, 2, device="meta")
+    order = torch.empty(N, dtype=torch.int32, device="meta")
+    out = torch.empty(H, W, dtype=torch.int64, device="meta")
+    args, options = assign_kernel_arguments(logits, centroids32, order, 64.0, out, prune=True)
+    options["CPU_NUMERICS"] = options["WEIGHTS4"] = False  # a CUDA launch
+    return [Launch(ASSIGN_KERNEL, _config_name(c), shape, _assign_kernel.fn, fake_arguments(args),
+                   {**options, **c.all_kwargs()}) for c in _GPU_ASSIGN_CONFIGS]
+
+
+def _config_name(config) -> str:
+    extra = f" maxnreg={config.maxnreg}" if config.maxnreg else ""
+    return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps}{extra}"
 
 
 def _upsample_sigmoid_probe(logits: torch.Tensor, out_hw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -633,15 +671,30 @@ def _launch_element_stats(labels: torch.Tensor, num_elements: int):
     max_x -= 1
     max_y -= 1
     min_x, min_y = (torch.full((N,), 2**62, dtype=torch.int64, device=device) for _ in range(2))
-    # [BLOCK_P, BLOCK_E] int64 tiles: 256 x 16 over 8 warps stays in registers on sm_90.
-    block_p, block_e, warps = (1024, 32, 4) if interpreter_active() else (256, 16, 8)
-    grid = (triton.cdiv(H * W, block_p), triton.cdiv(N, block_e))
-    _element_stats_kernel[grid](
-        labels, H, W, *labels.stride(), N,
-        counts, sum_x, sum_y, min_x, min_y, max_x, max_y,
-        BLOCK_P=block_p, BLOCK_E=block_e, num_warps=warps,
-    )
+    args, options = stats_kernel_arguments(labels, N, counts, sum_x, sum_y, min_x, min_y, max_x, max_y)
+    grid = (triton.cdiv(H * W, options["BLOCK_P"]), triton.cdiv(N, options["BLOCK_E"]))
+    _element_stats_kernel[grid](*args, **options)
+    record(STATS_KERNEL)
     return _finalize_stats(counts, sum_x, sum_y, min_x, min_y, max_x, max_y, H, W)
+
+
+def stats_kernel_arguments(labels, N: int, *accumulators) -> tuple[list, dict]:
+    """(positional args, constexprs) of one statistics launch (launcher and `editrt doctor`)."""
+    H, W = labels.shape
+    # [BLOCK_P, BLOCK_E] int64 tiles: 256 x 16 over 8 warps stays in registers on sm_90.
+    block_p, block_e, warps = (1024, 32, 4) if interpreter_active() else _GPU_STATS_TILE
+    return [labels, H, W, *labels.stride(), N, *accumulators], dict(BLOCK_P=block_p, BLOCK_E=block_e, num_warps=warps)
+
+
+def aot_stats_launches(N: int, H: int, W: int, shape: str) -> list[Launch]:
+    """The statistics launch for these sizes on a GPU, for `editrt doctor`."""
+    labels = torch.empty(H, W, dtype=torch.int64, device="meta")
+    accumulators = [torch.empty(N, dtype=torch.int64, device="meta") for _ in range(7)]
+    args, options = stats_kernel_arguments(labels, N, *accumulators)
+    block_p, block_e, warps = _GPU_STATS_TILE
+    options.update(BLOCK_P=block_p, BLOCK_E=block_e, num_warps=warps)
+    return [Launch(STATS_KERNEL, f"BLOCK_P={block_p} BLOCK_E={block_e} warps={warps}", shape,
+                   _element_stats_kernel, fake_arguments(args), options)]
 
 
 @torch.library.custom_op("editrt::slic_element_stats", mutates_args=())

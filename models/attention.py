@@ -22,7 +22,30 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from editrt.errors import EditError
 from editrt.kernels.dual_attention import dual_cross_attention
+
+
+class Fp16OverflowError(EditError):
+    """The UNet produces inf/NaN in fp16 even with fp32 attention: the weights need bf16 or fp32."""
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H*D] projection -> [B, H, N, D] view (no copy; D contiguous, rows H*D apart)."""
+    batch, rows, inner = t.shape
+    return t.view(batch, rows, heads, inner // heads).transpose(1, 2)
+
+
+def split_dual_query_heads(q: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, M, 2*H*D] stacked query projection -> (q_text, q_elements), each a [B, H, M, D] view.
+
+    The fused kernel reads these views in place: rows 2*H*D elements apart, heads D apart, the
+    element half H*D further; at fp16/bf16 with SD's D = 40/80/160 every one of those offsets is a
+    multiple of 16 bytes, which lets the kernel's loads vectorise (see kernels/dual_attention.py).
+    """
+    batch, tokens, width = q.shape
+    q = q.view(batch, tokens, 2, heads, width // (2 * heads)).permute(2, 0, 3, 1, 4)  # (2, B, H, M, D)
+    return q[0], q[1]
 
 
 def _weights_version(*linears) -> tuple:
@@ -38,11 +61,8 @@ class _KVCache:
     def get(self, attn, context: torch.Tensor):
         version = (context._version, _weights_version(attn.to_k, attn.to_v))
         if self.context is not context or self.version != version:
-            batch, heads = context.shape[0], attn.heads
             key, value = attn.to_k(context), attn.to_v(context)  # (B, N, inner)
-            head_dim = key.shape[-1] // heads
-            key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, N, D)
-            value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+            key, value = split_heads(key, attn.heads), split_heads(value, attn.heads)  # (B, H, N, D)
             self.context, self.version, self.kv = context, version, (key, value)
         return self.kv
 
@@ -115,14 +135,13 @@ class FusedDualCrossAttention:
 
     def __call__(self, block, x: torch.Tensor, text: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
         q_weight, q_bias, out_weight, out_bias = self._fused_weights()
-        batch, tokens, width = x.shape
-        heads, inner = block.attn2.heads, block.attn2.to_q.out_features
+        width = x.shape[-1]
         x_hat = F.layer_norm(x, (width,), eps=block.norm2.eps)  # shared standardisation
         q = F.linear(x_hat, q_weight, q_bias)  # (B, M, 2 * inner): both query projections
-        q = q.view(batch, tokens, 2, heads, inner // heads).permute(2, 0, 3, 1, 4)  # (2, B, H, M, D)
+        q_a, q_b = split_dual_query_heads(q, block.attn2.heads)  # (B, H, M, D) each
         k_a, v_a = self.text_kv.get(block.attn2, text)
         k_b, v_b = self.element_kv.get(block.attn_elements, elements)
-        out = dual_cross_attention(q[0], k_a, v_a, q[1], k_b, v_b)  # (B, M, 2 * inner)
+        out = dual_cross_attention(q_a, k_a, v_a, q_b, k_b, v_b)  # (B, M, 2 * inner)
         return F.linear(out, out_weight, out_bias)  # both output projections, summed
 
 
@@ -174,7 +193,8 @@ def fp16_is_finite(unet, context_shape: tuple[int, int], timesteps=(999, 500, 1)
 def ensure_fp16_finite(unet, context_shape: tuple[int, int]) -> str:
     """fp16 SD-2 UNets are known to overflow in attention (black images): probe, and upcast if needed.
 
-    Returns "ok" or "upcast attention"; raises ValueError if even fp32 attention overflows.
+    Returns "ok" or "upcast attention"; raises Fp16OverflowError (an EditError: one line at the
+    CLI) if even fp32 attention overflows.
     """
     if fp16_is_finite(unet, context_shape):
         return "ok"
@@ -182,7 +202,7 @@ def ensure_fp16_finite(unet, context_shape: tuple[int, int]) -> str:
         if isinstance(module, Attention):
             module.set_processor(UpcastAttnProcessor())
     if not fp16_is_finite(unet, context_shape):
-        raise ValueError("the UNet overflows in fp16 even with fp32 attention; use bf16 or fp32")
+        raise Fp16OverflowError("dtype fp16: the UNet overflows in fp16 even with fp32 attention; use bf16 or fp32")
     return "upcast attention"
 
 
