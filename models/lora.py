@@ -120,17 +120,24 @@ class FusedLoRA:
             self.base[name] = module.weight.detach().clone()
             self.deltas[name] = layer.delta().to(module.weight.device)
         self.scale = 0.0
-        self._fused: dict[float, dict[str, torch.Tensor]] = {}
+        self._fused: dict[float, dict[str, torch.Tensor]] = {}  # insertion order = least recently used first
+
+    # fused copies kept besides the base: c = 1 (the harmonizer) and the last other scale asked for.
+    # Each is a full copy of the LoRA-touched weights, so an unbounded dict would grow per scale.
+    KEEP_FUSED = 2
 
     def fused_weights(self, scale: float) -> dict[str, torch.Tensor]:
-        """The LoRA-touched weights at `scale` (cached: switching back and forth costs copies only)."""
+        """The LoRA-touched weights at `scale` (cached, at most KEEP_FUSED scales: switching back and
+        forth between them costs copies only)."""
         if scale == 0.0:
             return self.base
-        if scale not in self._fused:
-            self._fused[scale] = {
-                n: (self.base[n].float() + scale * self.deltas[n]).to(self.base[n].dtype) for n in self.params
-            }
-        return self._fused[scale]
+        fused = self._fused.pop(scale, None)
+        if fused is None:
+            fused = {n: (self.base[n].float() + scale * self.deltas[n]).to(self.base[n].dtype) for n in self.params}
+        self._fused[scale] = fused  # most recently used last
+        while len(self._fused) > self.KEEP_FUSED:
+            del self._fused[next(iter(self._fused))]
+        return fused
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:

@@ -14,9 +14,9 @@ from segment_anything.utils.onnx import SamOnnxModel
 class UNetNet(nn.Module):
     """(sample, timestep, encoder_hidden_states) -> noise_pred, for the inpainting UNet and the harmonizer.
 
-    The harmonizer is the same UNet with its LoRA fused at `lora_scale`: each call first puts the
-    right weights in place (an in-place copy of the LoRA-touched weights, only when they change),
-    so the inpainting and harmonizer networks can share one UNet without ever seeing stale weights.
+    The harmonizer is the same UNet with its LoRA fused at `lora_scale`. `forward` never switches
+    weights: whoever runs the module puts them in place first, explicitly (the runtime's engine
+    `prepare()`, runtime/engines.py; the ONNX export calls `apply_weights()` once before tracing).
     """
 
     def __init__(self, unet, lora=None, lora_scale: float = 0.0):
@@ -24,12 +24,11 @@ class UNetNet(nn.Module):
         self.unet, self.lora, self.lora_scale = unet, lora, lora_scale
 
     def apply_weights(self) -> None:
+        """Fuse the LoRA at this module's own `lora_scale` (in place)."""
         if self.lora is not None:
             self.lora.set_scale(self.lora_scale)
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        if not torch.onnx.is_in_onnx_export():  # an export applies them once before tracing
-            self.apply_weights()
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 

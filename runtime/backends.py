@@ -1,6 +1,8 @@
 """Build each editor's engines for a backend: torch, onnxruntime or tensorrt.
 
-The only place that branches on the backend; pipelines receive a dict name -> engine.
+`build_engines(editor, weights, backend, ...)` is the only place that branches on the backend;
+pipelines receive a `BuiltEditor` (engines behind runtime/engines.Engine, plus the parts that stay
+in PyTorch on every backend) and never look at the backend again.
 """
 from __future__ import annotations
 
@@ -53,7 +55,123 @@ def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
                           sam_architecture(config["sam"])["image_size"])
 
 
+COMPILED_NETWORKS = ("inpaint_unet", "harmonizer_unet", "element_unet", "vae_encoder", "vae_decoder",
+                     "element_vae_decoder", "sam_image_encoder")  # what `compile=True` runs through inductor
+DENOISERS = {"reposition": ("inpaint_unet", "harmonizer_unet"), "elements": ("element_unet",)}
+
+
+@dataclass
+class BuiltEditor:
+    """What `build_engines` gives a pipeline: its engines and the non-engine parts, the same for every backend."""
+
+    engines: dict  # network name -> Engine (runtime/engines.py)
+    settings: EditorSettings
+    scheduler_config: dict
+    cuda_graphs: bool  # resolved: do the denoising loops capture CUDA graphs
+    compiled: bool
+    fp16_attention: str = "ok"  # the fp16 probe's verdict (torch backend): "ok" or "upcast attention"
+    components: object = None  # torch backend only: the PyTorch modules, for tests and tools (never for running)
+    task_prompts: dict | None = None  # reposition
+    embedder: object = None  # elements: the element token embedder (PyTorch on every backend)
+    tokenizer: object = None
+    text_encoder: object = None
+
+
+def build_engines(editor: str, weights: str | Path, backend: str = "torch", *, device="cpu", dtype=torch.float32,
+                  engines_dir: str | Path | None = None, optimize: bool = True, compile: bool = False,
+                  cuda_graphs: bool | None = None, kernels: bool | None = None) -> BuiltEditor:
+    """The one place that branches on the backend. `editor` is "reposition" or "elements".
+
+    optimize     torch: cross-attention K/V cached per request (bit-equal); False: plain diffusers modules
+    compile      torch: torch.compile (inductor) on the UNets, VAE and SAM image encoder; it replaces the
+                 K/V caching (its Python-side cache state is not traceable)
+    cuda_graphs  None: capture the denoising loops where the UNet engine supports it (torch on CUDA) and
+                 `optimize` is on; False: never; True: always (an error where unsupported)
+    kernels      elements, torch: the fused Triton dual attention (default: on CUDA)
+    """
+    from editrt.models.common import resolve_device
+    from editrt.runtime.engines import conforms
+
+    if editor not in DENOISERS:
+        raise InputError(f"editor: expected 'reposition' or 'elements', got {editor!r}")
+    check_backend(backend, engines_dir)
+    if compile and backend != "torch":
+        raise InputError(f"compile: torch.compile runs the torch backend only, not {backend}")
+    device = resolve_device(device)
+    w = editor_settings(weights, "inpaint" if editor == "reposition" else "elements")
+    names = REPOSITION_NETWORKS if editor == "reposition" else ELEMENTS_NETWORKS
+    if backend == "torch":
+        built = _torch_editor(editor, weights, w, device, dtype, optimize, compile, kernels)
+    else:
+        built = _file_editor(editor, weights, w, names, backend, engines_dir, device, dtype)
+    for engine in built.engines.values():
+        conforms(engine)
+    capable = all(built.engines[n].supports_cuda_graph for n in DENOISERS[editor])
+    if cuda_graphs and not capable:
+        raise InputError(f"cuda_graphs=True: the {backend} backend on {device} cannot be captured in a CUDA graph "
+                         "(needs the torch backend on a CUDA device)")
+    built.cuda_graphs = capable and (optimize if cuda_graphs is None else bool(cuda_graphs))
+    return built
+
+
+def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, compile, kernels) -> BuiltEditor:
+    from editrt.models.attention import prepare_unet
+    from editrt.runtime.engines import TorchEngine
+
+    cache_kv = optimize and not compile
+
+    def engine(name, module, **lora):
+        return TorchEngine(w.specs[name], module, device, compile=compile and name in COMPILED_NETWORKS, **lora)
+
+    if editor == "reposition":
+        from editrt.models.components import load_reposition_components
+        from editrt.models.networks import reposition_networks
+
+        c = load_reposition_components(weights, device, dtype)
+        verdict = prepare_unet(c.unet, dtype, tuple(c.task_prompts["null"].shape), cache_kv=cache_kv)
+        nets = reposition_networks(c)
+        # one UNet, two engines: each applies its own LoRA scale before it runs (never the other's)
+        loras = {"inpaint_unet": dict(lora=c.harmonizer, lora_scale=0.0),
+                 "harmonizer_unet": dict(lora=c.harmonizer, lora_scale=1.0, switchable=True)}
+        engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in REPOSITION_NETWORKS}
+        return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
+    from editrt.models.attention import use_fused_dual_attention
+    from editrt.models.components import load_elements_components
+    from editrt.models.networks import elements_networks
+
+    c = load_elements_components(weights, device, dtype)
+    # the fp16 probe runs the text-only path; the element attention has the same widths
+    verdict = prepare_unet(c.decoder.unet, dtype, (77, c.decoder.unet.config.cross_attention_dim), cache_kv=cache_kv)
+    if kernels if kernels is not None else device.type == "cuda":
+        use_fused_dual_attention(c.decoder)
+    nets = elements_networks(c)
+    engines = {n: engine(n, nets[n]) for n in ELEMENTS_NETWORKS}
+    return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, embedder=c.decoder.embedder,
+                       tokenizer=c.tokenizer, text_encoder=c.text_encoder)
+
+
+def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir, device, dtype) -> BuiltEditor:
+    from editrt.models.inpaint import load_scheduler
+
+    engines = file_engines(w.specs, names, backend, engines_dir, device, weights)
+    if editor == "reposition":
+        from editrt.models.inpaint import load_task_prompts
+
+        prompts = load_task_prompts(w.layout.task_prompts, w.config["inpaint"]["unet"]["cross_attention_dim"])
+        return BuiltEditor(engines, w, load_scheduler(w.layout.scheduler).config, False, False,
+                           task_prompts=prompts)
+    from editrt.models.element_unet import load_element_embedder
+    from editrt.models.text import load_text_encoder, load_tokenizer
+
+    root = w.layout.elements
+    return BuiltEditor(engines, w, load_scheduler(root / "scheduler").config, False, False,
+                       embedder=load_element_embedder(root / "element_adapter", dtype).to(device),
+                       tokenizer=load_tokenizer(root / "tokenizer"),
+                       text_encoder=load_text_encoder(root / "text_encoder", dtype).to(device))
+
+
 def torch_engines(specs: dict, networks: dict[str, torch.nn.Module], names) -> dict:
+    """Plain eager TorchEngines over `networks` (no LoRA sharing); prefer build_engines."""
     from editrt.runtime.engines import TorchEngine
 
     return {name: TorchEngine(specs[name], networks[name]) for name in names}

@@ -1,28 +1,88 @@
-"""One engine interface for every backend (DESIGN.md contract 2).
+"""One engine interface for every backend (DESIGN.md contract 2): the `Engine` protocol.
 
-An engine is a compiled component with named, typed inputs and outputs (its `NetworkSpec`):
+An engine is one compiled network with named, typed inputs and outputs (its `NetworkSpec`):
 
     outputs = engine(sample=..., timestep=..., encoder_hidden_states=...)   # dict name -> tensor
 
-Pipelines talk only to this interface. Implementations: `TorchEngine` (the models/networks.py
-module itself, eager), `OrtEngine` (ONNX Runtime: CPU here; with onnxruntime-gpu the CUDA
-execution provider with IO binding, and its TensorRT provider first when EDITRT_ORT_TENSORRT=1)
-and, in export/tensorrt.py, `TensorRTEngine`.
-Every engine checks its inputs against the spec, so a wrong shape is a clear error, not a crash
-deep inside a runtime.
+Pipelines and the scheduler talk only to these members; nothing else of an engine is read:
+
+    spec                 NetworkSpec: I/O names, axes, dtypes (export/specs.py)
+    backend              "torch" | "onnxruntime" | "tensorrt": for reports only, never branched on
+    device               torch.device its outputs live on
+    supports_cuda_graph  True when its __call__ may be captured inside a torch.cuda.graph with the
+                         scheduler's static buffers (torch on CUDA); False: always run eagerly
+    compiled             whether torch.compile runs it (bench rows report it)
+    lora                 the declared weight-switch capability: a `LoRAScale` when the engine's LoRA
+                         scale can change (the harmonizer), None for fixed weights
+    prepare()            put this engine's weights in place. __call__ does it itself; the scheduler
+                         calls it before every CUDA-graph replay (a replay runs no Python)
+    before_capture()     forget state a captured graph must not bake in (cached cross-attention K/V)
+
+Weight switches are explicit. Engines that share one module (inpaint_unet at c = 0 and
+harmonizer_unet at c = 1 share the UNet) each hold their own scale and apply it in `prepare()`
+by an in-place copy (models/lora.FusedLoRA), so neither can run at the other's weights and a
+captured graph, which reads parameters through their storage, sees the switch. `lora.set(c)`
+changes only that engine's scale; the pipeline sets it at stage boundaries inside one work-queue
+job (runtime/work_queue.py), so no other job runs between the switch and the run.
+
+Implementations: `TorchEngine` (eager or torch.compile), `OrtEngine` (ONNX Runtime), and the
+TensorRT engines of export/tensorrt.py. `conforms(engine)` is checked once at build time.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from editrt.errors import EngineError
+from editrt.errors import EngineError, InputError
 from editrt.export.specs import NetworkSpec
 
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+ENGINE_MEMBERS = ("spec", "backend", "device", "supports_cuda_graph", "compiled", "lora", "prepare", "before_capture")
+
+
+class LoRAScale:
+    """An engine's LoRA scale c: set by the pipeline, applied by the engine's prepare().
+
+    `allowed` lists the scales the engine can switch to (TensorRT: those it has refit weights
+    for); None: any finite scale (PyTorch fuses on demand).
+    """
+
+    def __init__(self, value: float, allowed: tuple[float, ...] | None = None, name: str = "harmonizer"):
+        self.allowed, self.name = allowed, name
+        self.value = float(value)
+
+    def set(self, scale: float) -> None:
+        scale = float(scale)
+        if not np.isfinite(scale) or (self.allowed is not None and scale not in self.allowed):
+            expected = "a finite number" if self.allowed is None else "one of " + ", ".join(f"{a:g}" for a in self.allowed)
+            raise InputError(f"lora_scale {scale:g}: the {self.name} engine accepts {expected}")
+        self.value = scale
+
+
+class Engine(Protocol):
+    spec: NetworkSpec
+    backend: str
+    device: torch.device
+    supports_cuda_graph: bool
+    compiled: bool
+    lora: LoRAScale | None
+
+    def prepare(self) -> None: ...
+
+    def before_capture(self) -> None: ...
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def conforms(engine) -> None:
+    """Raise EngineError unless `engine` declares every member of the protocol (checked once, at build)."""
+    missing = [m for m in ENGINE_MEMBERS if m not in dir(engine)]
+    if missing or not callable(engine):
+        raise EngineError(f"{type(engine).__name__}: not an editrt engine (missing {missing or ['__call__']})")
 
 
 def check_inputs(spec: NetworkSpec, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -35,24 +95,51 @@ def check_inputs(spec: NetworkSpec, inputs: dict[str, torch.Tensor]) -> dict[str
         raise EngineError(str(e)) from None
 
 
+def compile_mode(device: torch.device) -> str:
+    """Inductor inside our own whole-loop CUDA graphs: its own cudagraph trees would nest, so not those."""
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+
+
 class TorchEngine:
-    """A network module run eagerly by PyTorch (the reference backend)."""
+    """A models/networks.py module run by PyTorch: eager, or torch.compile (inductor) when `compile`.
+
+    `lora` / `lora_scale`: the FusedLoRA this engine's module shares and the scale this engine runs
+    at; `switchable` declares the scale changeable (engine.lora), else it is fixed (inpaint: 0).
+    """
 
     backend = "torch"
 
-    def __init__(self, spec: NetworkSpec, module: torch.nn.Module):
-        self.spec, self.module = spec, module
+    def __init__(self, spec: NetworkSpec, module: torch.nn.Module, device=None, *, lora=None, lora_scale: float = 0.0,
+                 switchable: bool = False, compile: bool = False):
+        self.spec, self._module = spec, module
+        if device is None:
+            first = next(module.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
+        self.supports_cuda_graph = self.device.type == "cuda"
+        self._fused, self._fixed_scale = lora, float(lora_scale)
+        self.lora = LoRAScale(lora_scale) if (lora is not None and switchable) else None
+        self.compiled = bool(compile)
+        self._forward = torch.compile(module, mode=compile_mode(self.device)) if compile else module
 
-    def set_lora_scale(self, scale: float) -> None:
-        """For the harmonizer: the LoRA scale its weights are switched to (in place) on the next call."""
-        if not hasattr(self.module, "lora_scale"):
-            raise EngineError(f"{self.spec.name}: has no LoRA to scale")
-        self.module.lora_scale = scale
+    @property
+    def scale(self) -> float:
+        return self.lora.value if self.lora is not None else self._fixed_scale
+
+    def prepare(self) -> None:
+        if self._fused is not None:
+            self._fused.set_scale(self.scale)  # in place; a no-op when already there
+
+    def before_capture(self) -> None:
+        from editrt.models.attention import clear_kv_caches
+
+        clear_kv_caches(self._module)  # so a graph computes K/V from its own static prompt buffer
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
-        outputs = self.module(*(inputs[name] for name in self.spec.input_names))
+        self.prepare()
+        outputs = self._forward(*(inputs[name] for name in self.spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return dict(zip(self.spec.output_names, outputs))
 
@@ -62,9 +149,17 @@ class OrtEngine:
 
     On CUDA tensors with onnxruntime-gpu, inputs and outputs stay on the GPU (IO binding); on CPU
     the tensors are handed over as numpy arrays without copies where possible.
+
+    Stream order under IO binding: ORT's CUDA provider runs on its own stream, which knows nothing
+    of torch's. So the engine waits for torch's current stream before the run (the inputs torch
+    wrote are complete) and for ORT's outputs after it (`synchronize_outputs`), before torch reads
+    them. Costs a host sync per call; ONNX Runtime is not the backend for whole-loop graphs.
     """
 
     backend = "onnxruntime"
+    supports_cuda_graph = False
+    compiled = False
+    lora = None
 
     def __init__(self, spec: NetworkSpec, path: str | Path, device: torch.device | str = "cpu", providers=None):
         import onnxruntime as ort
@@ -99,6 +194,12 @@ class OrtEngine:
                               f"{(spec.input_names, spec.output_names)}; re-export it")
         self.dtypes = {i.name: i.type for i in self.session.get_inputs()}
 
+    def prepare(self) -> None:
+        """Fixed weights (an exported harmonizer has its LoRA fused at c = 1)."""
+
+    def before_capture(self) -> None:
+        """Never captured (supports_cuda_graph is False)."""
+
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
         if self.device.type == "cuda":
@@ -128,7 +229,10 @@ class OrtEngine:
                 binding.bind_output(out.name, "cuda", device_id, np.float32, tuple(t.shape), t.data_ptr())
             else:
                 binding.bind_output(out.name, "cuda", device_id)
+        # torch wrote the inputs (and allocated the outputs) on its stream: finish that before ORT reads
+        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # ORT's stream done before torch reads the outputs
         for out, value in zip(self.spec.outputs, binding.get_outputs()):
             if out.name not in outputs:
                 outputs[out.name] = torch.from_numpy(value.numpy()).to(self.device)

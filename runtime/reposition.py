@@ -19,11 +19,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from editrt.errors import InputError
-from editrt.models.attention import prepare_unet
-from editrt.models.components import load_reposition_components
-from editrt.models.inpaint import TASKS, load_scheduler, load_task_prompts
-from editrt.models.networks import reposition_networks
-from editrt.runtime.backends import REPOSITION_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
+from editrt.models.common import resolve_dtype
+from editrt.models.inpaint import TASKS
+from editrt.runtime.backends import build_engines
+from editrt.runtime.caches import ByteLRU
 from editrt.runtime.images import (
     as_mask,
     as_rgb,
@@ -37,16 +36,10 @@ from editrt.runtime.images import (
 )
 from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
+from editrt.runtime.work_queue import FINAL, WorkQueue
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+__all__ = ["RepositionPipeline", "RepositionResult", "Stage", "check_steps", "resolve_dtype"]
+REMOVE_PASS_BUDGET = 256 << 20  # bytes of memoized REMOVE results (uint8 RGB at the input size)
 
 
 def check_steps(steps: int, guidance: float) -> None:
@@ -80,40 +73,47 @@ class RepositionResult:
 class RepositionPipeline:
     """SEELE over engines (torch, onnxruntime or tensorrt): any device, fp32 / fp16 / bf16.
 
+    Threads: one pipeline may serve many threads and sessions. Every public method runs as one job
+    of `self.work` (runtime/work_queue.py), so engines, loop buffers, graphs and caches are used by
+    one job at a time, and results equal those of running the same calls one by one.
+
     `components` holds the PyTorch modules on the torch backend (None otherwise): `unet`, `vae`,
     `sam` and `harmonizer` (the in-place LoRA switch) are exposed from it for tests and tools.
     """
 
     def __init__(self, engines: dict, task_prompts: dict, scheduler_config, vae_scale_factor: int,
-                 default_resolution: int, sam_image_size: int, device="cpu", dtype=torch.float32, components=None):
+                 default_resolution: int, sam_image_size: int, device="cpu", dtype=torch.float32, components=None,
+                 cuda_graphs: bool = False, compiled: bool = False, max_waiting: int = 64):
         self.engines, self.task_prompts, self.scheduler_config = engines, task_prompts, scheduler_config
         self.vae_scale_factor, self.default_resolution = vae_scale_factor, default_resolution
         self.device, self.dtype, self.components = torch.device(device), dtype, components
+        self.cuda_graphs, self.compiled = cuda_graphs, compiled
+        self.work = WorkQueue(max_waiting, name="editrt-reposition")
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
-        self.loops = LoopCache(scheduler_config, self.device)  # CUDA graphs on CUDA (torch backend)
-        self._embeds: dict[tuple, torch.Tensor] = {}
+        self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
+        self.remove_passes = ByteLRU("remove passes", REMOVE_PASS_BUDGET)
+        self._embeds: dict[tuple, torch.Tensor] = {}  # (task, cfg) -> tensor: at most 8, fixed size
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
-                        engines: str | Path | None = None, optimize: bool = True) -> RepositionPipeline:
+                        engines: str | Path | None = None, optimize: bool = True, cuda_graphs: bool | None = None,
+                        compile: bool = False, max_waiting: int = 64) -> RepositionPipeline:
         """Load from a weights directory; `backend` 'onnxruntime' / 'tensorrt' run the networks exported
         to `engines` by `editrt export` (task prompts and the scheduler still come from `weights`).
 
         `optimize` (torch backend): cache each cross-attention's K/V per request (the task prompt is
         constant through the denoising loop; bit-equal results). False: plain diffusers modules.
+        `cuda_graphs`: None = capture each denoising loop as one CUDA graph where supported (torch
+        on CUDA) when `optimize`; False = never; True = always (an error where unsupported).
+        `compile`: torch.compile (inductor) the UNet, VAE and SAM image encoder (torch backend).
+        `max_waiting`: requests that may wait for the pipeline before one raises BusyError.
         """
-        check_backend(backend, engines)
         dtype = resolve_dtype(dtype)
-        w = editor_settings(weights, "inpaint")
-        sizes = (w.vae_scale_factor, w.resolution, w.sam_image_size)
-        if backend == "torch":
-            components = load_reposition_components(weights, device, dtype)
-            prepare_unet(components.unet, dtype, tuple(components.task_prompts["null"].shape), cache_kv=optimize)
-            engines_ = torch_engines(w.specs, reposition_networks(components), REPOSITION_NETWORKS)
-            return cls(engines_, components.task_prompts, components.scheduler_config, *sizes, device, dtype, components)
-        prompts = load_task_prompts(w.layout.task_prompts, w.config["inpaint"]["unet"]["cross_attention_dim"])
-        engines_ = file_engines(w.specs, REPOSITION_NETWORKS, backend, engines, device, weights)
-        return cls(engines_, prompts, load_scheduler(w.layout.scheduler).config, *sizes, device, dtype)
+        built = build_engines("reposition", weights, backend, device=device, dtype=dtype, engines_dir=engines,
+                              optimize=optimize, compile=compile, cuda_graphs=cuda_graphs)
+        w = built.settings
+        return cls(built.engines, built.task_prompts, built.scheduler_config, w.vae_scale_factor, w.resolution,
+                   w.sam_image_size, device, dtype, built.components, built.cuda_graphs, built.compiled, max_waiting)
 
     def _component(self, name):
         if self.components is None:
@@ -125,25 +125,43 @@ class RepositionPipeline:
     sam = property(lambda self: self._component("sam"))
     harmonizer = property(lambda self: self._component("harmonizer"))
 
+    def caches(self) -> list[ByteLRU]:
+        """Every byte-budgeted cache this pipeline holds (the cross-attention K/V caches are one entry
+        per layer inside the UNet, bounded by construction)."""
+        return [self.segmenter.cache, self.remove_passes, self.loops.cache]
+
+    def forget(self, owner) -> None:
+        """Drop what is cached for `owner` (a closed session's token): REMOVE passes whose cache_key is
+        `owner` or a tuple starting with it, and the SAM embedding stored under image_key=owner."""
+        def owned(key) -> bool:
+            name = key[0]
+            return name == owner or (isinstance(name, tuple) and len(name) > 0 and name[0] == owner)
+        self.work.run(lambda: (self.remove_passes.discard(owned), self.segmenter.forget(owner)))
+
     # ------------------------------------------------------------------ segmentation
-    def segment(self, image, points=None, labels=None, box=None) -> np.ndarray:
+    def segment(self, image, points=None, labels=None, box=None, image_key=None) -> np.ndarray:
         """Subject mask (bool [H, W]) from points (x, y) with labels (1 fg, 0 bg) and/or a box (x0, y0, x1, y1).
 
         Multimask output; the mask with the best predicted IoU wins (as SamPredictor users do).
-        The SAM image embedding is cached per image, so new clicks on the same image are cheap.
+        The SAM image embedding is cached per image (`image_key`, a caller's name for the image, or
+        a digest of its pixels), so new clicks on the same image are cheap.
         """
-        return self.segmenter.masks(as_rgb(image), points=points, labels=labels, box=box)
+        rgb = as_rgb(image)
+        return self.work.run(lambda: self.segmenter.masks(rgb, points=points, labels=labels, box=box,
+                                                          image_key=image_key))
 
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()
     def prompt_embeds(self, task: str, cfg: bool) -> torch.Tensor:
         """[1 or 2, L, C] on the device, made once: the same tensor every request, so K/V caches hold."""
-        key = (task, cfg)
-        if key not in self._embeds:
-            prompt = self.task_prompts[task]
-            embeds = torch.stack([self.task_prompts["null"], prompt]) if cfg else prompt[None]
-            self._embeds[key] = embeds.to(self.device, self.dtype)
-        return self._embeds[key]
+        def make():
+            key = (task, cfg)
+            if key not in self._embeds:
+                prompt = self.task_prompts[task]
+                embeds = torch.stack([self.task_prompts["null"], prompt]) if cfg else prompt[None]
+                self._embeds[key] = embeds.to(self.device, self.dtype)
+            return self._embeds[key]
+        return self.work.run(make)
 
     def _denoise(self, rgb: np.ndarray, mask: np.ndarray, task: str, steps: int, guidance: float, seed: int,
                  progress: bool, step_callback=None) -> np.ndarray:
@@ -221,36 +239,52 @@ class RepositionPipeline:
         """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation."""
         if task not in ("remove", "complete"):
             raise InputError(f"task: expected 'remove' or 'complete', got {task!r}")
-        out, _ = self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress)
+        out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress))
         return Image.fromarray(out)
 
     def harmonize(self, image, mask, steps: int = 50, seed: int = 0, guidance: float = 1.0, resolution: int | None = None,
                   lora_scale: float = 1.0, progress: bool = False) -> Image.Image:
         """Harmonize the masked region: harmonize prompt, LoRA fused at `lora_scale`, whole image as condition.
 
-        lora_scale 0 is the base UNet bit for bit; other scales than 1 need an engine that can switch
-        its weights (torch: in place; tensorrt: refit); an exported ONNX harmonizer is fused at 1.
+        lora_scale 0 is the base UNet bit for bit; other scales than 1 need an engine that declares
+        a switchable LoRA (torch: in place; tensorrt: refit); an exported ONNX harmonizer is fused at 1.
+        The scale is set on the harmonizer engine for this call only, inside this call's job.
         """
-        engine = self.engines["harmonizer_unet"]
-        if lora_scale != 1.0 and not hasattr(engine, "set_lora_scale"):
-            raise InputError(f"lora_scale {lora_scale:g}: the {engine.backend} harmonizer has the LoRA fused at 1")
-        if lora_scale != 1.0:
-            engine.set_lora_scale(lora_scale)
-        try:
-            out, _ = self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, progress)
-        finally:
-            if lora_scale != 1.0:
-                engine.set_lora_scale(1.0)
-        return Image.fromarray(out)
+        lora = self.engines["harmonizer_unet"].lora
+        if lora is None and lora_scale != 1.0:
+            raise InputError(f"lora_scale {lora_scale:g}: the {self.engines['harmonizer_unet'].backend} harmonizer "
+                             "has its LoRA fused at 1")
+
+        def job():
+            if lora is None:
+                return self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, progress)[0]
+            previous = lora.value
+            lora.set(lora_scale)  # the stage boundary: applied by the engine's prepare() before it runs
+            try:
+                return self._regenerate(image, mask, "harmonize", steps, guidance, seed, resolution, progress)[0]
+            finally:
+                lora.set(previous)
+        return Image.fromarray(self.work.run(job))
 
     # ------------------------------------------------------------------ the SEELE flow
     def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float = 1.0,
                  complete_mask=None, occluder_mask=None, harmonize: bool = True, steps: int = 50,
                  guidance: float = 1.0, seed: int = 0, resolution: int | None = None, dilation: int | None = None,
-                 progress: bool = False, cache: dict | None = None, step_callback=None) -> RepositionResult:
-        """The SEELE flow. `cache` (a dict the caller keeps, e.g. an EditSession) memoizes the REMOVE
-        pass, which depends on the image and subject mask but not on the move: a new drag position
-        then costs only paste + harmonize. `step_callback(i)` runs after each eager denoising step."""
+                 progress: bool = False, cache_key=None, step_callback=None, priority: int = FINAL) -> RepositionResult:
+        """The SEELE flow, as one job of the pipeline's work queue.
+
+        `cache_key`: a hashable the caller chooses to name (image, subject mask), e.g. an EditSession's
+        token and selection number; it must change when either changes. With it, the REMOVE pass,
+        which depends on the image and subject but not on the move, is memoized in the pipeline's
+        bounded `remove_passes` cache: a new drag position then costs only paste + harmonize, and no
+        image is hashed. `step_callback(i)` runs after each eager denoising step (on the job's thread).
+        """
+        return self.work.run(lambda: self._reposition(
+            image, mask, points, labels, box, move, scale, complete_mask, occluder_mask, harmonize, steps, guidance,
+            seed, resolution, dilation, progress, cache_key, step_callback), priority)
+
+    def _reposition(self, image, mask, points, labels, box, move, scale, complete_mask, occluder_mask, harmonize,
+                    steps, guidance, seed, resolution, dilation, progress, cache_key, step_callback) -> RepositionResult:
         # 1. Check inputs.
         rgb = as_rgb(image)
         size = rgb.shape[:2]
@@ -281,14 +315,14 @@ class RepositionPipeline:
 
         # 4. REMOVE: inpaint the void the subject leaves (dilated: SAM edges leave a halo otherwise).
         void = dilate(subject, radius)
-        remove_key = ("remove", hash(rgb.tobytes()), hash(void.tobytes()), steps, guidance, seed, resolution)
-        if cache is not None and remove_key in cache:
-            current = cache[remove_key]
-        else:
+        remove_key = (cache_key, radius, steps, guidance, seed, resolution, self.dtype)
+        current = None if cache_key is None else self.remove_passes.get(remove_key)
+        if current is None:
             current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask",
                                           step_callback)
-            if cache is not None:
-                cache[remove_key] = current
+            if cache_key is not None:
+                current.setflags(write=False)  # shared by later calls: nobody may write into it
+                self.remove_passes.put(remove_key, current)
         stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
 
         # 5. Paste the moved subject.

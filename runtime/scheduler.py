@@ -2,30 +2,38 @@
 
 A `DenoiseLoop` runs one stage's whole loop (UNet, classifier-free guidance, DDIM update, every
 step) on buffers allocated once. Timesteps and DDIM coefficients are precomputed on the device,
-so a loop needs no host synchronisation; on CUDA with a PyTorch UNet it is captured once as one
-CUDA graph and replayed per request (inputs are copied into the static buffers first). On the CPU,
-or with ONNX Runtime / TensorRT engines, the same loop runs eagerly: its logic is tested on CPU.
+so a loop needs no host synchronisation. When the pipeline asks for CUDA graphs (`cuda_graphs`,
+resolved in runtime/backends.build_engines) and the UNet engine declares `supports_cuda_graph`,
+the loop is captured once as one CUDA graph and replayed per request (inputs are copied into the
+static buffers first); otherwise (CPU, ONNX Runtime / TensorRT engines, `cuda_graphs=False`, the
+`optimize=False` baseline) the same loop runs eagerly: its logic is tested on CPU.
 
 The DDIM update is diffusers' DDIMScheduler.step (eta = 0, epsilon prediction), with the same
 float32 coefficient arithmetic, so the eager loop is bit-equal to the diffusers loop on the same
 device; a graph replays the same kernels, so replay equals the eager loop bit for bit.
 
-`LoopCache` keeps loops by (stage, shapes, steps, guidance on/off, dtype) and drops the least
-recently used beyond `capacity` (each CUDA graph holds its own memory pool).
+`LoopCache` keeps loops by (stage, shapes, steps, guidance on/off, dtype, engine) within a byte
+budget, least recently used evicted first; a loop's bytes are its static buffers plus, once
+captured, the memory its graph's private pool reserved.
 
 Weight switches under graphs: a captured graph reads parameters through their storage. The
 harmonizer's LoRA switch (models/lora.FusedLoRA) copies the new weights into that same storage,
-and `DenoiseLoop.run` applies the UNet's weights before every replay, so a replay always computes
-with the weights of its stage. The cross-attention K/V caches are cleared before capture, so the
-graph itself recomputes K/V from the (static) prompt buffer once per replay.
+and `DenoiseLoop.run` calls the engine's `prepare()` before every run or replay, so a replay always
+computes with the weights of its engine. `before_capture()` clears the cross-attention K/V caches,
+so the graph itself recomputes K/V from the (static) prompt buffer once per replay.
+
+Threads: a loop's buffers are shared state; loops run only inside their pipeline's work-queue job
+(runtime/work_queue.py), one at a time. Capture uses capture_error_mode="thread_local", so another
+thread's CUDA calls (e.g. an application's) during a capture do not invalidate it.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
+
+from editrt.runtime.caches import ByteLRU
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,11 @@ def ddim_coefficients(scheduler_config, steps: int, device) -> tuple[torch.Tenso
         alpha_prod_t = s.alphas_cumprod[t]
         alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
         beta_prod_t = 1 - alpha_prod_t
-        std_dev_t = 0.0 * s._get_variance(t, prev_t) ** 0.5  # eta = 0, in the same tensor arithmetic
+        # eta = 0: DDIMScheduler.step's std_dev_t is exactly 0, and x - 0**2 == x in float32, so the
+        # direction coefficient is (1 - alpha_prev) ** 0.5 in the same float32 tensor arithmetic
         coef["beta_sqrt"].append(beta_prod_t ** 0.5)
         coef["alpha_sqrt"].append(alpha_prod_t ** 0.5)
-        coef["direction"].append((1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5)
+        coef["direction"].append((1 - alpha_prod_t_prev) ** 0.5)
         coef["prev_alpha_sqrt"].append(alpha_prod_t_prev ** 0.5)
     return s.timesteps.to(device), {k: torch.stack(v).to(device) for k, v in coef.items()}
 
@@ -75,8 +84,16 @@ class DenoiseLoop:
         timesteps, self.coef = ddim_coefficients(scheduler_config, key.steps, self.device)
         self.timestep_inputs = [t.to(torch.float32).expand(batch) for t in timesteps]
         self.graph = None
+        self.graph_bytes = 0  # what the graph's private memory pool reserved at capture
+        self.on_captured = None  # set by LoopCache: re-measure this loop against the budget
         self._sources: dict[str, tuple] = {}  # name -> (tensor, version) last copied into the buffer
-        self.use_graph = use_graph and self.device.type == "cuda" and getattr(unet, "backend", None) == "torch"
+        self.use_graph = bool(use_graph) and unet.supports_cuda_graph
+
+    @property
+    def nbytes(self) -> int:
+        buffers = [self.latents, self.guidance, *self.context.values(), *self.coef.values()]
+        buffers += [] if self.extra is None else [self.extra]
+        return sum(t.element_size() * t.nelement() for t in buffers) + self.graph_bytes
 
     def _step(self, i: int) -> None:
         latents = self.latents
@@ -101,28 +118,23 @@ class DenoiseLoop:
             if callback is not None:
                 callback(i)  # eager only: progress, or a preview's cancellation check
 
-    def _apply_weights(self) -> None:
-        module = getattr(self.unet, "module", None)
-        if hasattr(module, "apply_weights"):
-            module.apply_weights()
-
     def capture(self) -> None:
-        """Warm up on a side stream (allocations, autotuning), then capture the whole loop."""
-        from editrt.models.attention import clear_kv_caches
-
+        """One warm-up of the whole loop on a side stream (allocations, cuDNN / inductor / Triton
+        autotuning: everything a capture may not do), then capture the loop as one graph."""
         saved = self.latents.clone()
+        main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(main)
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                self.latents.copy_(saved)
-                self._body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        clear_kv_caches(getattr(self.unet, "module", None))  # so the graph computes K/V from its own buffer
+            self._body()
+        main.wait_stream(side)
+        self.unet.before_capture()  # so the graph computes K/V from its own static prompt buffer
+        reserved = torch.cuda.memory_reserved(self.device)
         self.graph = torch.cuda.CUDAGraph()
         self.latents.copy_(saved)
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
             self._body()
+        self.graph_bytes = max(0, torch.cuda.memory_reserved(self.device) - reserved)
 
     @torch.no_grad()
     def run(self, latents: torch.Tensor, context: dict[str, torch.Tensor], extra: torch.Tensor | None = None,
@@ -141,9 +153,11 @@ class DenoiseLoop:
                 self.context[name].copy_(value)
                 self._sources[name] = (value, value._version)
         self.guidance.fill_(guidance)
-        self._apply_weights()  # e.g. the harmonizer's LoRA: in place, before any replay
+        self.unet.prepare()  # this engine's weights (the harmonizer's LoRA scale), in place, before a replay
         if self.use_graph and self.graph is None:
             self.capture()
+            if self.on_captured is not None:
+                self.on_captured()
             self.latents.copy_(latents)
         if self.graph is not None:
             self.graph.replay()
@@ -153,39 +167,69 @@ class DenoiseLoop:
 
 
 class LoopCache:
-    """DenoiseLoops keyed by LoopKey, least recently used dropped beyond `capacity`."""
+    """DenoiseLoops within a byte budget, least recently used evicted first.
 
-    def __init__(self, scheduler_config, device, use_graphs: bool | None = None, capacity: int = 8):
-        self.scheduler_config, self.device = scheduler_config, torch.device(device)
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.capacity, self.loops = capacity, OrderedDict()
+    `use_graphs` is the pipeline's resolved `cuda_graphs` option; a loop captures only if its UNet
+    engine also declares `supports_cuda_graph`.
+    """
+
+    def __init__(self, scheduler_config, device, use_graphs: bool = False, budget_bytes: int = 2 << 30):
+        self.scheduler_config, self.device, self.use_graphs = scheduler_config, torch.device(device), bool(use_graphs)
+        self.cache = ByteLRU("denoising loops", budget_bytes)
 
     def get(self, key: LoopKey, unet) -> DenoiseLoop:
-        loop = self.loops.get(key)
+        loop = self.cache.get((key, id(unet)))
         if loop is None or loop.unet is not unet:
             loop = DenoiseLoop(key, unet, self.scheduler_config, self.device, self.use_graphs)
-            self.loops[key] = loop
-            while len(self.loops) > self.capacity:
-                self.loops.popitem(last=False)
-        self.loops.move_to_end(key)
+            loop.on_captured = lambda loop=loop: self.account(loop)
+            self.cache.put((key, id(unet)), loop, loop.nbytes)
         return loop
 
+    def account(self, loop: DenoiseLoop) -> None:
+        """Re-measure a loop after its capture (its graph pool now counts against the budget)."""
+        if (loop.key, id(loop.unet)) in self.cache:
+            self.cache.put((loop.key, id(loop.unet)), loop, loop.nbytes)
+
+    @property
+    def loops(self) -> list[DenoiseLoop]:
+        return self.cache.values()
+
     def clear(self) -> None:
-        self.loops.clear()
+        self.cache.clear()
+
+
+def _record_on(value, stream) -> None:
+    """Tell the caching allocator that `stream` uses the tensors in `value` (allocated on another stream)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            value.record_stream(stream)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _record_on(v, stream)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _record_on(v, stream)
 
 
 def overlap(device, *fns):
     """Run independent callables concurrently on separate CUDA streams (in order on the CPU); returns
-    their results. Each stream waits for the work queued before, and the caller's stream waits for all."""
+    their results. Each stream waits for the work queued before, and the caller's stream waits for all.
+
+    Tensors the callables return were allocated on their side streams: each is recorded on the
+    caller's stream, so the allocator does not hand its memory to the side stream again while the
+    caller still reads it. (Results are walked through tuples, lists and dicts.)
+    """
     if torch.device(device).type != "cuda":
         return [fn() for fn in fns]
-    main = torch.cuda.current_stream()
+    main = torch.cuda.current_stream(device)
     results = []
-    streams = [torch.cuda.Stream() for _ in fns]
+    streams = [torch.cuda.Stream(device) for _ in fns]
     for fn, stream in zip(fns, streams):
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
             results.append(fn())
     for stream in streams:
         main.wait_stream(stream)
+    for result in results:
+        _record_on(result, main)
     return results

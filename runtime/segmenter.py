@@ -8,24 +8,62 @@ many single-point queries in one batched call (the elements partition's 16x16 gr
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from editrt.errors import InputError
+from editrt.runtime.caches import ByteLRU
 
 # segment-anything's Sam.pixel_mean / pixel_std / mask_threshold
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
 PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
 MASK_THRESHOLD = 0.0
+EMBEDDING_BUDGET = 256 << 20  # bytes of cached SAM image embeddings (ViT-B fp32: 4 MiB each)
+
+
+def pixel_key(rgb: np.ndarray) -> tuple:
+    """A name for an image from its pixels (when the caller gives none): shape + blake2b digest."""
+    return ("pixels", rgb.shape, hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest())
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 for fp32 matmuls and convolutions on CUDA, for the duration only (restored after).
+
+    SAM runs in fp32 on every backend (its published checkpoints are fp32). On Ampere and later,
+    TF32 runs those matmuls on tensor cores with a 10-bit mantissa: ~1e-3 relative error in the
+    embedding, which the mask threshold tolerates. The flags are process-global, so while the
+    encoder runs they also apply to other threads' fp32 CUDA matmuls; the pipeline's own work is
+    serialized by its work queue. No effect on the CPU.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Segmenter:
-    def __init__(self, engines: dict, image_size: int, device):
-        self.engines, self.image_size, self.device = engines, image_size, torch.device(device)
+    """SAM prompts -> masks over one pipeline's engines; image embeddings cached by bytes, LRU.
+
+    Runs inside its pipeline's work-queue jobs (the cache is not otherwise guarded against a
+    second thread computing the same embedding).
+    """
+
+    def __init__(self, engines: dict, image_size: int, device, budget_bytes: int = EMBEDDING_BUDGET, tf32: bool = True):
+        """`tf32`: run the fp32 image encoder with TF32 on CUDA (see tf32_matmuls); False: exact fp32."""
+        self.engines, self.image_size, self.device, self.tf32 = engines, image_size, torch.device(device), tf32
         self.transform = ResizeLongestSide(image_size)
-        self._cache: tuple[np.ndarray, torch.Tensor, tuple, tuple] | None = None
+        self.cache = ByteLRU("sam embeddings", budget_bytes)
 
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """SamPredictor.set_image + Sam.preprocess: resize the long side, normalise, pad to a square."""
@@ -35,16 +73,26 @@ class Segmenter:
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h)), (h, w)
 
-    def embedding(self, rgb: np.ndarray):
-        """(image embeddings [1, C, e, e], input size before padding, original size); cached for the last image."""
-        # Compare with the cached image itself: exact, and cheaper than hashing it.
-        if self._cache is None or not np.array_equal(self._cache[0], rgb):
-            x, input_size = self.preprocess(rgb)
-            features = self.engines["sam_image_encoder"](image=x)["image_embeddings"]
-            self._cache = (rgb.copy(), features, input_size, rgb.shape[:2])
-        return self._cache[1:]
+    def embedding(self, rgb: np.ndarray, image_key=None):
+        """(image embeddings [1, C, e, e], input size before padding, original size), cached by image.
 
-    def masks(self, rgb: np.ndarray, points=None, labels=None, box=None) -> np.ndarray:
+        `image_key`: the caller's name for this image (an EditSession's token); it must name the
+        same pixels every time. None: a digest of the pixels names it.
+        """
+        key = pixel_key(rgb) if image_key is None else ("key", image_key)
+        entry = self.cache.get(key)
+        if entry is None:
+            x, input_size = self.preprocess(rgb)
+            with tf32_matmuls(self.device) if self.tf32 else contextlib.nullcontext():
+                features = self.engines["sam_image_encoder"](image=x)["image_embeddings"]
+            entry = (features, input_size, tuple(rgb.shape[:2]))
+            self.cache.put(key, entry)
+        return entry
+
+    def forget(self, image_key) -> int:
+        return self.cache.discard(lambda k: k == ("key", image_key))
+
+    def masks(self, rgb: np.ndarray, points=None, labels=None, box=None, image_key=None) -> np.ndarray:
         """Best-IoU mask (bool [H, W]) of SAM's multimask output for points (x, y) + labels and/or a box."""
         h, w = rgb.shape[:2]
         if points is None and box is None:
@@ -68,7 +116,7 @@ class Segmenter:
         else:  # without a box SamPredictor's prompt encoder appends a padding point
             coords, codes = np.concatenate([coords, [[0.0, 0.0]]]), np.concatenate([codes, [-1]])
 
-        features, _, original_size = self.embedding(rgb)
+        features, _, original_size = self.embedding(rgb, image_key)
         low = 4 * features.shape[-1]
         out = self.engines["sam_mask_decoder"](
             image_embeddings=features,
@@ -84,13 +132,13 @@ class Segmenter:
             raise InputError("segment: SAM found no subject at the given point/box; try another point or a box")
         return mask
 
-    def grid_logits(self, rgb: np.ndarray, points_xy: np.ndarray) -> torch.Tensor:
+    def grid_logits(self, rgb: np.ndarray, points_xy: np.ndarray, image_key=None) -> torch.Tensor:
         """Low-resolution mask logits [N, h, w] for N single foreground points (pixel x, y), in one call.
 
         Each query keeps its best-IoU multimask logits. They are cropped to the image's part of
         SAM's padded square, so they span exactly the image.
         """
-        features, input_size, original_size = self.embedding(rgb)
+        features, input_size, original_size = self.embedding(rgb, image_key)
         coords = self.transform.apply_coords(np.asarray(points_xy, np.float64), original_size)
         logits = self.engines["sam_mask_decoder_grid"](
             image_embeddings=features, point_coords=torch.as_tensor(coords, dtype=torch.float32, device=self.device),

@@ -3,25 +3,35 @@
     session = EditSession(image, RepositionPipeline.from_pretrained(...))
     session.select(points=[[x, y]])                # SAM: the image embedding is computed once
     future = session.preview(move=(dx, dy))        # non-blocking; a newer preview replaces a queued one
-    result = session.final(move=(dx, dy))          # cancels previews in flight, then runs at full quality
+    result = session.final(move=(dx, dy))          # cancels this session's previews, then runs at full quality
 
     session = EditSession(image, ElementsPipeline.from_pretrained(...))   # partition + features once
     session.elements.move(ids, dx, dy)             # edit the session's elements
     session.preview(); session.final(prompt="...")
 
-What is kept: the SAM image embedding (Segmenter cache), the subject mask, the REMOVE pass per
-(subject, quality) (it does not depend on the move, so a drag costs paste + harmonize), the task
+What is kept: the SAM image embedding (the pipeline's Segmenter cache, under this session's
+token), the subject mask, the REMOVE pass per (subject, quality) (it does not depend on the move,
+so a drag costs paste + harmonize; in the pipeline's bounded `remove_passes` cache), the task
 prompts' tensors (so their cross-attention K/V caches hold), the partition and content features,
-and the denoising loops / CUDA graphs per shape (runtime/scheduler.py).
+and the denoising loops / CUDA graphs per shape (runtime/scheduler.py). close() drops this
+session's cache entries.
 
-Previews run at `preview_steps` and a lower resolution on a background thread, latest-wins. A
-final request cancels a preview that is queued and stops one that is running at its next
-denoising step (eager loops; a captured preview graph is short and finishes first), then runs on
-the caller's thread: a preview never blocks the final.
+Threads. A session holds only its own state and owns no thread:
+* the caller's thread runs the constructor, select(), final(), reset() and close(); it owns the
+  session's fields (`subject`, `elements`) and may change them at any time;
+* previews run on the pipeline's work-queue worker thread (runtime/work_queue.py). preview()
+  snapshots everything the render reads (subject, elements, the edit's arrays, quality, seed)
+  when it is called, so the worker never reads a field the caller is changing;
+* all device work (constructor, select, final, previews) goes through the pipeline's one work
+  queue, so many sessions on one pipeline run one job at a time, finals before previews.
+Latest wins: a new preview cancels this session's previous one (never another session's). A final
+or close() cancels a queued preview and stops a running one at its next denoising step (eager
+loops; a captured preview graph is short and finishes first); then the final runs on the caller's
+thread at FINAL priority, so a preview never blocks it for more than one step.
 """
 from __future__ import annotations
 
-import threading
+import itertools
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
@@ -29,91 +39,35 @@ import numpy as np
 import torch
 
 from editrt.errors import InputError
-from editrt.runtime.images import as_rgb
+from editrt.runtime.images import as_mask, as_rgb
 from editrt.runtime.scheduler import overlap
+from editrt.runtime.work_queue import FINAL, PREVIEW, Job
+
+_TOKENS = itertools.count()
 
 
-class _Cancelled(Exception):
-    """Raised inside a preview's denoising loop when a final request supersedes it."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class Quality:
     steps: int
     resolution: int | None  # None: the pipeline's default
 
 
-class _Worker:
-    """Previews run on one background thread, latest-wins; a final runs on the caller's thread.
+@dataclass(frozen=True)
+class _Request:
+    """Everything one render reads, captured on the caller's thread when the render is requested."""
 
-    `busy` is held by whoever uses the pipeline, so it is never used by two threads at once. A
-    final cancels the queued preview and asks a running one to stop at its next step, then takes
-    `busy`: it waits at most one denoising step, never a whole preview. (Running finals on the
-    caller's thread also keeps CPU inference off a second OpenMP thread team.)
-    """
+    quality: Quality
+    edit: dict
+    subject: np.ndarray | None = None  # reposition
+    cache_key: tuple | None = None  # (session token, selection number): names image + subject
+    elements: object = None  # elements: a copy of the session's Elements
 
-    def __init__(self):
-        self.lock = threading.Condition()
-        self.busy = threading.Lock()
-        self.pending: tuple[Future, object] | None = None  # the newest preview not started yet
-        self.running: Future | None = None
-        self.closed = False
-        self.thread = threading.Thread(target=self._loop, name="editrt-preview", daemon=True)
-        self.thread.start()
 
-    def preview(self, fn) -> Future:
-        future = Future()
-        future.cancel_requested = False
-        with self.lock:
-            if self.closed:
-                raise RuntimeError("the session is closed")
-            if self.pending is not None:
-                self.pending[0].cancel()  # superseded by a newer drag position
-            self.pending = (future, fn)
-            self.lock.notify()
-        return future
-
-    def final(self, fn):
-        with self.lock:
-            if self.pending is not None:
-                self.pending[0].cancel()
-                self.pending = None
-            if self.running is not None:
-                self.running.cancel_requested = True
-        with self.busy:
-            return fn(None)
-
-    def _loop(self):
-        while True:
-            with self.lock:
-                while not self.closed and self.pending is None:
-                    self.lock.wait()
-                if self.closed:
-                    return
-                (future, fn), self.pending = self.pending, None
-                if not future.set_running_or_notify_cancel():
-                    continue
-                self.running = future
-            with self.busy:
-                try:
-                    if future.cancel_requested:
-                        raise _Cancelled()
-                    future.set_result(fn(future))
-                except _Cancelled:
-                    future.set_exception(CancelledError("superseded by a final request"))
-                except BaseException as e:  # delivered to whoever waits on the future
-                    future.set_exception(e)
-                finally:
-                    with self.lock:
-                        self.running = None
-
-    def close(self):
-        with self.lock:
-            self.closed = True
-            if self.pending is not None:
-                self.pending[0].cancel()
-            self.lock.notify()
-        self.thread.join()
+def _frozen_copy(value):
+    if isinstance(value, np.ndarray):
+        value = value.copy()
+        value.setflags(write=False)
+    return value
 
 
 class EditSession:
@@ -124,76 +78,114 @@ class EditSession:
 
         if not isinstance(pipeline, (RepositionPipeline, ElementsPipeline)):
             raise InputError(f"pipeline: expected a RepositionPipeline or an ElementsPipeline, got {type(pipeline).__name__}")
-        self.rgb, self.pipeline, self.seed = as_rgb(image), pipeline, seed
+        self.rgb, self.pipeline, self.seed = as_rgb(image).copy(), pipeline, seed
+        self.rgb.setflags(write=False)  # our own copy, read by preview jobs: nobody writes it
         self.kind = "reposition" if isinstance(pipeline, RepositionPipeline) else "elements"
+        self.token = ("session", next(_TOKENS))  # names this session's image in the pipeline's caches
         full = resolution or pipeline.default_resolution
         low = preview_resolution or max(8, (full // 2) // 8 * 8)
         self.final_quality, self.preview_quality = Quality(steps, full), Quality(preview_steps, low)
         self.subject: np.ndarray | None = None
-        self.cache: dict = {}  # the pipeline's memo of passes that an edit does not change
-        self._worker = _Worker()
-        # What every edit needs, computed once (on the worker, like all GPU work); independent parts
-        # overlap on separate CUDA streams.
+        self._selection = 0  # bumped by every select(): part of the REMOVE pass's cache key
+        self._preview: Job | None = None  # this session's latest preview
+        self._closed = False
+        work = pipeline.work
+        # What every edit needs, computed once as one job; independent parts overlap on CUDA streams.
         if self.kind == "reposition":
             embeds = [lambda task=task: pipeline.prompt_embeds(task, False) for task in ("remove", "harmonize")]
-            self._worker.final(lambda f: overlap(pipeline.device, lambda: pipeline.segmenter.embedding(self.rgb),
-                                                 *embeds))
+            work.run(lambda: overlap(pipeline.device, lambda: pipeline.segmenter.embedding(self.rgb, self.token),
+                                     *embeds))
             self.elements = None
         else:
-            results = self._worker.final(lambda f: overlap(pipeline.device,
-                                                           lambda: pipeline.partition(self.rgb, resolution=full),
-                                                           lambda: pipeline.prompt_embedding("")))
+            results = work.run(lambda: overlap(pipeline.device, lambda: pipeline.partition(self.rgb, resolution=full),
+                                               lambda: pipeline.prompt_embedding("")))
             self.elements, self.original = results[0], results[0].copy()
 
     # ------------------------------------------------------------------ reposition
     def select(self, points=None, labels=None, box=None, mask=None) -> np.ndarray:
         """The subject, from SAM prompts (cached embedding) or a mask."""
+        self._check_open()
         if self.kind != "reposition":
             raise InputError("select: only a repositioning session has a subject")
         if mask is not None:
-            from editrt.runtime.images import as_mask
-
-            self.subject = as_mask(mask, self.rgb.shape[:2], "mask")
+            subject = as_mask(mask, self.rgb.shape[:2], "mask")
         else:
-            self.subject = self._worker.final(
-                lambda f: self.pipeline.segment(self.rgb, points=points, labels=labels, box=box))
-        return self.subject
+            subject = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box, image_key=self.token)
+        subject.setflags(write=False)  # a preview snapshot may hold it; select() replaces, never edits it
+        self.subject, self._selection = subject, self._selection + 1
+        return subject
 
     # ------------------------------------------------------------------ both
-    def _job(self, quality: Quality, edit: dict):
-        def run(future: Future):
-            def check(_step):
-                if future is not None and future.cancel_requested:
-                    raise _Cancelled()
+    def _request(self, quality: Quality, edit: dict) -> _Request:
+        """Caller's thread: snapshot the state a render reads."""
+        edit = {k: _frozen_copy(v) for k, v in edit.items()}
+        if self.kind == "reposition":
+            if self.subject is None:
+                raise InputError("preview/final: select the subject first (select(points=...) or mask=)")
+            return _Request(quality, edit, self.subject, (self.token, self._selection))
+        return _Request(quality, edit, elements=self.elements.copy())
 
-            with torch.no_grad():
-                if self.kind == "reposition":
-                    if self.subject is None:
-                        raise InputError("preview/final: select the subject first (select(points=...) or mask=)")
-                    return self.pipeline(self.rgb, mask=self.subject, steps=quality.steps, resolution=quality.resolution,
-                                         seed=self.seed, cache=self.cache, step_callback=check, **edit)
-                h, w = self.elements.image_size
-                scale = quality.resolution / min(h, w)
-                size = (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
-                return self.pipeline.decode(self.elements, steps=quality.steps, seed=self.seed, size=size,
-                                            step_callback=check, **edit)
-        return run
+    def _render(self, request: _Request, job: Job | None):
+        """Inside a work-queue job: the worker thread (preview) or the caller's thread (final)."""
+        check = None if job is None else (lambda _step: job.raise_if_cancelled())
+        q = request.quality
+        with torch.no_grad():
+            if self.kind == "reposition":
+                return self.pipeline(self.rgb, mask=request.subject, steps=q.steps, resolution=q.resolution,
+                                     seed=self.seed, cache_key=request.cache_key, step_callback=check, **request.edit)
+            return self.pipeline.decode(request.elements, steps=q.steps, seed=self.seed, resolution=q.resolution,
+                                        step_callback=check, **request.edit)
 
     def preview(self, **edit) -> Future:
-        """A fast, low-resolution result of `edit`, computed in the background; a newer preview replaces it."""
-        return self._worker.preview(self._job(self.preview_quality, edit))
+        """A fast, low-resolution result of `edit`, computed in the background; a newer preview replaces it.
+
+        The returned Future raises concurrent.futures.CancelledError when a newer preview, a final or
+        close() supersedes it.
+        """
+        self._check_open()
+        request = self._request(self.preview_quality, edit)
+        self._cancel_preview()
+        self._preview = self.pipeline.work.submit(lambda job: self._render(request, job), PREVIEW)
+        return self._preview.future
 
     def final(self, **edit):
-        """The full-quality result of `edit`; previews in flight are dropped, so this never waits on one."""
-        return self._worker.final(self._job(self.final_quality, edit))
+        """The full-quality result of `edit`, on this thread; this session's previews are dropped first."""
+        self._check_open()
+        request = self._request(self.final_quality, edit)
+        self._cancel_preview()
+        return self.pipeline.work.run(lambda: self._render(request, None), FINAL)
+
+    def _cancel_preview(self) -> None:
+        if self._preview is not None:
+            self._preview.cancel()  # queued: never runs; running: stops at its next denoising step
+            self._preview = None
 
     def reset(self) -> None:
         """Undo the elements edits (elements sessions)."""
         if self.elements is not None:
             self.elements = self.original.copy()
 
-    def close(self) -> None:
-        self._worker.close()
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("session: closed; open a new EditSession")
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Cancel this session's preview (queued or running; waits up to `timeout` s for a running one to
+        stop) and drop its entries from the pipeline's caches. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        preview, self._preview = self._preview, None
+        if preview is not None:
+            preview.cancel()
+            try:
+                preview.future.exception(timeout=timeout)  # returns once it has stopped
+            except CancelledError:
+                pass  # it never started: nothing runs
+        if self.kind == "reposition":
+            self.pipeline.forget(self.token)
+        else:
+            self.pipeline.work.run(lambda: self.pipeline.segmenter.forget(self.token))
 
     def __enter__(self):
         return self

@@ -21,9 +21,19 @@ class ToyUNet:
     """A deterministic 'UNet' behind the engine interface: depends on sample, timestep and context."""
 
     backend = "toy"
+    supports_cuda_graph = False
+    compiled = False
+    lora = None
+    device = torch.device("cpu")
 
     def __init__(self):
         self.calls = 0
+
+    def prepare(self):
+        pass
+
+    def before_capture(self):
+        pass
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         self.calls += 1
@@ -53,17 +63,25 @@ def test_loop_equals_diffusers_ddim_bit_for_bit(steps, guidance):
     assert torch.equal(ours, x)
 
 
-def test_loop_cache_keys_and_eviction():
-    unet, cache = ToyUNet(), LoopCache(CONFIG, "cpu", capacity=2)
+def test_loop_cache_keys_and_lru_eviction_by_bytes():
+    unet = ToyUNet()
 
     def key(steps=4, cfg=False, h=8):
         return LoopKey("t", (1, 4, h, h), None, (("encoder_hidden_states", (1, 6, 3)),), steps, cfg, torch.float32)
 
+    one = DenoiseLoop(key(), unet, CONFIG, "cpu", use_graph=False).nbytes
+    assert one > 0
+    cache = LoopCache(CONFIG, "cpu", budget_bytes=2 * one)  # room for two loops of this size
     a = cache.get(key(), unet)
-    assert cache.get(key(), unet) is a
-    assert cache.get(key(steps=5), unet) is not a and cache.get(key(cfg=True), unet) is not a
-    assert len(cache.loops) == 2 and key() not in cache.loops  # least recently used dropped
-    assert cache.get(key(), ToyUNet()) is not a  # another engine: another loop
+    assert cache.get(key(), unet) is a  # same key, same engine: the same loop
+    b = cache.get(key(), ToyUNet())
+    assert b is not a  # another engine: another loop
+    assert cache.get(key(), unet) is a  # a is now the most recently used
+    c = cache.get(LoopKey("other stage", (1, 4, 8, 8), None, (("encoder_hidden_states", (1, 6, 3)),), 4, False,
+                          torch.float32), unet)
+    assert c is not a and len(cache.loops) == 2
+    assert {id(loop) for loop in cache.loops} == {id(a), id(c)}  # b, the least recently used, went
+    assert cache.cache.bytes <= 2 * one
 
 
 def test_context_copied_once_per_tensor_so_kv_caches_hold(reposition):

@@ -5,6 +5,7 @@ from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
+from runtime_doubles import CountingEngine as _Counting
 from skimage import data
 
 from editrt.errors import InputError
@@ -39,17 +40,6 @@ def test_reposition_session_recomputes_only_what_the_drag_changes(tiny_weights, 
         np.testing.assert_array_equal(np.asarray(second.image), np.asarray(direct.image))  # cache changes nothing
         preview = session.preview(move=(10, 0)).result(timeout=60)
         assert preview.image.size == (451, 300)
-
-
-class _Counting:
-    def __init__(self, engine, calls, name):
-        self.engine, self.calls, self.name = engine, calls, name
-        self.backend, self.spec = engine.backend, engine.spec
-        self.module = getattr(engine, "module", None)
-
-    def __call__(self, **inputs):
-        self.calls.append(self.name)
-        return self.engine(**inputs)
 
 
 def test_previews_are_latest_wins_and_the_final_cancels_them(tiny_weights, photo):
@@ -87,19 +77,21 @@ def test_elements_session(tiny_weights, photo):
     from editrt.runtime.elements_pipeline import ElementsPipeline
 
     pipe = ElementsPipeline.from_pretrained(tiny_weights)
+    shapes = []
+    real_unet = pipe.engines["element_unet"]
     with EditSession(photo, pipe, steps=2, preview_steps=1) as session:
-        partition_calls = []
-        real = pipe.partition
-        pipe.partition = lambda *a, **k: partition_calls.append(1) or real(*a, **k)
+        calls = []
+        pipe.engines["sam_image_encoder"] = _Counting(pipe.engines["sam_image_encoder"], calls, "sam")
+        pipe.engines["content_encoder"] = _Counting(pipe.engines["content_encoder"], calls, "content")
+        pipe.engines["element_unet"] = _Counting(real_unet, shapes, "unet")
         alive = session.elements.alive_ids
         session.elements.move(alive[0], 6, 0)
         session.elements.delete(alive[-2:])  # far from the moved one
         final = session.final(prompt="a cat")
         preview = session.preview().result(timeout=60)
-        assert partition_calls == []  # partition and content features were computed once, at the start
-        h, w = session.elements.image_size
-        assert final.size == (w, h)
-        assert preview.size == (w // 2, h // 2)  # the preview renders at half the resolution
+        assert calls == []  # SAM and content features ran once, at the start: edits do not re-run them
+        assert shapes == ["unet"] * 3  # 2 final steps + 1 preview step
+        assert final.size == preview.size == (photo.shape[1], photo.shape[0])  # both in the user's image
         session.reset()
         assert session.elements.alive[alive[-1]]
         with pytest.raises(InputError, match="only a repositioning session"):
