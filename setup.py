@@ -1,5 +1,103 @@
-"""Packaging only: one package `editrt` whose sub-packages live in the top-level folders."""
-from setuptools import setup
+"""Packaging: one package `editrt` whose sub-packages live in the top-level folders, plus the CMake build
+of the native ops (CMakeLists.txt -> kernels/_editrt_native*.so, loaded by editrt.kernels.cleanup).
+
+The native build never fails the install: without CMake, a compiler or torch it prints one line and the
+Python (scipy) path runs instead. `python setup.py build_native` (or `pip install -e .` again) rebuilds it
+after editing kernels/csrc/ (incremental, in build/native). Environment: EDITRT_NATIVE_BUILD=0 skips the
+build, EDITRT_CUDA=0 builds the CPU ops only, EDITRT_CUDA_ARCHITECTURES="80;90" picks the GPUs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Command, Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+NATIVE_BUILD_DIR = ROOT / "build" / "native"
+
+
+def _torch_facts():
+    """(torch's CMake prefix, C++11 ABI flag) of the torch editrt will run with, or None.
+
+    Under pip's build isolation torch is not importable here; the interpreter itself, started without the
+    isolation's path settings, still sees the environment's own torch.
+    """
+    code = "import torch; print(torch.utils.cmake_prefix_path); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+    try:
+        import torch
+
+        return torch.utils.cmake_prefix_path, int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    except ImportError:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        lines = done.stdout.split()
+        return (lines[0], int(lines[1])) if done.returncode == 0 and len(lines) == 2 else None
+
+
+class CMakeExtension(Extension):
+    """A library built by CMakeLists.txt (a torch.ops library, not a Python module)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[], optional=True)
+
+
+class BuildExt(build_ext):
+    """build_ext for the CMake library: configure once, build incrementally in build/native, copy the .so."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        target = Path(self.get_ext_fullpath(ext.name))
+        try:
+            reason = self._build_cmake(target)
+        except (OSError, subprocess.CalledProcessError) as e:
+            reason = f"the CMake build failed ({e})"
+        if reason:
+            print(f"editrt: native ops not built: {reason}; the Python (scipy) clean-up will run", file=sys.stderr)
+
+    def _build_cmake(self, target: Path):
+        if os.environ.get("EDITRT_NATIVE_BUILD", "1") == "0":
+            return "EDITRT_NATIVE_BUILD=0"
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            return "cmake not found"
+        facts = _torch_facts()
+        if facts is None:
+            return "torch is not importable"
+        prefix, abi = facts
+        configure = [cmake, "-S", str(ROOT), "-B", str(NATIVE_BUILD_DIR), f"-DCMAKE_PREFIX_PATH={prefix}",
+                     "-DCMAKE_BUILD_TYPE=Release", f"-DEDITRT_CXX11_ABI={abi}",
+                     f"-DEDITRT_CUDA={'OFF' if os.environ.get('EDITRT_CUDA', '1') == '0' else 'ON'}"]
+        if os.environ.get("EDITRT_CUDA_ARCHITECTURES"):
+            configure.append(f"-DEDITRT_CUDA_ARCHITECTURES={os.environ['EDITRT_CUDA_ARCHITECTURES']}")
+        if shutil.which("ninja") and not (NATIVE_BUILD_DIR / "CMakeCache.txt").exists():
+            configure += ["-G", "Ninja"]
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(NATIVE_BUILD_DIR), "--parallel", str(os.cpu_count() or 2)], check=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(NATIVE_BUILD_DIR / "libeditrt_native.so", target)
+        return None
+
+
+class BuildNative(Command):
+    """`python setup.py build_native`: (re)build the native ops into kernels/ of this checkout."""
+
+    description = "build the native ops (CMakeLists.txt) into kernels/ of the source tree"
+    user_options = []
+
+    def initialize_options(self):
+        pass
+
+    def finalize_options(self):
+        pass
+
+    def run(self):
+        self.reinitialize_command("build_ext", inplace=1)
+        self.run_command("build_ext")
+
 
 setup(
     name="editrt",
@@ -55,4 +153,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["editrt=editrt.cli:main"]},
+    ext_modules=[CMakeExtension("editrt.kernels._editrt_native")],
+    cmdclass={"build_ext": BuildExt, "build_native": BuildNative},
 )
