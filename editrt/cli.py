@@ -1,19 +1,23 @@
 """The `editrt` command line.
 
-Bad input (EditError) prints one line on stderr and exits 2; outputs are written atomically, so
-a failed command leaves no file behind. Anything else is a bug and keeps its traceback.
+Every user error prints ONE line on stderr and exits 2: bad input (EditError), argparse's own
+complaints (unknown option, missing argument, bad choice: `_Parser` turns them into UsageError),
+and the operating system refusing a file (OSError). Outputs are written atomically, so a failed
+command leaves no file behind. Anything else is a bug and keeps its traceback.
+
+`doctor` and `serve` are imported only when they run (`_LAZY_COMMANDS`): a missing optional
+dependency of one never breaks another command.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from editrt.errors import EditError, InputError
+from editrt import __version__
+from editrt.errors import EditError, InputError, UsageError
 
 EXIT_BAD_INPUT = 2
 
@@ -47,17 +51,22 @@ def load_mask(path: str, name: str) -> np.ndarray:
 
 
 def _device(args) -> str:
-    import torch
+    from editrt.models.common import default_device, resolve_device
 
-    if args.device:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(args.device, "--device") if args.device else default_device())
 
 
 def _dtype(args, device: str) -> str:
-    return args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    from editrt.models.common import default_dtype
+
+    return args.dtype or default_dtype(device)
+
+
+def _dtype_option(text: str) -> str:
+    """--dtype: the canonical name of any spelling models/common.py knows (float16 -> fp16)."""
+    from editrt.models.common import DTYPE_ALIASES
+
+    return DTYPE_ALIASES.get(text, text)
 
 
 def _progress(args) -> bool:
@@ -157,16 +166,9 @@ def cmd_reposition(args) -> None:
         guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args),
     )
     if stages_dir is not None:  # into a temporary sibling, renamed when complete
-        stages_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stages_dir.name}.", dir=stages_dir.parent))
-        try:
-            result.save_stages(tmp)
-            if stages_dir.exists():
-                stages_dir.rmdir()
-            tmp.rename(stages_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        from editrt.models.files import write_dir_atomic
+
+        write_dir_atomic(stages_dir, result.save_stages)
     save_png(result.image, out, watermark=args.watermark)
     _log(args)(f"reposition -> {out}" + (f" (stages in {stages_dir})" if stages_dir else ""))
 
@@ -199,8 +201,8 @@ def cmd_elements_partition(args) -> None:
     if overlay:
         save_png(pipe.render_overlay(elements, image, ids=args.ids), overlay)
     elements.save(out)
-    h, w = elements.image_size
-    _log(args)(f"{len(elements.alive_ids)} elements on a {w}x{h} canvas, "
+    (h, w), (wh, ww) = elements.image_size, elements.working_size
+    _log(args)(f"{len(elements.alive_ids)} elements on the {w}x{h} image (working size {ww}x{wh}), "
                f"{100 * elements.info['dropped_fraction']:.2f}% of pixels dropped -> {out}")
 
 
@@ -261,7 +263,7 @@ def cmd_elements_render(args) -> None:
     out = _check_output(args.output)
     elements = Elements.load(args.elements)
     image = _elements_pipeline(args).decode(elements, prompt=args.prompt, guidance=args.guidance, steps=args.steps,
-                                            seed=args.seed, progress=_progress(args))
+                                            seed=args.seed, resolution=args.resolution, progress=_progress(args))
     save_png(image, out, watermark=args.watermark)
     _log(args)(f"render -> {out}")
 
@@ -276,10 +278,8 @@ def cmd_elements_show(args) -> None:
         ids = elements.select(point=point, box=box)
     else:
         ids = elements.alive_ids
-    H, W = elements.image_size
-    for i in ids:
-        x, y = elements.centroids[i] * (W, H)
-        w, h = elements.sizes[i] * (W, H)
+    for i in ids:  # image pixels
+        (x, y), (w, h) = elements.centroids[i], elements.sizes[i]
         print(f"{i}\tx={x:.1f}\ty={y:.1f}\tw={w:.1f}\th={h:.1f}")
 
 
@@ -320,12 +320,57 @@ def cmd_export(args) -> None:
 
 
 # ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its complaints are UsageError (one line, exit 2 in `main`) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {' '.join(message.split())} (see `{self.prog} --help`)")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if status:
+            raise UsageError(f"{self.prog}: {' '.join((message or 'failed').split())}")
+        super().exit(status, message)  # --help, --version: their text on stdout, exit 0
+
+
+# name -> (module with configure_parser(parser) and run(args) -> exit code, help)
+_LAZY_COMMANDS = {
+    "doctor": ("editrt.doctor", "check this machine: GPU, kernels (compiled ahead of time), backends"),
+    "serve": ("editrt.runtime.server.cli", "serve both editors over HTTP (FastAPI) with a web editor page"),
+}
+
+
+def _add_lazy_command(sub, name: str, selected: str | None) -> None:
+    module_name, help_text = _LAZY_COMMANDS[name]
+    p = sub.add_parser(name, help=help_text)
+    if name != selected:  # not running: its module is not imported at all
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:  # an optional part or its dependency is absent: only this command fails
+        raise InputError(f"{name}: unavailable; it needs the module {e.name!r}, which is not installed") from None
+    module.configure_parser(p)
+    p.set_defaults(func=module.run)
+
+
+def _engine_options(g) -> None:
+    """How the torch backend runs the denoising loop (engine_api: from_pretrained's cuda_graphs / compile)."""
+    g.add_argument("--compile", action="store_true", help="torch backend: torch.compile the UNets (slow first run)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="torch backend on CUDA: run the denoising loop eagerly instead of replaying a CUDA graph")
+
+
 def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:
+    from editrt.models.common import DTYPE_ALIASES, DTYPES
+
     g = p.add_argument_group("common options")
     g.add_argument("--weights", help="weights directory, or 'tiny' / 'full' for cached random weights "
                    "(default: $EDITRT_WEIGHTS)")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--dtype", type=_dtype_option, choices=tuple(DTYPES), metavar="DTYPE",
+                   help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
     g.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
     if steps:
@@ -345,9 +390,11 @@ def _prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the subject")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="editrt", description="Low-latency diffusion-based spatial image editing.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `selected` (the command about to run) is the only lazy command imported."""
+    parser = _Parser(prog="editrt", description="Low-latency diffusion-based spatial image editing.")
+    parser.add_argument("--version", action="version", version=f"editrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     weights = sub.add_parser("weights", help="weights directories").add_subparsers(dest="weights_command", required=True)
     p = weights.add_parser("init", help="write random weights in the real formats")
@@ -392,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="ELEMENTS.json")
     p.add_argument("--overlay", metavar="PNG", help="also draw the element boundaries and centroids")
     p.add_argument("--ids", action="store_true", help="label each centroid with its id in the overlay")
-    p.add_argument("--resolution", type=int, help="working short side, multiple of 8 (default: the model's)")
+    p.add_argument("--resolution", type=int, help="working short side, multiple of 8 (default: the model's); "
+                   "the elements, their label map and the overlay stay at the image's size")
     p.add_argument("--grid", type=int, default=16, help="query grid (16 -> 256 elements)")
     p.add_argument("--beta", type=float, default=64.0, help="distance weight (Eq. 1)")
     p.add_argument("--iterations", type=int, default=1, help="SLIC iterations T")
@@ -401,16 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = elements.add_parser("edit", help="move, resize, delete or insert elements (applied in order)")
     p.add_argument("elements", metavar="ELEMENTS.json")
-    p.add_argument("--move", action=_EditOp, metavar="ID[+ID]:DX,DY")
+    p.add_argument("--move", action=_EditOp, metavar="ID[+ID]:DX,DY", help="move by DX,DY image pixels")
     p.add_argument("--resize", action=_EditOp, metavar="ID[+ID]:SCALE")
     p.add_argument("--delete", action=_EditOp, metavar="ID[+ID]")
     p.add_argument("--insert", action=_EditOp, metavar="OTHER.json:ID[+ID]@X,Y",
-                   help="copy elements of another partition, their joint centre at canvas pixel X,Y")
+                   help="copy elements of another partition, their joint centre at image pixel X,Y")
     p.add_argument("-o", "--output", required=True, metavar="EDITED.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_elements_edit)
 
-    p = elements.add_parser("render", help="render elements with the diffusion decoder")
+    p = elements.add_parser("render", help="render elements with the diffusion decoder, at the image's size")
     p.add_argument("elements", metavar="ELEMENTS.json")
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
@@ -419,16 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = elements.add_parser("show", help="list elements (all, the one under --point, or those centred in --box)")
     p.add_argument("elements", metavar="ELEMENTS.json")
-    p.add_argument("--point", metavar="X,Y")
-    p.add_argument("--box", metavar="X0,Y0,X1,Y1")
+    p.add_argument("--point", metavar="X,Y", help="image pixel")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="image pixels")
     p.set_defaults(func=cmd_elements_show)
 
     p = sub.add_parser("export", help="export components to ONNX (and build TensorRT engines)")
     p.add_argument("--component", default="all", help="all (default) or comma-separated names")
     p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (ONNX first, then engines)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.add_argument("--check", action="store_true", help="print each component's max relative error vs PyTorch "
-                   "(the check always runs; it fails above 1e-4)")
+    p.add_argument("--check", action="store_true",
+                   help="print each component's max relative error vs PyTorch (ONNX Runtime on fresh random inputs, "
+                   "one line per component on stdout). The check itself always runs: a component above 1e-4 "
+                   "fails the command (exit 2) and its graph is not written")
     p.add_argument("--precision", default="fp16", help="TensorRT: fp16 (default), bf16, fp8 or fp32")
     p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     p.add_argument("--weights", help="weights directory, or 'tiny' / 'full' (default: $EDITRT_WEIGHTS)")
@@ -438,7 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     from editrt.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    for name in _LAZY_COMMANDS:
+        _add_lazy_command(sub, name, selected)
     return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,16 +504,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # already imported (in-process use): the variable is read at import
         sys.modules["transformers"].utils.logging.disable_progress_bar()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    selected = next((a for a in argv if not a.startswith("-")), None)  # the top level has options only before it
     try:
-        args.func(args)
+        try:
+            args = build_parser(selected).parse_args(argv)
+        except SystemExit as e:  # --help or --version: printed, nothing to run
+            return e.code if isinstance(e.code, int) else 0
+        rc = args.func(args)
     except EditError as e:
-        print(f"editrt: error: {e}", file=sys.stderr)
+        print(f"editrt: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the system refused a file (permissions, disk full): the user's to fix, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"editrt: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("editrt: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -23,3 +23,7 @@ class ElementsError(EditError, ValueError):
 
 class EngineError(EditError):
     """An exported model or engine file is missing, corrupt or does not match its spec."""
+
+
+class UsageError(InputError):
+    """The command line itself is wrong: an unknown option, a missing argument, a bad choice."""

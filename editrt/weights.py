@@ -8,8 +8,6 @@ latency); `tiny` keeps every code path at a small width for CPU tests.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from editrt.errors import InputError
 from editrt.models.components import WeightsLayout
+from editrt.models.files import write_dir_atomic
 
 CONFIG_NAMES = ("tiny", "full")
 # Bumped when `init_weights` writes something new, so cached random weights are rewritten.
@@ -112,24 +111,16 @@ def _write_elements(layout: WeightsLayout, config: dict, generator: torch.Genera
 def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log=lambda what: None) -> Path:
     """Write a complete weights directory of random weights in the real formats; returns its path."""
     cfg = load_config(config)
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InputError(f"{target}: already exists and is not empty; choose a new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         layout = WeightsLayout(tmp)
         generator = torch.Generator().manual_seed(seed)
         _write_inpaint(layout, cfg, generator, log)
         _write_sam(layout, cfg, generator, log)
         _write_elements(layout, cfg, generator, log)
         layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": LAYOUT_VERSION}, indent=2) + "\n")
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    target = write_dir_atomic(directory, write)
     return target
 
 

@@ -1,9 +1,14 @@
 """Files: reading weights with errors that name the file and what was expected, and writing any
-output atomically (DESIGN.md contract 5: nothing on disk is left half-written)."""
+output atomically (DESIGN.md contract 5: nothing on disk is left half-written).
+
+The one atomic writer: `write_atomic` for a file, `write_dir_atomic` for a folder (both write a
+temporary sibling, then rename it into place).
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from editrt.errors import WeightsError
+from editrt.errors import InputError, WeightsError
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -67,3 +72,26 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary sibling folder of `path`, then rename it to `path`.
+
+    `path` must not exist or be an empty folder (which is replaced); on any failure the temporary
+    folder is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{path}: already exists and is not empty; choose a new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

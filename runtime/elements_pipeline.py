@@ -6,6 +6,14 @@
 
 Classifier-free guidance exactly as the paper: eps(z, ∅, ∅) + w·[eps(z, C, S) − eps(z, ∅, ∅)],
 w = 3, DDIM, 50 steps by default; ∅ is the empty-prompt embedding and all-zero element tokens.
+
+Elements live in the user's image (runtime/elements.py): the partition, the content encoder and
+the decoder run at a working resolution, and results come back at the image's size.
+
+Sharing (DESIGN.md contract 6): one pipeline serves many threads. Every public method that runs
+an engine or a PyTorch part (text encoder, token embedder) holds the pipeline's work queue turn
+(`self.work`, runtime/work_queue.py) for its whole body, so engines, loop buffers, CUDA graphs and
+the caches are used by one job at a time; `Elements` are the caller's, never stored here.
 """
 from __future__ import annotations
 
@@ -20,20 +28,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from editrt.errors import ElementsError, InputError
-from editrt.models.attention import prepare_unet, use_fused_dual_attention
-from editrt.models.components import load_elements_components
+from editrt.models.common import resolve_device, resolve_dtype
 from editrt.models.content_encoder import PATCH
-from editrt.models.element_unet import load_element_embedder
-from editrt.models.inpaint import load_scheduler
-from editrt.models.networks import elements_networks
-from editrt.models.text import encode_prompt, load_text_encoder, load_tokenizer
-from editrt.runtime.backends import ELEMENTS_NETWORKS, check_backend, editor_settings, file_engines, torch_engines
+from editrt.models.text import encode_prompt
+from editrt.runtime.backends import build_engines
+from editrt.runtime.caches import ByteLRU
 from editrt.runtime.elements import Elements, render_overlay
 from editrt.runtime.images import as_rgb, processing_size, resize_rgb
 from editrt.runtime.partition import Partition, partition
-from editrt.runtime.reposition import check_steps, resolve_dtype
+from editrt.runtime.reposition import check_steps
 from editrt.runtime.scheduler import LoopCache, LoopKey
 from editrt.runtime.segmenter import Segmenter
+from editrt.runtime.work_queue import FINAL, WorkQueue
+
+PROMPT_BUDGET = 64 << 20  # bytes of cached prompt embeddings (SD-1.5: 77 x 768 fp32 = 236 KB each)
 
 
 class ElementsPipeline:
@@ -44,48 +52,47 @@ class ElementsPipeline:
     """
 
     def __init__(self, engines: dict, embedder, tokenizer, text_encoder, scheduler_config, vae_scale_factor: int,
-                 default_resolution: int, sam_image_size: int, device="cpu", dtype=torch.float32, components=None):
+                 default_resolution: int, sam_image_size: int, device="cpu", dtype=torch.float32, components=None,
+                 cuda_graphs: bool = False, compiled: bool = False, max_waiting: int = 64):
         self.engines, self.embedder = engines, embedder
         self.tokenizer, self.text_encoder, self.scheduler_config = tokenizer, text_encoder, scheduler_config
         self.vae_scale_factor, self.default_resolution = vae_scale_factor, default_resolution
         self.device, self.dtype, self.components = torch.device(device), dtype, components
+        self.cuda_graphs, self.compiled = cuda_graphs, compiled
+        self.work = WorkQueue(max_waiting, name="editrt-elements")
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
-        self.loops = LoopCache(scheduler_config, self.device)  # CUDA graphs on CUDA (torch backend)
+        self.prompts = ByteLRU("prompt embeddings", PROMPT_BUDGET)
+        self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
-                        engines: str | Path | None = None, optimize: bool = True,
-                        kernels: bool | None = None) -> ElementsPipeline:
-        """Load from a weights directory (see RepositionPipeline.from_pretrained for `backend`, `optimize`).
+                        engines: str | Path | None = None, optimize: bool = True, kernels: bool | None = None,
+                        cuda_graphs: bool | None = None, compile: bool = False,
+                        max_waiting: int = 64) -> ElementsPipeline:
+        """Load from a weights directory (see RepositionPipeline.from_pretrained for `backend`, `optimize`,
+        `cuda_graphs`, `compile` and `max_waiting`).
 
         `kernels` (torch backend): run each block's text + element cross-attention as the fused
         Triton dual attention (default: on CUDA); otherwise the two attentions of Algorithm 1.
         """
-        check_backend(backend, engines)
-        dtype = resolve_dtype(dtype)
-        w = editor_settings(weights, "elements")
-        sizes = (w.vae_scale_factor, w.resolution, w.sam_image_size)
-        if backend == "torch":
-            c = load_elements_components(weights, device, dtype)
-            # the fp16 probe runs the text-only path; the element attention has the same widths
-            prepare_unet(c.decoder.unet, dtype, (77, c.decoder.unet.config.cross_attention_dim), cache_kv=optimize)
-            if kernels if kernels is not None else torch.device(device).type == "cuda":
-                use_fused_dual_attention(c.decoder)
-            engines_ = torch_engines(w.specs, elements_networks(c), ELEMENTS_NETWORKS)
-            return cls(engines_, c.decoder.embedder, c.tokenizer, c.text_encoder, c.scheduler_config, *sizes,
-                       device, dtype, c)
-        root = w.layout.elements
-        engines_ = file_engines(w.specs, ELEMENTS_NETWORKS, backend, engines, device, weights)
-        return cls(engines_, load_element_embedder(root / "element_adapter", dtype).to(device),
-                   load_tokenizer(root / "tokenizer"), load_text_encoder(root / "text_encoder", dtype).to(device),
-                   load_scheduler(root / "scheduler").config, *sizes, device, dtype)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        built = build_engines("elements", weights, backend, device=device, dtype=dtype, engines_dir=engines,
+                              optimize=optimize, compile=compile, cuda_graphs=cuda_graphs, kernels=kernels)
+        w = built.settings
+        return cls(built.engines, built.embedder, built.tokenizer, built.text_encoder, built.scheduler_config,
+                   w.vae_scale_factor, w.resolution, w.sam_image_size, device, dtype, built.components,
+                   built.cuda_graphs, built.compiled, max_waiting)
 
     @property
     def decoder(self):
+        """The PyTorch element decoder (torch backend; for tests and tools, the pipeline runs its engine)."""
         if self.components is None:
             raise AttributeError("decoder: only the torch backend holds PyTorch modules")
         return self.components.decoder
+
+    def caches(self) -> list[ByteLRU]:
+        """Every byte-budgeted cache this pipeline holds."""
+        return [self.segmenter.cache, self.prompts, self.loops.cache]
 
     # ------------------------------------------------------------------ partition and encoding
     def working_image(self, image, resolution: int | None = None) -> np.ndarray:
@@ -93,30 +100,26 @@ class ElementsPipeline:
         return resize_rgb(rgb, processing_size(rgb.shape[:2], resolution or self.default_resolution))
 
     def partition(self, image, resolution: int | None = None, grid: int = 16, beta: float = 64.0, beta_c: float = 0.2,
-                  iterations: int = 1) -> Elements:
-        """Split `image` into at most grid*grid elements at the working resolution and encode each."""
+                  iterations: int = 1, priority: int = FINAL) -> Elements:
+        """Split `image` into at most grid*grid elements and encode each; the elements live in `image`'s pixels.
+
+        SAM, the assignment and the content encoder run at the working resolution (short side
+        `resolution`, default the model's); the label map is then resized to the image (nearest).
+        """
         if iterations < 1 or grid < 1 or beta < 0 or not 0 <= beta_c <= 1:
             raise InputError(f"partition: expected grid >= 1, iterations >= 1, beta >= 0, 0 <= beta_c <= 1; got "
                              f"grid={grid}, iterations={iterations}, beta={beta}, beta_c={beta_c}")
         original = as_rgb(image)
         rgb = self.working_image(original, resolution)
-        part = partition(self.segmenter, rgb, grid=grid, beta=beta, beta_c=beta_c, iterations=iterations)
-        features = self.encode_elements(rgb, part)
-        h, w = rgb.shape[:2]
-        alive = part.counts > 0
-        masks, anchors, sizes = [], np.zeros((part.num_elements, 2), np.float32), np.zeros((part.num_elements, 2), np.float32)
-        for n in range(part.num_elements):
-            if not alive[n]:
-                masks.append(np.zeros((0, 0), bool))
-                continue
-            x0, y0, x1, y1 = (int(v) for v in part.boxes[n])
-            masks.append(part.labels[y0:y1 + 1, x0:x1 + 1] == n)
-            anchors[n] = part.centroids[n] * np.array([w, h], np.float32) - np.array([x0, y0], np.float32)
-            sizes[n] = ((x1 - x0 + 1) / w, (y1 - y0 + 1) / h)
-        centroids = np.nan_to_num(part.centroids, nan=0.0).astype(np.float32)
-        info = {"dropped_fraction": part.dropped_fraction, "source_size": list(original.shape[:2]),
+
+        def job():
+            part = partition(self.segmenter, rgb, grid=grid, beta=beta, beta_c=beta_c, iterations=iterations)
+            return part, self.encode_elements(rgb, part)
+
+        part, features = self.work.run(job, priority=priority)
+        info = {"working_dropped_fraction": part.dropped_fraction, "resolution": min(rgb.shape[:2]),
                 "grid": grid, "beta": beta, "beta_c": beta_c, "iterations": iterations}
-        return Elements((h, w), features, centroids, sizes, alive, masks, anchors, info=info)
+        return Elements.from_labels(part.labels, features, original.shape[:2], info)
 
     def element_patches(self, rgb: np.ndarray, part: Partition) -> tuple[torch.Tensor, np.ndarray]:
         """Each element's masked patch (outside its mask: 0), cropped to its box, resized to 32x32.
@@ -137,47 +140,71 @@ class ElementsPipeline:
 
     @torch.no_grad()
     def encode_elements(self, rgb: np.ndarray, part: Partition) -> np.ndarray:
+        """[N, F] content features of the partition's elements (zero for an element without pixels)."""
         patches, ids = self.element_patches(rgb, part)
         features = np.zeros((part.num_elements, self.embedder.feature_dim), np.float32)
         if len(ids):
-            encoded = self.engines["content_encoder"](patches=patches.to(self.device, self.dtype))["features"]
+            encoder = self.engines["content_encoder"]
+            encoded = self.work.run(lambda: encoder(patches=patches.to(self.device, self.dtype))["features"])
             features[ids] = encoded.float().cpu().numpy()
         return features
 
     # ------------------------------------------------------------------ rendering
     def prompt_embedding(self, prompt: str) -> torch.Tensor:
         """[1, 77, D] CLIP hidden states, cached per prompt (an edit session re-renders with the same text)."""
-        if prompt not in self._prompt_cache:
-            if len(self._prompt_cache) > 32:
-                self._prompt_cache.clear()
-            self._prompt_cache[prompt] = encode_prompt(self.tokenizer, self.text_encoder, prompt).to(self.device, self.dtype)
-        return self._prompt_cache[prompt]
+        def job():
+            embedding = self.prompts.get(prompt)
+            if embedding is None:
+                embedding = encode_prompt(self.tokenizer, self.text_encoder, prompt).to(self.device, self.dtype)
+                self.prompts.put(prompt, embedding)
+            return embedding
+        return self.work.run(job)
 
     def element_tokens(self, elements: Elements) -> torch.Tensor:
         """[1, N, D]: deleted elements give all-zero tokens (feature and embedded position zeroed)."""
         to = dict(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            return self.embedder(torch.from_numpy(elements.features)[None].to(**to),
-                                         torch.from_numpy(elements.boxes())[None].to(**to),
-                                         torch.from_numpy(elements.alive)[None].to(self.device))
+        features, boxes, alive = (torch.from_numpy(a)[None] for a in (elements.features, elements.boxes(), elements.alive))
+
+        @torch.no_grad()
+        def job():
+            return self.embedder(features.to(**to), boxes.to(**to), alive.to(self.device))
+        return self.work.run(job)
 
     @torch.no_grad()
     def decode(self, elements: Elements, prompt: str = "", guidance: float = 3.0, steps: int = 50, seed: int = 0,
-               progress: bool = False, step_callback=None, size: tuple[int, int] | None = None) -> Image.Image:
-        """Render the (edited) elements; guidance w combines eps(∅, ∅) and eps(C, S) as in the paper.
+               progress: bool = False, step_callback=None, size: tuple[int, int] | None = None,
+               resolution: int | None = None, priority: int = FINAL) -> Image.Image:
+        """Render the (edited) elements at the image's size; guidance w combines eps(∅, ∅) and eps(C, S) as in the paper.
 
-        `size` (H, W) renders on another canvas than the elements' own (their positions and sizes
-        are normalised): a preview renders smaller.
+        The decoder runs on a working canvas, resized to the image's size at the end: `size` (H, W,
+        multiples of 8) or `resolution` (its short side) choose it, by default the partition's (a
+        preview renders smaller). Positions and sizes reach the decoder normalised, so any canvas works.
+        `step_callback(i)` runs after each denoising step on the thread running the job (a preview's
+        raises work_queue.Cancelled there to stop); `priority` orders it in the work queue.
         """
         check_steps(steps, guidance)
         if not isinstance(prompt, str):
             raise InputError(f"prompt: expected text, got {type(prompt).__name__}")
-        h, w = size or elements.image_size
+        if size is not None and resolution is not None:
+            raise InputError("decode: expected size or resolution, not both")
+        if resolution is not None:
+            size = processing_size(elements.image_size, resolution)
+        h, w = size or elements.working_size
         if h % self.vae_scale_factor or w % self.vae_scale_factor:
-            raise ElementsError(f"elements: canvas {w}x{h} is not a multiple of {self.vae_scale_factor}")
+            raise ElementsError(f"elements: working canvas {w}x{h} is not a multiple of {self.vae_scale_factor}")
         if elements.features.shape[1] != self.embedder.feature_dim:
             raise ElementsError(f"elements: feature size {elements.features.shape[1]} does not match the decoder's "
                                 f"{self.embedder.feature_dim} (elements from other weights?)")
+        snapshot = elements.copy()  # the edit state when asked: the caller may go on editing `elements`
+        image = self.work.run(lambda: self._render(snapshot, prompt, guidance, steps, seed, progress,
+                                                   step_callback, (h, w)), priority=priority)
+        return Image.fromarray(resize_rgb(image, elements.image_size))  # back in the user's image
+
+    @torch.no_grad()
+    def _render(self, elements: Elements, prompt: str, guidance: float, steps: int, seed: int, progress: bool,
+                step_callback, size: tuple[int, int]) -> np.ndarray:
+        """uint8 [h, w, 3] on the working canvas `size`; runs holding the work queue's turn."""
+        h, w = size
         do_cfg = guidance > 1.0
 
         # 1. Conditions: (C, S) and, for guidance, (∅, ∅) batched first.
@@ -204,9 +231,8 @@ class ElementsPipeline:
         # 4. Decode.
         image = self.engines["element_vae_decoder"](latent=latents)["image"]
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-        return Image.fromarray((image[0] * 255).round().astype(np.uint8))
+        return (image[0] * 255).round().astype(np.uint8)
 
     def render_overlay(self, elements: Elements, image=None, ids: bool = False) -> Image.Image:
-        if image is not None:
-            image = resize_rgb(as_rgb(image), elements.image_size)
-        return render_overlay(elements, image, ids=ids)
+        """Boundaries and centroids over the input image (the one partitioned: same size)."""
+        return render_overlay(elements, None if image is None else as_rgb(image), ids=ids)
