@@ -46,9 +46,9 @@ ONNX_PRECISIONS = tuple(TOLERANCES)
 LATENT_AXES = ("height", "width")
 # SAM's original image sizes: the trace example (the Chelsea photo's), then those the check runs
 # (square, portrait, landscape, smaller and larger than SAM's input, an odd long side)
-TRACE_ORIG_IM_SIZE = (300.0, 451.0)
-CHECK_ORIG_IM_SIZES = ((192.0, 256.0), (480.0, 640.0), (1024.0, 1024.0), (256.0, 256.0), (451.0, 300.0),
-                       (240.0, 320.0))
+TRACE_ORIG_IM_SIZE = (300, 451)
+CHECK_ORIG_IM_SIZES = ((192, 256), (480, 640), (1024, 1024), (256, 256), (451, 300), (240, 320))
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
 @dataclass
@@ -117,7 +117,7 @@ def random_inputs(spec: NetworkSpec, dims: dict[str, int], generator: torch.Gene
         elif t.name == "has_mask_input":
             out[t.name] = torch.zeros(shape)
         elif t.name == "orig_im_size":
-            out[t.name] = torch.tensor(context.get("orig_im_size", TRACE_ORIG_IM_SIZE))
+            out[t.name] = torch.tensor(context.get("orig_im_size", TRACE_ORIG_IM_SIZE), dtype=_DTYPES[t.dtype])
         elif t.name in ("image", "patches"):
             out[t.name] = torch.rand(shape, generator=g) * 2 - 1
         else:

@@ -44,6 +44,9 @@ class NetworkSpec:
     # fp16 for the diffusion networks; SAM and the content encoder stay fp32 (SAM's masks are
     # thresholded logits, and the encoders are cheap next to the UNets)
     precisions: tuple[str, ...] = ("fp32",)
+    # shape-tensor inputs (values that set output shapes, e.g. SAM's orig_im_size): name -> (min, opt,
+    # max) values, for every profile (TensorRT's IOptimizationProfile.set_shape_input)
+    value_ranges: dict = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -78,6 +81,9 @@ class NetworkSpec:
             if base in dims and dims.setdefault(name, factor * dims[base]) != factor * dims[base]:
                 raise ValueError(f"{self.name}: axis {name!r} is {dims[name]}, expected {factor} x {base} = {factor * dims[base]}")
         return dims
+
+
+MAX_IMAGE_SIDE = 8192  # the largest input image side the SAM decoder engines accept (masks at full size)
 
 
 def _range(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
@@ -136,12 +142,16 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
                      TensorSpec("point_labels", (1, "num_points")),
                      TensorSpec("mask_input", (1, 1, low, low)),
                      TensorSpec("has_mask_input", (1,)),
-                     TensorSpec("orig_im_size", (2,))),
+                     # int64: it is a shape tensor (it sets the masks' size), and TensorRT takes shape-tensor
+                     # I/O as integers only; every backend casts the caller's (float) sizes to it
+                     TensorSpec("orig_im_size", (2,), "int64")),
                     (TensorSpec("masks", (1, 4, "mask_height", "mask_width")),
                      TensorSpec("iou_predictions", (1, 4)),
                      TensorSpec("low_res_masks", (1, 4, low, low))),
                     "segment-anything's SamOnnxModel (all 4 mask tokens; token 0 is the single-mask output)",
-                    ({"num_points": _range(1, 2, 16)},)),
+                    ({"num_points": _range(1, 2, 16)},),
+                    value_ranges={"orig_im_size": ((1, 1), (3 * sam["image_size"] // 4, sam["image_size"]),
+                                                   (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))}),
         NetworkSpec("sam_mask_decoder_grid",
                     (TensorSpec("image_embeddings", (1, c_sam, emb, emb)),
                      TensorSpec("point_coords", ("num_queries", 2))),
