@@ -15,6 +15,10 @@ The assignment is `editrt.kernels.slic` (`assign` on CUDA, its reference `assign
 elsewhere; both give equal labels): logits upsampled bilinearly (align_corners=False) to the
 working resolution, pixel centres ((j + 0.5)/W, (i + 0.5)/H), squared distances in normalised
 coordinates (beta = 64 costs 0.25 at one grid spacing), ties to the lowest index.
+
+The clean-up is `editrt.kernels.cleanup` (the native op on the labels' device, so on CUDA the label
+map leaves the device only once, as the result; its scipy reference elsewhere; both give equal
+labels), which also returns the final statistics.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from editrt.kernels import slic
+from editrt.errors import InputError
+from editrt.kernels import cleanup, slic
 from editrt.runtime.segmenter import Segmenter
 
 
@@ -62,23 +66,22 @@ def _centroids_or_grid(labels, grid_q):
     return torch.where((counts > 0)[:, None], centroids, grid_q.to(centroids.device))
 
 
+def _cleanup(labels: torch.Tensor, num_elements: int, opening: int) -> cleanup.Cleaned:
+    try:
+        return cleanup.cleanup(labels, num_elements, opening)
+    except ValueError as e:  # the kernels' input errors, at the API edge
+        raise InputError(f"partition clean-up: {e}") from e
+
+
 def clean_labels(labels: np.ndarray, num_elements: int, opening: int = 1) -> np.ndarray:
-    """Morphological opening of each element, then keep its largest connected piece; the rest -> -1."""
-    out = np.full_like(labels, -1)
-    square = np.ones((3, 3), bool)  # opening by a 3x3 square: removes 1-2 px slivers, keeps boxes whole
-    cross = ndimage.generate_binary_structure(2, 1)  # 4-connectivity: an element must be one 4-connected piece
-    for n, box in enumerate(ndimage.find_objects(labels + 1, max_label=num_elements)):
-        if box is None:
-            continue
-        region = labels[box] == n
-        if opening > 0:
-            region = ndimage.binary_opening(region, structure=square, iterations=opening)
-        pieces, count = ndimage.label(region, structure=cross)
-        if count == 0:
-            continue
-        largest = 1 + int(np.argmax(ndimage.sum_labels(region, pieces, index=np.arange(1, count + 1))))
-        out[box][pieces == largest] = n
-    return out
+    """Morphological opening of each element, then keep its largest connected piece; the rest -> -1.
+
+    int64 [H, W] labels in [-1, num_elements); the native op when built, else scipy
+    (`editrt.kernels.cleanup.clean_labels_reference`, the oracle): equal results.
+    """
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise InputError(f"labels: expected an integer numpy label map, got {getattr(labels, 'dtype', type(labels))}")
+    return _cleanup(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), num_elements, opening).labels.numpy()
 
 
 def partition(segmenter: Segmenter, rgb: np.ndarray, grid: int = 16, beta: float = 64.0, beta_c: float = 0.2,
@@ -97,8 +100,8 @@ def partition(segmenter: Segmenter, rgb: np.ndarray, grid: int = 16, beta: float
         # 3. Distance-regularised assignment (Eq. 1).
         labels = _assign(logits, adjusted, beta, (h, w))
         centroids = _centroids_or_grid(labels, grid_q)
-    # 4. Clean-up: opening + largest connected piece per element.
-    cleaned = clean_labels(labels.cpu().numpy(), len(grid_q), opening)
-    counts, centroids, boxes = (t.numpy() for t in slic.element_stats_reference(torch.from_numpy(cleaned), len(grid_q)))
-    return Partition(labels=cleaned, centroids=centroids, boxes=boxes, counts=counts,
-                     dropped_fraction=float((cleaned < 0).mean()))
+    # 4. Clean-up on the labels' device: opening + largest connected piece per element, and its statistics.
+    cleaned = _cleanup(labels, len(grid_q), opening)
+    final = cleaned.labels.cpu().numpy()  # the one transfer of the label map
+    return Partition(labels=final, centroids=cleaned.centroids.cpu().numpy(), boxes=cleaned.boxes.cpu().numpy(),
+                     counts=cleaned.counts.cpu().numpy(), dropped_fraction=float((final < 0).mean()))
