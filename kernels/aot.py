@@ -51,7 +51,7 @@ class ArchLimits:
         warps = -(-threads // 32)
         regs_per_warp = -(-max(registers, 1) * 32 // self.reg_alloc_unit) * self.reg_alloc_unit
         by_regs = (self.regs_per_sm // regs_per_warp) // warps
-        by_smem = self.smem_per_sm // (shared + self.reserved_smem_per_block) if shared else self.max_blocks_per_sm
+        by_smem = self.smem_per_sm // (shared + self.reserved_smem_per_block)
         by_threads = self.max_threads_per_sm // threads
         limits = {"registers": by_regs, "shared memory": by_smem, "threads": by_threads,
                   "blocks": self.max_blocks_per_sm}
@@ -124,6 +124,7 @@ class CompileReport:
     occupancy_limiter: str | None = None
     fits_shared: bool | None = None
     access: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the launch's constexprs and options (JSON-safe ones)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -211,7 +212,8 @@ def check_launches(launches: list[Launch], arch: str, progress=None) -> list[Com
     for same in groups.values():
         launch = same[0]
         report = CompileReport(kernel=launch.kernel, config=launch.config, shapes=[x.shape for x in same],
-                               arch=arch, compiled=False, threads=launch.threads)
+                               arch=arch, compiled=False, threads=launch.threads,
+                               params={k: v for k, v in launch.kwargs.items() if isinstance(v, (int, float, str, bool))})
         if progress:
             progress(f"{arch} {launch.kernel} {launch.config} ({len(same)} shapes)")
         try:

@@ -12,6 +12,7 @@ corrupt or foreign file is ignored with a warning (the autotuner then simply ben
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -24,7 +25,6 @@ import torch
 
 FORMAT = 1
 _lock = threading.Lock()
-_seeded: dict[tuple, Path] = {}  # (id(autotuner), device) -> the file it was seeded from
 
 
 def cache_root() -> Path:
@@ -108,6 +108,15 @@ def store(autotuner, path: Path) -> None:
     save(path, sorted(entries.items(), key=repr))
 
 
+def _source_key(autotuner) -> str:
+    """Triton's hash of the kernel's source and everything it calls; the plain source under the interpreter."""
+    fn = autotuner.fn
+    key = getattr(fn, "cache_key", None)
+    if key is None:
+        key = hashlib.sha256(inspect.getsource(fn.fn).encode()).hexdigest()
+    return key
+
+
 @contextmanager
 def persisted(autotuner, kernel_name: str, device: torch.device):
     """Around one launch of `autotuner` on `device`: seed from disk first, store new winners after."""
@@ -115,11 +124,12 @@ def persisted(autotuner, kernel_name: str, device: torch.device):
         yield
         return
     with _lock:
-        path = _seeded.get((id(autotuner), str(device)))
+        seeded = autotuner.__dict__.setdefault("_editrt_cache_files", {})  # device -> the file it was seeded from
+        path = seeded.get(str(device))
         if path is None:
-            path = cache_file(kernel_name, device_identity(device), autotuner.fn.cache_key, autotuner.configs)
+            path = cache_file(kernel_name, device_identity(device), _source_key(autotuner), autotuner.configs)
             seed(autotuner, path)
-            _seeded[(id(autotuner), str(device))] = path
+            seeded[str(device)] = path
         before = len(autotuner.cache)
     yield
     with _lock:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from editrt.kernels import dual_attention as da
+from editrt.kernels import launches
 from editrt.kernels.dual_attention import dual_cross_attention, dual_cross_attention_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -175,5 +176,86 @@ def test_matches_reference_gpu(M, D, B, N_a, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [40, 64, 80, 160])
-def test_fp32_gpu(D):
-    _check_against_reference(_random_inputs(2, 8, 333, 77, 256, D, torch.float32, device="cuda"))
+def test_fp32_gpu_takes_sdpa(D):
+    """fp32 on CUDA runs the SDPA pair: correct, and no Triton launch."""
+    with launches.track() as seen:
+        _check_against_reference(_random_inputs(2, 8, 333, 77, 256, D, torch.float32, device="cuda"))
+    assert seen.names == []
+
+
+@pytest.mark.gpu
+def test_fp16_gpu_launch_is_recorded():
+    with launches.track() as seen:
+        _check_against_reference(_random_inputs(2, 8, 64, 77, 256, 40, torch.float16, device="cuda"))
+    assert seen.names == ["dual_attention"]
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch, launch recording, layouts
+# --------------------------------------------------------------------------------------------
+
+
+def test_interpreter_launch_is_recorded_and_reference_is_not(monkeypatch):
+    inputs = _random_inputs(1, 2, 9, 3, 5, 16, torch.float32)
+    with launches.track() as seen:
+        dual_cross_attention(*inputs)
+    assert seen.counts == {"dual_attention": 1}
+    monkeypatch.setenv("EDITRT_DISABLE_TRITON", "1")
+    with launches.track() as seen:
+        dual_cross_attention(*inputs)
+        dual_cross_attention_reference(*inputs)
+    assert seen.names == []
+
+
+def test_dispatch_rule(monkeypatch):
+    """fp32 on CUDA goes to SDPA; fp16/bf16 on CUDA to Triton; CPU tensors to Triton only under the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not da.kernel_handles("cuda", torch.float32)
+    assert da.kernel_handles("cuda", torch.float16) and da.kernel_handles("cuda", torch.bfloat16)
+    assert not da.kernel_handles("cpu", torch.float16)
+    monkeypatch.setenv("EDITRT_DISABLE_TRITON", "1")
+    assert not da.kernel_handles("cuda", torch.float16)
+    monkeypatch.setenv("EDITRT_DISABLE_TRITON", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert da.kernel_handles("cpu", torch.float32) and not da.kernel_handles("cuda", torch.float16)
+
+
+@pytest.mark.parametrize("D", [8, 16, 24, 40, 64, 80, 100, 160, 200, 256])
+def test_head_dim_chunks_cover_d_with_tensor_core_widths(D):
+    d0, d1 = da.head_dim_chunks(D)
+    assert d0 >= 16 and d0 & (d0 - 1) == 0 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
+    assert d0 + d1 >= D and (d1 == 0 or d0 < D)  # covers D; a second chunk only when D0 alone is short
+    assert d0 + d1 <= da.next_power_of_2(max(D, 16))  # never more padding than one power-of-two block
+
+
+def test_sd_head_dims_waste_less_mma_than_one_power_of_two_block():
+    assert da.padded_mma_fraction(40) == pytest.approx(1 / 6)  # 48 columns instead of 64
+    assert da.padded_mma_fraction(80) == 0 and da.padded_mma_fraction(160) == 0
+
+
+def test_unaligned_and_strided_layouts():
+    """Views whose strides are not multiples of 16 bytes take ALIGN=1 (and stay correct); a head dim
+    with stride != 1 and an `out` with a strided last dim are copied around the kernel."""
+    B, H, M, N_a, N_b, D = 1, 2, 19, 7, 9, 20
+    big = torch.randn(B, H, M + 1, D + 3)
+    q_a = big[:, :, 1:, 1:D + 1]  # offset by a row and a column, row stride D + 3: unaligned
+    inputs = [q_a] + list(_random_inputs(B, H, M, N_a, N_b, D, torch.float32)[1:])
+    assert da._alignment(inputs, 4) == 1
+    _check_against_reference(inputs)
+    half = [t.half() for t in _random_inputs(B, H, M, N_a, N_b, 40, torch.float32, strided=True)]
+    assert da._alignment(half, 2) == 8  # [B, rows, H, 40] storage: every stride a multiple of 8
+    _check_against_reference(half)
+    d_strided = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in _random_inputs(B, H, M, N_a, N_b, D, torch.float32)]
+    assert d_strided[0].stride(-1) != 1
+    _check_against_reference(d_strided)
+    out = torch.full((B, M, 4 * H * D), float("nan"))[:, :, ::2]  # last-dim stride 2
+    dual_cross_attention(*d_strided, out=out)
+    expected = dual_cross_attention_reference(*d_strided)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_misaligned_strides_fall_back_to_align_1():
+    """Head stride 20 fp16 elements = 40 bytes: not a 16-byte multiple, so no alignment claim."""
+    inputs = [t.half() for t in _random_inputs(1, 2, 33, 5, 7, 20, torch.float32, strided=True)]
+    assert da._alignment(inputs, 2) == 1
+    _check_against_reference(inputs)

@@ -1,0 +1,144 @@
+"""editrt.kernels.autotune_cache: keying, atomic writes, corrupt files, seeding a real Triton autotuner.
+
+All on CPU: the autotuners are real `triton.autotune` objects (their in-memory table is what
+Triton consults before benchmarking); the tuning itself needs a GPU and is stood in for by
+writing a winner into that table, exactly where Autotuner.run puts it.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import editrt
+from editrt.kernels import autotune_cache as ac
+
+CONFIGS = [triton.Config({"BLOCK": 32}, num_warps=4), triton.Config({"BLOCK": 64}, num_warps=8, num_stages=3)]
+IDENTITY = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.14.1", "triton": "3.8.0", "cuda": "12.9"}
+
+
+def _autotuner(configs=CONFIGS):
+    @triton.autotune(configs=list(configs), key=["n"])
+    @triton.jit
+    def _copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    return _copy
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITRT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_file_is_keyed_by_gpu_versions_source_and_configs(cache_dir):
+    base = ac.cache_file("k", IDENTITY, "src1", CONFIGS)
+    assert base == ac.cache_file("k", dict(IDENTITY), "src1", list(CONFIGS))
+    assert base.parent == cache_dir / "autotune" and base.name.startswith("k-")
+    for change in ({"gpu": "NVIDIA H200"}, {"capability": "8.0"}, {"torch": "2.15.0"}, {"triton": "3.9.0"},
+                   {"cuda": "13.0"}):
+        assert ac.cache_file("k", {**IDENTITY, **change}, "src1", CONFIGS) != base, change
+    assert ac.cache_file("k", IDENTITY, "src2", CONFIGS) != base
+    assert ac.cache_file("k", IDENTITY, "src1", CONFIGS[:1]) != base
+    assert ac.cache_file("other", IDENTITY, "src1", CONFIGS) != base
+
+
+def test_default_root_is_the_user_cache_not_the_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDITRT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    root = ac.cache_root()
+    assert root == tmp_path / ".cache" / "editrt"
+    package = Path(editrt.__file__).resolve().parent.parent
+    assert package not in ac.cache_file("k", IDENTITY, "s", CONFIGS).resolve().parents
+
+
+def test_store_and_seed_round_trip(cache_dir):
+    path = ac.cache_file("copy", IDENTITY, "s", CONFIGS)
+    tuned = _autotuner()
+    tuned.cache[(1000, "torch.float32", "torch.float32")] = tuned.configs[1]
+    tuned.cache[(7, "torch.float16", "torch.float16")] = tuned.configs[0]
+    ac.store(tuned, path)
+    fresh = _autotuner()
+    assert ac.seed(fresh, path) == 2
+    assert fresh.cache[(1000, "torch.float32", "torch.float32")] is fresh.configs[1]
+    assert fresh.cache[(7, "torch.float16", "torch.float16")] is fresh.configs[0]
+
+
+def test_stored_configs_that_are_no_longer_candidates_are_not_used(cache_dir):
+    path = ac.cache_file("copy", IDENTITY, "s", CONFIGS)
+    tuned = _autotuner()
+    tuned.cache[(1000,)] = tuned.configs[1]
+    ac.store(tuned, path)
+    other = _autotuner([CONFIGS[0], triton.Config({"BLOCK": 128}, num_warps=4)])
+    assert ac.seed(other, path) == 0 and other.cache == {}
+
+
+def test_store_merges_with_entries_of_other_processes(cache_dir):
+    path = ac.cache_file("copy", IDENTITY, "s", CONFIGS)
+    first, second = _autotuner(), _autotuner()
+    first.cache[(1,)] = first.configs[0]
+    ac.store(first, path)
+    second.cache[(2,)] = second.configs[1]
+    ac.store(second, path)
+    keys = {tuple(e["key"]) for e in json.loads(path.read_text())["entries"]}
+    assert keys == {(1,), (2,)}
+
+
+def test_corrupt_or_foreign_file_is_ignored_with_a_warning(cache_dir):
+    path = ac.cache_file("copy", IDENTITY, "s", CONFIGS)
+    path.parent.mkdir(parents=True)
+    for content in ("{not json", json.dumps({"format": 99, "entries": []}), json.dumps([1, 2]),
+                    json.dumps({"format": ac.FORMAT, "entries": [{"key": 3, "config": {}}]})):
+        path.write_text(content)
+        fresh = _autotuner()
+        with pytest.warns(RuntimeWarning, match="ignoring the autotune cache"):
+            assert ac.seed(fresh, path) == 0
+        assert fresh.cache == {}
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.warns(RuntimeWarning, match="ignoring"):
+        assert ac.load(path) == []
+
+
+def test_write_is_atomic(cache_dir, monkeypatch):
+    path = ac.cache_file("copy", IDENTITY, "s", CONFIGS)
+    tuned = _autotuner()
+    tuned.cache[(1,)] = tuned.configs[0]
+    ac.store(tuned, path)
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    tuned.cache[(2,)] = tuned.configs[1]
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ac.store(tuned, path)
+    monkeypatch.undo()
+    assert path.read_text() == before  # the old file, whole
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_persisted_seeds_before_and_stores_after_a_cuda_launch(cache_dir, monkeypatch):
+    """The wrapper around a launch: a new process (a fresh autotuner) starts with the stored winner."""
+    monkeypatch.setattr(ac, "device_identity", lambda device: IDENTITY)
+    cuda = torch.device("cuda", 0)
+    tuned = _autotuner()
+    with ac.persisted(tuned, "copy", cuda):
+        tuned.cache[(4096, "torch.float16")] = tuned.configs[1]  # what Autotuner.run stores after benchmarking
+    files = list((cache_dir / "autotune").glob("copy-*.json"))
+    assert len(files) == 1
+    fresh = _autotuner()
+    with ac.persisted(fresh, "copy", cuda):
+        assert fresh.cache == {(4096, "torch.float16"): fresh.configs[1]}  # seeded before the launch
+
+
+def test_persisted_does_nothing_on_cpu(cache_dir):
+    tuned = _autotuner()
+    with ac.persisted(tuned, "copy", torch.device("cpu")):
+        tuned.cache[(1,)] = tuned.configs[0]
+    assert not cache_dir.exists()
