@@ -20,8 +20,9 @@ from importlib import resources
 
 import numpy as np
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,7 @@ from editrt.errors import EditError
 from editrt.runtime.server.limits import APIError, Settings
 from editrt.runtime.server.metrics import Metrics
 from editrt.runtime.server.routers import ops, sessions, stateless
+from editrt.runtime.server.routers.common import require_token
 from editrt.runtime.server.sessions import SessionStore
 from editrt.runtime.server.work import INTERACTIVE, PipelineWork
 
@@ -149,7 +151,7 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None)
             await asyncio.to_thread(state.sessions.close_all)
             state.queues.clear()
 
-    app = FastAPI(title="editrt", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="editrt", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
                   description="Interactive diffusion-based spatial image editing: subject repositioning and image "
                               "elements. Every error is an ErrorBody naming the field.")
     app.state.editrt = state
@@ -182,6 +184,14 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None)
     @app.exception_handler(json.JSONDecodeError)
     async def bad_json(request, e):
         return _json_error(400, "body", f"body: not valid JSON ({e.msg})")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="editrt API")
 
     app.include_router(ops.router)
     app.include_router(ops.page)

@@ -74,7 +74,7 @@ class InpaintRequest(Body):
     image: ImageB64
     mask: ImageB64 = Field(description="PNG/JPEG; > 127 is inside; the image's size")
     task: Literal["remove", "complete"] = "remove"
-    steps: Steps = 20
+    steps: Steps | None = Field(None, description="denoising steps (default: the server's --steps)")
     guidance: Guidance = 1.0
     seed: Seed = 0
     resolution: Resolution | None = None
@@ -86,7 +86,7 @@ class RepositionRequest(Prompt):
     move: Annotated[list[Coord], Field(min_length=2, max_length=2)] = Field(description="(dx, dy) in pixels")
     scale: Scale = 1.0
     harmonize: bool = True
-    steps: Steps = 20
+    steps: Steps | None = Field(None, description="denoising steps (default: the server's --steps)")
     guidance: Guidance = 1.0
     seed: Seed = 0
     resolution: Resolution | None = None
@@ -132,7 +132,7 @@ class RenderRequest(Body):
     elements: ElementsBlob
     prompt: str = Field("", max_length=1000)
     guidance: Guidance = 3.0
-    steps: Steps = 20
+    steps: Steps | None = Field(None, description="denoising steps (default: the server's --steps)")
     seed: Seed = 0
 
 

@@ -27,6 +27,14 @@ def state(conn: HTTPConnection):
     return conn.app.state.editrt
 
 
+def pipeline(conn: HTTPConnection, name: str):
+    """The loaded pipeline `name`; a server started without it answers 404 on its endpoints."""
+    pipe = getattr(state(conn), name)
+    if pipe is None:
+        raise APIError(404, "path", f"path: this server has no {name} pipeline loaded (see --editors)")
+    return pipe
+
+
 # ---------------------------------------------------------------------- authentication
 def token_ok(conn: HTTPConnection, allow_query: bool = False) -> bool:
     expected = state(conn).settings.token
@@ -133,6 +141,7 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fie
     """Run `fn` as a job of the pipeline's work queue (or await `future`, a session's own job: a
     callable returning (future, cancel)); bad input becomes 422 naming the field, a full queue 503."""
     st = state(request_or_ws)
+    pipeline(request_or_ws, queue_name)
     work = st.queues[queue_name]
     try:
         if future is not None:
@@ -165,6 +174,14 @@ def check_steps(request, *values) -> None:
     for name, v in values:
         if v is not None and v > cap:
             raise APIError(422, name, f"{name}: at most {cap} on this server, got {v}")
+
+
+def steps_of(request, steps: int | None, name: str = "steps") -> int:
+    """The request's steps, or the server's default; refused above the server's cap."""
+    settings = state(request).settings
+    steps = settings.final_steps if steps is None else steps
+    check_steps(request, (name, steps))
+    return steps
 
 
 def t0_of(request) -> float:

@@ -6,6 +6,7 @@ X-Server-Ms headers.
 """
 from __future__ import annotations
 
+import anyio
 import torch
 from fastapi import APIRouter, Depends, Request
 
@@ -54,7 +55,7 @@ async def segment(request: Request):
     req = await common.parse_body(request, SegmentRequest, ("image",))
     rgb = await common.image(request, req.image, "image")
     prompt = _prompt(req, *rgb.shape[:2])
-    pipe = common.state(request).reposition
+    pipe = common.pipeline(request, "reposition")
     mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), INTERACTIVE,
                                            "segment", ("points", "labels", "box"))
     return common.png_response(mask, t0, run_s, wait_s)
@@ -65,14 +66,14 @@ async def inpaint(request: Request):
     """One prompt-guided inpainting pass (remove / complete) inside the mask; outside it the input bytes."""
     t0 = common.t0_of(request)
     req = await common.parse_body(request, InpaintRequest, ("image", "mask"))
-    common.check_steps(request, ("steps", req.steps))
+    steps = common.steps_of(request, req.steps)
     rgb = await common.image(request, req.image, "image")
     mask = await common.mask(request, req.mask, "mask")
-    pipe = common.state(request).reposition
+    pipe = common.pipeline(request, "reposition")
 
     def job():
         with torch.no_grad():
-            return pipe.inpaint(rgb, mask, task=req.task, steps=req.steps, guidance=req.guidance, seed=req.seed,
+            return pipe.inpaint(rgb, mask, task=req.task, steps=steps, guidance=req.guidance, seed=req.seed,
                                 resolution=req.resolution)
     out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "inpaint",
                                           ("mask", "task", "steps", "guidance", "resolution"))
@@ -84,18 +85,18 @@ async def reposition(request: Request):
     """The SEELE flow: move (and scale) the subject, remove, harmonize; PNG result."""
     t0 = common.t0_of(request)
     req = await common.parse_body(request, RepositionRequest, ("image", "mask"))
-    common.check_steps(request, ("steps", req.steps))
+    steps = common.steps_of(request, req.steps)
     rgb = await common.image(request, req.image, "image")
     if req.mask is not None:
         subject, prompt = await common.mask(request, req.mask, "mask"), {}
     else:
         subject, prompt = None, _prompt(req, *rgb.shape[:2])
-    pipe = common.state(request).reposition
+    pipe = common.pipeline(request, "reposition")
 
     def job():
         with torch.no_grad():
             return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), scale=req.scale, harmonize=req.harmonize,
-                        steps=req.steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution).image
+                        steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution).image
     out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "reposition",
                                           ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution"))
     return common.png_response(out, t0, run_s, wait_s)
@@ -107,7 +108,7 @@ async def partition(request: Request):
     t0 = common.t0_of(request)
     req = await common.parse_body(request, PartitionRequest, ("image",))
     rgb = await common.image(request, req.image, "image")
-    pipe = common.state(request).elements
+    pipe = common.pipeline(request, "elements")
 
     def job():
         with torch.no_grad():
@@ -123,22 +124,25 @@ async def partition(request: Request):
 async def edit(request: Request, req: ElementsEditRequest):
     """Move (image pixels) / resize / delete elements, in order; elements an edit covers are deleted."""
     t0 = common.t0_of(request)
-    el = from_blob(req.elements)
-    deleted = apply_ops(el, req.ops)
-    pipe = common.state(request).elements
-    return ElementsResponse(elements=to_blob(el), items=items(el), deleted=deleted,
-                            overlay=png_b64(pipe.render_overlay(el)), canvas=list(el.image_size),
-                            timing=common.timing(request, t0, 0.0))
+    pipe = common.pipeline(request, "elements")
+
+    def edit_elements():  # no device work: file round trips and drawing, on a worker thread
+        el = from_blob(req.elements)
+        deleted = apply_ops(el, req.ops)
+        return ElementsResponse(elements=to_blob(el), items=items(el), deleted=deleted,
+                                overlay=png_b64(pipe.render_overlay(el)), canvas=list(el.image_size),
+                                timing=common.timing(request, t0, 0.0))
+    return await anyio.to_thread.run_sync(edit_elements)
 
 
 @router.post("/elements/render", responses=PNG)
 async def render(request: Request, req: RenderRequest):
     """Render the (edited) elements with the decoder; PNG on the elements' canvas."""
     t0 = common.t0_of(request)
-    common.check_steps(request, ("steps", req.steps))
-    el = from_blob(req.elements)
-    pipe = common.state(request).elements
+    steps = common.steps_of(request, req.steps)
+    el = await anyio.to_thread.run_sync(from_blob, req.elements)
+    pipe = common.pipeline(request, "elements")
     out, run_s, wait_s = await common.run(
-        request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=req.steps,
+        request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
                                                  seed=req.seed), INTERACTIVE, "render", ("elements", "prompt", "steps"))
     return common.png_response(out, t0, run_s, wait_s)

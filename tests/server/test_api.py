@@ -1,0 +1,169 @@
+"""The endpoints against the library they wrap, on a real uvicorn server over the tiny pipelines.
+
+The server must not change results: each stateless endpoint's PNG equals what the pipeline
+returns for the same inputs, bit for bit (PNG is lossless). Sessions: select -> mask, preview,
+final (which becomes the image), undo (which restores it). The drag WebSocket is latest-wins:
+positions that arrive while a preview runs are dropped, never queued.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from serving import b64png, decode, png
+
+websockets = pytest.importorskip("websockets.sync.client", reason="websockets is not installed")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_segment_equals_the_pipeline(client, reposition, photo_small):
+    r = client.post("/v1/segment", json={"image": b64png(photo_small), "points": [[60, 40]], "labels": [1]})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert float(r.headers["x-pipeline-ms"]) > 0 and float(r.headers["x-server-ms"]) >= float(r.headers["x-pipeline-ms"])
+    expected = reposition.segment(photo_small, points=[[60, 40]], labels=[1])
+    assert np.array_equal(decode(r.content, "L") > 127, expected)
+
+
+def test_multipart_upload_equals_json(client, photo_small):
+    files = {"image": ("photo.png", png(photo_small), "image/png")}
+    r = client.post("/v1/segment", files=files, data={"points": "[[60, 40]]"})
+    j = client.post("/v1/segment", json={"image": b64png(photo_small), "points": [[60, 40]]})
+    assert r.status_code == j.status_code == 200
+    assert r.content == j.content
+
+
+def test_reposition_and_inpaint_equal_the_pipeline(client, reposition, photo_small):
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    body = {"image": b64png(photo_small), "mask": b64png(mask), "move": [9, -4], "steps": 2, "seed": 3}
+    r = client.post("/v1/reposition", json=body)
+    assert r.status_code == 200, r.text
+    expected = reposition(photo_small, mask=mask > 127, move=(9, -4), steps=2, seed=3).image
+    assert np.array_equal(decode(r.content), np.asarray(expected))
+    r = client.post("/v1/inpaint", json={"image": body["image"], "mask": body["mask"], "steps": 2, "task": "complete"})
+    assert r.status_code == 200, r.text
+    expected = reposition.inpaint(photo_small, mask > 127, task="complete", steps=2)
+    assert np.array_equal(decode(r.content), np.asarray(expected))
+
+
+def test_elements_partition_edit_render(client, elements_pipe, photo_small):
+    r = client.post("/v1/elements/partition", json={"image": b64png(photo_small), "grid": 4})
+    assert r.status_code == 200, r.text
+    part = r.json()
+    h, w = photo_small.shape[:2]
+    assert decode(part["overlay"]).shape == (h, w, 3)
+    assert all(0 <= e["x"] <= w and 0 <= e["y"] <= h for e in part["items"])
+    victim = part["items"][0]["id"]
+    r = client.post("/v1/elements/edit", json={"elements": part["elements"], "ops": [{"op": "delete", "ids": [victim]}]})
+    assert r.status_code == 200, r.text
+    edited = r.json()
+    assert victim not in [e["id"] for e in edited["items"]] and edited["deleted"] == [victim]
+    r = client.post("/v1/elements/render", json={"elements": edited["elements"], "steps": 2, "seed": 1})
+    assert r.status_code == 200, r.text
+    from editrt.runtime.server.routers.elements_io import from_blob
+    from editrt.runtime.server.schemas import ElementsBlob
+
+    expected = elements_pipe.decode(from_blob(ElementsBlob(**edited["elements"])), steps=2, seed=1)
+    assert np.array_equal(decode(r.content), np.asarray(expected))
+
+
+def _session(client, photo, **extra) -> dict:
+    r = client.post("/v1/sessions", json={"image": b64png(photo), **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_session_select_final_undo(client, photo_small):
+    s = _session(client, photo_small)
+    sid = s["id"]
+    assert (s["width"], s["height"]) == (120, 80) and not s["selected"]
+    r = client.post(f"/v1/sessions/{sid}/final", json={"dx": 5})
+    assert r.status_code == 409 and r.json()["field"] == "selected"
+    r = client.post(f"/v1/sessions/{sid}/select", json={"points": [[60, 40]]})
+    assert r.status_code == 200 and r.json()["area"] > 0
+    r = client.post(f"/v1/sessions/{sid}/preview", json={"dx": 6, "dy": 2})
+    assert r.status_code == 200, r.text
+    r = client.post(f"/v1/sessions/{sid}/final", json={"dx": 6, "dy": 2})
+    assert r.status_code == 200, r.text
+    final = decode(r.json()["image"])
+    assert not np.array_equal(final, photo_small)
+    info = client.get(f"/v1/sessions/{sid}", params={"image": True}).json()
+    assert info["undo"] == 1 and not info["selected"] and np.array_equal(decode(info["image"]), final)
+    r = client.post(f"/v1/sessions/{sid}/undo")
+    assert r.status_code == 200 and np.array_equal(decode(r.json()["image"]), photo_small)
+    assert client.post(f"/v1/sessions/{sid}/undo").json()["field"] == "undo"
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+
+
+def test_drag_websocket_is_latest_wins(client, server, photo_small):
+    sid = _session(client, photo_small)["id"]
+    client.post(f"/v1/sessions/{sid}/select", json={"points": [[60, 40]]}).raise_for_status()
+    metrics = server.state.metrics
+    dropped_before = metrics.ws_messages[("dropped",)]
+    with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/drag", open_timeout=30) as ws:
+        ws.send(json.dumps({"type": "drag", "dx": 1, "dy": 0, "seq": 0}))
+        time.sleep(0.05)  # the first preview is running: these 20 arrive while it runs
+        for seq in range(1, 21):
+            ws.send(json.dumps({"type": "drag", "dx": 1 + seq, "dy": 0, "seq": seq}))
+        previews = []
+        while len(previews) < 2:
+            m = json.loads(ws.recv(timeout=120))
+            assert m["type"] == "preview", m
+            previews.append(m)
+        assert previews[-1]["seq"] == 20, [p["seq"] for p in previews]  # the newest; 1..19 never ran
+        ws.send(json.dumps({"type": "drag", "dx": 2, "dy": 2, "seq": 21}))
+        ws.send(json.dumps({"type": "release", "dx": 3, "dy": 2, "seq": 22}))  # replaces the pending drag
+        m = json.loads(ws.recv(timeout=120))
+        while m["type"] == "preview":
+            m = json.loads(ws.recv(timeout=120))
+        assert m["type"] == "final" and m["seq"] == 22 and m["undo"] == 1
+        assert m["timing"]["server_ms"] >= m["timing"]["pipeline_ms"] > 0
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=30))["field"] == "message"
+        ws.send(json.dumps({"type": "drag", "dx": "far", "seq": 23}))
+        assert json.loads(ws.recv(timeout=30))["field"] == "dx"
+    assert metrics.ws_messages[("dropped",)] - dropped_before >= 19
+
+
+def test_elements_session(client, photo_small):
+    s = _session(client, photo_small, kind="elements")
+    sid, items = s["id"], s["items"]
+    assert decode(s["overlay"]).shape == (80, 120, 3)
+    big = max(items, key=lambda e: e["w"] * e["h"])
+    r = client.post(f"/v1/sessions/{sid}/elements/select", json={"point": [big["x"], big["y"]]})
+    assert r.status_code == 200
+    target = r.json()["ids"][0]
+    r = client.post(f"/v1/sessions/{sid}/elements/edit", json={"ops": [{"op": "delete", "ids": [target]}]})
+    assert r.status_code == 200 and target not in [e["id"] for e in r.json()["items"]]
+    r = client.post(f"/v1/sessions/{sid}/render", json={"prompt": "a cat"})
+    assert r.status_code == 200 and decode(r.json()["image"]).shape[2] == 3
+    r = client.post(f"/v1/sessions/{sid}/undo")
+    assert target in [e["id"] for e in r.json()["items"]]
+    r = client.post(f"/v1/sessions/{sid}/select", json={"points": [[1, 1]]})
+    assert r.status_code == 409 and r.json()["field"] == "session_id"
+
+
+def test_operations(client, server):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["pipelines"] == ["elements", "reposition"]
+    text = client.get("/metrics").text
+    for name in ("editrt_requests_total{", "editrt_request_seconds_bucket{", "editrt_stage_seconds_bucket{",
+                 "editrt_queue_depth{", "editrt_sessions_open ", "editrt_cache_bytes{", "editrt_session_bytes "):
+        assert name in text, name
+    assert 'endpoint="/v1/segment",method="POST",status="200"' in text
+    assert 'queue="reposition",stage="segment",phase="run"' in text
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/segment", "/v1/sessions", "/v1/sessions/{session_id}/select"} <= set(schema["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "editor.js" in page.text
+    assert client.get("/static/editor.js").status_code == 200
