@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editrt.kernels import slic
+from editrt.kernels import launches, slic
 from editrt.kernels.slic import assign, assign_reference, element_stats, element_stats_reference
 
 # The interpreter evaluates the emulated expf with NumPy, which warns where exp(-x) overflows to
@@ -363,3 +363,19 @@ def test_adversarial_near_ties_gpu(beta):
 def test_element_stats_gpu():
     labels = _random_labels(512, 512, 256, empty=(7,)).cuda()
     _assert_stats_equal(element_stats(labels, 256), element_stats_reference(labels, 256))
+
+
+def test_kernel_launches_are_recorded_and_reference_calls_are_not(monkeypatch):
+    logits, centroids = _random_problem(16, 8, 8)
+    labels = torch.randint(-1, 16, (20, 24))
+    with launches.track() as seen:
+        assign(logits, centroids, 64.0, (16, 16))
+        element_stats(labels, 16)
+    assert seen.counts == {"slic_assign": 1, "slic_element_stats": 1}
+    with launches.track() as seen:
+        assign_reference(logits, centroids, 64.0, (16, 16))
+        element_stats_reference(labels, 16)
+        monkeypatch.setenv("EDITRT_DISABLE_TRITON", "1")  # the public API falls back to the references
+        assign(logits, centroids, 64.0, (16, 16))
+        element_stats(labels, 16)
+    assert seen.names == []

@@ -61,22 +61,70 @@ def test_fused_dual_attention_matches_the_two_attention_path(tiny_weights):
         assert torch.equal(text_only, decoder(x, t, text, None))
 
 
-def test_fp16_overflow_falls_back_to_fp32_attention(tiny_weights, monkeypatch):
-    import editrt.models.attention as attention
+def _overflowing_fp16_unet(tiny_weights, score_gain: float):
+    """The tiny SD-2-style UNet in fp16 with its self-attention Q/K weights scaled by `score_gain`.
+
+    Q and K entries stay ~1e2 (finite in fp16) but their dot products reach ~1e5 > 65504, the fp16
+    maximum: with diffusers' classic AttnProcessor (scores by baddbmm in the input dtype, as SD's
+    fp16 attention computes them) the scores become inf and softmax gives NaN -- the failure the
+    probe exists for. (PyTorch's CPU SDPA upcasts fp16 internally, so it cannot show it.)
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    unet = load_reposition_components(tiny_weights).unet.half()
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, Attention) and not m.is_cross_attention:
+                m.to_q.weight.mul_(score_gain)
+                m.to_k.weight.mul_(score_gain)
+    unet.set_attn_processor(AttnProcessor())
+    return unet
+
+
+def test_fp16_overflow_really_falls_back_to_fp32_attention(tiny_weights):
+    from editrt.models import attention
+
+    unet = _overflowing_fp16_unet(tiny_weights, 200.0)
+    assert not attention.fp16_is_finite(unet, (50, 32))  # it really overflows: no mock
+    assert attention.prepare_unet(unet, torch.float16, (50, 32), cache_kv=True) == "upcast attention"
+    assert all(isinstance(p, attention.UpcastAttnProcessor) for p in unet.attn_processors.values())
+    assert attention.fp16_is_finite(unet, (50, 32))
+    x, ctx = torch.randn(1, 9, 16, 16).half(), torch.randn(1, 50, 32).half()
+    with torch.no_grad():
+        assert torch.isfinite(unet(x, 300, encoder_hidden_states=ctx).sample).all()
+
+
+def test_upcast_processor_computes_the_same_attention(tiny_weights):
+    """At fp32 (where nothing overflows) the fp32-attention processor equals diffusers' default."""
+    from editrt.models import attention
 
     c = load_reposition_components(tiny_weights)
     x, ctx = torch.randn(1, 9, 16, 16), torch.randn(1, 50, 32)
     with torch.no_grad():
         reference = c.unet(x, 300, encoder_hidden_states=ctx).sample
-    answers = iter([False, True])  # as if fp16 overflowed once, and not after the upcast
-    monkeypatch.setattr(attention, "fp16_is_finite", lambda *a, **k: next(answers))
-    assert attention.ensure_fp16_finite(c.unet, (50, 32)) == "upcast attention"
-    assert all(isinstance(p, attention.UpcastAttnProcessor) for p in c.unet.attn_processors.values())
-    with torch.no_grad():  # the fp32-attention processor computes the same attention
-        torch.testing.assert_close(c.unet(x, 300, encoder_hidden_states=ctx).sample, reference, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(attention, "fp16_is_finite", lambda *a, **k: False)
-    with pytest.raises(ValueError, match="use bf16 or fp32"):
-        attention.ensure_fp16_finite(c.unet, (50, 32))
+        c.unet.set_attn_processor(attention.UpcastAttnProcessor())
+        upcast = c.unet(x, 300, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(upcast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_overflow_outside_attention_is_a_one_line_edit_error(tiny_weights):
+    from editrt.errors import EditError
+    from editrt.models import attention
+
+    unet = load_reposition_components(tiny_weights).unet.half()
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(1e5)  # activations past 65504 before any attention: upcasting cannot help
+    with pytest.raises(attention.Fp16OverflowError, match="fp16.*use bf16 or fp32") as info:
+        attention.ensure_fp16_finite(unet, (50, 32))
+    assert isinstance(info.value, EditError) and "\n" not in str(info.value)
+
+
+def test_finite_fp16_unet_keeps_its_processors(tiny_weights):
+    from editrt.models import attention
+
+    unet = _overflowing_fp16_unet(tiny_weights, 1.0)  # unscaled: finite in fp16
+    assert attention.ensure_fp16_finite(unet, (50, 32)) == "ok"
+    assert not any(isinstance(p, attention.UpcastAttnProcessor) for p in unet.attn_processors.values())
 
 
 @pytest.mark.gpu
