@@ -15,12 +15,29 @@ and ``scale = 1/sqrt(D)`` by default. The two halves feed their own output proje
     out @ cat([W_a, W_b], dim=1).T == attn_a @ W_a.T + attn_b @ W_b.T
 
 Algorithm (flash-attention forward, Dao et al. 2022; Triton tutorial 06). The grid is
-(cdiv(M, BLOCK_M), B*H, 2): axis 2 picks the key/value set, so both attentions run in ONE launch.
-A program keeps its [BLOCK_M, D] query tile in registers and streams the keys/values in
-[BLOCK_N, D] tiles with an online softmax (running row max m and row sum l, rescaling the fp32
-accumulator when m grows), so no [M, N] matrix ever reaches global memory. Head dims that are not
-powers of two (SD: 40, 80, 160) are padded to the next power of two inside the kernel with masked
-loads; any M, N_a, N_b work (masked tails).
+(cdiv(M, BLOCK_M), B*H, 2): axis 2 picks the key/value set, so both attentions run in ONE launch,
+through one code path (the set's pointers and strides are selected up front, so there is one
+pipelined loop and one set of shared-memory buffers). A program keeps its [BLOCK_M, D] query tile
+in registers and streams the keys/values in [BLOCK_N, D] tiles with an online softmax (running
+row max m and row sum l, rescaling the fp32 accumulators when m grows), so no [M, N] matrix ever
+reaches global memory; any M, N_a, N_b work (masked tails).
+
+Head dims (SD: 40, 80, 160) are compile-time constants and are split into two power-of-two column
+chunks D0 + D1 (`head_dim_chunks`: 32+16, 64+16, 128+32): every dot runs on tensor-core widths and
+the MMA work on pad columns is 16.7% at D = 40 and 0 at 80 and 160 (one power-of-two block:
+37.5% each). The head dim must have stride 1 (other layouts are copied first); when every other
+stride and every base address is a multiple of 16 bytes (SD's fused projections at fp16/bf16
+are), the launcher passes ALIGN = 16 bytes in elements and the kernel writes each stride as
+(s // ALIGN) * ALIGN, which Triton's alignment analysis can see through: the loads become 16-byte
+vector loads and asynchronous copies (cp.async) even with a 40-element head stride, where they
+were scalar 2-byte accesses before (`editrt doctor --arch sm_90` shows both).
+
+Dispatch (`kernel_handles`): fp16/bf16 on CUDA -> this kernel; fp32 on CUDA -> the reference, two
+SDPA calls (full-precision dots spilled in most configs and one took minutes to compile); CPU
+tensors under TRITON_INTERPRET=1 -> this kernel in the interpreter (every dtype, for the tests).
+Configs (`attention_configs`) are listed per padded head dim and pruned by a shared-memory estimate
+against the device's per-block limit; autotune winners persist across processes
+(kernels/autotune_cache.py).
 
 Work floor: 4*B*H*M*(N_a + N_b)*D FLOPs (two GEMMs per set: QK^T and PV). Bytes: the inputs are
 read once and the output written once, B*H*(2*M + 2*N_a + 2*N_b)*D*itemsize + B*M*2*H*D*itemsize;
