@@ -80,10 +80,8 @@ def _log(args):
 def _backend(args) -> dict:
     from editrt.runtime.backends import check_backend
 
-    backend = getattr(args, "backend", "torch")
-    engines = getattr(args, "engines", None)
-    check_backend(backend, engines)
-    return {"backend": backend, "engines": engines}
+    check_backend(args.backend, args.engines)
+    return {"backend": args.backend, "engines": args.engines, "compile": args.compile, "cuda_graphs": args.cuda_graphs}
 
 
 def _reposition_pipeline(args):
@@ -355,13 +353,6 @@ def _add_lazy_command(sub, name: str, selected: str | None) -> None:
     p.set_defaults(func=module.run)
 
 
-def _engine_options(g) -> None:
-    """How the torch backend runs the denoising loop (engine_api: from_pretrained's cuda_graphs / compile)."""
-    g.add_argument("--compile", action="store_true", help="torch backend: torch.compile the UNets (slow first run)")
-    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="torch backend on CUDA: run the denoising loop eagerly instead of replaying a CUDA graph")
-
-
 def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:
     from editrt.models.common import DTYPE_ALIASES, DTYPES
 
@@ -373,6 +364,11 @@ def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.
                    help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
     g.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
+    # from_pretrained's compile / cuda_graphs (runtime/backends.build_engines)
+    g.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile the UNets, VAE and SAM image encoder (the first run compiles)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
+                   help="run the denoising loop eagerly (default: one CUDA graph per loop where supported: torch on CUDA)")
     if steps:
         g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
         g.add_argument("--guidance", type=float, default=guidance,

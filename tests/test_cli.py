@@ -2,6 +2,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,129 @@ def test_console_script_exit_code_and_no_traceback(files, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert shutil.which("editrt"), "the console script `editrt` is installed"
+
+
+# ---------------------------------------------------------------------- argparse errors, --version, --dtype
+ARGPARSE_BAD = [
+    (["segment", "{d}/photo.png", "--point", "1,1", "-o", "{o}", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["segment", "{d}/photo.png", "--point", "1,1", "-o", "{o}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["segment", "{d}/photo.png", "--point", "1,1"], "the following arguments are required: -o/--output"),
+    (["inpaint", "{d}/photo.png", "{d}/mask.png", "-o", "{o}", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["teleport"], "invalid choice: 'teleport'"),
+    ([], "the following arguments are required: COMMAND"),
+]
+
+
+@pytest.mark.parametrize("args,message", ARGPARSE_BAD)
+def test_argparse_errors_are_one_line_exit_2(files, tmp_path, capsys, args, message):
+    out = tmp_path / "out.png"
+    rc, err = run([a.format(d=files, o=out) for a in args], capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("editrt: error:") and message in err, err
+    assert "usage:" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_argparse_error_from_the_console_script(files, tmp_path):
+    proc = subprocess.run(["editrt", "inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o",
+                           str(tmp_path / "o.png"), "--dtype", "double"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "argument --dtype: invalid choice: 'double'" in proc.stderr, proc.stderr
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"editrt {version('editrt')}\n"  # the installed package's metadata
+
+
+@pytest.mark.parametrize("alias,canonical", [("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16")])
+def test_dtype_aliases_run_the_same_precision(files, tiny_weights, tmp_path, capsys, alias, canonical):
+    outputs = {}
+    for dtype in (alias, canonical, "fp32" if canonical != "fp32" else "bf16"):
+        out = tmp_path / f"{dtype}.png"
+        rc, err = run(["inpaint", files / "photo.png", files / "mask.png", "-o", out, "--dtype", dtype,
+                       "--weights", tiny_weights, "--steps", "1", "--resolution", "64", "--quiet"], capsys)
+        assert rc == 0, err
+        outputs[dtype] = np.asarray(Image.open(out))
+    other = [k for k in outputs if k not in (alias, canonical)][0]
+    np.testing.assert_array_equal(outputs[alias], outputs[canonical])
+    assert not np.array_equal(outputs[alias], outputs[other])  # the dtype really reached the pipeline
+
+
+@pytest.fixture(scope="module")
+def fp16_overflowing_weights(tiny_weights, tmp_path_factory):
+    """Real weights whose inpainting UNet overflows in fp16 whatever the attention does (conv_in x 1e6)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("overflow") / "w"
+    shutil.copytree(tiny_weights, root)
+    path = root / "inpaint" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    state["conv_in.weight"] = state["conv_in.weight"] * 1e6
+    save_file(state, str(path))
+    return root
+
+
+def test_fp16_probe_failure_is_one_line(files, fp16_overflowing_weights, tmp_path):
+    proc = subprocess.run(["editrt", "inpaint", str(files / "photo.png"), str(files / "mask.png"), "-o",
+                           str(tmp_path / "o.png"), "--dtype", "float16", "--weights", str(fp16_overflowing_weights),
+                           "--steps", "1", "--resolution", "64", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "overflows in fp16" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+# ---------------------------------------------------------------------- lazy commands: doctor, serve
+def test_doctor_and_serve_are_imported_only_when_they_run(tmp_path):
+    code = ("import sys; from editrt.cli import main; rc = main(['weights', 'init', sys.argv[1]]); "
+            "print(rc, 'editrt.doctor' in sys.modules, 'editrt.runtime.server.cli' in sys.modules)")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "full")], capture_output=True, text=True)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+
+
+def test_a_missing_lazy_command_module_is_one_line(monkeypatch, capsys):
+    import editrt.cli as cli
+
+    monkeypatch.setitem(cli._LAZY_COMMANDS, "doctor", ("editrt.no_such_module", "a module that is not there"))
+    rc, err = run(["doctor", "--arch", "sm_90"], capsys)
+    assert rc == 2 and err == "editrt: error: doctor: unavailable; it needs the module 'editrt.no_such_module', " \
+                              "which is not installed\n"
+    assert main(["--version"]) == 0  # every other command still works
+
+
+@pytest.mark.parametrize("command,module", [("doctor", "editrt.doctor"), ("serve", "editrt.runtime.server.cli")])
+def test_lazy_commands_register_their_options(command, module, capsys):
+    pytest.importorskip(module)
+    with pytest.raises(SystemExit) as exit_info:  # --help prints and exits 0 (argparse's own behaviour)
+        from editrt.cli import build_parser
+
+        build_parser(command).parse_args([command, "--help"])
+    assert exit_info.value.code == 0 and f"usage: editrt {command}" in capsys.readouterr().out
+    assert main([command, "--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --no-such-option" in err
+
+
+# ---------------------------------------------------------------------- export --check
+def test_export_check_prints_each_error_and_fails_above_the_tolerance(tiny_weights, tmp_path, capsys, monkeypatch):
+    names = ["content_encoder", "vae_decoder"]
+    rc = main(["export", "--weights", str(tiny_weights), "--component", ",".join(names), "-o", str(tmp_path / "e"),
+               "--check", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = [line.split("\t") for line in captured.out.strip().splitlines()]
+    assert [r[0] for r in rows] == names  # one line per component, on stdout
+    for name, error, path in rows:
+        assert path == str(tmp_path / "e" / f"{name}.onnx") and Path(path).is_file()
+        assert error.startswith("max relative error vs PyTorch") and 0 < float(error.rsplit(" ", 1)[1]) <= 1e-4
+    import editrt.export.onnx as onnx_export
+
+    monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", 0.0)  # any real fp32 difference is now above it
+    rc, err = run(["export", "--weights", tiny_weights, "--component", "content_encoder", "-o", tmp_path / "e3",
+                   "--check", "--quiet"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "content_encoder: ONNX Runtime" in err and "more than 0" in err, err
+    assert not list((tmp_path / "e3").glob("*.onnx"))

@@ -52,9 +52,32 @@ def test_init_refuses_non_empty_dir_and_leaves_nothing_on_failure(tmp_path, monk
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(w, "_write_sam", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         init_weights(tmp_path / "new", "tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_write_dir_atomic_replaces_an_empty_folder_and_leaves_nothing_on_failure(tmp_path):
+    from editrt.models.files import write_dir_atomic
+
+    def write(folder):
+        (folder / "a.txt").write_text("a")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "b.txt").write_text("b")
+
+    (tmp_path / "empty").mkdir()
+    out = write_dir_atomic(tmp_path / "empty", write)
+    assert (out / "sub" / "b.txt").read_text() == "b" and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+    def half(folder):
+        (folder / "a.txt").write_text("a")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_dir_atomic(tmp_path / "new", half)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no temporary sibling, no half folder
+    with pytest.raises(InputError, match="not empty"):
+        write_dir_atomic(tmp_path / "empty", write)
 
 
 def copy_weights(src, dst):
