@@ -157,8 +157,11 @@ def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: d
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp32 graph -> fp16 compute with fp32 graph inputs and outputs (ONNX Runtime's converter)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=weight_bytes(model) > TWO_GB)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=weight_bytes(model) > TWO_GB)
+    OnnxModel(model).topological_sort()  # the converter appends the input Casts after their consumers
+    return model
 
 
 def graph_precision(model: onnx.ModelProto) -> str:

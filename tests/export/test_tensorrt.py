@@ -1,31 +1,89 @@
 """The TensorRT layer: everything that can be checked without TensorRT is checked here; the rest
-skips with the reason (TensorRT's wheels come from NVIDIA's own index and cannot be installed here)."""
+skips with the reason (TensorRT's wheels come from NVIDIA's own index and cannot be installed here).
+
+The fakes below (a builder/config/profile, an execution context, a refitter) only record the calls
+our code makes and answer as NVIDIA's Python API documents; what is under test is our logic
+(which profile values, which binding order, which refit addresses), not TensorRT.
+"""
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
-from editrt.errors import EngineError
+from editrt.errors import EngineError, InputError
 from editrt.export.components import export_components
-from editrt.export.specs import network_specs
+from editrt.export.specs import MAX_IMAGE_SIDE, network_specs
 from editrt.export.tensorrt import (
+    SUPPORTED_TENSORRT,
     BuildOptions,
+    HarmonizerAtScale,
+    RefittableHarmonizer,
+    TensorRTEngine,
+    add_profiles,
+    bind_inputs,
     cache_key,
     cached_engine,
+    check_version,
+    graph_precision_of,
     harmonizer_weights,
+    network_typing,
     plan_paths,
+    prepare_refit_weights,
     profile_shapes,
+    refit_engine,
     refit_weight_map,
 )
-from editrt.models.components import WeightsLayout
+from editrt.models.components import WeightsLayout, load_reposition_components
+from editrt.runtime.engines import conforms
 from editrt.weights import load_config
+
+# BuilderFlag names of TensorRT 10 (weak typing still there) and of 11 (precision flags removed)
+FLAGS_10 = {"FP16", "BF16", "FP8", "INT8", "REFIT", "STRIP_PLAN", "TF32"}
+FLAGS_11 = {"REFIT", "STRIP_PLAN", "TF32"}
 
 
 @pytest.fixture(scope="module")
 def full_specs():
     return network_specs(load_config("full"))
+
+
+@pytest.fixture(scope="module")
+def tiny_specs(tiny_weights):
+    return network_specs(WeightsLayout(tiny_weights).network_config())
+
+
+# ---------------------------------------------------------------------- profiles
+class RecordingProfile:
+    def __init__(self):
+        self.shapes, self.values = {}, {}
+
+    def set_shape(self, name, lo, opt, hi):
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    def set_shape_input(self, name, lo, opt, hi):
+        self.values[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class RecordingBuilder:
+    def __init__(self):
+        self.profiles = []
+
+    def create_optimization_profile(self):
+        self.profiles.append(RecordingProfile())
+        return self.profiles[-1]
+
+
+class RecordingConfig:
+    def __init__(self):
+        self.added = []
+
+    def add_optimization_profile(self, profile):
+        self.added.append(profile)
 
 
 def test_profiles_cover_batch_1_and_2_and_the_working_resolutions(full_specs):
@@ -45,6 +103,62 @@ def test_profiles_cover_batch_1_and_2_and_the_working_resolutions(full_specs):
                 assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), spec.name
 
 
+def test_sam_decoder_profile_sets_orig_im_size_values_with_set_shape_input(full_specs):
+    """Without set_shape_input TensorRT refuses the build: 'optimization profile is missing values for shape input'."""
+    spec = full_specs["sam_mask_decoder"]
+    builder, config = RecordingBuilder(), RecordingConfig()
+    assert add_profiles(builder, config, spec, BuildOptions(), shape_inputs=["orig_im_size"]) == 1
+    (profile,) = builder.profiles
+    assert config.added == [profile]
+    assert profile.values == {"orig_im_size": ((1, 1), (768, 1024), (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))}
+    assert "orig_im_size" not in profile.shapes  # a shape tensor's values, not a dynamic shape
+    assert profile.shapes["point_coords"] == ((1, 1, 2), (1, 2, 2), (1, 16, 2))
+    assert set(profile.shapes) == set(spec.input_names) - {"orig_im_size"}
+    # an engine input TensorRT calls a shape tensor but the spec has no values for: a clear refusal
+    with pytest.raises(EngineError, match="treats input 'point_labels' as a shape tensor"):
+        add_profiles(RecordingBuilder(), RecordingConfig(), spec, BuildOptions(), shape_inputs=["point_labels"])
+    # a network without shape tensors gets shapes only
+    builder = RecordingBuilder()
+    add_profiles(builder, RecordingConfig(), full_specs["inpaint_unet"], BuildOptions(), shape_inputs=[])
+    assert builder.profiles[0].values == {} and set(builder.profiles[0].shapes) == {"sample", "timestep",
+                                                                                   "encoder_hidden_states"}
+
+
+# ONNX operands that hold shapes (TensorRT's shape tensors): op type -> input positions
+_SHAPE_OPERANDS = {"Resize": (2, 3), "Slice": (1, 2, 3, 4), "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,),
+                   "Range": (0, 1, 2), "Tile": (1,), "Pad": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "TopK": (1,)}
+
+
+def _inputs_whose_values_set_shapes(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs whose values (not just shapes: Shape stops the walk) reach a shape operand."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    graph_inputs = {i.name for i in model.graph.input}
+    found, stack, seen = set(), [], set()
+    for node in model.graph.node:
+        stack += [node.input[i] for i in _SHAPE_OPERANDS.get(node.op_type, ()) if i < len(node.input) and node.input[i]]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in graph_inputs:
+            found.add(name)
+        elif name in producer and producer[name].op_type not in ("Shape", "Size"):
+            stack += [i for i in producer[name].input if i]
+    return found
+
+
+def test_every_shape_tensor_input_of_the_exported_graphs_has_a_value_range(tiny_weights, tiny_specs, tmp_path):
+    """An independent reading of the exported graphs: the inputs whose values feed shapes are
+    exactly the spec's value_ranges (orig_im_size in the SAM decoder, nothing anywhere else)."""
+    names = ["sam_mask_decoder", "sam_mask_decoder_grid", "vae_decoder", "content_encoder", "inpaint_unet"]
+    export_components(tiny_weights, names, tmp_path, check=False)
+    for name in names:
+        found = _inputs_whose_values_set_shapes(onnx.load(str(tmp_path / f"{name}.onnx")))
+        assert found == set(tiny_specs[name].value_ranges), (name, found)
+    assert set(tiny_specs["sam_mask_decoder"].value_ranges) == {"orig_im_size"}
+
+
 def test_cache_key_changes_with_every_ingredient(full_specs):
     spec = full_specs["inpaint_unet"]
     base = dict(spec=spec, onnx_sha256="a" * 64, options=BuildOptions(), trt_version="10.7.0", gpu_name="NVIDIA H100",
@@ -58,6 +172,9 @@ def test_cache_key_changes_with_every_ingredient(full_specs):
                dict(options=BuildOptions(static_shapes={"batch": 2, "height": 64, "width": 64, "tokens": 50}))]
     keys = {cache_key(**{**base, **c}) for c in changes}
     assert len(keys) == len(changes) and key not in keys
+    sam = full_specs["sam_mask_decoder"]
+    wider = type(sam)(**{**sam.__dict__, "value_ranges": {"orig_im_size": ((1, 1), (768, 1024), (16384, 16384))}})
+    assert cache_key(**{**base, "spec": sam}) != cache_key(**{**base, "spec": wider})
 
 
 def test_bad_build_options():
@@ -67,6 +184,226 @@ def test_bad_build_options():
         BuildOptions(optimization_level=9)
 
 
+# ---------------------------------------------------------------------- versions and typing
+def test_supported_tensorrt_versions():
+    assert check_version("10.0.1") == (10, 0)
+    assert check_version("10.13.2.6") == (10, 13)
+    assert check_version("11.4.0") == (11, 4)
+    for version in ("8.6.1", "9.3.0", "12.0.0"):
+        with pytest.raises(EngineError, match=r"supports TensorRT 10\.0 up to, not including, 12\.0"):
+            check_version(version)
+    with pytest.raises(EngineError, match="cannot read its version"):
+        check_version("ten")
+    assert SUPPORTED_TENSORRT == ((10, 0), (12, 0))
+
+
+def test_network_typing_is_strong_where_the_graph_has_the_precision_and_guarded_by_version():
+    for flags in (FLAGS_10, FLAGS_11):
+        for precision in ("fp16", "fp32"):  # the graph already in the precision: strongly typed, no flags
+            typing = network_typing(precision, precision, flags)
+            assert typing.strongly_typed and typing.precision_flags == ()
+    # TensorRT 10, fp32 graph: the (deprecated) weak-typing flags, which it still has
+    assert network_typing("fp16", "fp32", FLAGS_10).precision_flags == ("FP16",)
+    assert network_typing("bf16", "fp32", FLAGS_10).precision_flags == ("BF16",)
+    assert network_typing("fp8", "fp32", FLAGS_10).precision_flags == ("FP8", "FP16")
+    assert not network_typing("fp16", "fp32", FLAGS_10).strongly_typed
+    # TensorRT 11 has no precision flags: never touched, a clear error instead
+    with pytest.raises(EngineError, match=r"strongly typed networks only \(no BuilderFlag.FP16\); export the ONNX graph "
+                                          r"with --precision fp16"):
+        network_typing("fp16", "fp32", FLAGS_11)
+    with pytest.raises(EngineError, match="no BuilderFlag.BF16"):
+        network_typing("bf16", "fp32", FLAGS_11)
+    with pytest.raises(EngineError, match="the ONNX graph is fp16"):
+        network_typing("fp32", "fp16", FLAGS_10)
+
+
+def test_graph_precision_comes_from_the_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"networks": {
+        "inpaint_unet": {"onnx": "inpaint_unet.onnx", "precision": "fp16"},
+        "vae_decoder": {"onnx": "vae_decoder.onnx", "precision": "fp32"}}}))
+    assert graph_precision_of(tmp_path / "inpaint_unet.onnx") == "fp16"
+    assert graph_precision_of(tmp_path / "vae_decoder.onnx") == "fp32"
+    assert graph_precision_of(tmp_path / "other.onnx") == "fp32"
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(EngineError, match="manifest.json: not valid JSON"):
+        graph_precision_of(tmp_path / "inpaint_unet.onnx")
+
+
+# ---------------------------------------------------------------------- binding a run
+class DocumentedContext:
+    """Answers like IExecutionContext: an output whose shape depends on a shape-tensor input has
+    unknown (-1) dims until that input's (host) address is set; input shapes must be set first."""
+
+    def __init__(self, host_memory=None):
+        self.calls, self.shapes, self.addresses = [], {}, {}
+        self.host_memory = host_memory or {}  # address -> the tensor living there
+
+    def set_input_shape(self, name, shape):
+        self.calls.append(("set_input_shape", name))
+        self.shapes[name] = shape
+
+    def set_tensor_address(self, name, ptr):
+        self.calls.append(("set_tensor_address", name))
+        self.addresses[name] = ptr
+
+    def get_tensor_shape(self, name):
+        self.calls.append(("get_tensor_shape", name))
+        if name != "masks":
+            return (1, 4)
+        if self.addresses.get("orig_im_size") not in self.host_memory:
+            return (1, 4, -1, -1)
+        h, w = self.host_memory[self.addresses["orig_im_size"]].tolist()  # TensorRT reads the values there
+        return (1, 4, h, w)
+
+
+def test_shape_tensor_inputs_get_host_addresses_before_output_shapes_are_read():
+    size = torch.tensor([240, 320], dtype=torch.int64)
+    ctx = DocumentedContext({size.data_ptr(): size})
+    inputs = {"point_coords": torch.zeros(1, 3, 2), "orig_im_size": size}
+    shapes = bind_inputs(ctx, inputs, {"orig_im_size"}, ["masks", "iou_predictions"])
+    assert shapes == {"masks": (1, 4, 240, 320), "iou_predictions": (1, 4)}
+    assert ctx.addresses["orig_im_size"] == size.data_ptr()  # the host tensor itself
+    first_read = ctx.calls.index(("get_tensor_shape", "masks"))
+    assert ctx.calls.index(("set_tensor_address", "orig_im_size")) < first_read
+    assert ctx.calls.index(("set_input_shape", "point_coords")) < first_read
+    assert ("set_input_shape", "orig_im_size") not in ctx.calls  # a shape tensor's shape is static
+    with pytest.raises(EngineError, match="shape-tensor input 'orig_im_size': must be in host memory"):
+        bind_inputs(DocumentedContext(), {"orig_im_size": torch.empty(2, device="meta")}, {"orig_im_size"}, ["masks"])
+
+    class NoValues(DocumentedContext):
+        def set_tensor_address(self, name, ptr):
+            if name != "orig_im_size":
+                super().set_tensor_address(name, ptr)
+
+    with pytest.raises(EngineError, match="cannot infer the shape of output 'masks'"):
+        bind_inputs(NoValues({size.data_ptr(): size}), inputs, {"orig_im_size"}, ["masks"])
+
+
+# ---------------------------------------------------------------------- refit
+def _fake_trt():
+    class Weights:
+        def __init__(self, dtype, ptr, count):
+            self.dtype, self.ptr, self.count = dtype, ptr, count
+
+    return SimpleNamespace(Weights=Weights, TensorLocation=SimpleNamespace(DEVICE="device", HOST="host"),
+                           float32="trt.float32", float16="trt.float16", bfloat16="trt.bfloat16")
+
+
+class RecordingRefitter:
+    def __init__(self, events, accept=True):
+        self.events, self.accept, self.set = events, accept, {}
+
+    def set_named_weights(self, name, weights, location):
+        self.events.append("set")
+        self.set[name] = (weights.ptr, weights.count, weights.dtype, location)
+        return self.accept
+
+    def refit_cuda_engine(self):
+        self.events.append("refit")
+        return True
+
+
+@pytest.fixture(scope="module")
+def harmonizer_exports(tiny_weights, tmp_path_factory):
+    out = {}
+    for precision in ("fp32", "fp16"):
+        d = tmp_path_factory.mktemp(f"harmonizer_{precision}")
+        export_components(tiny_weights, ["harmonizer_unet"], d, check=False, precision=precision)
+        out[precision] = d
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_refit_weights_are_the_graphs_initializers_prepared_once(tiny_weights, harmonizer_exports, precision):
+    d = harmonizer_exports[precision]
+    refit_map = json.loads((d / "manifest.json").read_text())["networks"]["harmonizer_unet"]["refit_map"]
+    components = load_reposition_components(tiny_weights)
+    assert sorted(m["param"] for m in refit_map.values()) == sorted(components.harmonizer.params)
+    assert any(m["transposed"] for m in refit_map.values())  # the exporter folded some Linear weights to W^T
+    weights = harmonizer_weights(tiny_weights, refit_map, device="cpu")
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(d / "harmonizer_unet.onnx")).graph.initializer}
+    for name, m in refit_map.items():
+        got = weights[1.0][name]
+        assert got.is_contiguous() and got.dtype == {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        np.testing.assert_array_equal(got.numpy(), initializers[name])  # c = 1: exactly what was exported
+        base = components.harmonizer.base[m["param"]]
+        np.testing.assert_array_equal(weights[0.0][name].numpy(), (base.t() if m["transposed"] else base).to(got.dtype).numpy())
+    # refit hands TensorRT the prepared memory itself: no copy per switch, the same addresses every time
+    events = []
+    refitter = RecordingRefitter(events)
+    for _ in range(2):
+        refit_engine(_fake_trt(), refitter, weights[0.0], synchronize=lambda: events.append("sync"))
+        assert {n: v[0] for n, v in refitter.set.items()} == {n: t.data_ptr() for n, t in weights[0.0].items()}
+    assert events[0] == "sync" and events.index("refit") > events.index("set")  # stream synchronised first
+    assert all(v[1] == weights[0.0][n].numel() and v[3] == "host" for n, v in refitter.set.items())
+    with pytest.raises(EngineError, match="cannot refit weight"):
+        refit_engine(_fake_trt(), RecordingRefitter([], accept=False), weights[1.0], synchronize=lambda: None)
+    name = next(n for n, m in refit_map.items() if m["transposed"])
+    with pytest.raises(EngineError, match="not contiguous"):
+        refit_engine(_fake_trt(), RecordingRefitter([]), {name: weights[1.0][name].t()}, synchronize=lambda: None)
+
+
+def test_refit_map_refuses_a_graph_without_the_weights(tiny_weights, tmp_path):
+    export_components(tiny_weights, ["vae_decoder"], tmp_path, check=False)
+    with pytest.raises(EngineError, match="no initializer holds"):
+        refit_weight_map(tmp_path / "vae_decoder.onnx", {"x": torch.ones(3, 5)})
+
+
+def test_prepare_refit_weights_lays_out_transposed_weights_once():
+    w = torch.arange(6.0).reshape(2, 3)
+    out = prepare_refit_weights({"a": {"param": "p", "transposed": True, "dtype": "float16"},
+                                 "b": {"param": "p", "transposed": False}}, {1.0: {"p": w}}, "cpu")
+    assert out[1.0]["a"].is_contiguous() and out[1.0]["a"].dtype == torch.float16
+    assert torch.equal(out[1.0]["a"].float(), w.t()) and torch.equal(out[1.0]["b"], w)
+
+
+# ---------------------------------------------------------------------- the Engine protocol
+class RecordingEngine:
+    """Stands in for a TensorRTEngine under the harmonizer views: records refits and runs."""
+
+    def __init__(self):
+        self.device, self.refits, self.runs = torch.device("cpu"), [], []
+
+    def refit(self, weights):
+        self.refits.append(weights["w"])
+        return 0.0
+
+    def __call__(self, **inputs):
+        self.runs.append(inputs)
+        return {"noise_pred": inputs["sample"]}
+
+
+def test_harmonizer_views_implement_the_engine_protocol_and_switch_only_when_needed(full_specs):
+    engine = RecordingEngine()
+    shared = RefittableHarmonizer(engine, {0.0: {"w": "c0"}, 1.0: {"w": "c1"}}, scale=1.0)
+    harmonizer = HarmonizerAtScale(shared, 1.0, full_specs["harmonizer_unet"])
+    inpaint = HarmonizerAtScale(shared, 0.0, full_specs["inpaint_unet"])
+    for view in (harmonizer, inpaint):
+        conforms(view)
+        assert view.backend == "tensorrt" and not view.supports_cuda_graph and view.device == engine.device
+    assert inpaint.lora is None and harmonizer.lora.allowed == (0.0, 1.0)
+    x = torch.zeros(1)
+    harmonizer(sample=x)
+    assert engine.refits == []  # already at c = 1
+    inpaint(sample=x)
+    inpaint(sample=x)
+    harmonizer(sample=x)
+    assert engine.refits == ["c0", "c1"] and len(engine.runs) == 4
+    harmonizer.lora.set(0.0)  # the pipeline's explicit switch; prepare() applies it
+    harmonizer.prepare()
+    assert engine.refits == ["c0", "c1", "c0"] and shared.scale == 0.0
+    inpaint(sample=x)
+    assert len(engine.refits) == 3  # both views at c = 0 now: no refit
+    with pytest.raises(InputError, match="lora_scale 0.5: the harmonizer_unet engine accepts one of 0, 1"):
+        harmonizer.lora.set(0.5)
+    # TensorRTEngine without TensorRT behind it: the protocol's members are its class attributes and
+    # methods plus the spec and device its constructor sets
+    shell = object.__new__(type("Shell", (TensorRTEngine,), {"spec": full_specs["vae_decoder"], "device": torch.device("cpu")}))
+    conforms(shell)
+    assert shell.lora is None and not shell.supports_cuda_graph and shell.backend == "tensorrt"
+
+
+# ---------------------------------------------------------------------- the engine cache
 def test_engine_cache_builds_reuses_and_rebuilds(full_specs, tmp_path):
     spec = full_specs["vae_decoder"]
     builds = []
@@ -100,43 +437,49 @@ def test_engine_cache_builds_reuses_and_rebuilds(full_specs, tmp_path):
         cached_engine(spec, tmp_path / "other", "k3", lambda: None, deserialize)
 
 
-def test_refit_map_and_weights(tiny_weights, tmp_path):
-    """The harmonizer's refit map names every LoRA-touched initializer; its c=1 weights are the exported ones."""
-    import onnx
-    from onnx import numpy_helper
-
-    from editrt.models.components import load_reposition_components
-
-    export_components(tiny_weights, ["harmonizer_unet"], tmp_path, check=False)
-    refit_map = json.loads((tmp_path / "manifest.json").read_text())["networks"]["harmonizer_unet"]["refit_map"]
-    components = load_reposition_components(tiny_weights)
-    assert sorted(m["param"] for m in refit_map.values()) == sorted(components.harmonizer.params)
-    weights = harmonizer_weights(tiny_weights, refit_map)
-    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "harmonizer_unet.onnx")).graph.initializer}
-    for name, m in refit_map.items():
-        np.testing.assert_array_equal(weights[1.0][name], initializers[name])
-        base = components.harmonizer.base[m["param"]].numpy()
-        np.testing.assert_array_equal(weights[0.0][name], base.T if m["transposed"] else base)
-    # a map against a graph without those weights is refused
-    export_components(tiny_weights, ["vae_decoder"], tmp_path / "v", check=False)
-    with pytest.raises(EngineError, match="no initializer holds"):
-        refit_weight_map(tmp_path / "v" / "vae_decoder.onnx", {"x": torch.ones(3, 5)})
-
-
-def test_tensorrt_build_and_run(tiny_weights, tmp_path):
+# ---------------------------------------------------------------------- with TensorRT and a GPU
+def _needs_tensorrt():
     pytest.importorskip("tensorrt", reason="tensorrt not installed (wheels only from NVIDIA's index)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs CUDA")
+
+
+@pytest.mark.gpu
+def test_tensorrt_build_and_run(tiny_weights, tmp_path):
+    _needs_tensorrt()
     from editrt.export.tensorrt import load_engine
-    from editrt.runtime.engines import TorchEngine
+    from editrt.models.networks import reposition_networks
 
     export_components(tiny_weights, ["vae_decoder"], tmp_path)
     specs = network_specs(WeightsLayout(tiny_weights).network_config())
     engine = load_engine(specs["vae_decoder"], tmp_path, "cuda", BuildOptions(precision="fp32"))
-    latent = torch.randn(1, 4, 16, 16, device="cuda")
-    from editrt.models.components import load_reposition_components
-    from editrt.models.networks import reposition_networks
+    conforms(engine)
+    reference = reposition_networks(load_reposition_components(tiny_weights, "cuda"))["vae_decoder"]
+    for h, w in ((16, 16), (11, 13)):  # the export example is 15x15
+        latent = torch.randn(1, 4, h, w, device="cuda")
+        with torch.no_grad():
+            expected = reference(latent)
+        torch.testing.assert_close(engine(latent=latent)["image"], expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(engine.replay(latent=latent)["image"], engine(latent=latent)["image"])
 
-    reference = TorchEngine(specs["vae_decoder"], reposition_networks(load_reposition_components(tiny_weights, "cuda"))["vae_decoder"])
-    torch.testing.assert_close(engine(latent=latent)["image"], reference(latent=latent)["image"], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(engine.replay(latent=latent)["image"], engine(latent=latent)["image"])
+
+@pytest.mark.gpu
+def test_tensorrt_sam_decoder_builds_with_its_shape_tensor_and_follows_orig_im_size(tiny_weights, tmp_path):
+    _needs_tensorrt()
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    from editrt.export.onnx import random_inputs
+    from editrt.export.tensorrt import load_engine
+
+    export_components(tiny_weights, ["sam_mask_decoder"], tmp_path)
+    spec = network_specs(WeightsLayout(tiny_weights).network_config())["sam_mask_decoder"]
+    engine = load_engine(spec, tmp_path, "cuda", BuildOptions(precision="fp32"))
+    assert engine.shape_inputs == {"orig_im_size"}
+    oracle = SamOnnxModel(load_reposition_components(tiny_weights).sam, return_single_mask=False).eval()
+    for size in ((240, 320), (1024, 1024), (451, 300)):
+        inputs = random_inputs(spec, {"num_points": 3}, context={"sam_image_size": 256, "orig_im_size": size})
+        with torch.no_grad():
+            expected = oracle(*(inputs[n].float() if n == "orig_im_size" else inputs[n] for n in spec.input_names))
+        got = engine(**{k: v.cuda() for k, v in inputs.items()})
+        for name, ref in zip(spec.output_names, expected):
+            torch.testing.assert_close(got[name].cpu(), ref, rtol=1e-3, atol=1e-3)
