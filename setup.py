@@ -78,8 +78,22 @@ class BuildExt(build_ext):
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(NATIVE_BUILD_DIR), "--parallel", str(os.cpu_count() or 2)], check=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(NATIVE_BUILD_DIR / "libeditrt_native.so", target)
+        # A new file renamed over the old one: processes that have the old library mapped keep a valid copy.
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(NATIVE_BUILD_DIR / "libeditrt_native.so", partial)
+        os.replace(partial, target)
         return None
+
+
+    def copy_extensions_to_source(self):
+        """In-place (editable) copies, renamed over the old library like `_build_cmake` does."""
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            if os.path.exists(regular_file):
+                partial = f"{inplace_file}.partial"
+                shutil.copyfile(regular_file, partial)
+                os.replace(partial, inplace_file)
 
 
 class BuildNative(Command):

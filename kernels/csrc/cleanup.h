@@ -14,6 +14,16 @@
 
 #include <cstdint>
 
+namespace editrt_native {
+
+constexpr int64_t kStatsColumns = 7;  // count, sum_x, sum_y, x0, y0, x1, y1
+
+// CPU clean-up (cleanup_host.cpp). labels L [H, W] row-major; writes out O [H, W] and stats S [N, 7].
+// Returns -1, or the index of the first pixel whose label is outside [-1, N) (then O and S are undefined).
+int64_t cleanup_labels_host(const int64_t* L, int H, int W, int N, int opening, int64_t* O, int64_t* S);
+
+}  // namespace editrt_native
+
 #ifdef EDITRT_WITH_CUDA
 #include <cuda_runtime_api.h>
 

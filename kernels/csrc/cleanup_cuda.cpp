@@ -32,6 +32,9 @@ std::tuple<at::Tensor, at::Tensor> cleanup_labels_cuda(const at::Tensor& labels_
   const int W = static_cast<int>(labels.size(1));
   const int N = static_cast<int>(num_elements);
   const int64_t P = labels.numel();
+  // Grid rows are blocks of 8 rows (65535 at most); warp sums of 32 row / column indices stay in 32 bits.
+  TORCH_CHECK_VALUE(H <= 65535 * 8 && W <= (1 << 26), "cleanup_labels (CUDA): at most 524280 rows and 2^26 "
+                    "columns; got shape ", labels.sizes());
   if (P > 0) {
     const auto [lo, hi] = at::aminmax(labels);
     const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();

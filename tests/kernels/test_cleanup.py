@@ -138,7 +138,7 @@ def test_real_partition_native_equals_scipy_path(native, elements_pipe, monkeypa
     """The whole partition of real photos (tiny weights): native clean-up vs EDITRT_NATIVE=0, all outputs."""
     from editrt.runtime.partition import partition
 
-    for name, size in [("astronaut", 512), ("chelsea", 192)]:
+    for name, size in [("astronaut", 320), ("chelsea", 192)]:
         rgb = elements_pipe.working_image(getattr(data, name)(), resolution=size)
         with launches.track() as seen:
             ours = partition(elements_pipe.segmenter, rgb)
