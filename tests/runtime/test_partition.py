@@ -1,25 +1,27 @@
 """Partition (paper 001 Algorithm 2) on real photos, its clean-up, and the batched SAM grid decode."""
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 from segment_anything import SamPredictor
 from skimage import data
 
 from editrt.runtime.partition import clean_labels, grid_points, partition
+from editrt.runtime.segmenter import Segmenter
+
+GRID = 16
 
 
 @pytest.mark.parametrize("photo_name", ["astronaut", "coffee"])
 def test_partition_invariants_on_real_photos(elements_pipe, photo_name):
     image = getattr(data, photo_name)()
     rgb = elements_pipe.working_image(image, resolution=512)  # the paper's 512 working size
-    part = partition(elements_pipe.segmenter, rgb)
+    part = partition(elements_pipe.segmenter, rgb, grid=GRID)
     labels = part.labels
     assert labels.shape == rgb.shape[:2]
-    # every pixel in exactly one element or dropped (-1); at most 256 elements
-    assert labels.min() >= -1 and labels.max() < 256
+    # every pixel in exactly one element or dropped (-1); at most GRID * GRID elements
+    assert labels.min() >= -1 and labels.max() < GRID * GRID
     present = np.unique(labels[labels >= 0])
-    assert 0 < len(present) <= 256
+    assert 0 < len(present) <= GRID * GRID
     # each element is one connected region
     for n in present:
         _, pieces = ndimage.label(labels == n)
@@ -38,7 +40,7 @@ def test_partition_invariants_on_real_photos(elements_pipe, photo_name):
 
 def test_grid_points_row_major_cell_centres():
     q = grid_points(16)
-    assert q.shape == (256, 2)
+    assert q.shape == (16 * 16, 2)
     np.testing.assert_allclose(q[0], [1 / 32, 1 / 32])
     np.testing.assert_allclose(q[1], [3 / 32, 1 / 32])  # id = row * 16 + column
     np.testing.assert_allclose(q[16], [1 / 32, 3 / 32])
@@ -77,10 +79,86 @@ def test_grid_logits_match_sam_predictor_per_point(elements_pipe):
     assert ours.shape[1:] == (round(h * low / size), round(w * low / size)) and w == size
 
 
-def test_partition_iterations_and_beta(elements_pipe):
-    """T > 1 re-queries SAM at the new centroids; beta = 0 (no distance term) still yields a valid partition."""
+class CountingEngine:
+    """Forwards every call to the real engine and records its inputs (the real network runs: not a mock)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __getattr__(self, name):  # spec, device, supports_cuda_graph, ...: the real engine's
+        return getattr(self.real, name)
+
+    def __call__(self, **inputs):
+        self.calls.append({k: v.detach().clone() for k, v in inputs.items()})
+        return self.real(**inputs)
+
+
+def counting_segmenter(pipe):
+    """A fresh Segmenter (empty embedding cache) over the pipeline's engines, SAM's two counted."""
+    grid = CountingEngine(pipe.segmenter.engines["sam_mask_decoder_grid"])
+    encoder = CountingEngine(pipe.segmenter.engines["sam_image_encoder"])
+    engines = {**pipe.segmenter.engines, "sam_mask_decoder_grid": grid, "sam_image_encoder": encoder}
+    return Segmenter(engines, pipe.segmenter.image_size, pipe.device), grid, encoder
+
+
+@pytest.fixture(scope="module")
+def working_chelsea(elements_pipe):
     rgb = elements_pipe.working_image(data.chelsea(), resolution=128)
-    for kwargs in (dict(iterations=2), dict(beta=0.0), dict(grid=8)):
-        part = partition(elements_pipe.segmenter, rgb, **kwargs)
-        assert part.labels.max() < (kwargs.get("grid", 16)) ** 2
-        assert torch.is_tensor(part.labels) is False and part.labels.dtype == np.int64
+    assert rgb.shape[:2] == (128, 192)
+    return rgb
+
+
+def test_each_iteration_requeries_sam_at_the_new_centroids(elements_pipe, working_chelsea):
+    """Algorithm 2: iteration i queries the mask decoder at C_{i-1}; the image is encoded once."""
+    rgb, (h, w) = working_chelsea, working_chelsea.shape[:2]
+    grid_q = grid_points(GRID).numpy() * np.array([w, h], np.float32)  # C_0 = Q, pixels
+    runs = {}
+    for iterations in (1, 2, 3):
+        segmenter, grid, encoder = counting_segmenter(elements_pipe)
+        runs[iterations] = partition(segmenter, rgb, grid=GRID, iterations=iterations)
+        assert len(grid.calls) == iterations  # one batched decoder call per iteration
+        assert len(encoder.calls) == 1  # the embedding is cached across iterations
+        frame = segmenter.transform.apply_coords(grid_q.astype(np.float64), (h, w))
+        np.testing.assert_allclose(grid.calls[0]["point_coords"].cpu().numpy(), frame, rtol=1e-5)  # C_0 = Q
+        for later in grid.calls[1:]:  # C_1, C_2: moved off the grid
+            moved = np.abs(later["point_coords"].cpu().numpy() - frame).max(axis=1)
+            assert (moved > 0.5).mean() > 0.5
+    assert (runs[2].labels != runs[1].labels).mean() > 0.01  # the second query changed the assignment
+    # C_1 is the centroid of iteration 1's labels: the elements' centroids of a T = 1 run are close to it
+    segmenter, grid, _ = counting_segmenter(elements_pipe)
+    partition(segmenter, rgb, grid=GRID, iterations=2)
+    second = grid.calls[1]["point_coords"].cpu().numpy()
+    present = runs[1].counts > 0
+    t1_centroids = segmenter.transform.apply_coords(runs[1].centroids[present] * np.array([w, h]), (h, w))
+    frame = segmenter.transform.apply_coords(grid_q.astype(np.float64), (h, w))[present]
+    # the T = 1 output is cleaned, iteration 2 queried the raw labels' centroids: close, far closer than the grid
+    to_centroids = np.median(np.linalg.norm(second[present] - t1_centroids, axis=1))
+    to_grid = np.median(np.linalg.norm(second[present] - frame, axis=1))
+    assert to_centroids < 0.25 * to_grid
+
+
+def grid_cells(h: int, w: int, grid: int) -> np.ndarray:
+    """Each pixel's grid cell id (row-major), from pixel centres: the Voronoi cells of the grid points."""
+    rows = np.floor((np.arange(h) + 0.5) / h * grid).astype(np.int64)
+    cols = np.floor((np.arange(w) + 0.5) / w * grid).astype(np.int64)
+    return rows[:, None] * grid + cols[None, :]
+
+
+def test_beta_weighs_distance_against_sam_scores(elements_pipe, working_chelsea):
+    """beta_c = 0 makes the adjusted centroids the grid itself, so Eq. 1 is argmax_n [s(m, n) - beta d(m, Q_n)]:
+    beta = 0 is SAM's scores alone; as beta grows each pixel's chosen query can only get nearer (the argmax
+    of s - beta d has non-increasing d), and a large beta gives exactly the grid cells (independent oracle)."""
+    rgb = working_chelsea
+    h, w = rgb.shape[:2]
+    cells = grid_cells(h, w, GRID)
+    by_beta = {beta: partition(elements_pipe.segmenter, rgb, grid=GRID, beta=beta, beta_c=0.0).labels
+               for beta in (0.0, 0.5, 2.0, 1e6)}
+    np.testing.assert_array_equal(by_beta[1e6], cells)
+    assert (by_beta[0.0] != by_beta[2.0]).mean() > 0.05
+
+    def off_cell(labels):  # share of assigned pixels outside their element's own grid cell
+        valid = labels >= 0
+        return (labels[valid] != cells[valid]).mean()
+
+    # tiny random SAM scores are flat, so small betas already matter; the order is what Eq. 1 implies
+    assert off_cell(by_beta[0.0]) > off_cell(by_beta[0.5]) > off_cell(by_beta[2.0]) > off_cell(by_beta[1e6]) == 0.0
