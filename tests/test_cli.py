@@ -233,3 +233,13 @@ def test_export_check_prints_each_error_and_fails_above_the_tolerance(tiny_weigh
                    "--check", "--quiet"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "content_encoder: ONNX Runtime" in err and "more than 0" in err, err
     assert not list((tmp_path / "e3").glob("*.onnx"))
+
+
+def test_unwritable_output_is_one_line(files, tiny_weights, tmp_path, capsys):
+    """The system refusing the output (here: its folder is a file) is the user's to fix: one line, exit 2."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    rc, err = run(["segment", files / "photo.png", "--point", "200,150", "-o", blocker / "m.png",
+                   "--weights", tiny_weights, "--quiet"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"editrt: error: {blocker}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
