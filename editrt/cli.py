@@ -188,16 +188,19 @@ def _check_elements_output(path: str) -> Path:
 
 
 def cmd_elements_partition(args) -> None:
-    from editrt.runtime.images import save_png
+    from editrt.runtime.images import save_labels_png, save_png
 
     out = _check_elements_output(args.output)
     overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
+    labels = _check_output(args.labels, "--labels") if args.labels else None
     image = load_image(args.image)
     pipe = _elements_pipeline(args)
     elements = pipe.partition(image, resolution=args.resolution, grid=args.grid, beta=args.beta,
                               iterations=args.iterations)
     if overlay:
         save_png(pipe.render_overlay(elements, image, ids=args.ids), overlay)
+    if labels:
+        save_labels_png(elements.paint(), labels)
     elements.save(out)
     (h, w), (wh, ww) = elements.image_size, elements.working_size
     _log(args)(f"{len(elements.alive_ids)} elements on the {w}x{h} image (working size {ww}x{wh}), "
@@ -435,6 +438,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="ELEMENTS.json")
     p.add_argument("--overlay", metavar="PNG", help="also draw the element boundaries and centroids")
     p.add_argument("--ids", action="store_true", help="label each centroid with its id in the overlay")
+    p.add_argument("--labels", metavar="PNG", help="also write the label map at the image's size: a 16-bit PNG "
+                   "of element id + 1 (0 = no element)")
     p.add_argument("--resolution", type=int, help="working short side, multiple of 8 (default: the model's); "
                    "the elements, their label map and the overlay stay at the image's size")
     p.add_argument("--grid", type=int, default=16, help="query grid (16 -> 256 elements)")

@@ -140,6 +140,21 @@ def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
     return save_png(np.repeat((mask.astype(np.uint8) * 255)[:, :, None], 3, axis=2), path)
 
 
+def save_labels_png(labels: np.ndarray, path: str | Path) -> Path:
+    """A label map (int, -1 = none) as a 16-bit greyscale PNG of id + 1 (0 = no element), atomically."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min(initial=0) < -1 or labels.max(initial=0) >= 2**16 - 1:
+        raise InputError(f"labels: expected a 2-D map of ids in [-1, {2**16 - 2}], got shape {list(labels.shape)}")
+    image = Image.fromarray((labels + 1).astype(np.uint16))
+    return write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def load_labels_png(path: str | Path) -> np.ndarray:
+    """The label map int64 [H, W] (-1 = no element) that save_labels_png wrote."""
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.int64) - 1
+
+
 def embed_watermark(rgb: np.ndarray) -> np.ndarray:
     try:
         from imwatermark import WatermarkEncoder

@@ -1,6 +1,7 @@
 """`editrt elements partition | edit | render | show`: happy path and one-line errors with nothing written."""
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -65,10 +66,14 @@ def test_small_image_keeps_its_size(tiny_weights, tmp_path, capsys):
 
     Image.fromarray(data.chelsea()).resize((120, 88)).save(tmp_path / "small.png")
     rc, io = run(["elements", "partition", tmp_path / "small.png", "-o", tmp_path / "s.json", "--overlay",
-                  tmp_path / "o.png", "--weights", tiny_weights], capsys)
+                  tmp_path / "o.png", "--labels", tmp_path / "labels.png", "--weights", tiny_weights], capsys)
     assert rc == 0, io.err
     assert "on the 120x88 image" in io.err
-    assert Elements.load(tmp_path / "s.json").paint().shape == (88, 120)
+    labels = Elements.load(tmp_path / "s.json").paint()
+    assert labels.shape == (88, 120)
+    saved = Image.open(tmp_path / "labels.png")
+    assert saved.size == (120, 88)
+    np.testing.assert_array_equal(np.asarray(saved).astype(np.int64) - 1, labels)  # id + 1, 0 = no element
     assert Image.open(tmp_path / "o.png").size == (120, 88)
     rc, io = run(["elements", "render", tmp_path / "s.json", "--steps", "1", "-o", tmp_path / "r.png",
                   "--weights", tiny_weights, "--quiet"], capsys)
