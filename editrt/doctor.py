@@ -97,8 +97,9 @@ def environment() -> dict:
         from editrt.kernels.aot import triton_bin_dir
 
         out = subprocess.run([os.path.join(triton_bin_dir(), "ptxas"), "--version"], capture_output=True, text=True)
-        info["ptxas"] = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else None
-    except (OSError, IndexError):
+        release = [line for line in out.stdout.splitlines() if "release" in line]
+        info["ptxas"] = release[0].split(",", 1)[-1].strip() if out.returncode == 0 and release else None
+    except OSError:
         info["ptxas"] = None
     try:
         import onnxruntime
