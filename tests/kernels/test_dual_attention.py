@@ -259,3 +259,17 @@ def test_fp16_misaligned_strides_fall_back_to_align_1():
     inputs = [t.half() for t in _random_inputs(1, 2, 33, 5, 7, 20, torch.float32, strided=True)]
     assert da._alignment(inputs, 2) == 1
     _check_against_reference(inputs)
+
+
+def test_autotuner_prunes_with_the_doctors_config_source(monkeypatch):
+    """On a GPU the autotuner's prune hook keeps exactly `attention_configs` for the device's shared
+    memory: the list `editrt doctor` compiles (here with sm_89's 99 KB, where D = 160 loses configs)."""
+    assert da._dual_attention_fwd_kernel.early_config_prune is da._prune_configs
+    monkeypatch.setattr(da, "interpreter_active", lambda: False)
+    monkeypatch.setattr(da, "_device_smem_per_block", lambda: 99 * 1024)
+    out = torch.empty(1, dtype=torch.float16)
+    for D in (40, 80, 160):
+        kept = da._prune_configs(da._ALL_GPU_CONFIGS, {"out_ptr": out}, HEAD_DIM=D)
+        assert set(kept) == set(da.attention_configs(D, 2, 99 * 1024)) and len(kept) == len(set(kept))
+        assert set(kept) <= set(da._GPU_CONFIGS[da._padded_bucket(D)])
+    assert len(da._prune_configs(da._ALL_GPU_CONFIGS, {"out_ptr": out}, HEAD_DIM=160)) < len(da._GPU_CONFIGS[256])
