@@ -142,3 +142,30 @@ def test_persisted_does_nothing_on_cpu(cache_dir):
     with ac.persisted(tuned, "copy", torch.device("cpu")):
         tuned.cache[(1,)] = tuned.configs[0]
     assert not cache_dir.exists()
+
+
+@pytest.mark.gpu
+def test_a_second_process_reuses_the_winners_without_benchmarking(tmp_path):
+    """Real GPU: the first process tunes and writes the file; a second one launches with benchmarking
+    forbidden (Autotuner._bench raises) and still runs, because its table was seeded from disk."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from editrt.kernels import dual_attention as da
+if sys.argv[1] == "second":
+    def no_bench(*a, **k):
+        raise AssertionError("benchmarked again")
+    da._dual_attention_fwd_kernel._bench = no_bench
+x = [torch.randn(2, 8, 1024, 80, device="cuda", dtype=torch.float16) for _ in range(2)]
+kv = [torch.randn(2, 8, n, 80, device="cuda", dtype=torch.float16) for n in (77, 77, 256, 256)]
+da.dual_cross_attention(x[0], kv[0], kv[1], x[1], kv[2], kv[3])
+torch.cuda.synchronize()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["EDITRT_CACHE"] = str(tmp_path)
+    for run in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", script, run], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "autotune").glob("dual_attention-*.json"))
