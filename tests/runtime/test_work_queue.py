@@ -1,0 +1,123 @@
+"""The work queue: one job at a time, finals before previews, bounded, re-entrant, cancellable.
+
+Pure threading tests (no model): events hold a job inside the turn so the order of the others is
+observed exactly, never by timing.
+"""
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+
+from editrt.runtime.work_queue import FINAL, PREVIEW, BusyError, WorkQueue
+
+
+def _hold(queue):
+    """Occupy the turn on a helper thread until the returned event is set."""
+    inside, release = threading.Event(), threading.Event()
+    t = threading.Thread(target=queue.run, args=(lambda: (inside.set(), release.wait(10)),))
+    t.start()
+    assert inside.wait(10)
+    return release, t
+
+
+def _wait_until(predicate, timeout=10.0):
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_one_job_at_a_time_and_finals_before_previews():
+    queue, order, active, overlap = WorkQueue(), [], [0], []
+
+    def job(name):
+        def fn(*_):
+            active[0] += 1
+            overlap.append(active[0])
+            order.append(name)
+            active[0] -= 1
+            return name
+        return fn
+
+    release, holder = _hold(queue)
+    previews = [queue.submit(job(f"p{i}"), PREVIEW) for i in range(2)]
+    _wait_until(lambda: queue.waiting == 2 and len(queue._waiting) == 1)  # the worker waits with p0
+    finals = [threading.Thread(target=queue.run, args=(job(f"f{i}"),)) for i in range(2)]
+    for i, t in enumerate(finals):
+        t.start()
+        _wait_until(lambda i=i: len(queue._waiting) == 2 + i)
+    release.set()
+    holder.join(10)
+    for t in finals:
+        t.join(10)
+    assert [p.future.result(10) for p in previews] == ["p0", "p1"]
+    # the worker asked for the turn (with p0) before the finals, yet both finals ran first, in arrival order
+    assert order == ["f0", "f1", "p0", "p1"]
+    assert max(overlap) == 1
+
+
+def test_reentrant_calls_run_inline_on_the_same_turn():
+    queue = WorkQueue()
+    assert queue.run(lambda: queue.run(lambda: queue.holds_turn)) is True
+    assert not queue.holds_turn
+
+
+def test_a_full_queue_raises_busy_at_once():
+    queue = WorkQueue(max_waiting=2)
+    release, holder = _hold(queue)
+    waiters = [threading.Thread(target=queue.run, args=(lambda: None,)) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    _wait_until(lambda: len(queue._waiting) == 2)
+    with pytest.raises(BusyError, match="max_waiting=2"):
+        queue.run(lambda: None)
+    with pytest.raises(BusyError, match="retry later"):
+        queue.submit(lambda job: None)
+    release.set()
+    for t in [holder, *waiters]:
+        t.join(10)
+    assert queue.run(lambda: "free again") == "free again"
+
+
+def test_cancel_a_waiting_job_and_stop_a_running_one():
+    queue = WorkQueue()
+    release, holder = _hold(queue)
+    waiting = queue.submit(lambda job: "never")
+    waiting.cancel()
+    release.set()
+    holder.join(10)
+    assert waiting.future.cancelled()
+
+    started, steps = threading.Event(), []
+
+    def long_job(job):
+        started.set()
+        for i in range(1000):
+            job.raise_if_cancelled()  # the denoising loop's per-step check
+            steps.append(i)
+            threading.Event().wait(0.005)
+        return "finished"
+
+    running = queue.submit(long_job)
+    assert started.wait(10)
+    running.cancel()
+    with pytest.raises(CancelledError):
+        running.future.result(10)
+    assert len(steps) < 1000
+    assert queue.run(lambda: "after") == "after"  # the turn was released
+
+
+def test_errors_reach_the_caller_and_free_the_turn():
+    queue = WorkQueue()
+
+    def bad():
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        queue.run(bad)
+    job = queue.submit(lambda job: bad())
+    with pytest.raises(KeyError, match="boom"):
+        job.future.result(10)
+    assert queue.run(lambda: FINAL) == FINAL
