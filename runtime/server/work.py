@@ -62,8 +62,14 @@ class PipelineWork:
         return await self._wait(submitted.future, submitted.cancel, queued, started, stage)
 
     async def wait(self, future, cancel, stage: str, queued: float | None = None):
-        """Await a future some session method returned (its own job on this queue)."""
-        return await self._wait(future, cancel, queued or time.perf_counter(), {}, stage)
+        """Await a future some session method returned (its own job on this queue). The queue does not
+        report when that job starts, so a watcher notes when the future turns running (5 ms resolution)."""
+        started: dict = {}
+        watcher = asyncio.create_task(_watch_start(future, started))
+        try:
+            return await self._wait(future, cancel, queued or time.perf_counter(), started, stage)
+        finally:
+            watcher.cancel()
 
     async def _wait(self, future, cancel, queued: float, started: dict, stage: str):
         try:
@@ -75,3 +81,11 @@ class PipelineWork:
         start = started.get("t", queued)
         self.observe(stage, start - queued, end - start)
         return result, end - start, start - queued
+
+
+async def _watch_start(future, started: dict) -> None:
+    while not future.done():
+        if future.running():
+            started["t"] = time.perf_counter()
+            return
+        await asyncio.sleep(0.005)

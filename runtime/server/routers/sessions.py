@@ -356,6 +356,7 @@ async def drag(ws: WebSocket, session_id: str):
             if "kind" not in slot:
                 continue
             kind, seq, move, received = slot.pop("kind"), slot.pop("seq"), slot.pop("move"), slot.pop("received")
+            behind = time.perf_counter() - received  # waited for this socket's previous job: queueing too
             try:
                 live_ = st.sessions.get(session_id)
                 if kind == "cancel":
@@ -369,7 +370,7 @@ async def drag(ws: WebSocket, session_id: str):
                     image, run_s, wait_s = await run_preview(ws, live_, move)
                 else:
                     image, run_s, wait_s = await run_final(ws, live_, st, move)
-                out = await anyio.to_thread.run_sync(_image_response, ws, received, image, run_s, wait_s)
+                out = await anyio.to_thread.run_sync(_image_response, ws, received, image, run_s, wait_s + behind)
                 kind_out = "preview" if kind == "drag" else "final"
                 await ws.send_json({"type": kind_out, "seq": seq, "image": out.image, "width": out.width,
                                     "height": out.height, "timing": out.timing.model_dump(),
