@@ -351,9 +351,20 @@ def _add_lazy_command(sub, name: str, selected: str | None) -> None:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:  # an optional part or its dependency is absent: only this command fails
-        raise InputError(f"{name}: unavailable; it needs the module {e.name!r}, which is not installed") from None
+        raise _unavailable(name, e) from None
     module.configure_parser(p)
-    p.set_defaults(func=module.run)
+
+    def run(args) -> int:
+        try:
+            return module.run(args)
+        except ModuleNotFoundError as e:  # a dependency the command imports only when it runs (uvicorn, ...)
+            raise _unavailable(name, e) from None
+
+    p.set_defaults(func=run)
+
+
+def _unavailable(name: str, e: ModuleNotFoundError) -> InputError:
+    return InputError(f"{name}: unavailable; it needs the module {e.name!r}, which is not installed")
 
 
 def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:

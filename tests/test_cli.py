@@ -201,6 +201,22 @@ def test_a_missing_lazy_command_module_is_one_line(monkeypatch, capsys):
     assert main(["--version"]) == 0  # every other command still works
 
 
+def test_lazy_command_contract(monkeypatch, tmp_path, capsys):
+    """configure_parser(p) adds the options, run(args) returns the exit code; a dependency that run() imports
+    and is missing is one line too."""
+    import editrt.cli as cli
+
+    (tmp_path / "lazy_probe.py").write_text(
+        "def configure_parser(p):\n    p.add_argument('--code', type=int, default=0)\n    p.add_argument('--need')\n"
+        "def run(args):\n    if args.need:\n        __import__(args.need)\n    return args.code\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli._LAZY_COMMANDS, "serve", ("lazy_probe", "a probe"))
+    assert main(["serve", "--code", "3"]) == 3
+    rc, err = run(["serve", "--need", "no_such_dependency_xyz"], capsys)
+    assert rc == 2 and err == "editrt: error: serve: unavailable; it needs the module 'no_such_dependency_xyz', " \
+                              "which is not installed\n"
+
+
 @pytest.mark.parametrize("command,module", [("doctor", "editrt.doctor"), ("serve", "editrt.runtime.server.cli")])
 def test_lazy_commands_register_their_options(command, module, capsys):
     pytest.importorskip(module)
