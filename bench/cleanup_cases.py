@@ -3,6 +3,7 @@
 | component | what one timed run is |
 | --- | --- |
 | partition-cleanup | the clean-up of one 512x512 label map with 256 elements: 3x3 opening and each element's largest 4-connected piece, with the result's statistics (counts, centroids, boxes) |
+| partition-with-cleanup | `runtime.partition.partition` of a 512x512 photo (SAM grid decode, SLIC assignment, clean-up) with the clean-up of each row's backend: the clean-up's share of the partition is partition-cleanup's p50 over this p50 (printed by the quick look below) |
 
 Rows: `scipy` (baseline: per-element scipy.ndimage on the host, `cleanup_reference`), `native-cpu`
 (the op on CPU tensors) and `native-cuda` (the op on CUDA tensors; skipped without CUDA or
@@ -10,17 +11,24 @@ without a CUDA build). The label maps are realistic partitions: SLIC superpixels
 bench photograph (scikit-image; jittered-grid Voronoi regions with wiggly borders where it is
 absent), ids shuffled over 0..255, with label noise from nearby pixels and a few dropped pixels.
 Every output is checked against the scipy result of the same map before timing.
+
+Quick look without the whole suite: `python -m editrt.bench.cleanup_cases [WEIGHTS]` (the
+partition rows need a weights directory with elements/, e.g. from `editrt weights init`).
 """
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from editrt.bench.cases import BACKENDS, Backend, BenchContext, Case, Run, Skip
+from editrt.bench.cases import BACKENDS, Backend, BenchContext, Case, Run, Skip, dtype_name
 
 SIZE = 512  # the paper's working resolution
 ELEMENTS = 256  # its 16x16 grid
 COMPONENT = "partition-cleanup"
+PARTITION_COMPONENT = "partition-with-cleanup"
 
 # The backends of these rows; registered here until bench/cases.py lists them (requested of the lead).
 for _backend in (Backend("scipy", peer=True, module="scipy"), Backend("native-cpu"),
@@ -110,33 +118,92 @@ def _native(ctx: BenchContext, device: str) -> Run:
                bytes=SIZE * SIZE * 8 * 2)  # the floor: read the labels once, write the result once
 
 
+@contextmanager
+def _native_switch(on: bool):
+    """EDITRT_NATIVE for the duration of one call (the partition picks its clean-up path per call)."""
+    before = os.environ.get("EDITRT_NATIVE")
+    os.environ["EDITRT_NATIVE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["EDITRT_NATIVE"]
+        else:
+            os.environ["EDITRT_NATIVE"] = before
+
+
+def _partition(ctx: BenchContext, backend: str) -> Run:
+    from editrt.kernels import cleanup
+    from editrt.runtime.partition import partition
+    from editrt.weights import WeightsLayout
+
+    if not WeightsLayout(ctx.weights).elements.is_dir():
+        raise Skip(f"{ctx.weights} has no elements/ folder (SAM weights for the partition)")
+    device = {"scipy": ctx.device.type, "native-cpu": "cpu", "native-cuda": "cuda"}[backend]
+    if device != ctx.device.type:
+        raise Skip(f"the partition's labels are on {ctx.device.type} here; this row cleans {device} labels")
+    if backend != "scipy" and not cleanup.native_available(device):
+        raise Skip(f"native {device} op not loaded: {cleanup.native_status()['error']}")
+
+    def load():
+        from editrt.runtime.elements_pipeline import ElementsPipeline
+
+        return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype)
+
+    pipe = ctx.memo("cleanup elements pipeline", load)
+    photos = [pipe.working_image(photo, resolution=SIZE) for photo in ctx.photos(SIZE)]
+
+    def call(rgb):
+        with _native_switch(backend != "scipy"):
+            return partition(pipe.segmenter, rgb)
+
+    def check(part) -> None:
+        if not (part.counts > 0).any():
+            raise AssertionError(f"{PARTITION_COMPONENT}: no element survived")
+
+    return Run(call, photos, dtype_name(ctx.dtype), check)
+
+
 def cleanup_cases(ctx: BenchContext) -> list[Case]:
-    if not ctx.selection.wants(COMPONENT):
-        return []
-    return [Case(COMPONENT, f"labels {SIZE}x{SIZE} int64, N={ELEMENTS}, opening 1",
-                 {"scipy": lambda: _scipy(ctx), "native-cpu": lambda: _native(ctx, "cpu"),
-                  "native-cuda": lambda: _native(ctx, "cuda")},
-                 baseline="scipy", about="partition clean-up: 3x3 opening + largest 4-connected piece per element")]
+    cases = []
+    if ctx.selection.wants(COMPONENT):
+        cases.append(Case(COMPONENT, f"labels {SIZE}x{SIZE} int64, N={ELEMENTS}, opening 1",
+                          {"scipy": lambda: _scipy(ctx), "native-cpu": lambda: _native(ctx, "cpu"),
+                           "native-cuda": lambda: _native(ctx, "cuda")},
+                          baseline="scipy",
+                          about="partition clean-up: 3x3 opening + largest 4-connected piece per element"))
+    if ctx.selection.wants(PARTITION_COMPONENT):
+        cases.append(Case(PARTITION_COMPONENT, f"{SIZE}x{SIZE} photo, 16x16 grid",
+                          {b: (lambda b=b: _partition(ctx, b)) for b in ("scipy", "native-cpu", "native-cuda")},
+                          baseline="scipy", heavy=True,
+                          about="the whole partition with this row's clean-up (share: partition-cleanup p50 / this)"))
+    return cases
 
 
-if __name__ == "__main__":  # a quick look without the whole suite: python -m editrt.bench.cleanup_cases
+if __name__ == "__main__":  # a quick look without the whole suite: python -m editrt.bench.cleanup_cases [WEIGHTS]
+    import sys
     from pathlib import Path
 
     from editrt.bench.cases import Selection
     from editrt.bench.timing import measure
 
-    context = BenchContext(Path("."), torch.device("cpu"), torch.float32, "none", True, 1, Selection())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    weights = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("weights")
+    context = BenchContext(weights, device, torch.float32, "tiny", True, 1, Selection())
+    times = {}
     for case in cleanup_cases(context):
-        times = {}
         for backend in case.backends():
             try:
                 run = case.runners[backend]()
             except Skip as e:
                 print(f"{case.component}/{backend}: skipped ({e})")
                 continue
-            run.check(run.call(run.inputs[-1]))
-            device = run.inputs[0].device
-            timing = measure(run.call, run.inputs, device, warmup=2)
-            times[backend] = timing.p50_ms
-            ratio = f", {times['scipy'] / timing.p50_ms:.1f}x scipy" if backend != "scipy" and "scipy" in times else ""
-            print(f"{case.component}/{backend}: p50 {timing.p50_ms:.2f} ms over {timing.repeats} runs{ratio}")
+            with torch.no_grad():
+                run.check(run.call(run.inputs[-1]))
+                timing = measure(run.call, run.inputs, device, warmup=1 if case.heavy else 2)
+            times[case.component, backend] = timing.p50_ms
+            base = times.get((case.component, case.baseline))
+            ratio = f", {base / timing.p50_ms:.1f}x {case.baseline}" if backend != case.baseline and base else ""
+            share = times.get((COMPONENT, backend)) if case.component == PARTITION_COMPONENT else None
+            share = f", clean-up {100 * share / timing.p50_ms:.1f}% of it" if share else ""
+            print(f"{case.component}/{backend}: p50 {timing.p50_ms:.2f} ms over {timing.repeats} runs{ratio}{share}")

@@ -242,6 +242,15 @@ def test_non_contiguous_input(native):
                                                                                      30, 1))
 
 
+def test_meta_shapes(native):
+    """The Meta kernel (torch.compile, fake tensors) gives the real op's shapes and dtypes."""
+    labels = torch.empty(37, 52, dtype=torch.int64, device="meta")
+    out, stats = torch.ops.editrt_native.cleanup_labels(labels, 19, 2)
+    real_out, real_stats = torch.ops.editrt_native.cleanup_labels(torch.zeros(37, 52, dtype=torch.int64), 19, 2)
+    assert out.device.type == "meta" and (out.shape, out.dtype) == (real_out.shape, real_out.dtype)
+    assert (stats.shape, stats.dtype) == (real_stats.shape, real_stats.dtype) == ((19, 7), torch.int64)
+
+
 # ---------------------------------------------------------------- bad input
 BAD = [
     (lambda: torch.zeros(4, 4, dtype=torch.float32), 3, 1, "int64"),
