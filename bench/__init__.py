@@ -8,7 +8,10 @@
     runtime_cases.py     the scheduler's rows (eager loop vs CUDA graph) and the edit sessions'
     kernel_rows.py       the Triton kernels' rows, from kernel_cases.py
     kernel_cases.py      the kernels' inputs, baselines and work counts (beside the kernels)
+    observe.py           what a row really ran: editrt kernel launches, CUDA graph replays, torch.compile
     timing.py            warm-up, rotating inputs, CUDA events / perf_counter, p50 / p90, peak memory
     report.py            terminal table, Markdown, plot, atomic writes, bench/results/
+    cleanup_cases.py     the partition clean-up rows (scipy vs native ops), when present
+    gpu_validate.sh      one command on a GPU machine: GPU tests, `bench --config full --save`, doctor
     results/             committed runs, one JSON per device and date, and a README of the latest
 """

@@ -44,31 +44,50 @@ class Backend:
     peer: bool = False  # another library computing the same thing, not editrt
     module: str | None = None  # the Python package it needs
     cuda_only: str | None = None  # why it is not timed on CPU, if it is not
+    compiles: bool = False  # torch.compile: skipped with --quick on a CPU (see `unavailable`)
 
-    def unavailable(self, device: torch.device) -> str | None:
+    def unavailable(self, device: torch.device, quick: bool = False) -> str | None:
         """Why this backend cannot run here, or None."""
         if self.module and importlib.util.find_spec(self.module) is None:
             return f"{self.module} not installed"
         if self.cuda_only and device.type != "cuda":
             return self.cuda_only
+        if self.compiles and quick and device.type != "cuda":
+            return COMPILE_SKIPPED
         return None
 
 
+COMPILE_SKIPPED = ("torch.compile is not run with --quick on a CPU (inductor compiles C++ for minutes on a small "
+                   "CPU); measured without --quick and on CUDA")
+GRAPHS_NEED_CUDA = "CUDA graphs need CUDA"
+
+# What each of our backends runs. The `cuda_graph`, `compiled` and `kernels` columns of a row say what
+# really ran (bench/observe.py); suite.check_claims fails a row whose observations contradict its backend.
 BACKENDS = {b.name: b for b in [
     # ours
-    Backend("torch-eager"),
-    # editrt's optimized PyTorch path: cached cross-attention K/V, and on CUDA the Triton kernels
-    # (fused dual attention); rows that time a Triton kernel alone skip on CPU (see kernel_rows.py)
+    Backend("torch-eager"),  # plain diffusers / segment-anything modules, eager loop, no editrt kernel
+    Backend("torch+kvcache"),  # + per-request cross-attention K/V caches, still eager, no editrt kernel
+    Backend("torch+cudagraph", cuda_only=GRAPHS_NEED_CUDA),  # + whole denoising loops replayed as CUDA graphs
+    # + editrt's Triton kernels (fused dual attention, SLIC assignment) where they apply; a row where none
+    # launched is skipped (on a CPU the pipelines run the kernels' PyTorch references)
     Backend("torch+kernels", module="triton"),
-    Backend("torch+cudagraph", cuda_only="CUDA graphs need CUDA"),
+    Backend("torch+compile", compiles=True),  # from_pretrained(compile=True): torch.compile on the networks
     Backend("onnxruntime", module="onnxruntime"),
     Backend("tensorrt", module="tensorrt", cuda_only="TensorRT needs CUDA"),
     # peers
     Backend("diffusers", peer=True, module="diffusers"),
+    Backend("diffusers+compile", peer=True, module="diffusers", compiles=True),  # torch.compile(pipe.unet)
     Backend("segment-anything", peer=True, module="segment_anything"),
-    Backend("sdpa", peer=True),  # two scaled_dot_product_attention calls + add
+    # SamPredictor with torch.compile(sam.image_encoder)
+    Backend("segment-anything+compile", peer=True, module="segment_anything", compiles=True),
+    Backend("sdpa", peer=True),  # two scaled_dot_product_attention calls, heads concatenated, one stacked GEMM
     Backend("reference", peer=True),  # the pure-PyTorch reference beside a kernel
 ]}
+
+# Rows of these backends run with editrt's kernels switched off and must launch none.
+PLAIN_BACKENDS = ("torch-eager", "torch+kvcache", "torch+cudagraph")
+# Rows of these backends must not replay a CUDA graph.
+NO_GRAPH_BACKENDS = ("torch-eager", "torch+kvcache")
 
 # Declared on every network case: a skipped row until export/ builds TensorRT engines.
 PLANNED_ENGINES: dict[str, None] = {"tensorrt": None}
@@ -86,6 +105,7 @@ class Run:
     flops: int | None = None  # per call, for TFLOP/s
     bytes: int | None = None  # per call, for GB/s (memory-bound components)
     close: Callable[[], None] | None = None  # restores shared state (e.g. LoRA scale) after timing
+    parts: list = field(default_factory=list)  # the engines / nn.Modules the call runs: `compiled` reads them
 
 
 Builder = Callable[[], Run]
@@ -197,19 +217,55 @@ class BenchContext:
         return self.unet_config["sample_size"] * self.vae_scale_factor
 
     # models
-    @cached_property
+    def pipeline_options(self, backend: str, editor: str = "reposition") -> dict:
+        """from_pretrained options of our torch backends (see BACKENDS): what each row asks for.
+
+        The rows' `cuda_graph` / `kernels` / `compiled` columns then say what really ran.
+        """
+        on_cuda = self.device.type == "cuda"
+        options = {
+            "torch-eager": dict(optimize=False, cuda_graphs=False),
+            "torch+kvcache": dict(optimize=True, cuda_graphs=False),
+            "torch+cudagraph": dict(optimize=True, cuda_graphs=True),  # an error where graphs are unsupported
+            "torch+kernels": dict(optimize=True, cuda_graphs=None),  # None: graphs where supported
+            "torch+compile": dict(optimize=True, cuda_graphs=None, compile=True),
+        }[backend]
+        if editor == "elements":  # the fused Triton dual attention: only the kernels row (and compile's default)
+            options["kernels"] = {"torch+kernels": on_cuda, "torch+compile": None}.get(backend, False)
+        return options
+
+    def torch_pipeline(self, backend: str, editor: str = "reposition"):
+        """The pipeline a torch backend's row runs, loaded once per distinct set of options."""
+        options = self.pipeline_options(backend, editor)
+        effective = dict(options)
+        if self.device.type != "cuda" and effective.get("cuda_graphs") is None:
+            effective["cuda_graphs"] = False  # the same pipeline on a CPU: no graphs either way
+        key = f"{editor} pipeline {sorted(effective.items())}"
+        return self.memo(key, lambda: self._load_pipeline(editor, options))
+
+    def _load_pipeline(self, editor: str, options: dict):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        if editor == "reposition":
+            from editrt.runtime.reposition import RepositionPipeline as Pipeline
+        else:
+            from editrt.runtime.elements_pipeline import ElementsPipeline as Pipeline
+        self.log(f"loading the {editor} pipeline from {self.weights} ({', '.join(f'{k}={v}' for k, v in options.items())})")
+        bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+        for module, _ in bars:
+            module.disable_progress_bar()  # their loading bars would cut through ours
+        try:
+            return Pipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype, **options)
+        finally:
+            for module, was_on in bars:
+                if was_on:
+                    module.enable_progress_bar()
+
+    @property
     def pipeline(self):
-        from editrt.runtime.reposition import RepositionPipeline
-
-        self.log(f"loading the repositioning pipeline from {self.weights}")
-        # plain diffusers modules: the PyTorch eager baseline
-        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype, optimize=False)
-
-    @cached_property
-    def fast_pipeline(self):
-        from editrt.runtime.reposition import RepositionPipeline
-
-        return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype, optimize=True)
+        """Plain modules, eager loops: the PyTorch eager baseline (and the modules the component rows time)."""
+        return self.torch_pipeline("torch-eager")
 
     def onnx_dir(self) -> Path:
         """ONNX files of these weights (exported once, cached by the weights' fingerprint)."""
@@ -241,6 +297,10 @@ class BenchContext:
         return RepositionPipeline.from_pretrained(self.weights, device=self.device, dtype=self.dtype,
                                                   backend="onnxruntime", engines=self.onnx_dir())
 
+    def reposition(self, backend: str):
+        """The repositioning pipeline of one of our backends."""
+        return self.ort_pipeline if backend == "onnxruntime" else self.torch_pipeline(backend)
+
     # inputs
     def randn(self, *shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Standard normal on the bench device (drawn on the CPU generator: the same on every device)."""
@@ -271,3 +331,8 @@ class BenchContext:
             ry, rx = rng.uniform(0.1, 0.2, 2) * size
             out.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
         return out
+
+
+def pipeline_parts(pipe) -> list:
+    """The engines a pipeline runs: what a row's `compiled` column inspects (bench/observe.compiled_parts)."""
+    return list(pipe.engines.values())

@@ -14,42 +14,26 @@ from __future__ import annotations
 
 import torch
 
-from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name, pipeline_parts
 from editrt.bench.timing import count_flops
 
 GRID = 16  # 16x16 query points -> 256 elements, the paper's N
-OURS = ("torch+kernels", "onnxruntime")  # editrt's faster backends, each compared with torch-eager
 PROMPT = "a photo of a cat"
 
 
 def elements_pipeline(ctx: BenchContext, backend: str = "torch-eager"):
-    """The elements pipeline a backend's row runs (plain modules, optimized torch path, ONNX Runtime)."""
-    if backend == "onnxruntime":
-        ctx.check_onnxruntime()
+    """The elements pipeline a backend's row runs (BenchContext.pipeline_options says what each asks for)."""
+    if backend != "onnxruntime":
+        return ctx.torch_pipeline(backend, "elements")
+    ctx.check_onnxruntime()
 
     def load():
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
         from editrt.runtime.elements_pipeline import ElementsPipeline
 
-        ctx.log(f"loading the elements pipeline from {ctx.weights}")
-        bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-        for module, _ in bars:
-            module.disable_progress_bar()  # their loading bars would cut through ours
-        try:
-            if backend == "onnxruntime":
-                return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype,
-                                                       backend="onnxruntime", engines=ctx.onnx_dir())
-            fast = backend == "torch+kernels"  # K/V caching; the Triton dual attention on CUDA
-            return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype, optimize=fast,
-                                                   kernels=fast and ctx.device.type == "cuda")
-        finally:
-            for module, was_on in bars:
-                if was_on:
-                    module.enable_progress_bar()
+        return ElementsPipeline.from_pretrained(ctx.weights, device=ctx.device, dtype=ctx.dtype,
+                                               backend="onnxruntime", engines=ctx.onnx_dir())
 
-    return ctx.memo(f"elements pipeline {backend}", load)
+    return ctx.memo("elements pipeline onnxruntime", load)
 
 
 def _check_shape(expected: tuple[int, ...], what: str):
@@ -80,7 +64,7 @@ def _decoder_step(ctx: BenchContext, batch: int, backend: str = "torch-eager") -
 
     flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
     return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "element decoder step"),
-               flops=flops)
+               flops=flops, parts=[unet])
 
 
 def _content_encoder(ctx: BenchContext, backend: str = "torch-eager") -> Run:
@@ -96,7 +80,7 @@ def _content_encoder(ctx: BenchContext, backend: str = "torch-eager") -> Run:
     call = lambda x: engine(patches=x)["features"]  # noqa: E731
     flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
     return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((GRID * GRID, pipe.embedder.feature_dim),
-                                                                 "content encoder"), flops=flops)
+                                                                 "content encoder"), flops=flops, parts=[engine])
 
 
 def _check_elements(elements) -> None:
@@ -107,7 +91,8 @@ def _check_elements(elements) -> None:
 def _partition(ctx: BenchContext, backend: str = "torch-eager") -> Run:
     pipe = elements_pipeline(ctx, backend)
     photos = ctx.photos(pipe.default_resolution)  # different photos: the SAM embedding cache never hits
-    return Run(lambda photo: pipe.partition(photo, grid=GRID), photos, dtype_name(ctx.dtype), _check_elements)
+    return Run(lambda photo: pipe.partition(photo, grid=GRID), photos, dtype_name(ctx.dtype), _check_elements,
+               parts=pipeline_parts(pipe))
 
 
 def _render(ctx: BenchContext, backend: str = "torch-eager") -> Run:
@@ -123,7 +108,7 @@ def _render(ctx: BenchContext, backend: str = "torch-eager") -> Run:
         if image.size != (size, size):
             raise AssertionError(f"render: image {image.size}, expected {(size, size)}")
 
-    return Run(call, inputs, dtype_name(ctx.dtype), check)
+    return Run(call, inputs, dtype_name(ctx.dtype), check, parts=pipeline_parts(pipe))
 
 
 def elements_cases(ctx: BenchContext) -> list[Case]:
@@ -140,23 +125,28 @@ def elements_cases(ctx: BenchContext) -> list[Case]:
     size, lat, width = unet["sample_size"] * scale, unet["sample_size"], unet["cross_attention_dim"]
     n, steps = GRID * GRID, ctx.steps
 
+    def runners(build, backends) -> dict:
+        return {b: (lambda b=b: build(b)) for b in ("torch-eager", *backends)}
+
     def step(component: str, batch: int) -> Case:
+        # torch.compile at the CFG batch the render runs: one compilation
+        compiled = ("torch+compile",) if batch == 2 else ()
         return Case(component, f"x {batch}x4x{lat}x{lat}, text {batch}x77x{width}, elements {batch}x{n}x{width}",
-                    {"torch-eager": lambda: _decoder_step(ctx, batch),
-                     **{b: (lambda b=b: _decoder_step(ctx, batch, b)) for b in OURS}, **PLANNED_ENGINES},
+                    {**runners(lambda b: _decoder_step(ctx, batch, b), ("torch+kvcache", "torch+kernels", *compiled,
+                                                                       "onnxruntime")), **PLANNED_ENGINES},
                     about=f"element decoder UNet step (dual cross-attention), batch {batch}")
 
     return [
         step("elements-unet-b1", 1),
         step("elements-unet-cfg2", 2),
-        Case("content-encoder-256", f"{n}x3x32x32", {"torch-eager": lambda: _content_encoder(ctx),
-                                                     "onnxruntime": lambda: _content_encoder(ctx, "onnxruntime"),
+        Case("content-encoder-256", f"{n}x3x32x32", {**runners(lambda b: _content_encoder(ctx, b), ("onnxruntime",)),
                                                      **PLANNED_ENGINES},
              about="content encoder on 256 element patches"),
         Case("elements-partition", f"{size}x{size} photo, {GRID}x{GRID} grid",
-             {"torch-eager": lambda: _partition(ctx), **{b: (lambda b=b: _partition(ctx, b)) for b in OURS}},
-             heavy=True, about="SAM embedding + grid decode + SLIC assignment + clean-up + content encoding"),
+             runners(lambda b: _partition(ctx, b), ("torch+kernels", "onnxruntime")), heavy=True,
+             about="SAM embedding + grid decode + SLIC assignment + clean-up + content encoding"),
         Case("elements-render-e2e", f"{size}x{size}, {n} elements, CFG w=3, {steps} steps", steps=steps, heavy=True,
-             runners={"torch-eager": lambda: _render(ctx), **{b: (lambda b=b: _render(ctx, b)) for b in OURS}},
+             runners=runners(lambda b: _render(ctx, b), ("torch+kvcache", "torch+cudagraph", "torch+kernels",
+                                                         "torch+compile", "onnxruntime")),
              about="render the elements: CFG denoising + VAE decode"),
     ]

@@ -4,17 +4,19 @@ Rows (component names; `--only` takes a name, a glob or a '-'-ended prefix such 
 
 | component | what one timed run is | peer (baseline) |
 | --- | --- | --- |
-| unet-inpaint-b1 / -cfg2 | one UNet step, remove prompt; batch 1, or batch 2 = [null; task] for CFG | — |
+| unet-inpaint-b1 / -cfg2 | one UNet step through the engine interface, remove prompt; batch 1, or batch 2 = [null; task] for CFG | — |
 | unet-harmonizer-b1 / -cfg2 | the same step with the harmonizer LoRA fused in (c = 1) | — |
 | lora-switch | one switch of the fused LoRA between c = 0 and c = 1 (in-place weight copies) | — |
-| vae-encode / vae-decode | the VAE encoder (latent mean) / decoder at the processing size | — |
+| vae-encode / vae-decode | the VAE encoder (the scaled posterior sample, noise supplied, on every backend) / decoder | — |
 | sam-image-encoder | SAM's ViT on one preprocessed image | — |
 | sam-mask-decoder-1pt | prompt encoder + mask decoder for one click (multimask) | — |
 | sam-mask-decoder-grid256 | one batched decode of 256 single-point prompts (16x16 grid, multimask), the elements partition's query | — |
-| sam-segment-1pt | a new photo and one click to the best mask: `segment` | segment-anything's `SamPredictor` (set_image + predict) |
-| inpaint-pass | one remove pass at the processing size: `inpaint` | diffusers' `StableDiffusionInpaintPipeline`, same weights, dtype, steps; SDPA attention |
+| sam-segment-1pt | a new photo and one click to the best mask: `segment` | segment-anything's `SamPredictor` (set_image + predict); also with its image encoder torch.compile'd |
+| inpaint-pass | one remove pass at the processing size: `inpaint` | diffusers' `StableDiffusionInpaintPipeline`, same weights, dtype, steps; SDPA attention; also with torch.compile(unet) |
 | reposition-e2e | the SEELE flow with a given subject mask: remove + paste + harmonize | — |
 
+Every row of a component calls the same thing (the engine interface, the pipeline's public method); the
+backends differ only in what runs behind it (bench/results/README.md, "What each backend runs").
 Network rows also declare the planned TensorRT engine (a skipped row until export/ builds it).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name, pipeline_parts
 from editrt.bench.timing import count_flops
 
 TIMESTEPS = (981, 501, 21)  # rotating: early, middle and late DDIM steps
@@ -58,26 +60,22 @@ def _prompt_tokens(ctx: BenchContext) -> int:
 
 
 # ---------------------------------------------------------------------- UNet and LoRA
-def _unet_step(ctx: BenchContext, batch: int, harmonizer: bool) -> Run:
-    pipe = ctx.pipeline
+def _unet_step(ctx: BenchContext, batch: int, harmonizer: bool, backend: str = "torch-eager") -> Run:
+    """One UNet step through the engine interface (what the pipeline's loop calls per step), every backend alike."""
+    pipe = ctx.reposition(backend)
+    engine = pipe.engines["harmonizer_unet" if harmonizer else "inpaint_unet"]
     lat = ctx.resolution // ctx.vae_scale_factor
-    prompt = pipe.task_prompts["harmonize" if harmonizer else "remove"]
-    # CFG batches [null; task] exactly as the pipeline does
-    embeds = prompt[None] if batch == 1 else torch.stack([pipe.task_prompts["null"], prompt])
-    embeds = embeds.to(ctx.device, ctx.dtype)  # (B, L, C)
-    inputs = [(ctx.randn(batch, 9, lat, lat), torch.tensor(t, device=ctx.device), embeds) for t in TIMESTEPS]
+    # CFG batches [null; task] exactly as the pipeline does; one request: the same prompt tensor every step
+    embeds = pipe.prompt_embeds("harmonize" if harmonizer else "remove", batch == 2)  # (B, L, C)
+    inputs = [(ctx.randn(batch, 9, lat, lat), torch.full((batch,), float(t), device=ctx.device)) for t in TIMESTEPS]
 
     def call(x):
-        sample, t, states = x  # (B, 9, h, w) = noisy latents | mask | condition latents
-        return pipe.unet(sample, t, encoder_hidden_states=states, return_dict=False)[0]
+        sample, t = x  # (B, 9, h, w) = noisy latents | mask | condition latents
+        return engine(sample=sample, timestep=t, encoder_hidden_states=embeds)["noise_pred"]
 
-    flops = count_flops(call, inputs[0])
-    close = None
-    if harmonizer:  # last: nothing may fail between the switch and handing back `close`
-        pipe.harmonizer.set_scale(1.0)
-        close = lambda: pipe.harmonizer.set_scale(0.0)  # noqa: E731
+    flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
     return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "UNet step"), flops=flops,
-               close=close)
+               parts=[engine])
 
 
 def _lora_switch(ctx: BenchContext) -> Run:
@@ -112,22 +110,25 @@ def _lora_shape(ctx: BenchContext) -> str:
 
 
 # ---------------------------------------------------------------------- VAE
-def _vae_encode(ctx: BenchContext) -> Run:
-    vae, r = ctx.pipeline.vae, ctx.resolution
-    inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].to(ctx.device, ctx.dtype) / 127.5 - 1.0 for p in ctx.photos(r)]
-    call = lambda x: vae.encode(x).latent_dist.mean  # noqa: E731
+def _vae_run(ctx: BenchContext, encode: bool, backend: str = "torch-eager") -> Run:
+    """The VAE through the engine interface, every backend alike: the encoder's latent is the posterior
+    sample (mean + std * noise, scaled) the pipeline uses, the decoder's input a scaled latent."""
+    pipe, r = ctx.reposition(backend), ctx.resolution
     lat = r // ctx.vae_scale_factor
-    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 4, lat, lat), "VAE encode"),
-               flops=count_flops(call, inputs[0]))
-
-
-def _vae_decode(ctx: BenchContext) -> Run:
-    vae, r = ctx.pipeline.vae, ctx.resolution
-    lat = r // ctx.vae_scale_factor
-    inputs = [ctx.randn(1, 4, lat, lat) for _ in range(ctx.n_inputs)]
-    call = lambda z: vae.decode(z, return_dict=False)[0]  # noqa: E731
-    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 3, r, r), "VAE decode"),
-               flops=count_flops(call, inputs[0]))
+    if encode:
+        engine = pipe.engines["vae_encoder"]
+        photos = [torch.from_numpy(p).permute(2, 0, 1)[None].to(ctx.device, ctx.dtype) / 127.5 - 1.0
+                  for p in ctx.photos(r)]
+        inputs = [(photo, ctx.randn(1, 4, lat, lat)) for photo in photos]
+        call = lambda x: engine(image=x[0], noise=x[1])["latent"]  # noqa: E731
+        check = _check_shape((1, 4, lat, lat), "VAE encode")
+    else:
+        engine = pipe.engines["vae_decoder"]
+        inputs = [ctx.randn(1, 4, lat, lat) for _ in range(ctx.n_inputs)]
+        call = lambda z: engine(latent=z)["image"]  # noqa: E731
+        check = _check_shape((1, 3, r, r), "VAE decode")
+    flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
+    return Run(call, inputs, dtype_name(ctx.dtype), check, flops=flops, parts=[engine])
 
 
 # ---------------------------------------------------------------------- SAM
@@ -143,13 +144,16 @@ def _sam_encoder_inputs(ctx: BenchContext) -> list[torch.Tensor]:
             for p in ctx.photos(size)]  # (1, 3, S, S)
 
 
-def _sam_image_encoder(ctx: BenchContext) -> Run:
-    sam = ctx.pipeline.sam
+def _sam_image_encoder(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    """SAM's ViT through the engine interface (as `segment` and the partition call it), every backend alike."""
+    engine = ctx.reposition(backend).engines["sam_image_encoder"]
     inputs = _sam_encoder_inputs(ctx)
-    call = sam.image_encoder
-    e = sam.prompt_encoder.image_embedding_size
-    return Run(call, inputs, _sam_dtype(sam), _check_shape((1, sam.prompt_encoder.embed_dim, *e), "SAM encoder"),
-               flops=count_flops(call, inputs[0]))
+    e = ctx.sam_architecture["image_size"] // ctx.sam_architecture["patch_size"]
+    call = lambda x: engine(image=x)["image_embeddings"]  # noqa: E731
+    flops = count_flops(call, inputs[0]) if backend == "torch-eager" else None
+    return Run(call, inputs, _sam_dtype(ctx.pipeline.sam),
+               _check_shape((1, ctx.sam_architecture["prompt_embed_dim"], e, e), "SAM encoder"), flops=flops,
+               parts=[engine])
 
 
 def _sam_mask_decoder(ctx: BenchContext, grid: int | None) -> Run:
@@ -212,17 +216,23 @@ def _check_mask(what: str):
     return check
 
 
-def _segment_ours(ctx: BenchContext) -> Run:
-    pipe = ctx.pipeline
+def _segment_ours(ctx: BenchContext, backend: str = "torch-eager") -> Run:
+    pipe = ctx.reposition(backend)
     inputs = _segment_inputs(ctx)  # >= 2 different photos, so the embedding cache never hits in a row
     call = lambda x: pipe.segment(x[0], points=[x[1]])  # noqa: E731
-    return Run(call, inputs, _sam_dtype(pipe.sam), _check_mask("segment"))
+    return Run(call, inputs, _sam_dtype(ctx.pipeline.sam), _check_mask("segment"), parts=pipeline_parts(pipe))
 
 
-def _segment_sam_predictor(ctx: BenchContext) -> Run:
+def _segment_sam_predictor(ctx: BenchContext, compile: bool = False) -> Run:
+    """segment-anything's SamPredictor on the same model object (same weights, device and dtype); with
+    `compile`, its image encoder is torch.compile'd (default mode) for this row, and restored after."""
     from segment_anything import SamPredictor
 
-    predictor = SamPredictor(ctx.pipeline.sam)  # the same model object: same weights, device and dtype
+    sam = ctx.pipeline.sam
+    predictor = SamPredictor(sam)
+    encoder = sam.image_encoder
+    if compile:  # editrt's own engines hold the encoder module itself, so they never see this swap
+        sam.image_encoder = torch.compile(encoder)
 
     def call(x):
         photo, point = x
@@ -231,7 +241,11 @@ def _segment_sam_predictor(ctx: BenchContext) -> Run:
                                           multimask_output=True)
         return masks[int(np.argmax(iou))]
 
-    return Run(call, _segment_inputs(ctx), _sam_dtype(ctx.pipeline.sam), _check_mask("SamPredictor"))
+    def close():
+        sam.image_encoder = encoder
+
+    return Run(call, _segment_inputs(ctx), _sam_dtype(sam), _check_mask("SamPredictor"), parts=[sam.image_encoder],
+               close=close)
 
 
 # ---------------------------------------------------------------------- passes and end to end
@@ -240,54 +254,20 @@ def _pass_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, np.ndarray, int]]:
     return [(photo, mask, seed) for seed, (photo, mask) in enumerate(zip(ctx.photos(r), ctx.subject_masks(r)))]
 
 
-def _pipeline(ctx: BenchContext, backend: str):
-    """The pipeline a backend's row runs: plain modules, the optimized torch path, or ONNX Runtime engines."""
-    return {"torch-eager": lambda: ctx.pipeline, "torch+kernels": lambda: ctx.fast_pipeline,
-            "onnxruntime": lambda: ctx.ort_pipeline}[backend]()
-
-
-def _unet_engine_step(ctx: BenchContext, batch: int, harmonizer: bool, backend: str) -> Run:
-    """One UNet step through the engine interface (what the pipeline calls per step)."""
-    pipe = _pipeline(ctx, backend)
-    engine = pipe.engines["harmonizer_unet" if harmonizer else "inpaint_unet"]
-    lat = ctx.resolution // ctx.vae_scale_factor
-    prompt = pipe.task_prompts["harmonize" if harmonizer else "remove"]
-    embeds = prompt[None] if batch == 1 else torch.stack([pipe.task_prompts["null"], prompt])
-    embeds = embeds.to(ctx.device, ctx.dtype)  # one request: the same prompt tensor every step
-    inputs = [(ctx.randn(batch, 9, lat, lat), torch.full((batch,), float(t), device=ctx.device)) for t in TIMESTEPS]
-    call = lambda x: engine(sample=x[0], timestep=x[1], encoder_hidden_states=embeds)["noise_pred"]  # noqa: E731
-    return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((batch, 4, lat, lat), "UNet step"))
-
-
-def _vae_engine(ctx: BenchContext, backend: str, encode: bool) -> Run:
-    pipe, r = _pipeline(ctx, backend), ctx.resolution
-    lat = r // ctx.vae_scale_factor
-    if encode:
-        engine = pipe.engines["vae_encoder"]
-        inputs = [torch.from_numpy(p).permute(2, 0, 1)[None].to(ctx.device, ctx.dtype) / 127.5 - 1.0 for p in ctx.photos(r)]
-        noise = ctx.randn(1, 4, lat, lat)
-        call = lambda x: engine(image=x, noise=noise)["latent"]  # noqa: E731
-        return Run(call, inputs, dtype_name(ctx.dtype), _check_shape((1, 4, lat, lat), "VAE encode"))
-    engine = pipe.engines["vae_decoder"]
-    inputs = [ctx.randn(1, 4, lat, lat) for _ in range(ctx.n_inputs)]
-    return Run(lambda z: engine(latent=z)["image"], inputs, dtype_name(ctx.dtype), _check_shape((1, 3, r, r), "VAE decode"))
-
-
-def _sam_encoder_engine(ctx: BenchContext, backend: str) -> Run:
-    engine = _pipeline(ctx, backend).engines["sam_image_encoder"]
-    inputs = _sam_encoder_inputs(ctx)
-    e = ctx.sam_architecture["image_size"] // ctx.sam_architecture["patch_size"]
-    return Run(lambda x: engine(image=x)["image_embeddings"], inputs, "fp32",
-               _check_shape((1, ctx.sam_architecture["prompt_embed_dim"], e, e), "SAM encoder"))
-
-
 def _inpaint_ours(ctx: BenchContext, backend: str = "torch-eager") -> Run:
-    pipe = _pipeline(ctx, backend)
+    pipe = ctx.reposition(backend)
     call = lambda x: pipe.inpaint(x[0], x[1], task="remove", steps=ctx.steps, guidance=1.0, seed=x[2])  # noqa: E731
-    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(ctx.resolution, "inpaint"))
+    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(ctx.resolution, "inpaint"),
+               parts=pipeline_parts(pipe))
 
 
-def _inpaint_diffusers(ctx: BenchContext) -> Run:
+def diffusers_compile_mode(device: torch.device) -> str:
+    """diffusers' documented recipe on CUDA: torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    (inductor with its CUDA graphs); on a CPU inductor's default mode."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def _inpaint_diffusers(ctx: BenchContext, compile: bool = False) -> Run:
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging as diffusers_logging
     from PIL import Image
@@ -310,6 +290,8 @@ def _inpaint_diffusers(ctx: BenchContext) -> Run:
         if bar_was_on:
             diffusers_logging.enable_progress_bar()
     peer.set_progress_bar_config(disable=True)
+    if compile:
+        peer.unet = torch.compile(peer.unet, mode=diffusers_compile_mode(ctx.device), fullgraph=ctx.device.type == "cuda")
     prompt = load_task_prompts(layout.task_prompts, ctx.unet_config["cross_attention_dim"])["remove"]
     prompt = prompt[None].to(ctx.device, ctx.dtype)  # (1, L, C): the task prompt as prompt_embeds
     r = ctx.resolution
@@ -327,22 +309,31 @@ def _inpaint_diffusers(ctx: BenchContext) -> Run:
         peer = None  # drop the peer's copy of the weights before the next row's memory is read
         gc.collect()
 
-    return Run(call, inputs, dtype_name(ctx.dtype), _check_image(r, "diffusers inpaint"), close=close)
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_image(r, "diffusers inpaint"), close=close,
+               parts=[peer.unet])
 
 
 def _reposition_e2e(ctx: BenchContext, backend: str = "torch-eager") -> Run:
-    pipe, r = _pipeline(ctx, backend), ctx.resolution
+    pipe, r = ctx.reposition(backend), ctx.resolution
     move = (r // 8, r // 16)  # the masks sit in the central area, so the moved subject stays inside
 
     def call(x):
         photo, mask, seed = x
         return pipe(photo, mask=mask, move=move, steps=ctx.steps, guidance=1.0, seed=seed, harmonize=True).image
 
-    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(r, "reposition"))
+    return Run(call, _pass_inputs(ctx), dtype_name(ctx.dtype), _check_image(r, "reposition"), parts=pipeline_parts(pipe))
 
 
 # ---------------------------------------------------------------------- the cases
-OURS = ("torch+kernels", "onnxruntime")  # editrt's faster backends, each compared with torch-eager
+# Whole passes: every torch variant beside its baseline (the repositioning editor has no editrt kernel,
+# so it has no torch+kernels row: it would repeat torch+cudagraph).
+PASS_BACKENDS = ("torch+kvcache", "torch+cudagraph", "torch+compile", "onnxruntime")
+
+
+def _runners(build, backends, baseline: str = "torch-eager") -> dict:
+    """{backend: builder} for `build(backend)`, baseline first."""
+    return {b: (lambda b=b: build(b)) for b in (baseline, *backends)}
+
 
 def reposition_cases(ctx: BenchContext) -> list[Case]:
     r, lat = ctx.resolution, ctx.resolution // ctx.vae_scale_factor
@@ -352,11 +343,13 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
     steps = ctx.steps
 
     def unet(component: str, batch: int, harmonizer: bool) -> Case:
+        # torch.compile only at batch 1, the shape the passes below run (guidance 1): one compilation each
+        compiled = ("torch+compile",) if batch == 1 else ()
         return Case(component, f"x {batch}x9x{lat}x{lat}, ctx {batch}x{tokens}x{width}",
-                    {"torch-eager": lambda: _unet_step(ctx, batch, harmonizer),
-                     **{b: (lambda b=b: _unet_engine_step(ctx, batch, harmonizer, b)) for b in OURS},
-                     **PLANNED_ENGINES},
-                    about=("harmonizer (LoRA fused, c = 1) " if harmonizer else "inpainting ") + f"UNet step, batch {batch}")
+                    {**_runners(lambda b: _unet_step(ctx, batch, harmonizer, b),
+                                ("torch+kvcache", *compiled, "onnxruntime")), **PLANNED_ENGINES},
+                    about=("harmonizer (LoRA fused, c = 1) " if harmonizer else "inpainting ")
+                    + f"UNet step, batch {batch}, through the engine interface")
 
     return [
         unet("unet-inpaint-b1", 1, False),
@@ -366,14 +359,14 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
         Case("lora-switch", _lora_shape(ctx), {"torch-eager": lambda: _lora_switch(ctx)},
              about="one in-place switch of the fused LoRA between c = 0 and c = 1"),
         Case("vae-encode", f"1x3x{r}x{r} -> 1x4x{lat}x{lat}",
-             {"torch-eager": lambda: _vae_encode(ctx), "onnxruntime": lambda: _vae_engine(ctx, "onnxruntime", True),
-              **PLANNED_ENGINES}, about="VAE encoder (latent mean; engines add the posterior sample)"),
+             {**_runners(lambda b: _vae_run(ctx, True, b), ("torch+compile", "onnxruntime")), **PLANNED_ENGINES},
+             about="VAE encoder to the scaled posterior sample (mean + std * noise), every backend"),
         Case("vae-decode", f"1x4x{lat}x{lat} -> 1x3x{r}x{r}",
-             {"torch-eager": lambda: _vae_decode(ctx), "onnxruntime": lambda: _vae_engine(ctx, "onnxruntime", False),
-              **PLANNED_ENGINES}, about="VAE decoder"),
+             {**_runners(lambda b: _vae_run(ctx, False, b), ("torch+compile", "onnxruntime")), **PLANNED_ENGINES},
+             about="VAE decoder"),
         Case("sam-image-encoder", f"1x3x{s}x{s} -> 1x{d}x{e}x{e}",
-             {"torch-eager": lambda: _sam_image_encoder(ctx), "onnxruntime": lambda: _sam_encoder_engine(ctx, "onnxruntime"),
-              **PLANNED_ENGINES}, about="SAM ViT image encoder"),
+             {**_runners(lambda b: _sam_image_encoder(ctx, b), ("torch+compile", "onnxruntime")), **PLANNED_ENGINES},
+             about="SAM ViT image encoder"),
         Case("sam-mask-decoder-1pt", f"1 point, emb 1x{d}x{e}x{e}",
              {"torch-eager": lambda: _sam_mask_decoder(ctx, None), **PLANNED_ENGINES},
              about="SAM prompt encoder + mask decoder, one click, 3 masks"),
@@ -381,14 +374,19 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
              {"torch-eager": lambda: _sam_mask_decoder(ctx, 16), **PLANNED_ENGINES},
              about="SAM prompt encoder + mask decoder, 256 single-point prompts in one batched call"),
         Case("sam-segment-1pt", f"{s}x{s} photo, 1 point",
-             {"segment-anything": lambda: _segment_sam_predictor(ctx), "torch-eager": lambda: _segment_ours(ctx)},
-             baseline="segment-anything", about="new photo + one click -> best mask (SamPredictor vs segment)"),
+             {"segment-anything": lambda: _segment_sam_predictor(ctx),
+              "segment-anything+compile": lambda: _segment_sam_predictor(ctx, compile=True),
+              **_runners(lambda b: _segment_ours(ctx, b), ("torch+compile",))},
+             baseline="segment-anything",
+             about="new photo + one click -> best mask (SamPredictor, its encoder torch.compile'd, vs segment)"),
         Case("inpaint-pass", f"{r}x{r}, remove, {steps} steps", steps=steps, heavy=True,
-             runners={"diffusers": lambda: _inpaint_diffusers(ctx), "torch-eager": lambda: _inpaint_ours(ctx),
-                      **{b: (lambda b=b: _inpaint_ours(ctx, b)) for b in OURS}},
-             baseline="diffusers", about="one inpainting pass, guidance 1 (StableDiffusionInpaintPipeline vs inpaint)"),
+             runners={"diffusers": lambda: _inpaint_diffusers(ctx),
+                      "diffusers+compile": lambda: _inpaint_diffusers(ctx, compile=True),
+                      **_runners(lambda b: _inpaint_ours(ctx, b), PASS_BACKENDS)},
+             baseline="diffusers",
+             about=f"one inpainting pass, guidance 1 (StableDiffusionInpaintPipeline, also with torch.compile(unet, "
+                   f"mode={diffusers_compile_mode(ctx.device)!r}), vs inpaint)"),
         Case("reposition-e2e", f"{r}x{r}, remove + harmonize, {steps} steps each", steps=steps, heavy=True,
-             runners={"torch-eager": lambda: _reposition_e2e(ctx),
-                      **{b: (lambda b=b: _reposition_e2e(ctx, b)) for b in OURS}},
+             runners=_runners(lambda b: _reposition_e2e(ctx, b), PASS_BACKENDS),
              about="the SEELE flow with a given mask: remove, paste, harmonize, paste back"),
     ]

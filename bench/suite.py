@@ -13,7 +13,7 @@ One row per (component, backend); every setting is a column, so a row stands alo
 | --- | --- | --- |
 | name | str | "component/backend": what `baseline` refers to |
 | component | str | e.g. "unet-inpaint-b1", "sam-segment-1pt", "inpaint-pass", "elements-render-e2e" |
-| backend | str | torch-eager, torch+kernels, torch+cudagraph, onnxruntime, tensorrt (ours) or a peer: diffusers, segment-anything, sdpa, reference |
+| backend | str | ours: torch-eager, torch+kvcache, torch+cudagraph, torch+kernels, torch+compile, onnxruntime, tensorrt; peers: diffusers, diffusers+compile, segment-anything, segment-anything+compile, sdpa, reference (bench/cases.py BACKENDS says what each runs) |
 | peer | bool | the row times another library, not editrt |
 | about | str | what one timed run is |
 | device | str | GPU name (torch.cuda.get_device_name) or CPU model and thread count |
@@ -30,10 +30,19 @@ One row per (component, backend); every setting is a column, so a row stands alo
 | bytes, gb_s | int / float or null | bytes moved per run, for memory-bound rows, and bytes / p50 |
 | baseline | str or null | name of the row this one is compared to; null for a baseline row |
 | ratio | float or null | baseline p50 / this p50 (> 1: this row is faster); null for baselines and unmeasured pairs |
-| skipped | str or null | why there is no measurement: a missing backend ("tensorrt not installed") or "failed: ..." |
+| skipped | str or null | why there is no measurement: a missing backend ("tensorrt not installed"), a row that would repeat its baseline ("no editrt kernel launched ..."), or "failed: ..." |
+| cuda_graph | bool | a CUDA graph was replayed during the timed runs (every torch.cuda.CUDAGraph.replay is counted); false when skipped |
+| compiled | bool | what the row calls is torch.compile'd (engines' `compiled`, peers' modules) and dynamo compiled it; false when skipped |
+| kernels | list of str | editrt kernels that launched in the timed runs (editrt.kernels.launches; a replayed graph's: those recorded when it was captured, in the row's first run); [] when none or skipped |
 | versions | dict | python, editrt, git, torch, cuda (torch's build), diffusers, segment_anything, triton, onnxruntime, tensorrt (null: absent) |
 
 Times are rounded to 4 significant digits and ratios are computed from the rounded times.
+
+No row claims work that did not run (`check_claims`): torch-eager, torch+kvcache and torch+cudagraph
+rows run with editrt's kernels switched off and fail if one launched; torch-eager and torch+kvcache
+rows fail if a CUDA graph was replayed, torch+cudagraph rows if none was; `*+compile` rows fail unless
+compiled, every other row if compiled. A torch+kernels row where no editrt kernel launched (a CPU:
+the references run) is skipped with the reason instead of reporting a ratio of two equal things.
 """
 from __future__ import annotations
 
@@ -51,9 +60,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from editrt.bench.cases import BACKENDS, BenchContext, Case, Run, Selection, Skip, dtype_name, matches
+from editrt.bench.cases import (
+    BACKENDS,
+    NO_GRAPH_BACKENDS,
+    PLAIN_BACKENDS,
+    BenchContext,
+    Case,
+    Run,
+    Selection,
+    Skip,
+    dtype_name,
+    matches,
+)
 from editrt.bench.elements_cases import elements_cases
 from editrt.bench.kernel_rows import kernel_cases
+from editrt.bench.observe import Observed, compiled_parts, dynamo_graphs, row_environment, watch
 from editrt.bench.reposition_cases import reposition_cases
 from editrt.bench.runtime_cases import runtime_cases
 from editrt.bench.timing import measure
@@ -64,6 +85,13 @@ SCHEMA = "editrt-bench/1"
 # Each area adds its cases here (engine backends and new components add theirs as they land).
 CASE_PROVIDERS: list[Callable[[BenchContext], list[Case]]] = [reposition_cases, elements_cases, runtime_cases,
                                                               kernel_cases]
+try:  # the partition clean-up rows (scipy vs the native ops), written beside the native library
+    from editrt.bench.cleanup_cases import cleanup_cases
+except ModuleNotFoundError as e:  # not there yet: the other rows run without them
+    if e.name != "editrt.bench.cleanup_cases":
+        raise
+else:
+    CASE_PROVIDERS.append(cleanup_cases)
 
 ROW_FIELDS = {  # field -> allowed types (the schema, checked by the tests)
     "name": (str,), "component": (str,), "backend": (str,), "peer": (bool,), "about": (str,),
@@ -72,7 +100,8 @@ ROW_FIELDS = {  # field -> allowed types (the schema, checked by the tests)
     "repeats": (int, type(None)), "warmup": (int, type(None)), "peak_mb": (float, type(None)),
     "memory": (str, type(None)), "flops": (int, type(None)), "tflop_s": (float, type(None)),
     "bytes": (int, type(None)), "gb_s": (float, type(None)), "baseline": (str, type(None)),
-    "ratio": (float, type(None)), "skipped": (str, type(None)), "versions": (dict,),
+    "ratio": (float, type(None)), "skipped": (str, type(None)), "cuda_graph": (bool,), "compiled": (bool,),
+    "kernels": (list,), "versions": (dict,),
 }
 VERSION_KEYS = ("python", "editrt", "git", "torch", "cuda", "diffusers", "segment_anything", "triton",
                 "onnxruntime", "tensorrt")
@@ -174,7 +203,7 @@ def collect_cases(ctx: BenchContext) -> list[Case]:
 
 
 def _row(case: Case, backend: str, settings: Settings, device: str, run: Run | None = None, timing=None,
-         skipped: str | None = None) -> dict:
+         skipped: str | None = None, ran: Ran | None = None) -> dict:
     p50 = _significant(timing.p50_ms) if timing else None
     flops = run.flops if run and run.flops else None
     nbytes = run.bytes if run and run.bytes else None
@@ -192,24 +221,76 @@ def _row(case: Case, backend: str, settings: Settings, device: str, run: Run | N
         "bytes": int(nbytes) if nbytes and p50 else None,
         "gb_s": _significant(nbytes / (p50 * 1e-3) / 1e9) if nbytes and p50 else None,
         "baseline": None if backend == case.baseline else f"{case.component}/{case.baseline}",
-        "ratio": None, "skipped": skipped, "versions": {},
+        "ratio": None, "skipped": skipped,
+        "cuda_graph": bool(ran and ran.cuda_graph), "compiled": bool(ran and ran.compiled),
+        "kernels": list(ran.kernels) if ran else [], "versions": {},
     }
 
 
-def _time_one(case: Case, backend: str, settings: Settings, ctx: BenchContext):
-    """(run, timing) for one row; raises whatever the builder or the run raises."""
+@dataclass
+class Ran:
+    """What a measured row really ran (bench/observe.py): the row's `cuda_graph`, `compiled`, `kernels`."""
+
+    cuda_graph: bool  # a CUDA graph was replayed during the timed runs
+    compiled: bool  # the modules the call runs are torch.compile'd
+    kernels: list[str]  # editrt kernels launched by the timed runs (a replayed graph's: those it captured)
+
+
+class ClaimError(RuntimeError):
+    """A row's observations contradict what its backend stands for: reported as a failed row."""
+
+
+def no_kernel_reason(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "no editrt kernel launched in this row; it would repeat its baseline"
+    return ("no editrt kernel launched: on a CPU the Triton kernels' PyTorch references run (and native ops "
+            "only where built), so this row would repeat its baseline")
+
+
+def check_claims(backend: str, ran: Ran) -> None:
+    """Fail a row whose backend claims work that did not run, or that ran work its backend excludes."""
+    problems = []
+    if backend in NO_GRAPH_BACKENDS and ran.cuda_graph:
+        problems.append("replayed a CUDA graph")
+    if backend == "torch+cudagraph" and not ran.cuda_graph:
+        problems.append("replayed no CUDA graph")
+    if backend in PLAIN_BACKENDS and ran.kernels:
+        problems.append(f"launched editrt kernels {ran.kernels}")
+    if backend.endswith("+compile") != ran.compiled:
+        problems.append("ran torch.compile'd modules" if ran.compiled else "ran no torch.compile'd module")
+    elif ran.compiled and dynamo_graphs() == 0:
+        problems.append("claims torch.compile'd modules but torch.compile compiled no graph")
+    if problems:
+        raise ClaimError(f"{backend} row {' and '.join(problems)}")
+
+
+def _time_one(case: Case, backend: str, settings: Settings, ctx: BenchContext) -> tuple[Run, object, Ran]:
+    """(run, timing, what ran) for one row; raises Skip, ClaimError, or whatever the builder or the run raises."""
     builder = case.runners[backend]
-    with torch.no_grad():
+    plain = backend in PLAIN_BACKENDS
+    with torch.no_grad(), row_environment(plain, ctx.device):
         run = builder()
         try:
-            if run.check is not None:  # an untimed run that proves the output is real (the last input:
-                run.check(run.call(run.inputs[-1]))  # the timed loop starts at the first, so no cache hit)
+            # An untimed first run: proves the output is real (the last input: the timed loop starts at
+            # the first, so no cache hit), captures CUDA graphs, and shows which kernels launch.
+            with watch() as first:
+                out = run.call(run.inputs[-1])
+            if run.check is not None:
+                run.check(out)
+            del out
+            if backend == "torch+kernels" and not first.kernels:
+                raise Skip(no_kernel_reason(ctx.device))
+            timed = Observed()
             timing = measure(run.call, run.inputs, ctx.device, settings.warmup_runs(case.heavy),
-                             **settings.repeat_policy(case.heavy))
+                             around_timed=lambda: watch(timed), **settings.repeat_policy(case.heavy))
         finally:
             if run.close is not None:
                 run.close()
-    return run, timing
+    cuda_graph = timed.graph_replays > 0
+    kernels = sorted(set(timed.kernels) | (set(first.kernels) if cuda_graph else set()))
+    ran = Ran(cuda_graph=cuda_graph, compiled=bool(compiled_parts(run.parts)), kernels=kernels)
+    check_claims(backend, ran)
+    return run, timing, ran
 
 
 def _fill_ratios(rows: list[dict]) -> None:
@@ -231,15 +312,15 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
     bar = tqdm(plan, desc="editrt bench", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for case, backend in bar:
         bar.set_postfix_str(f"{case.component}/{backend}")
-        reason = BACKENDS[backend].unavailable(settings.device)
+        reason = BACKENDS[backend].unavailable(settings.device, settings.quick)
         if reason is None and case.runners[backend] is None:
             reason = f"no {backend} runner for this component yet"
         if reason is not None:
             rows.append(_row(case, backend, settings, device, skipped=reason))
             continue
         try:
-            run, timing = _time_one(case, backend, settings, ctx)
-            rows.append(_row(case, backend, settings, device, run, timing))
+            run, timing, ran = _time_one(case, backend, settings, ctx)
+            rows.append(_row(case, backend, settings, device, run, timing, ran=ran))
         except Skip as e:
             rows.append(_row(case, backend, settings, device, skipped=str(e)))
         except Exception as e:  # one broken row must not lose the others; it is reported as failed

@@ -24,6 +24,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,11 +133,13 @@ def _synchronize(device: torch.device) -> None:
 
 def measure(call: Callable[[Any], Any], inputs: list, device: torch.device | str, warmup: int,
             repeats: int | None = None, budget_s: float = 1.0, min_repeats: int = 5,
-            max_repeats: int = 100) -> Timing:
+            max_repeats: int = 100, around_timed: Callable[[], AbstractContextManager] | None = None) -> Timing:
     """Time `call(x)` for x rotating through `inputs`.
 
     `repeats=None` picks the count from the warm-up's speed so that the timed runs take about
     `budget_s` (like triton.testing.do_bench), clamped to [min_repeats, max_repeats].
+    `around_timed()` (optional) is a context entered around the timed runs only, not the warm-up
+    (the suite observes there what really ran: bench/observe.py).
     """
     device = torch.device(device)
     if not inputs:
@@ -171,19 +174,20 @@ def measure(call: Callable[[Any], Any], inputs: list, device: torch.device | str
     samples = []
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        x = next_input()
-        if cuda:
-            torch.cuda.synchronize(device)
-            start.record()
-            call(x)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            call(x)
-            samples.append((time.perf_counter() - t0) * 1e3)
+    with around_timed() if around_timed is not None else nullcontext():
+        for _ in range(repeats):
+            x = next_input()
+            if cuda:
+                torch.cuda.synchronize(device)
+                start.record()
+                call(x)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                call(x)
+                samples.append((time.perf_counter() - t0) * 1e3)
     peak_mb, what = memory.read()
 
     bad = [s for s in samples if not (s > 0.0 and math.isfinite(s))]
