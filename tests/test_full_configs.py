@@ -50,9 +50,10 @@ def test_full_reposition_and_elements_run(full_weights):
     np.testing.assert_array_equal(out[~result.stages["output"].mask], photo[~result.stages["output"].mask])
     elements_pipe = ElementsPipeline.from_pretrained(full_weights)
     elements = elements_pipe.partition(photo, resolution=256)
-    assert len(elements) == 256
+    assert len(elements) == 16 * 16  # the default 16x16 query grid
+    assert elements.image_size == photo.shape[:2] and elements.paint().shape == photo.shape[:2]
     image = elements_pipe.decode(elements, steps=1)
-    assert image.size == elements.image_size[::-1]
+    assert image.size == (photo.shape[1], photo.shape[0])  # rendered back at the photo's size
     assert torch.isfinite(elements_pipe.element_tokens(elements)).all()
 
 
