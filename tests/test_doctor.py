@@ -160,3 +160,14 @@ def test_bad_arch_is_one_line_input_error(tmp_path):
     with pytest.raises(InputError, match="--arch: expected one of sm_80, sm_89, sm_90, got 'sm_75'"):
         doctor.run(argparse.Namespace(arch="sm_75", json=str(out)))
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_environment_report_sees_the_gpu():
+    import torch
+
+    info = doctor.environment()
+    major, minor = torch.cuda.get_device_capability(0)
+    assert info["cuda_available"] and info["gpus"][0]["capability"] == f"{major}.{minor}"
+    assert info["gpus"][0]["name"] == torch.cuda.get_device_name(0)
+    assert info["triton_dispatch"] == "compiled on CUDA tensors"
