@@ -453,3 +453,32 @@ def test_cuda_graph_render_matches_eager_and_threads_match_serial(tiny_weights, 
         threaded = list(pool.map(render, edits))
     for s, t in zip(serial, threaded):
         np.testing.assert_array_equal(s, t)
+
+
+def test_decode_renders_the_elements_as_they_were_when_asked(elements_pipe, elements):
+    """A decode waiting for the pipeline's turn renders the edit state of its call, not what the caller changed
+    since (the caller holds its Elements and may go on editing)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    e = elements.copy()
+    expected = np.asarray(elements_pipe.decode(e, steps=1, seed=4, resolution=64))
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: elements_pipe.work.run(lambda: (held.set(), release.wait(60))))
+    holder.start()
+    try:
+        assert held.wait(60)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(elements_pipe.decode, e, steps=1, seed=4, resolution=64)
+            deadline = time.monotonic() + 60
+            while elements_pipe.work.waiting == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert elements_pipe.work.waiting == 1  # the decode waits for the turn: its call has happened
+            e.delete(e.alive_ids)  # the caller edits on
+            release.set()
+            out = np.asarray(future.result(timeout=300))
+    finally:
+        release.set()
+        holder.join()
+    np.testing.assert_array_equal(out, expected)
