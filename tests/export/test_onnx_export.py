@@ -100,6 +100,11 @@ def test_every_component_exports_and_matches_pytorch(engines, specs, tiny_weight
     components = load_reposition_components(tiny_weights)
     assert sorted(m["param"] for m in manifest["networks"]["harmonizer_unet"]["refit_map"].values()) == \
         sorted(components.harmonizer.params)
+    for name in ("inpaint_unet", "harmonizer_unet", "element_unet"):  # the up-sampling sizes stay symbolic
+        graph = onnx.load(str(out / f"{name}.onnx")).graph
+        constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        resizes = [n for n in graph.node if n.op_type == "Resize"]
+        assert resizes and all(len(n.input) == 4 and n.input[3] and n.input[3] not in constants for n in resizes), name
 
 
 def test_check_cases_move_every_dynamic_input_away_from_the_trace_example(specs):
