@@ -111,7 +111,7 @@ def test_check_cases_move_every_dynamic_input_away_from_the_trace_example(specs)
     for spec in specs.values():
         traced = trace_dims(spec)
         cases = check_cases(spec, traced)
-        assert len(cases) >= 2
+        assert len(cases) >= (2 if spec.profiles else 1)
         for dims, context in cases:
             for axis, (lo, _, hi) in (spec.profiles[0].items() if spec.profiles else []):
                 assert lo <= dims[axis] <= hi
