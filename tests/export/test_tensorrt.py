@@ -483,3 +483,30 @@ def test_tensorrt_sam_decoder_builds_with_its_shape_tensor_and_follows_orig_im_s
         got = engine(**{k: v.cuda() for k, v in inputs.items()})
         for name, ref in zip(spec.output_names, expected):
             torch.testing.assert_close(got[name].cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_tensorrt_harmonizer_views_refit_between_c0_and_c1_like_torch(tiny_weights, tmp_path):
+    """fp16 graph -> strongly typed fp16 engine; the two views of the one refittable UNet match
+    PyTorch fp32 at c = 0 and c = 1 (<= 2e-2 max relative, the fp16 export tolerance), switching
+    back and forth, at a latent size away from the 15x15 trace example."""
+    _needs_tensorrt()
+    from editrt.export.onnx import random_inputs
+    from editrt.export.tensorrt import tensorrt_engines
+    from editrt.models.networks import reposition_networks
+
+    export_components(tiny_weights, ["inpaint_unet", "harmonizer_unet"], tmp_path, precision="fp16")
+    specs = network_specs(WeightsLayout(tiny_weights).network_config())
+    refit_map = json.loads((tmp_path / "manifest.json").read_text())["networks"]["harmonizer_unet"]["refit_map"]
+    engines = tensorrt_engines(specs, ["inpaint_unet", "harmonizer_unet"], tmp_path, "cuda", tiny_weights, refit_map)
+    nets = reposition_networks(load_reposition_components(tiny_weights, "cuda"))
+    inputs = {k: v.cuda() for k, v in random_inputs(specs["inpaint_unet"], {"batch": 2, "height": 11, "width": 13,
+                                                                            "tokens": 50}).items()}
+    for name in ("inpaint_unet", "harmonizer_unet", "inpaint_unet", "harmonizer_unet"):
+        conforms(engines[name])
+        nets[name].apply_weights()
+        with torch.no_grad():
+            expected = nets[name](*(inputs[n] for n in specs[name].input_names))
+        got = engines[name](**inputs)["noise_pred"]
+        assert float((got.float() - expected).abs().max() / expected.abs().max()) <= 2e-2, name
+    assert len(engines["harmonizer_unet"].shared.refit_seconds) == 4  # built at c = 1: every switch refits once
