@@ -19,7 +19,7 @@ while ONNX Runtime's CUDA/TensorRT providers and a strongly typed TensorRT build
 Error measure: max |ort - torch| / max |torch| per output, the worst over outputs and cases.
 fp32 must be <= 1e-4 (we see ~1e-6). fp16 must be <= 2e-2 against PyTorch fp32: fp16 rounds
 each op's result to 2**-11 relative and a UNet chains ~50 of them (normalisations, attention
-softmax, residual sums), so ~1e-3 is the expected level (the tiny UNet: ~3e-3); 2e-2 still
+softmax, residual sums), so ~1e-3 is the expected level (the tiny UNet: 1e-3..7e-3); 2e-2 still
 catches a graph that computes something else (errors of order 1).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Tolerance: max |ort - torch| / max |torch| <= 2e-2 against PyTorch fp32, and against PyTorch fp16
 on the same inputs. fp16 rounds each op to 2**-11 relative; a UNet chains ~50 such ops, so ~1e-3
-is expected (we see ~3e-3 on the tiny UNet, ~1e-3 on the VAE decoder); a graph computing anything
+is expected (we see 1e-3..7e-3 on the tiny UNet, ~1e-3 on the VAE decoder); a graph computing anything
 else is off by order 1. ONNX Runtime's CPU provider has fp16 kernels for every op these graphs use,
 so parity runs here; the CUDA provider's run is the gpu test.
 """
