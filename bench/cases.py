@@ -82,6 +82,10 @@ BACKENDS = {b.name: b for b in [
     Backend("segment-anything+compile", peer=True, module="segment_anything", compiles=True),
     Backend("sdpa", peer=True),  # two scaled_dot_product_attention calls, heads concatenated, one stacked GEMM
     Backend("reference", peer=True),  # the pure-PyTorch reference beside a kernel
+    # the partition clean-up rows (bench/cleanup_cases.py): per-element scipy.ndimage vs the native op
+    Backend("scipy", peer=True, module="scipy"),
+    Backend("native-cpu"),  # editrt_native op on CPU tensors (launches cleanup_labels_cpu)
+    Backend("native-cuda", cuda_only="the native CUDA op needs CUDA"),  # (launches cleanup_labels_cuda)
 ]}
 
 # Rows of these backends run with editrt's kernels switched off and must launch none.
