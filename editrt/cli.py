@@ -291,21 +291,27 @@ def cmd_export(args) -> None:
     if args.format not in FORMATS:
         raise InputError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
     names = resolve_components(args.component.split(",") if args.component != "all" else "all")
+    precision = args.precision or ("fp16" if args.format == "tensorrt" else "fp32")
+    # bf16 / fp8 TensorRT engines build from the fp32 graph; fp16 engines from the fp16 graph (strongly typed)
+    onnx_precision = precision if precision in ("fp32", "fp16") else "fp32"
     if args.format == "tensorrt":  # before any work: TensorRT and a GPU must be there
         from editrt.export.tensorrt import BuildOptions, tensorrt_module
 
         tensorrt_module()
-        BuildOptions(precision=args.precision, optimization_level=args.optimization_level)
+        BuildOptions(precision=precision, optimization_level=args.optimization_level)
         if not __import__("torch").cuda.is_available():
             raise InputError("--format tensorrt: needs a CUDA GPU")
+    elif precision not in ("fp32", "fp16"):
+        raise InputError(f"--precision {precision}: ONNX graphs are fp32 or fp16 (bf16 and fp8 are TensorRT's)")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out}: exists and is not a directory")
     weights = resolve_weights(args.weights, log=_log(args))
-    results = export_components(weights, names, out, check=True, progress=_progress(args), log=_log(args))
+    results = export_components(weights, names, out, check=True, progress=_progress(args), log=_log(args),
+                                precision=onnx_precision)
     if args.check:
         for r in results:
-            print(f"{r.name}\tmax relative error vs PyTorch {r.max_rel_error:.2e}\t{r.path}")
+            print(f"{r.name}\tmax relative error vs PyTorch {r.max_rel_error:.2e}\t{r.path}\t{r.precision}")
     if args.format == "tensorrt":
         from editrt.export.specs import network_specs
         from editrt.export.tensorrt import BuildOptions, build_engine
@@ -315,9 +321,10 @@ def cmd_export(args) -> None:
         for r in results:
             if r.name == "inpaint_unet":
                 continue  # served by the refittable harmonizer engine at c = 0
-            options = BuildOptions(precision=args.precision, optimization_level=args.optimization_level,
+            options = BuildOptions(precision=precision, optimization_level=args.optimization_level,
                                    refit=specs[r.name].refittable)
-            build_engine(specs[r.name], r.path, out, options, progress=_progress(args), log=_log(args))
+            build_engine(specs[r.name], r.path, out, options, progress=_progress(args), log=_log(args),
+                         graph_precision=r.precision)
 
 
 # ---------------------------------------------------------------------- parser
@@ -488,10 +495,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (ONNX first, then engines)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--check", action="store_true",
-                   help="print each component's max relative error vs PyTorch (ONNX Runtime on fresh random inputs, "
-                   "one line per component on stdout). The check itself always runs: a component above 1e-4 "
-                   "fails the command (exit 2) and its graph is not written")
-    p.add_argument("--precision", default="fp16", help="TensorRT: fp16 (default), bf16, fp8 or fp32")
+                   help="print each component's max relative error vs PyTorch (ONNX Runtime on fresh random inputs; "
+                   "one line per component on stdout: name, error, path, precision). The check itself always runs: "
+                   "a component above its tolerance (fp32 1e-4, fp16 2e-2) fails the command (exit 2) and its graph "
+                   "is not written")
+    p.add_argument("--precision", help="onnx: fp32 (default) or fp16 (UNets and VAEs; SAM and the content encoder "
+                   "stay fp32); tensorrt: fp16 (default), bf16, fp8 or fp32")
     p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     p.add_argument("--weights", help="weights directory, or 'tiny' / 'full' (default: $EDITRT_WEIGHTS)")
     p.add_argument("--quiet", action="store_true")

@@ -239,8 +239,8 @@ def test_export_check_prints_each_error_and_fails_above_the_tolerance(tiny_weigh
     assert rc == 0, captured.err
     rows = [line.split("\t") for line in captured.out.strip().splitlines()]
     assert [r[0] for r in rows] == names  # one line per component, on stdout
-    for name, error, path in rows:
-        assert path == str(tmp_path / "e" / f"{name}.onnx") and Path(path).is_file()
+    for name, error, path, precision in rows:
+        assert path == str(tmp_path / "e" / f"{name}.onnx") and Path(path).is_file() and precision == "fp32"
         assert error.startswith("max relative error vs PyTorch") and 0 < float(error.rsplit(" ", 1)[1]) <= 1e-4
     import editrt.export.onnx as onnx_export
 
@@ -249,6 +249,9 @@ def test_export_check_prints_each_error_and_fails_above_the_tolerance(tiny_weigh
                    "--check", "--quiet"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "content_encoder: ONNX Runtime" in err and "more than 0" in err, err
     assert not list((tmp_path / "e3").glob("*.onnx"))
+    rc, err = run(["export", "--weights", tiny_weights, "--component", "content_encoder", "-o", tmp_path / "e4",
+                   "--precision", "fp8"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--precision fp8: ONNX graphs are fp32 or fp16" in err, err
 
 
 def test_unwritable_output_is_one_line(files, tiny_weights, tmp_path, capsys):
