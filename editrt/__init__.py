@@ -3,7 +3,7 @@
 Public API (imported lazily, so `import editrt` and the CLI start fast):
     editrt.RepositionPipeline   subject repositioning (SEELE)
     editrt.ElementsPipeline     editable image elements (partition, edit, render)
-    editrt.Elements             the editable elements of one image
+    editrt.Elements             the editable elements of one image (coordinates in its pixels)
     editrt.EditSession          interactive editing: cached work, previews while dragging, final on release
     editrt.errors               the exception family for bad input
 """
