@@ -17,6 +17,8 @@ roots are each piece's first pixel in raster order, the order ndimage.label numb
 The op also returns per-element statistics of the result, (count, sum of columns, sum of rows,
 x0, y0, x1, y1), from which ``cleanup`` builds counts, centroids and boxes with the same formula
 as ``slic.element_stats``. Launches are recorded as ``cleanup_labels_cpu`` / ``cleanup_labels_cuda``.
+Byte floor: read the int64 labels once and write the result once, 16 * H * W bytes (4 MiB at 512^2);
+both implementations re-read byte masks (H * W each) per opening iteration on top of that.
 
 Dispatch (``cleanup``): the native op for the labels' device when its library is loaded and has a
 kernel for that device; otherwise the scipy path (on the host) with a one-line warning the first

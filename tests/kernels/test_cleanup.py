@@ -358,3 +358,22 @@ def test_cuda_stays_on_device_and_records(native):
     with pytest.raises(ValueError, match=r"\[-1, num_elements = 64\)"):
         cleanup.cleanup(bad, 64, 1)
     assert cleanup.cleanup(labels, 64, 1).labels.is_cuda  # the context survived the bad input
+
+
+@pytest.mark.gpu
+def test_cuda_partition_cleans_on_the_device(native, tiny_weights, monkeypatch):
+    """On CUDA the partition's clean-up is the native CUDA op (labels stay on the GPU), equal to the scipy path."""
+    from editrt.runtime.elements_pipeline import ElementsPipeline
+    from editrt.runtime.partition import partition
+
+    pipe = ElementsPipeline.from_pretrained(tiny_weights, device="cuda")
+    rgb = pipe.working_image(data.astronaut(), resolution=512)
+    with launches.track() as seen:
+        ours = partition(pipe.segmenter, rgb)
+    assert "cleanup_labels_cuda" in seen.names and "cleanup_labels_cpu" not in seen.names
+    monkeypatch.setenv("EDITRT_NATIVE", "0")
+    theirs = partition(pipe.segmenter, rgb)
+    np.testing.assert_array_equal(ours.labels, theirs.labels)
+    np.testing.assert_array_equal(ours.counts, theirs.counts)
+    np.testing.assert_array_equal(ours.boxes, theirs.boxes)
+    np.testing.assert_array_equal(ours.centroids, theirs.centroids)
