@@ -76,10 +76,10 @@ class Segmenter:
     def embedding(self, rgb: np.ndarray, image_key=None):
         """(image embeddings [1, C, e, e], input size before padding, original size), cached by image.
 
-        `image_key`: the caller's name for this image (an EditSession's token); it must name the
-        same pixels every time. None: a digest of the pixels names it.
+        `image_key`: the caller's name for this image (an EditSession computes `pixel_key` once when
+        it opens); it must name the same pixels every time. None: `pixel_key(rgb)` (hashes the image).
         """
-        key = pixel_key(rgb) if image_key is None else ("key", image_key)
+        key = pixel_key(rgb) if image_key is None else image_key
         entry = self.cache.get(key)
         if entry is None:
             x, input_size = self.preprocess(rgb)
@@ -90,7 +90,7 @@ class Segmenter:
         return entry
 
     def forget(self, image_key) -> int:
-        return self.cache.discard(lambda k: k == ("key", image_key))
+        return self.cache.discard(lambda k: k == image_key)
 
     def masks(self, rgb: np.ndarray, points=None, labels=None, box=None, image_key=None) -> np.ndarray:
         """Best-IoU mask (bool [H, W]) of SAM's multimask output for points (x, y) + labels and/or a box."""

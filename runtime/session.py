@@ -9,12 +9,12 @@
     session.elements.move(ids, dx, dy)             # edit the session's elements
     session.preview(); session.final(prompt="...")
 
-What is kept: the SAM image embedding (the pipeline's Segmenter cache, under this session's
-token), the subject mask, the REMOVE pass per (subject, quality) (it does not depend on the move,
+What is kept: the SAM image embedding (the pipeline's Segmenter cache, keyed by the pixels,
+hashed once when the session opens), the subject mask, the REMOVE pass per (subject, quality) (it does not depend on the move,
 so a drag costs paste + harmonize; in the pipeline's bounded `remove_passes` cache), the task
 prompts' tensors (so their cross-attention K/V caches hold), the partition and content features,
-and the denoising loops / CUDA graphs per shape (runtime/scheduler.py). close() drops this
-session's cache entries.
+and the denoising loops / CUDA graphs per shape (runtime/scheduler.py). Every one of those
+caches has a byte budget (runtime/caches.py); close() drops this session's REMOVE passes.
 
 Threads. A session holds only its own state and owns no thread:
 * the caller's thread runs the constructor, select(), final(), reset() and close(); it owns the
@@ -41,6 +41,7 @@ import torch
 from editrt.errors import InputError
 from editrt.runtime.images import as_mask, as_rgb
 from editrt.runtime.scheduler import overlap
+from editrt.runtime.segmenter import pixel_key
 from editrt.runtime.work_queue import FINAL, PREVIEW, Job
 
 _TOKENS = itertools.count()
@@ -81,7 +82,9 @@ class EditSession:
         self.rgb, self.pipeline, self.seed = as_rgb(image).copy(), pipeline, seed
         self.rgb.setflags(write=False)  # our own copy, read by preview jobs: nobody writes it
         self.kind = "reposition" if isinstance(pipeline, RepositionPipeline) else "elements"
-        self.token = ("session", next(_TOKENS))  # names this session's image in the pipeline's caches
+        self.token = ("session", next(_TOKENS))  # names this session's REMOVE passes in the pipeline's cache
+        # the SAM embedding is keyed by the pixels, hashed once here: sessions on the same image share it
+        self.image_key = pixel_key(self.rgb)
         full = resolution or pipeline.default_resolution
         low = preview_resolution or max(8, (full // 2) // 8 * 8)
         self.final_quality, self.preview_quality = Quality(steps, full), Quality(preview_steps, low)
@@ -93,7 +96,7 @@ class EditSession:
         # What every edit needs, computed once as one job; independent parts overlap on CUDA streams.
         if self.kind == "reposition":
             embeds = [lambda task=task: pipeline.prompt_embeds(task, False) for task in ("remove", "harmonize")]
-            work.run(lambda: overlap(pipeline.device, lambda: pipeline.segmenter.embedding(self.rgb, self.token),
+            work.run(lambda: overlap(pipeline.device, lambda: pipeline.segmenter.embedding(self.rgb, self.image_key),
                                      *embeds))
             self.elements = None
         else:
@@ -110,7 +113,7 @@ class EditSession:
         if mask is not None:
             subject = as_mask(mask, self.rgb.shape[:2], "mask")
         else:
-            subject = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box, image_key=self.token)
+            subject = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box, image_key=self.image_key)
         subject.setflags(write=False)  # a preview snapshot may hold it; select() replaces, never edits it
         self.subject, self._selection = subject, self._selection + 1
         return subject
@@ -171,7 +174,8 @@ class EditSession:
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Cancel this session's preview (queued or running; waits up to `timeout` s for a running one to
-        stop) and drop its entries from the pipeline's caches. Idempotent."""
+        stop) and drop its REMOVE passes from the pipeline's cache (the SAM embedding stays: other sessions
+        may share it; the cache's byte budget bounds it). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -184,8 +188,6 @@ class EditSession:
                 pass  # it never started: nothing runs
         if self.kind == "reposition":
             self.pipeline.forget(self.token)
-        else:
-            self.pipeline.work.run(lambda: self.pipeline.segmenter.forget(self.token))
 
     def __enter__(self):
         return self

@@ -154,15 +154,19 @@ class WorkQueue:
                 while not self._jobs:
                     self._lock.wait()
                 _, _, job = heapq.heappop(self._jobs)
-            if not job.future.set_running_or_notify_cancel():
-                continue  # cancelled while waiting
-            try:
-                result = self.run(lambda job=job: (job.raise_if_cancelled(), job.fn(job))[1], job.priority)
-            except Cancelled as e:  # stopped by its owner: the future reads as cancelled work
-                job.future.set_exception(CancelledError(str(e)))
-            except BaseException as e:  # delivered to whoever waits on the future
-                job.future.set_exception(e)
-            else:
-                job.future.set_result(result)
-            finally:
-                self.jobs_run += 1
+            if job.future.set_running_or_notify_cancel():
+                self._execute(job)
+            job.fn = None  # the function's closure (e.g. a session) is not kept alive by a finished job
+            del job  # nor by this loop's variable while it waits for the next one
+
+    def _execute(self, job: Job) -> None:
+        try:
+            result = self.run(lambda: (job.raise_if_cancelled(), job.fn(job))[1], job.priority)
+        except Cancelled as e:  # stopped by its owner: the future reads as cancelled work
+            job.future.set_exception(CancelledError(str(e)))
+        except BaseException as e:  # delivered to whoever waits on the future
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(result)
+        finally:
+            self.jobs_run += 1
