@@ -25,10 +25,12 @@ def client(server):
 
 
 def test_segment_equals_the_pipeline(client, reposition, photo_small):
-    r = client.post("/v1/segment", json={"image": b64png(photo_small), "points": [[60, 40]], "labels": [1]})
+    prompt = {"points": [[60, 40], [20, 70]], "labels": [1, 0]}  # a background click: labels must get through
+    r = client.post("/v1/segment", json={"image": b64png(photo_small), **prompt})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert float(r.headers["x-pipeline-ms"]) > 0 and float(r.headers["x-server-ms"]) >= float(r.headers["x-pipeline-ms"])
-    expected = reposition.segment(photo_small, points=[[60, 40]], labels=[1])
+    expected = reposition.segment(photo_small, **prompt)
+    assert not np.array_equal(expected, reposition.segment(photo_small, points=prompt["points"]))
     assert np.array_equal(decode(r.content, "L") > 127, expected)
 
 
@@ -131,6 +133,10 @@ def test_drag_websocket_is_latest_wins(client, server, photo_small):
         assert json.loads(ws.recv(timeout=30))["field"] == "message"
         ws.send(json.dumps({"type": "drag", "dx": "far", "seq": 23}))
         assert json.loads(ws.recv(timeout=30))["field"] == "dx"
+        ws.send(b"\x00binary")
+        assert json.loads(ws.recv(timeout=30))["field"] == "message"
+        ws.send(json.dumps({"type": "drag", "dx": 1, "seq": 24}))  # the socket still works
+        assert json.loads(ws.recv(timeout=120))["seq"] == 24
     assert metrics.ws_messages[("dropped",)] - dropped_before >= 19
 
 

@@ -324,11 +324,15 @@ async def drag(ws: WebSocket, session_id: str):
 
     async def receive():
         while True:
-            text = await ws.receive_text()
+            frame = await ws.receive()
+            if frame["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(frame.get("code", 1000))
             received = time.perf_counter()
             metrics.count("ws_messages", ("received",))
             try:
-                msg = json.loads(text)
+                if frame.get("text") is None:
+                    raise ValueError("a binary frame")
+                msg = json.loads(frame["text"])
                 if not isinstance(msg, dict):
                     raise ValueError
             except ValueError:
@@ -393,4 +397,7 @@ async def drag(ws: WebSocket, session_id: str):
     finally:
         for task in (receiver, processor):
             task.cancel()
+        await asyncio.gather(receiver, processor, return_exceptions=True)
+        if live.drag_base is not None:  # a drag the client abandoned: the elements go back to where it started
+            live.session.elements, live.drag_base = live.drag_base, None
         live.last_used = time.monotonic()
