@@ -23,17 +23,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from editrt.bench.cases import BACKENDS, Backend, BenchContext, Case, Run, Skip, dtype_name
+from editrt.bench.cases import BenchContext, Case, Run, Skip, dtype_name
 
 SIZE = 512  # the paper's working resolution
 ELEMENTS = 256  # its 16x16 grid
 COMPONENT = "partition-cleanup"
 PARTITION_COMPONENT = "partition-with-cleanup"
-
-# The backends of these rows; registered here until bench/cases.py lists them (requested of the lead).
-for _backend in (Backend("scipy", peer=True, module="scipy"), Backend("native-cpu"),
-                 Backend("native-cuda", cuda_only="the native CUDA op needs CUDA")):
-    BACKENDS.setdefault(_backend.name, _backend)
 
 
 def _superpixels(photo: np.ndarray, n: int) -> np.ndarray:
