@@ -15,6 +15,11 @@ Extending the suite:
   (the backend must be listed in `BACKENDS`, which says what it needs to be available);
 * a planned backend with no runner yet is declared with `None`: its row is printed as skipped,
   with the backend's own reason when it is absent ("tensorrt not installed").
+
+A builder's `Run` names the engines / modules its call runs (`parts`): the row's `compiled` column is
+read from them; `cuda_graph` and `kernels` are observed while the row runs (bench/observe.py). Our torch
+backends load their pipeline through `BenchContext.torch_pipeline(backend)`, whose from_pretrained
+options (`pipeline_options`) are the one place that says what each backend asks for.
 """
 from __future__ import annotations
 
@@ -188,10 +193,18 @@ class BenchContext:
         self._memo: dict[str, Any] = {}
 
     def memo(self, key: str, make: Callable[[], Any]) -> Any:
-        """`make()` once per run: inputs that several rows share (a peer and ours on the same data)."""
+        """`make()` once per run: inputs and models that several rows share (a peer and ours on the same data).
+        A failure is kept too: every row that needs it fails with it at once, instead of repeating minutes
+        of work (an ONNX export) only to fail the same way."""
         if key not in self._memo:
-            self._memo[key] = make()
-        return self._memo[key]
+            try:
+                self._memo[key] = (True, make())
+            except Exception as e:  # Skip included: re-raised below for every row that needs it
+                self._memo[key] = (False, e)
+        ok, value = self._memo[key]
+        if not ok:
+            raise value
+        return value
 
     # cheap facts read from the weights' JSON files (no model load)
     def read_json(self, *parts) -> dict:
