@@ -113,6 +113,13 @@ class BuildNative(Command):
         self.run_command("build_ext")
 
 
+SERVE = [  # editrt serve: FastAPI on uvicorn
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "python-multipart>=0.0.9",  # multipart uploads
+    "websockets>=12",  # uvicorn's WebSocket protocol
+]
+
 setup(
     name="editrt",
     version="0.1.0",
@@ -124,6 +131,8 @@ setup(
         "editrt.kernels",
         "editrt.export",
         "editrt.runtime",
+        "editrt.runtime.server",
+        "editrt.runtime.server.routers",
         "editrt.bench",
     ],
     package_dir={
@@ -134,7 +143,10 @@ setup(
         "editrt.runtime": "runtime",
         "editrt.bench": "bench",
     },
-    package_data={"editrt": ["configs/*.json", "assets/*"]},
+    package_data={
+        "editrt": ["configs/*.json", "assets/*"],
+        "editrt.runtime.server": ["static/*"],  # the editor page: plain HTML/CSS/JS, no build step
+    },
     install_requires=[
         # A range, so the package installs beside an existing CUDA torch (tested: 2.11 on the GPU machine,
         # 2.14.1 on the development/CI machines, whose pip is capped at the wheels on their disk).
@@ -155,7 +167,8 @@ setup(
         "matplotlib>=3.7",  # editrt bench --plot
     ],
     extras_require={
-        "tensorrt": ["tensorrt>=10.0"],
+        "tensorrt": ["tensorrt>=10.0,<12"],  # export/tensorrt.py is written against the 10.x and 11.x API
+        "serve": SERVE,
         "gpu": ["onnxruntime-gpu>=1.18"],
         "watermark": ["invisible-watermark>=0.2"],
         "dev": [
@@ -164,6 +177,12 @@ setup(
             "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
             "scikit-image>=0.22",  # real photographs for tests
             "invisible-watermark>=0.2",
+            *SERVE,
+            "httpx>=0.27",  # tests/server, bench/serve_load.py, examples/client.py
+            "playwright>=1.40",  # tests/server/test_browser.py drives Debian's /usr/bin/chromium
+            "schemathesis>=4.0",  # tests/server/test_fuzz.py: no 5xx on any input the OpenAPI schema allows
+            "hypothesis>=6.100",
+            "psutil>=5.9",  # bench/serve_load.py: the server's RSS over time
         ],
     },
     entry_points={"console_scripts": ["editrt=editrt.cli:main"]},
