@@ -21,3 +21,16 @@ class CountingEngine:
         if self.before is not None:
             self.before()
         return self.engine(**inputs)
+
+
+class CapturingEngine(CountingEngine):
+    """Like CountingEngine, and keeps every output dict (to check what a later step clamps or rounds)."""
+
+    def __init__(self, engine, name: str = "captured"):
+        super().__init__(engine, [], name)
+        self.outputs = []
+
+    def __call__(self, **inputs):
+        out = super().__call__(**inputs)
+        self.outputs.append({k: v.detach().float().cpu().clone() for k, v in out.items()})
+        return out
