@@ -149,6 +149,8 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None)
             if warm is not None:
                 warm.cancel()
             await asyncio.to_thread(state.sessions.close_all)
+            for work in state.queues.values():
+                work.close()
             state.queues.clear()
 
     app = FastAPI(title="editrt", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,

@@ -32,6 +32,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
     p.add_argument("--steps", type=int, default=20, help="session final steps (default 20)")
     p.add_argument("--preview-steps", type=int, default=4, help="session preview steps (default 4)")
+    p.add_argument("--resolution", type=int, help="session processing short side, multiple of 8 (default: the model's)")
     p.add_argument("--queue-size", type=int, default=32, help="jobs waiting per pipeline before 503 (default 32)")
     p.add_argument("--no-warmup", action="store_true", help="ready at once, without the warm-up request")
     p.add_argument("--quiet", action="store_true", help="no access log")
@@ -42,12 +43,14 @@ def settings_from(args) -> Settings:
                  "queue_size", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise InputError(f"--resolution {args.resolution}: expected a positive multiple of 8")
     if args.session_ttl <= 0 or args.session_bytes < 1:
         raise InputError("--session-ttl / --session-bytes: expected positive numbers")
     return Settings.from_env(token=args.token or None, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
                              session_bytes=args.session_bytes, max_upload_bytes=args.max_upload_bytes,
                              max_pixels=args.max_pixels, max_steps=args.max_steps, final_steps=args.steps,
-                             preview_steps=args.preview_steps, queue_size=args.queue_size,
+                             preview_steps=args.preview_steps, queue_size=args.queue_size, resolution=args.resolution,
                              warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")))
 
 

@@ -1,19 +1,24 @@
 """How routes run pipeline work: as jobs of the pipeline's one work queue (runtime/work_queue.py).
 
-The event loop never runs pipeline code. A route submits a job to `pipeline.work` and awaits its
-future; the queue's worker runs it holding the pipeline's turn, so HTTP requests, sessions and
-anything else using the same pipeline are ordered in one place: FINAL before INTERACTIVE before
-PREVIEW, then arrival. The queue is bounded: a submit beyond its bound raises BusyError at once
-and the route answers 503 with Retry-After. A job that raises delivers the exception to its
-awaiting route; the worker keeps running.
+The event loop never runs pipeline code. A route hands its job to a small thread pool whose
+thread calls `pipeline.work.run(fn, priority)`: it waits for the pipeline's turn there, in the
+queue's priority order (FINAL before INTERACTIVE before PREVIEW, then arrival), so HTTP
+requests, sessions and anything else using the same pipeline are ordered in one place. (Finals
+must wait as `run` callers, not as submitted jobs: the queue's one worker thread serves submitted
+previews, and a final submitted behind a preview could not overtake it.) The queue is bounded:
+beyond its bound — or beyond this pool's threads — a job is refused at once with `Busy` and the
+route answers 503 with Retry-After. A job that raises delivers the exception to its awaiting
+route; the pool and the queue keep running.
 
-Previews of an EditSession are the session's own jobs (`session.preview()` returns a future at
-once); the routes await those futures too and never block a job on another job.
+Previews of an EditSession are the session's own submitted jobs (`session.preview()` returns a
+future at once); routes await those futures. A preview that a newer preview or a final of the
+same session cancels raises `Superseded`.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from editrt.runtime.work_queue import FINAL as _FINAL
 from editrt.runtime.work_queue import PREVIEW as _PREVIEW
@@ -31,6 +36,10 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
+class Superseded(Exception):
+    """A session's preview was cancelled by a newer preview or a final of the same session."""
+
+
 class PipelineWork:
     """The server's handle on one pipeline's work queue, with per-stage timing for /metrics."""
 
@@ -42,24 +51,41 @@ class PipelineWork:
             pipeline.work = queue
         self.queue = queue
         self.observe = observe or (lambda stage, wait_s, run_s: None)
+        # one thread per job that may wait for the turn, plus the one holding it
+        self.threads = queue.max_waiting + 1
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"editrt-serve-{name}")
+        self.in_flight = 0
 
     @property
     def depth(self) -> int:
         return self.queue.waiting
 
     async def run(self, fn, priority: int, stage: str):
-        """Await fn() run as a job: returns (result, run seconds, queue-wait seconds)."""
+        """Await fn() run holding the pipeline's turn: returns (result, run seconds, queue-wait seconds)."""
+        if self.in_flight >= self.threads:
+            raise Busy(f"{self.name}: {self.in_flight} requests in flight; retry later", self.retry_after)
         queued = time.perf_counter()
         started = {}
 
-        def job(_job):
+        def job():
             started["t"] = time.perf_counter()
             return fn()
+
+        def blocking():
+            try:
+                return self.queue.run(job, priority)
+            except BusyError as e:
+                raise Busy(str(e), self.retry_after) from None
+
+        self.in_flight += 1
         try:
-            submitted = self.queue.submit(job, priority)
-        except BusyError as e:
-            raise Busy(str(e), self.retry_after) from None
-        return await self._wait(submitted.future, submitted.cancel, queued, started, stage)
+            future = self.pool.submit(blocking)
+            return await self._wait(future, future.cancel, queued, started, stage)
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self, future, cancel, stage: str, queued: float | None = None):
         """Await a future some session method returned (its own job on this queue). The queue does not
@@ -75,6 +101,9 @@ class PipelineWork:
         try:
             result = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # the job was cancelled, not this await:
+                raise Superseded(f"{self.name}: superseded by a newer request of the same session") from None
             cancel()  # the client went away: a waiting job never runs, a running one is asked to stop
             raise
         end = time.perf_counter()

@@ -173,3 +173,29 @@ def test_operations(client, server):
     page = client.get("/")
     assert page.status_code == 200 and "editor.js" in page.text
     assert client.get("/static/editor.js").status_code == 200
+
+
+def test_a_final_supersedes_a_queued_preview(client, reposition, photo_small):
+    """The final jumps the queue and cancels the session's waiting preview: that request gets a 409, not a 500."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    sid = _session(client, photo_small)["id"]
+    client.post(f"/v1/sessions/{sid}/select", json={"points": [[60, 40]]}).raise_for_status()
+    gate, holding = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=lambda: reposition.work.run(lambda: (holding.set(), gate.wait(30))))
+    blocker.start()  # holds the pipeline's turn, so both requests wait in its queue
+    try:
+        assert holding.wait(10)
+        with ThreadPoolExecutor(2) as pool:
+            preview = pool.submit(client.post, f"/v1/sessions/{sid}/preview", json={"dx": 3})
+            time.sleep(0.5)
+            final = pool.submit(client.post, f"/v1/sessions/{sid}/final", json={"dx": 4})
+            time.sleep(0.5)
+            gate.set()
+            preview, final = preview.result(), final.result()
+    finally:
+        gate.set()
+        blocker.join()
+    assert final.status_code == 200, final.text
+    assert preview.status_code == 409 and preview.json()["field"] == "session_id", preview.text

@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 from editrt.errors import EditError
 from editrt.runtime.server.limits import APIError, b64decode, decode_image, png_bytes
 from editrt.runtime.server.schemas import Timing
-from editrt.runtime.server.work import Busy
+from editrt.runtime.server.work import Busy, Superseded
 from editrt.runtime.work_queue import BusyError
 
 MULTIPART = "multipart/form-data"
@@ -154,6 +154,8 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fie
     except Busy as e:
         st.metrics.count("busy", (queue_name,))
         raise APIError(503, "queue", f"queue: {e}", headers={"Retry-After": str(e.retry_after)}) from None
+    except Superseded as e:
+        raise APIError(409, "session_id", f"session_id: {e}") from None
     except EditError as e:
         raise APIError(422, field_of(str(e), list(fields)), str(e)) from None
 

@@ -382,6 +382,9 @@ async def drag(ws: WebSocket, session_id: str):
                 metrics.count("ws_messages", (kind_out,))
                 metrics.request(f"{ws.scope['path_template']}#{kind_out}", "WS", 200, time.perf_counter() - received)
             except APIError as e:
+                if e.status == 409 and "superseded" in e.message:
+                    metrics.count("ws_messages", ("dropped",))  # a newer request of this session took over
+                    continue
                 if e.status == 404:
                     await ws.close(code=1008, reason=e.message[:120])
                     return
