@@ -50,6 +50,7 @@ class Tally:
     errors_5xx: int = 0
     other_4xx: int = 0
     dropped: int = 0
+    unfinished: int = 0  # scenarios still running `drain` s after the end, stopped by the client
     drags_sent: int = 0
     scenarios: int = 0
     problems: list = field(default_factory=list)
@@ -149,7 +150,8 @@ async def drag(client, ws_url: str, headers: dict, tally: Tally, image_b64: str,
 
 
 async def run_load(url: str, clients: int, duration: float, token: str | None = None, pid: int | None = None,
-                   positions: int = 6, interval: float = 0.03, seed: int = 0, image: bytes | None = None) -> dict:
+                   positions: int = 6, interval: float = 0.03, seed: int = 0, image: bytes | None = None,
+                   drain: float = 120.0) -> dict:
     """Run the load; returns the report (see `summarize`)."""
     import httpx
     import websockets
@@ -193,7 +195,12 @@ async def run_load(url: str, clients: int, duration: float, token: str | None = 
     started = time.monotonic()
     try:
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
-            await asyncio.gather(*(client_loop(k, client) for k in range(clients)))
+            tasks = [asyncio.create_task(client_loop(k, client)) for k in range(clients)]
+            _, pending = await asyncio.wait(tasks, timeout=duration + drain)
+            for task in pending:  # still draining after `drain` s: stopped by the client, reported as unfinished
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            tally.unfinished = len(pending)
     finally:
         sampler.cancel()
     elapsed = time.monotonic() - started
@@ -229,6 +236,7 @@ def summarize(tally: Tally, rss, clients: int, elapsed: float, metrics: str) -> 
               "rss_q2_median_mb": round(statistics.median(mb[quarter:2 * quarter]), 1) if len(mb) >= 4 else None,
               "rss_q4_median_mb": round(statistics.median(mb[-quarter:]), 1) if len(mb) >= 4 else None}
     return {"rows": rows, "errors_5xx": tally.errors_5xx, "errors_4xx": tally.other_4xx, "dropped": tally.dropped,
+            "unfinished": tally.unfinished,
             "drags_sent": tally.drags_sent, "stale_previews_dropped": _stale_dropped(metrics),
             "scenarios": tally.scenarios, "memory": memory, "problems": tally.problems[:20],
             "status": {f"{k[0]}:{k[1]}": v for k, v in sorted(tally.status.items())}}
@@ -275,6 +283,7 @@ def print_report(report: dict, out=sys.stdout) -> None:
     for row in report["rows"]:
         print(" | ".join(str(row[c]) for c in cols), file=out)
     print(f"5xx {report['errors_5xx']}  4xx {report['errors_4xx']}  dropped connections {report['dropped']}  "
+          f"unfinished after the drain {report['unfinished']}  "
           f"drags sent {report['drags_sent']}, stale previews dropped by the server {report['stale_previews_dropped']}  "
           f"memory {report['memory']}", file=out)
     for p in report["problems"]:
@@ -291,6 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds (at most 60)")
     p.add_argument("--positions", type=int, default=6, help="drag positions per drag")
     p.add_argument("--drag-interval", type=float, default=0.03)
+    p.add_argument("--drain", type=float, default=120.0, help="seconds the clients may finish in after --duration")
     p.add_argument("--rss-slack-mb", type=float, default=64.0)
     p.add_argument("--out", help="write the rows as JSON lines here")
     p.add_argument("server_args", nargs="*", help="after --: more options for the server (e.g. -- --device cuda)")
@@ -306,7 +316,7 @@ def main(argv=None) -> int:
         pid = proc.pid
     try:
         report = asyncio.run(run_load(url, args.clients, args.duration, args.token, pid, args.positions,
-                                      args.drag_interval))
+                                      args.drag_interval, drain=args.drain))
     finally:
         if proc is not None:
             proc.terminate()
@@ -320,8 +330,9 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             for row in report["rows"]:
                 f.write(json.dumps({**row, "errors_5xx": report["errors_5xx"], "dropped": report["dropped"],
+                                    "unfinished": report["unfinished"],
                                     **report["memory"], "memory_flat": flat}) + "\n")
-    ok = report["errors_5xx"] == 0 and report["dropped"] == 0 and flat
+    ok = report["errors_5xx"] == 0 and report["dropped"] == 0 and report["unfinished"] == 0 and flat
     print("PASS" if ok else "FAIL", file=sys.stderr)
     return 0 if ok else 1
 

@@ -22,10 +22,11 @@ def test_sixteen_clients_mixing_segment_drags_and_finals(reposition):
     # sessions at a 64 px processing side, 1 final step: the run is bounded by draining what is in flight
     with start_server(reposition, max_sessions=64, final_steps=1, resolution=64) as server:
         report = asyncio.run(run_load(server.url, clients=16, duration=4.0, positions=3, interval=0.02,
-                                      image=photo_png(64, 48)))
+                                      image=photo_png(64, 48), drain=90.0))
     print_report(report)
     assert report["errors_5xx"] == 0, report["problems"]
     assert report["dropped"] == 0, report["problems"]
+    assert report["unfinished"] == 0, "clients still waiting 90 s after the end"
     assert report["errors_4xx"] == 0, report["problems"]
     rows = {r["name"]: r for r in report["rows"]}
     for name in ("serve-segment", "serve-open", "serve-select", "serve-preview", "serve-final"):

@@ -167,9 +167,18 @@ def preview_future(live: Live, move: MoveRequest):
     return _future_of(s.preview())
 
 
-async def run_preview(conn, live: Live, move: MoveRequest):
-    image, run_s, wait_s = await common.run(conn, live.kind, None, PREVIEW, "preview", MOVE_FIELDS,
-                                            future=lambda: preview_future(live, move))
+async def run_preview(conn, live: Live, move: MoveRequest, handle: dict | None = None):
+    """`handle` gets the preview's cancel function while it is queued or running (the drag loop's release uses it)."""
+    def start():
+        future, cancel = preview_future(live, move)
+        if handle is not None:
+            handle["cancel"] = cancel
+        return future, cancel
+    try:
+        image, run_s, wait_s = await common.run(conn, live.kind, None, PREVIEW, "preview", MOVE_FIELDS, future=start)
+    finally:
+        if handle is not None:
+            handle.pop("cancel", None)
     return _result_image(image), run_s, wait_s
 
 
@@ -316,6 +325,7 @@ async def drag(ws: WebSocket, session_id: str):
         return
     await ws.accept()
     slot: dict = {}  # the one pending message: the newest drag, or a release (which replaces it)
+    running: dict = {}  # "cancel": stops the preview in flight (queued: never runs; running: at its next step)
     wake = asyncio.Event()
     metrics = st.metrics
 
@@ -350,6 +360,8 @@ async def drag(ws: WebSocket, session_id: str):
                 continue
             if "kind" in slot:
                 metrics.count("ws_messages", ("dropped",))  # superseded before it started: never run
+            if kind == "release" and "cancel" in running:
+                running["cancel"]()  # the final must not wait for this socket's preview
             slot.update(kind=kind, seq=seq, move=move, received=received)
             wake.set()
 
@@ -371,7 +383,7 @@ async def drag(ws: WebSocket, session_id: str):
                     raise APIError(422, "ids", "ids: expected the elements to move")
                 _check_move(live_, move)
                 if kind == "drag":
-                    image, run_s, wait_s = await run_preview(ws, live_, move)
+                    image, run_s, wait_s = await run_preview(ws, live_, move, running)
                 else:
                     image, run_s, wait_s = await run_final(ws, live_, st, move)
                 out = await anyio.to_thread.run_sync(_image_response, ws, received, image, run_s, wait_s + behind)
