@@ -1,6 +1,5 @@
 """EditSession: cached work is not redone, previews are latest-wins and never block the final."""
 import threading
-import time
 from concurrent.futures import CancelledError
 
 import numpy as np
@@ -34,7 +33,7 @@ def test_reposition_session_recomputes_only_what_the_drag_changes(tiny_weights, 
         n_inpaint = calls.count("inpaint")
         second = session.final(move=(40, -5))
         assert calls.count("inpaint") == n_inpaint  # REMOVE reused: the drag changed only paste + harmonize
-        assert calls.count("harmonize") == 6  # 3 steps per final
+        assert calls.count("harmonize") == 2 * 3  # two finals, one harmonize loop of steps=3 each
         assert first.image.size == second.image.size == (451, 300)
         direct = pipe(photo, mask=session.subject, move=(40, -5), steps=3, resolution=64)
         np.testing.assert_array_equal(np.asarray(second.image), np.asarray(direct.image))  # cache changes nothing
@@ -42,35 +41,105 @@ def test_reposition_session_recomputes_only_what_the_drag_changes(tiny_weights, 
         assert preview.image.size == (451, 300)
 
 
+class _Gate:
+    """Holds the first UNet call of a job until released: the test then knows exactly where the job is."""
+
+    def __init__(self):
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), 0
+
+    def __call__(self):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the gate"
+
+
+def _when(predicate, then):
+    """On a helper thread: wait (events only, no sleeps deciding the outcome) until predicate(), then run `then`."""
+    def watch():
+        done = threading.Event()
+        while not predicate():
+            done.wait(0.005)
+        then()
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def test_previews_are_latest_wins_and_the_final_cancels_them(tiny_weights, photo):
     from editrt.runtime.reposition import RepositionPipeline
 
     pipe = RepositionPipeline.from_pretrained(tiny_weights)
-    started, release = threading.Event(), threading.Event()
+    subject = np.pad(np.ones((80, 80), bool), ((100, 120), (150, 221)))
+    gate = _Gate()
     real = pipe.engines["inpaint_unet"]
-
-    class Slow(_Counting):
-        def __call__(self, **inputs):
-            started.set()
-            release.wait(5)
-            return real(**inputs)
-
     with EditSession(photo, pipe, steps=2, preview_steps=8, resolution=64) as session:
-        session.select(mask=np.pad(np.ones((80, 80), bool), ((100, 120), (150, 221))))
-        pipe.engines["inpaint_unet"] = Slow(real, [], "slow")
+        session.select(mask=subject)
+        pipe.engines["inpaint_unet"] = _Counting(real, [], "gated", before=lambda: gate() if gate.calls == 0 else None)
         running = session.preview(move=(5, 0))
-        assert started.wait(5)  # the first preview is inside its loop
-        queued = session.preview(move=(6, 0))
+        assert gate.entered.wait(60)  # the first preview is inside its first denoising step
+        queued = session.preview(move=(6, 0))  # supersedes the running one: it stops at its next step
         newest = session.preview(move=(7, 0))
         assert queued.cancelled()  # superseded before it ran
-        release.set()
-        start = time.perf_counter()
-        result = session.final(move=(8, 0))  # stops the running preview at its next step
-        assert time.perf_counter() - start < 30
-        assert newest.cancelled()
+        # release the running preview only once the final below is waiting for the turn
+        releaser = _when(lambda: len(pipe.work._waiting) == 1, gate.release.set)
+        result = session.final(move=(8, 0))
+        releaser.join(10)
+        assert newest.cancelled()  # the final dropped it before it ran
         with pytest.raises(CancelledError):
-            running.result(timeout=5)
-        assert result.image.size == (451, 300)
+            running.result(timeout=60)
+        pipe.engines["inpaint_unet"] = real
+        calls_by_preview = gate.calls
+    # the running preview stopped after the step it was in (8 preview steps were asked for)
+    assert calls_by_preview < 8
+    direct = pipe(photo, mask=subject, move=(8, 0), steps=2, resolution=64)
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(direct.image))
+
+
+def test_a_preview_renders_the_state_when_it_was_requested(tiny_weights, photo):
+    """The caller changes the subject while the preview waits: the preview still renders the old one."""
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights)
+    first = np.pad(np.ones((80, 80), bool), ((100, 120), (150, 221)))
+    second = np.pad(np.ones((60, 90), bool), ((30, 210), (40, 321)))
+    hold, inside = threading.Event(), threading.Event()
+    with EditSession(photo, pipe, steps=2, preview_steps=2, resolution=64) as session:
+        session.select(mask=first)
+        move = np.array([5.0, 3.0])
+        blocker = threading.Thread(target=pipe.work.run, args=(lambda: (inside.set(), hold.wait(60)),))
+        blocker.start()
+        assert inside.wait(60)  # the pipeline is busy: the preview below waits in the queue
+        future = session.preview(move=move)
+        session.select(mask=second)  # the caller goes on editing ...
+        move[:] = (40.0, 40.0)  # ... including the very array it passed
+        hold.set()
+        blocker.join(60)
+        preview = future.result(timeout=120)
+    expected = pipe(photo, mask=first, move=(5.0, 3.0), steps=2, resolution=session.preview_quality.resolution)
+    np.testing.assert_array_equal(np.asarray(preview.image), np.asarray(expected.image))
+
+
+def test_close_cancels_a_running_preview(tiny_weights, photo):
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights)
+    gate = _Gate()
+    real = pipe.engines["inpaint_unet"]
+    session = EditSession(photo, pipe, steps=2, preview_steps=8, resolution=64)
+    session.select(mask=np.pad(np.ones((80, 80), bool), ((100, 120), (150, 221))))
+    pipe.engines["inpaint_unet"] = _Counting(real, [], "gated", before=gate)
+    future = session.preview(move=(5, 0))
+    assert gate.entered.wait(60)
+    closer = threading.Thread(target=session.close)
+    closer.start()
+    _when(lambda: session._closed, gate.release.set).join(10)
+    closer.join(60)
+    assert not closer.is_alive()  # close() returned once the preview stopped
+    with pytest.raises(CancelledError):
+        future.result(timeout=0)  # already settled when close() returned
+    assert gate.calls < 8  # stopped at its next step, not after all 8
+    with pytest.raises(InputError, match="session: closed"):
+        session.preview(move=(1, 0))
 
 
 def test_elements_session(tiny_weights, photo):
