@@ -50,6 +50,7 @@ class Tally:
     errors_5xx: int = 0
     other_4xx: int = 0
     dropped: int = 0
+    shed: int = 0  # previews the server shed because its queue was full (WebSocket "busy")
     unfinished: int = 0  # scenarios still running `drain` s after the end, stopped by the client
     drags_sent: int = 0
     scenarios: int = 0
@@ -124,6 +125,9 @@ async def drag(client, ws_url: str, headers: dict, tally: Tally, image_b64: str,
             async def reader():
                 while True:
                     m = json.loads(await ws.recv())
+                    if m["type"] == "busy":  # the server shed this preview (queue full); not an error
+                        tally.shed += 1
+                        continue
                     if m["type"] == "error":
                         tally.status_of("preview" if m.get("seq", 0) < positions else "final", m["status"], m["message"])
                         if m.get("seq") == positions:
@@ -236,7 +240,7 @@ def summarize(tally: Tally, rss, clients: int, elapsed: float, metrics: str) -> 
               "rss_q2_median_mb": round(statistics.median(mb[quarter:2 * quarter]), 1) if len(mb) >= 4 else None,
               "rss_q4_median_mb": round(statistics.median(mb[-quarter:]), 1) if len(mb) >= 4 else None}
     return {"rows": rows, "errors_5xx": tally.errors_5xx, "errors_4xx": tally.other_4xx, "dropped": tally.dropped,
-            "unfinished": tally.unfinished,
+            "unfinished": tally.unfinished, "previews_shed": tally.shed,
             "drags_sent": tally.drags_sent, "stale_previews_dropped": _stale_dropped(metrics),
             "scenarios": tally.scenarios, "memory": memory, "problems": tally.problems[:20],
             "status": {f"{k[0]}:{k[1]}": v for k, v in sorted(tally.status.items())}}
@@ -283,7 +287,7 @@ def print_report(report: dict, out=sys.stdout) -> None:
     for row in report["rows"]:
         print(" | ".join(str(row[c]) for c in cols), file=out)
     print(f"5xx {report['errors_5xx']}  4xx {report['errors_4xx']}  dropped connections {report['dropped']}  "
-          f"unfinished after the drain {report['unfinished']}  "
+          f"unfinished after the drain {report['unfinished']}  previews shed (queue full) {report['previews_shed']}  "
           f"drags sent {report['drags_sent']}, stale previews dropped by the server {report['stale_previews_dropped']}  "
           f"memory {report['memory']}", file=out)
     for p in report["problems"]:

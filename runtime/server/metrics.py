@@ -89,8 +89,8 @@ class Metrics:
                       self.stage, ("queue", "stage", "phase"))
             counter("editrt_busy_total", "Requests refused with 503 because a work queue was full.", self.busy,
                     ("queue",))
-            counter("editrt_ws_messages_total", "WebSocket drag-loop messages: received, dropped (stale), "
-                    "previews and finals sent.", self.ws_messages, ("kind",))
+            counter("editrt_ws_messages_total", "WebSocket drag-loop messages: received, dropped (stale or "
+                    "superseded), shed (queue full), previews and finals sent.", self.ws_messages, ("kind",))
         for name, (help_, sample) in self.gauges.items():
             value = sample()
             if value is None:

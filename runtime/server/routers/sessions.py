@@ -313,7 +313,8 @@ async def render(request: Request, session_id: str, req: SessionRender):
 @router.websocket("/{session_id}/drag")
 async def drag(ws: WebSocket, session_id: str):
     """Messages in: {"type": "drag" | "release" | "cancel", "dx", "dy", "scale", "ids", "seq"}.
-    Out: {"type": "preview" | "final" | "error", "seq", "image", "timing", ...}; errors keep the socket open."""
+    Out: {"type": "preview" | "final" | "error" | "busy", "seq", "image", "timing", ...}; errors keep the socket
+    open; "busy": the queue was full and this preview was shed (the next position tries again)."""
     st = common.state(ws)
     if not common.token_ok(ws, allow_query=True):
         await ws.close(code=1008, reason="authorization: expected a bearer token")
@@ -396,6 +397,10 @@ async def drag(ws: WebSocket, session_id: str):
             except APIError as e:
                 if e.status == 409 and "superseded" in e.message:
                     metrics.count("ws_messages", ("dropped",))  # a newer request of this session took over
+                    continue
+                if e.status == 503 and kind == "drag":  # previews are shed first when the queue is full:
+                    metrics.count("ws_messages", ("shed",))  # the next position tries again
+                    await ws.send_json({"type": "busy", "seq": seq, "retry_after": int(e.headers["Retry-After"])})
                     continue
                 if e.status == 404:
                     await ws.close(code=1008, reason=e.message[:120])

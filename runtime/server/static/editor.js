@@ -166,6 +166,7 @@ function send(message) {
 
 async function onMessage(m) {
   if (m.type === "error") { status(m.message, true); setBusy(false); return; }
+  if (m.type === "busy") { status(`server busy: preview #${m.seq} skipped`); return; }
   if (m.type === "preview") {
     if (!S.drag) return;  // a late preview after release: the final is on its way
     await show(png(m.image));
