@@ -107,11 +107,17 @@ def build_engines(editor: str, weights: str | Path, backend: str = "torch", *, d
     for engine in built.engines.values():
         conforms(engine)
     capable = all(built.engines[n].supports_cuda_graph for n in DENOISERS[editor])
-    if cuda_graphs and not capable:
-        raise InputError(f"cuda_graphs=True: the {backend} backend on {device} cannot be captured in a CUDA graph "
-                         "(needs the torch backend on a CUDA device)")
-    built.cuda_graphs = capable and (optimize if cuda_graphs is None else bool(cuda_graphs))
+    built.cuda_graphs = resolve_cuda_graphs(cuda_graphs, optimize, capable, f"the {backend} backend on {device}")
     return built
+
+
+def resolve_cuda_graphs(requested: bool | None, optimize: bool, capable: bool, what: str) -> bool:
+    """Whether denoising loops capture: None -> where capable and optimizing; False -> never;
+    True -> always (InputError where the denoiser engines cannot be captured)."""
+    if requested and not capable:
+        raise InputError(f"cuda_graphs=True: {what} cannot be captured in a CUDA graph "
+                         "(needs the torch backend on a CUDA device)")
+    return capable and (optimize if requested is None else bool(requested))
 
 
 def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, compile, kernels) -> BuiltEditor:
