@@ -199,3 +199,26 @@ def test_a_final_supersedes_a_queued_preview(client, reposition, photo_small):
         blocker.join()
     assert final.status_code == 200, final.text
     assert preview.status_code == 409 and preview.json()["field"] == "session_id", preview.text
+
+
+def test_release_cancels_the_queued_preview(client, server, reposition, photo_small):
+    """A release while the socket's preview waits in the queue: the preview never runs, the final comes first."""
+    import threading
+
+    sid = _session(client, photo_small)["id"]
+    client.post(f"/v1/sessions/{sid}/select", json={"points": [[60, 40]]}).raise_for_status()
+    gate, holding = threading.Event(), threading.Event()
+    with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/drag", open_timeout=30) as ws:
+        blocker = threading.Thread(target=lambda: reposition.work.run(lambda: (holding.set(), gate.wait(30))))
+        blocker.start()
+        try:
+            assert holding.wait(10)
+            ws.send(json.dumps({"type": "drag", "dx": 4, "dy": 0, "seq": 1}))
+            time.sleep(0.5)  # the preview is queued behind the held turn
+            ws.send(json.dumps({"type": "release", "dx": 5, "dy": 0, "seq": 2}))
+            time.sleep(0.5)
+        finally:
+            gate.set()
+            blocker.join()
+        m = json.loads(ws.recv(timeout=120))
+        assert m["type"] == "final" and m["seq"] == 2, m["type"]

@@ -151,9 +151,16 @@ def _result_image(result):
     return getattr(result, "image", result)  # reposition: a RepositionResult; elements: the image
 
 
-def _future_of(handle):
-    """(future, cancel) of what session.preview returned (a Future, or a work-queue Job)."""
+def _future_of(session, handle):
+    """(future, cancel) of what session.preview returned. Cancelling must reach the work-queue Job, not just
+    its Future (a Future the worker already took cannot be cancelled): the session's public
+    `cancel_preview()` where it has one, else its current preview Job."""
     future = getattr(handle, "future", handle)
+    if callable(getattr(session, "cancel_preview", None)):
+        return future, session.cancel_preview
+    job = getattr(session, "_preview", None)  # EditSession keeps its preview Job here (runtime/session.py)
+    if job is not None and getattr(job, "future", None) is future:
+        return future, job.cancel
     return future, getattr(handle, "cancel", future.cancel)
 
 
@@ -161,10 +168,10 @@ def preview_future(live: Live, move: MoveRequest):
     """Start the session's own preview job (on the event loop: it only enqueues); returns (future, cancel)."""
     s = live.session
     if live.kind == "reposition":
-        return _future_of(s.preview(move=(move.dx, move.dy), scale=move.scale))
+        return _future_of(s, s.preview(move=(move.dx, move.dy), scale=move.scale))
     base, el = _moved_elements(live, move)  # bad ids / moves raise here, before anything is queued
     live.drag_base, s.elements = base, el
-    return _future_of(s.preview())
+    return _future_of(s, s.preview())
 
 
 async def run_preview(conn, live: Live, move: MoveRequest, handle: dict | None = None):
