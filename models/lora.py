@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from editrt.errors import WeightsError
+from editrt.errors import InputError, WeightsError
 from editrt.models.files import read_safetensors
 
 _SUFFIXES = {
@@ -147,3 +148,24 @@ class FusedLoRA:
         for name, param in self.params.items():
             param.copy_(weights[name])
         self.scale = scale
+
+
+class LoRAScale:
+    """An engine's LoRA scale c: set by the pipeline, applied by the engine's prepare() (runtime/engines.py).
+
+    Lives here, below export/ and runtime/, so every backend's engine can declare it.
+
+    `allowed` lists the scales the engine can switch to (TensorRT: those it has refit weights
+    for); None: any finite scale (PyTorch fuses on demand).
+    """
+
+    def __init__(self, value: float, allowed: tuple[float, ...] | None = None, name: str = "harmonizer"):
+        self.allowed, self.name = allowed, name
+        self.value = float(value)
+
+    def set(self, scale: float) -> None:
+        scale = float(scale)
+        if not np.isfinite(scale) or (self.allowed is not None and scale not in self.allowed):
+            expected = "a finite number" if self.allowed is None else "one of " + ", ".join(f"{a:g}" for a in self.allowed)
+            raise InputError(f"lora_scale {scale:g}: the {self.name} engine accepts {expected}")
+        self.value = scale

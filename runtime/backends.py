@@ -194,18 +194,9 @@ def file_engines(specs: dict, names, backend: str, engines_dir: str | Path, devi
         return {name: OrtEngine(specs[name], engines_dir / f"{name}.onnx", device) for name in names}
     from editrt.export import tensorrt as trt
 
-    engines = {name: trt.load_engine(specs[name], engines_dir, device) for name in names
-               if name not in ("inpaint_unet", "harmonizer_unet")}
-    if "harmonizer_unet" in names:  # one refittable UNet for c = 0 and c = 1 (no second UNet in memory)
-        manifest = read_manifest(engines_dir)
-        refit_map = manifest.get("networks", {}).get("harmonizer_unet", {}).get("refit_map")
-        if not refit_map:
-            raise EngineError(f"{engines_dir / 'manifest.json'}: no refit map for harmonizer_unet; re-export it")
-        shared = trt.RefittableHarmonizer(trt.load_engine(specs["harmonizer_unet"], engines_dir, device),
-                                          trt.harmonizer_weights(Path(weights), refit_map))
-        engines["harmonizer_unet"] = trt.HarmonizerAtScale(shared, 1.0, specs["harmonizer_unet"])
-        engines["inpaint_unet"] = trt.HarmonizerAtScale(shared, 0.0, specs["inpaint_unet"])
-    return engines
+    refit_map = read_manifest(engines_dir).get("networks", {}).get("harmonizer_unet", {}).get("refit_map")
+    # inpaint_unet (c = 0, fixed) and harmonizer_unet (c = 1, switchable) are two views of one refittable engine
+    return trt.tensorrt_engines(specs, names, engines_dir, device, Path(weights), refit_map)
 
 
 def read_manifest(engines_dir: Path) -> dict:

@@ -37,30 +37,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from editrt.errors import EngineError, InputError
+from editrt.errors import EngineError
 from editrt.export.specs import NetworkSpec
+from editrt.models.lora import LoRAScale
+
+__all__ = ["Engine", "LoRAScale", "OrtEngine", "TorchEngine", "check_inputs", "conforms"]
 
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 ENGINE_MEMBERS = ("spec", "backend", "device", "supports_cuda_graph", "compiled", "lora", "prepare", "before_capture")
-
-
-class LoRAScale:
-    """An engine's LoRA scale c: set by the pipeline, applied by the engine's prepare().
-
-    `allowed` lists the scales the engine can switch to (TensorRT: those it has refit weights
-    for); None: any finite scale (PyTorch fuses on demand).
-    """
-
-    def __init__(self, value: float, allowed: tuple[float, ...] | None = None, name: str = "harmonizer"):
-        self.allowed, self.name = allowed, name
-        self.value = float(value)
-
-    def set(self, scale: float) -> None:
-        scale = float(scale)
-        if not np.isfinite(scale) or (self.allowed is not None and scale not in self.allowed):
-            expected = "a finite number" if self.allowed is None else "one of " + ", ".join(f"{a:g}" for a in self.allowed)
-            raise InputError(f"lora_scale {scale:g}: the {self.name} engine accepts {expected}")
-        self.value = scale
 
 
 class Engine(Protocol):

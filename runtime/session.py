@@ -151,6 +151,11 @@ class EditSession:
         self._preview = self.pipeline.work.submit(lambda job: self._render(request, job), PREVIEW)
         return self._preview.future
 
+    @property
+    def preview_job(self) -> Job | None:
+        """This session's latest preview Job (its `started_at` tells how long it waited), None after a final."""
+        return self._preview
+
     def final(self, **edit):
         """The full-quality result of `edit`, on this thread; this session's previews are dropped first."""
         self._check_open()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from concurrent.futures import CancelledError, Future
 
 FINAL = 0  # served first
@@ -44,6 +45,7 @@ class Job:
     def __init__(self, fn, priority: int):
         self.fn, self.priority = fn, priority
         self.future: Future = Future()
+        self.started_at: float | None = None  # time.perf_counter() when the worker started it
         self._cancel = threading.Event()
 
     @property
@@ -138,6 +140,8 @@ class WorkQueue:
         job = Job(fn, priority)
         with self._lock:
             if len(self._waiting) + len(self._jobs) >= self.max_waiting:
+                self._drop_cancelled()
+            if len(self._waiting) + len(self._jobs) >= self.max_waiting:
                 raise BusyError(f"{self.name}: {len(self._waiting) + len(self._jobs)} requests already waiting "
                                 f"(max_waiting={self.max_waiting}); retry later")
             heapq.heappush(self._jobs, (priority, next(self._arrival), job))
@@ -147,6 +151,13 @@ class WorkQueue:
             self._lock.notify_all()
         return job
 
+    def _drop_cancelled(self) -> None:
+        """Forget submitted jobs cancelled while waiting (they would count toward max_waiting). Holds _lock."""
+        live = [entry for entry in self._jobs if not entry[2].future.cancelled()]
+        if len(live) != len(self._jobs):
+            heapq.heapify(live)
+            self._jobs = live
+
     def _work(self) -> None:
         """The worker thread: takes the best submitted job, then waits for the turn like any caller."""
         while True:
@@ -155,6 +166,7 @@ class WorkQueue:
                     self._lock.wait()
                 _, _, job = heapq.heappop(self._jobs)
             if job.future.set_running_or_notify_cancel():
+                job.started_at = time.perf_counter()
                 self._execute(job)
             job.fn = None  # the function's closure (e.g. a session) is not kept alive by a finished job
             del job  # nor by this loop's variable while it waits for the next one

@@ -121,3 +121,18 @@ def test_errors_reach_the_caller_and_free_the_turn():
     with pytest.raises(KeyError, match="boom"):
         job.future.result(10)
     assert queue.run(lambda: FINAL) == FINAL
+
+
+def test_cancelled_waiting_jobs_do_not_count_toward_the_bound():
+    """A drag cancels previews faster than the worker pops them: those must not make the queue 'busy'."""
+    queue = WorkQueue(max_waiting=3)
+    release, holder = _hold(queue)
+    live = queue.submit(lambda job: "live")  # the worker takes it and waits for the turn
+    _wait_until(lambda: len(queue._waiting) == 1)
+    for _ in range(10):  # each superseded at once, never run
+        queue.submit(lambda job: "stale").cancel()
+    newest = queue.submit(lambda job: "newest")  # would be the 12th waiting if cancelled ones counted
+    release.set()
+    holder.join(10)
+    assert live.future.result(10) == "live" and newest.future.result(10) == "newest"
+    assert live.started_at is not None and newest.started_at >= live.started_at
