@@ -70,3 +70,56 @@ def test_sam_tf32_is_scoped_to_the_encoder(tiny_weights):
     pipe.segment(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8), points=[[40, 30]])
     assert seen == [True]
     assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_capture_tolerates_another_threads_cuda_work(tiny_weights):
+    """Loops capture with capture_error_mode="thread_local": an application thread allocating and
+    copying on its own stream during a capture neither breaks it nor changes the results."""
+    import threading
+
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", cuda_graphs=True)
+    eager = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", cuda_graphs=False)
+    image = np.random.default_rng(4).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    mask = np.zeros((96, 96), bool)
+    mask[20:70, 30:80] = True
+    stop = threading.Event()
+
+    def app():
+        stream, n = torch.cuda.Stream(), 1
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                n = n % 997 + 1
+                torch.randn(n, 257, device="cuda").sum().item()  # fresh sizes: allocations, a host copy
+
+    t = threading.Thread(target=app)
+    t.start()
+    try:
+        got = [np.asarray(pipe.inpaint(image, mask, steps=3, seed=s, resolution=96)) for s in range(3)]
+    finally:
+        stop.set()
+        t.join(30)
+    assert any(loop.graph is not None for loop in pipe.loops.loops)
+    for s, g in enumerate(got):
+        np.testing.assert_array_equal(g, np.asarray(eager.inpaint(image, mask, steps=3, seed=s, resolution=96)))
+
+
+def test_overlap_equals_running_one_after_another(tiny_weights):
+    """overlap() runs SAM's encoder and the prompt embeddings on side streams; the results (recorded on
+    the caller's stream) equal the same calls made in order, also after the side streams' memory is reused."""
+    from editrt.runtime.reposition import RepositionPipeline
+    from editrt.runtime.scheduler import overlap
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, device="cuda")
+    rgb = np.random.default_rng(5).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    x, _ = pipe.segmenter.preprocess(rgb)
+    encoder = pipe.engines["sam_image_encoder"]
+    together = overlap("cuda", lambda: encoder(image=x)["image_embeddings"], lambda: (x * 2).sum())
+    for _ in range(5):  # churn the allocator on other streams
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            torch.randn(1 << 20, device="cuda").mul_(3)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(together[0].cpu(), encoder(image=x)["image_embeddings"].cpu())
+    assert float(together[1]) == float((x * 2).sum())
