@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -191,6 +192,23 @@ def _significant(x: float | None, digits: int = 4) -> float | None:
     return float(round(x, digits - 1 - math.floor(math.log10(abs(x)))))
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform: no note
+        return None
+
+
+def shared_cpu_note(device: torch.device, load: list[float | None]) -> str | None:
+    """A note when other processes competed for the CPU during the run (its times are then inflated)."""
+    cores = os.cpu_count() or 1
+    seen = [x for x in load if x is not None]
+    if device.type == "cuda" or not seen or max(seen) <= cores:
+        return None
+    return (f"the CPU was shared: 1-minute load average {' / '.join(f'{x:.1f}' for x in seen)} (start / end) on "
+            f"{cores} cores, so CPU times are inflated by other processes")
+
+
 # ---------------------------------------------------------------------- the run
 def collect_cases(ctx: BenchContext) -> list[Case]:
     cases = [case for provider in CASE_PROVIDERS for case in provider(ctx)]
@@ -306,6 +324,7 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
     ctx = BenchContext(settings.weights, settings.device, settings.dtype, settings.config, settings.quick,
                        settings.steps, Selection(list(settings.only)), log)
     cases = collect_cases(ctx)
+    load = [_load_average()]
     device = device_name(settings.device)
     plan = [(case, backend) for case in cases for backend in case.backends()]
     rows = []
@@ -332,6 +351,10 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
             if settings.device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()
+    load.append(_load_average())
+    note = shared_cpu_note(settings.device, load)
+    if note:
+        ctx.notes.append(note)
     _fill_ratios(rows)
     env = versions()
     for row in rows:

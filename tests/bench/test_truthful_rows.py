@@ -301,3 +301,13 @@ def test_dual_attention_kernel_and_peer_agree():
     # both callables rotate through the same three input sets in the same order
     for _ in range(3):
         torch.testing.assert_close(spec["kernel"](), spec["baseline"](), rtol=1e-4, atol=1e-5)  # fp32, K <= 333
+
+
+def test_a_shared_cpu_is_noted():
+    import os
+
+    cores = os.cpu_count() or 1
+    note = suite.shared_cpu_note(torch.device("cpu"), [cores + 8.0, 1.0])
+    assert note and f"load average {cores + 8.0:.1f} / 1.0" in note and "inflated" in note
+    assert suite.shared_cpu_note(torch.device("cpu"), [0.5, None]) is None
+    assert suite.shared_cpu_note(torch.device("cuda"), [cores + 8.0]) is None
