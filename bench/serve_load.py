@@ -9,7 +9,8 @@ sized to the clients), waits for /readyz and stops it at the end. Loopback only;
 
 Each client loops over two scenarios: a one-shot `POST /v1/segment` (three of four times), and an
 interactive drag: open a session, select, send drag positions over the WebSocket every
---drag-interval seconds while reading previews, release, read the final, close the session.
+--drag-interval seconds while reading previews, hold until a preview (or "busy") arrives (at most
+10 s), release, read the final, close the session.
 
 Reported per endpoint ("serve-segment", "serve-open", "serve-select", "serve-preview", "serve-final"):
 count, client latency p50/p99, and the server overhead, two ways: request latency minus pipeline
@@ -121,10 +122,12 @@ async def drag(client, ws_url: str, headers: dict, tally: Tally, image_b64: str,
         async with websockets.connect(f"{ws_url}/v1/sessions/{sid}/drag", additional_headers=headers,
                                       open_timeout=60, max_size=1 << 24) as ws:
             sent_at: dict[int, float] = {}
+            seen: list[str] = []
 
             async def reader():
                 while True:
                     m = json.loads(await ws.recv())
+                    seen.append(m["type"])
                     if m["type"] == "busy":  # the server shed this preview (queue full); not an error
                         tally.shed += 1
                         continue
@@ -145,6 +148,10 @@ async def drag(client, ws_url: str, headers: dict, tally: Tally, image_b64: str,
                 await ws.send(json.dumps({"type": "drag", "dx": 2 + seq, "dy": 1, "seq": seq}))
                 tally.drags_sent += 1
                 await asyncio.sleep(interval)
+            # like a user watching the screen: hold the drag until a preview (or a "busy") shows, at most 10 s
+            deadline = time.perf_counter() + 10
+            while not seen and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)
             sent_at[positions] = time.perf_counter()
             await ws.send(json.dumps({"type": "release", "dx": 2 + positions, "dy": 1, "seq": positions}))
             await asyncio.wait_for(reading, timeout=300)

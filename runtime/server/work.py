@@ -2,7 +2,8 @@
 
 The event loop never runs pipeline code. A route hands its job to a small thread pool whose
 thread calls `pipeline.work.run(fn, priority)`: it waits for the pipeline's turn there, in the
-queue's priority order (FINAL before INTERACTIVE before PREVIEW, then arrival), so HTTP
+queue's priority order (FINAL, then a session's clicks, then previews and stateless requests, by
+arrival), so HTTP
 requests, sessions and anything else using the same pipeline are ordered in one place. (Finals
 must wait as `run` callers, not as submitted jobs: the queue's one worker thread serves submitted
 previews, and a final submitted behind a preview could not overtake it.) The queue is bounded:
@@ -25,7 +26,8 @@ from editrt.runtime.work_queue import PREVIEW as _PREVIEW
 from editrt.runtime.work_queue import BusyError, WorkQueue
 
 FINAL, PREVIEW = _FINAL, _PREVIEW
-INTERACTIVE = (FINAL + PREVIEW) // 2  # clicks and one-shot requests: after finals, before previews
+INTERACTIVE = (FINAL + PREVIEW) // 2  # a session's clicks (open, select, undo): after finals, before previews
+ONE_SHOT = PREVIEW  # stateless requests rank with previews, first come first served: batch traffic cannot starve a drag
 
 
 class Busy(Exception):

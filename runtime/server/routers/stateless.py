@@ -1,7 +1,7 @@
 """One-shot endpoints mirroring the CLI: segment, inpaint, reposition, elements partition / edit / render.
 
 Each takes JSON (images base64) or multipart (images as files) and runs on the pipeline's work
-queue at INTERACTIVE priority; image results come back as PNG with X-Pipeline-Ms / X-Queue-Ms /
+queue at ONE_SHOT priority; image results come back as PNG with X-Pipeline-Ms / X-Queue-Ms /
 X-Server-Ms headers.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from editrt.runtime.server.schemas import (
     RepositionRequest,
     SegmentRequest,
 )
-from editrt.runtime.server.work import INTERACTIVE
+from editrt.runtime.server.work import ONE_SHOT
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 503)}
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -56,7 +56,7 @@ async def segment(request: Request):
     rgb = await common.image(request, req.image, "image")
     prompt = _prompt(req, *rgb.shape[:2])
     pipe = common.pipeline(request, "reposition")
-    mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), INTERACTIVE,
+    mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), ONE_SHOT,
                                            "segment", ("points", "labels", "box"))
     return common.png_response(mask, t0, run_s, wait_s)
 
@@ -75,7 +75,7 @@ async def inpaint(request: Request):
         with torch.no_grad():
             return pipe.inpaint(rgb, mask, task=req.task, steps=steps, guidance=req.guidance, seed=req.seed,
                                 resolution=req.resolution)
-    out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "inpaint",
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint",
                                           ("mask", "task", "steps", "guidance", "resolution"))
     return common.png_response(out, t0, run_s, wait_s)
 
@@ -97,7 +97,7 @@ async def reposition(request: Request):
         with torch.no_grad():
             return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), scale=req.scale, harmonize=req.harmonize,
                         steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution).image
-    out, run_s, wait_s = await common.run(request, "reposition", job, INTERACTIVE, "reposition",
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition",
                                           ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution"))
     return common.png_response(out, t0, run_s, wait_s)
 
@@ -114,7 +114,7 @@ async def partition(request: Request):
         with torch.no_grad():
             el = pipe.partition(rgb, resolution=req.resolution, grid=req.grid, beta=req.beta, iterations=req.iterations)
         return el, png_b64(pipe.render_overlay(el, rgb))
-    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, INTERACTIVE, "partition",
+    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, ONE_SHOT, "partition",
                                                     ("grid", "beta", "iterations", "resolution"))
     return ElementsResponse(elements=to_blob(el), items=items(el), overlay=overlay,
                             canvas=list(el.image_size), timing=common.timing(request, t0, run_s, wait_s))
@@ -144,5 +144,5 @@ async def render(request: Request, req: RenderRequest):
     pipe = common.pipeline(request, "elements")
     out, run_s, wait_s = await common.run(
         request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
-                                                 seed=req.seed), INTERACTIVE, "render", ("elements", "prompt", "steps"))
+                                                 seed=req.seed), ONE_SHOT, "render", ("elements", "prompt", "steps"))
     return common.png_response(out, t0, run_s, wait_s)
