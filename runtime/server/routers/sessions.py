@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import anyio
@@ -215,10 +216,14 @@ async def run_final(conn, live: Live, st, move: MoveRequest):
     async with live.lock:
         (image, old), run_s, wait_s = await common.run(conn, live.kind, final_job(live, st, move), FINAL, "final",
                                                        MOVE_FIELDS)
-    if old is not None:
-        await anyio.to_thread.run_sync(old.close)
+    if old is not None:  # closing waits for the pipeline's turn (it drops cache entries): not on the response's path
+        _close_later(old)
     st.sessions.sweep(keep=live.id)
     return image, run_s, wait_s
+
+
+def _close_later(session: EditSession) -> None:
+    threading.Thread(target=session.close, name="editrt-session-close", daemon=True).start()
 
 
 def _push(live: Live, st, item) -> None:
@@ -269,7 +274,7 @@ async def undo(request: Request, session_id: str):
             live.session, run_s, wait_s = await common.run(
                 request, "reposition", lambda: _new_session(st, "reposition", previous, live.steps, live.preview_steps,
                                                             live.seed), INTERACTIVE, "open")
-            await anyio.to_thread.run_sync(old.close)
+            _close_later(old)
         else:
             live.session.elements, live.drag_base, run_s, wait_s = previous, None, 0.0, 0.0
     return await anyio.to_thread.run_sync(lambda: info(live, st, image=True, t=common.timing(request, t0, run_s, wait_s)))
