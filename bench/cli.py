@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from editrt.errors import InputError
+from editrt.models.common import default_dtype, resolve_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS = ("tiny", "full")
 
 
@@ -94,9 +94,7 @@ def settings_from_args(args, log=lambda what: None):
     from editrt.bench.suite import Settings
 
     device = _device(args.device)
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise InputError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = resolve_dtype(args.dtype or default_dtype(device), name="--dtype")
     only = _only(args.only)
     repeats = _count(args.repeats, "--repeats", 1)
     warmup = _count(args.warmup, "--warmup", 0)
@@ -172,7 +170,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="NAME[,NAME]",
                    help="components to run: a name, a glob (unet-*) or a prefix (sam); repeatable")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", metavar="fp32|fp16|bf16", help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", metavar="DTYPE", help="fp32, fp16, bf16 (or float32, float16, bfloat16); "
+                   "default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--steps", metavar="N", help="denoising steps of the whole-pass rows (default 20)")
     p.add_argument("--repeats", metavar="N", help="timed runs per row (default: sized to a time budget per row)")
     p.add_argument("--warmup", metavar="N", help="untimed runs per row first (default: 3 CPU / 10 CUDA, --quick 1 / 3; whole passes 1-2)")

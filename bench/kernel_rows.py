@@ -16,21 +16,16 @@ falls back to the PyTorch reference (a CPU) or runs in Triton's CPU interpreter,
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from editrt.bench.cases import BenchContext, Case, Run, dtype_name
+from editrt.bench.report import slug
 
 # (function in kernel_cases, component prefix, peer backend, whether it takes a dtype)
 FAMILIES = (
     ("dual_attention_cases", "dual-attention", "sdpa", True),
     ("slic_assign_cases", "slic-assign", "reference", False),
 )
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
 
 
 def _check_output(what: str):
@@ -42,7 +37,7 @@ def _check_output(what: str):
 
 
 def _case_from_spec(spec: dict, prefix: str, peer: str, default_dtype: str) -> Case:
-    name = _slug(spec["name"])
+    name = slug(spec["name"])
     component = name if name.startswith(prefix) else f"{prefix}-{name}"
     dtype = spec.get("dtype", default_dtype)
     dtype = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)

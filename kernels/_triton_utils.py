@@ -44,3 +44,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def shape_str(t: torch.Tensor) -> str:
+    """A tensor's shape as the kernels' error messages print it: [2, 8, 4096, 40]."""
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"

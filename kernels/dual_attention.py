@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import autotune_cache
-from ._triton_utils import interpreter_active, next_power_of_2, triton_disabled
+from ._triton_utils import interpreter_active, next_power_of_2, shape_str, triton_disabled
 from .aot import Launch, fake_arguments
 from .launches import record
 
@@ -289,10 +289,6 @@ def _dual_attention_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
 def _check_inputs(q_a, k_a, v_a, q_b, k_b, v_b) -> tuple[int, int, int, int, int, int]:
     """Validate the six operands; return (B, H, M, D, N_a, N_b)."""
     named = {"q_a": q_a, "k_a": k_a, "v_a": v_a, "q_b": q_b, "k_b": k_b, "v_b": v_b}
@@ -300,7 +296,7 @@ def _check_inputs(q_a, k_a, v_a, q_b, k_b, v_b) -> tuple[int, int, int, int, int
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [B, H, rows, D], got shape {_shape(t)}")
+            raise ValueError(f"{name}: expected a 4-D tensor [B, H, rows, D], got shape {shape_str(t)}")
     if q_a.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"q_a: expected dtype float32, float16 or bfloat16, got {q_a.dtype}")
     for name, t in named.items():
@@ -315,13 +311,13 @@ def _check_inputs(q_a, k_a, v_a, q_b, k_b, v_b) -> tuple[int, int, int, int, int
     if M < 1:
         raise ValueError(f"q_a: expected at least one query row, got M={M}")
     if tuple(q_b.shape) != (B, H, M, D):
-        raise ValueError(f"q_b: expected shape [{B}, {H}, {M}, {D}] (same as q_a), got {_shape(q_b)}")
+        raise ValueError(f"q_b: expected shape [{B}, {H}, {M}, {D}] (same as q_a), got {shape_str(q_b)}")
     for k_name, v_name, k, v in (("k_a", "v_a", k_a, v_a), ("k_b", "v_b", k_b, v_b)):
         n = k.shape[2]
         if n < 1 or tuple(k.shape) != (B, H, n, D):
-            raise ValueError(f"{k_name}: expected shape [{B}, {H}, N>=1, {D}], got {_shape(k)}")
+            raise ValueError(f"{k_name}: expected shape [{B}, {H}, N>=1, {D}], got {shape_str(k)}")
         if tuple(v.shape) != (B, H, n, D):
-            raise ValueError(f"{v_name}: expected shape [{B}, {H}, {n}, {D}] (same as {k_name}), got {_shape(v)}")
+            raise ValueError(f"{v_name}: expected shape [{B}, {H}, {n}, {D}] (same as {k_name}), got {shape_str(v)}")
     return B, H, M, D, k_a.shape[2], k_b.shape[2]
 
 
@@ -333,7 +329,7 @@ def _check_out(out: torch.Tensor, q_a: torch.Tensor, B: int, M: int, C: int) -> 
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != (B, M, C):
-        raise ValueError(f"out: expected shape [{B}, {M}, {C}], got {_shape(out)}")
+        raise ValueError(f"out: expected shape [{B}, {M}, {C}], got {shape_str(out)}")
     if out.dtype != q_a.dtype or out.device != q_a.device:
         raise ValueError(f"out: expected dtype {q_a.dtype} on {q_a.device}, got {out.dtype} on {out.device}")
 

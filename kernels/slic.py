@@ -75,7 +75,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from . import autotune_cache
-from ._triton_utils import interpreter_active, use_triton
+from ._triton_utils import interpreter_active, shape_str, use_triton
 from .aot import Launch, fake_arguments
 from .launches import record
 
@@ -451,10 +451,6 @@ def _element_stats_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
 def _check_out_hw(out_hw) -> tuple[int, int]:
     try:
         H, W = (int(v) for v in out_hw)
@@ -468,13 +464,13 @@ def _check_out_hw(out_hw) -> tuple[int, int]:
 
 def _check_assign_inputs(logits, centroids, beta, out_hw) -> tuple[int, int]:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or min(logits.shape) < 1:
-        got = _shape(logits) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        got = shape_str(logits) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected a non-empty [N, h, w] tensor, got {got}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"logits: expected dtype float32, float16 or bfloat16, got {logits.dtype}")
     N = logits.shape[0]
     if not isinstance(centroids, torch.Tensor) or tuple(centroids.shape) != (N, 2):
-        got = _shape(centroids) if isinstance(centroids, torch.Tensor) else type(centroids).__name__
+        got = shape_str(centroids) if isinstance(centroids, torch.Tensor) else type(centroids).__name__
         raise ValueError(f"centroids: expected shape [{N}, 2] (one (x, y) per logit map), got {got}")
     if centroids.dtype not in _FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"centroids: expected a floating dtype, got {centroids.dtype}")
@@ -489,7 +485,7 @@ def _check_assign_inputs(logits, centroids, beta, out_hw) -> tuple[int, int]:
 
 def _check_labels(labels: torch.Tensor, num_elements: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        got = _shape(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        got = shape_str(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected a [H, W] tensor, got {got}")
     if labels.dtype != torch.int64:
         raise ValueError(f"labels: expected dtype int64, got {labels.dtype}")
@@ -611,7 +607,7 @@ def assign(logits: torch.Tensor, centroids: torch.Tensor, beta: float, out_hw, o
     if out is None:
         return torch.ops.editrt.slic_assign(logits, centroids, float(beta), H, W)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (H, W) or out.dtype != torch.int64:
-        got = f"{_shape(out)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        got = f"{shape_str(out)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"out: expected an int64 tensor of shape [{H}, {W}], got {got}")
     if out.device != logits.device:
         raise ValueError(f"out: expected device {logits.device}, got {out.device}")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from editrt.errors import InputError
+from editrt.models.common import DTYPE_ALIASES, DTYPES
 from editrt.runtime.server.limits import Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -20,7 +21,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
     p.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", type=lambda text: DTYPE_ALIASES.get(text, text), choices=tuple(DTYPES), metavar="DTYPE",
+                   help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--editors", default="reposition,elements", help="which pipelines to load (default both)")
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every endpoint and the WebSocket "
                    "(default: $EDITRT_TOKEN; none = no authentication)")

@@ -224,7 +224,7 @@ BAD = [
     (["--only", "nope"], "--only nope: matches no component; known: unet-inpaint-b1"),
     (["--only", "unet,"], "expected component names separated by commas"),
     (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
-    (["--dtype", "fp8"], "--dtype 'fp8': expected one of fp32, fp16, bf16"),
+    (["--dtype", "fp8"], "--dtype: expected one of fp32, fp16, bf16, float32"),
     (["--config", "huge"], "--config 'huge': expected one of tiny, full"),
     (["--config", "full"], "are 'tiny' (editrt.json)"),
     (["--repeats", "0"], "--repeats '0': expected an integer >= 1"),
