@@ -6,9 +6,10 @@
 //
 // CPU algorithm, O(H*W) byte passes plus union-find over row runs; its cost does not grow with N:
 //   masks     the int64 labels are read once, row by row (range check, then three byte maps: label >= 0,
-//             same label as the right neighbour, same label as the lower neighbour); only two int32 rows
-//             of labels are ever held. Every later per-pixel pass reads bytes, in branch-free loops the
-//             compiler vectorises at -O2 (no -march flag: the library runs on other CPUs than it is built on).
+//             same label as the right neighbour, same label as the lower neighbour); only two rows of
+//             labels are ever held, as int16 when N <= 32767 (else int32). Every later per-pixel pass reads
+//             bytes, in branch-free loops the compiler vectorises at -O2 (no -march flag: the library runs
+//             on other CPUs than it is built on).
 //   opening   per iteration a separable label-aware erosion (row triple, then column triple: a pixel stays
 //             when its whole 3x3 window is inside the image, still set, and of its label), then as many
 //             label-aware dilations (a pixel comes back when a 3x3 neighbour of its label is set). Why
@@ -94,6 +95,55 @@ void dilate(const uint8_t* __restrict__ sr, const uint8_t* __restrict__ sd, cons
   }
 }
 
+// Reads the int64 labels row by row: the range check, then the byte maps keep (label >= 0), same_right and
+// same_down (the last row of same_down is left to the caller). Labels are compared as T, the narrowest type
+// that holds [-1, N): int16 lanes pack to bytes in one step. Returns -1, or the first bad pixel's index.
+template <typename T>
+int64_t read_labels(const int64_t* L, int H, int W, int N, uint8_t* keep, uint8_t* same_right, uint8_t* same_down) {
+  std::vector<T> label_rows(2 * static_cast<size_t>(W) + 2);  // two rows, each with one spare entry
+  T* prev = label_rows.data();
+  T* cur = label_rows.data() + W + 1;
+  const uint32_t n_plus = static_cast<uint32_t>(N);
+  for (int i = 0; i < H; ++i) {
+    const int64_t p0 = static_cast<int64_t>(i) * W;
+    const int64_t* l = L + p0;
+    uint32_t bad = 0;
+    for (int j = 0; j < W; ++j) {
+      const uint64_t v = static_cast<uint64_t>(l[j]);
+      const uint32_t lo = static_cast<uint32_t>(v);
+      const uint32_t hi = static_cast<uint32_t>(v >> 32);
+      bad |= hi ^ static_cast<uint32_t>(static_cast<int32_t>(lo) >> 31);
+      bad |= static_cast<uint32_t>(lo + 1u > n_plus);
+      cur[j] = static_cast<T>(static_cast<int32_t>(lo));
+    }
+    if (bad) {
+      for (int j = 0; j < W; ++j) {
+        if (l[j] < -1 || l[j] >= N) return p0 + j;
+      }
+    }
+    uint8_t* k = keep + p0;
+    uint8_t* sr = same_right + p0;
+    cur[W] = -1;  // no right neighbour
+    if (i > 0) {
+      uint8_t* sd = same_down + p0 - W;
+      for (int j = 0; j < W; ++j) {
+        const uint8_t set = cur[j] >= 0;
+        k[j] = set;
+        sr[j] = (cur[j] == cur[j + 1]) & set;
+        sd[j] = (prev[j] == cur[j]) & (prev[j] >= 0);
+      }
+    } else {
+      for (int j = 0; j < W; ++j) {
+        const uint8_t set = cur[j] >= 0;
+        k[j] = set;
+        sr[j] = (cur[j] == cur[j + 1]) & set;
+      }
+    }
+    std::swap(prev, cur);
+  }
+  return -1;
+}
+
 // Packs a row of 0/1 bytes into bits, pixel j at bit j % 64 of word j / 64; words[W / 64 rounded up] is 0.
 inline void pack_bits(const uint8_t* bytes, int W, uint64_t* words) {
   const int n_words = (W + 63) / 64;
@@ -168,47 +218,9 @@ int64_t cleanup_labels_host(const int64_t* L, int H, int W, int N, int opening, 
   //    arithmetic only, which vectorises without 64-bit compares (not in baseline x86-64).
   Bytes keep(new uint8_t[P]), same_right(new uint8_t[P]), same_down(new uint8_t[P]);
   Bytes row(new uint8_t[P]), other(new uint8_t[P]);
-  std::vector<int32_t> label_rows(2 * static_cast<size_t>(W) + 2);  // two rows, each with one spare entry
-  int32_t* prev = label_rows.data();
-  int32_t* cur = label_rows.data() + W + 1;
-  const uint32_t n_plus = static_cast<uint32_t>(N);
-  for (int i = 0; i < H; ++i) {
-    const int64_t p0 = static_cast<int64_t>(i) * W;
-    const int64_t* l = L + p0;
-    uint32_t bad = 0;
-    for (int j = 0; j < W; ++j) {
-      const uint64_t v = static_cast<uint64_t>(l[j]);
-      const uint32_t lo = static_cast<uint32_t>(v);
-      const uint32_t hi = static_cast<uint32_t>(v >> 32);
-      bad |= hi ^ static_cast<uint32_t>(static_cast<int32_t>(lo) >> 31);
-      bad |= static_cast<uint32_t>(lo + 1u > n_plus);
-      cur[j] = static_cast<int32_t>(lo);
-    }
-    if (bad) {
-      for (int j = 0; j < W; ++j) {
-        if (l[j] < -1 || l[j] >= N) return p0 + j;
-      }
-    }
-    uint8_t* k = keep.get() + p0;
-    uint8_t* sr = same_right.get() + p0;
-    cur[W] = -1;  // no right neighbour
-    if (i > 0) {
-      uint8_t* sd = same_down.get() + p0 - W;
-      for (int j = 0; j < W; ++j) {
-        const uint8_t set = cur[j] >= 0;
-        k[j] = set;
-        sr[j] = (cur[j] == cur[j + 1]) & set;
-        sd[j] = (prev[j] == cur[j]) & (prev[j] >= 0);
-      }
-    } else {
-      for (int j = 0; j < W; ++j) {
-        const uint8_t set = cur[j] >= 0;
-        k[j] = set;
-        sr[j] = (cur[j] == cur[j + 1]) & set;
-      }
-    }
-    std::swap(prev, cur);
-  }
+  const int64_t bad = N <= 32767 ? read_labels<int16_t>(L, H, W, N, keep.get(), same_right.get(), same_down.get())
+                                 : read_labels<int32_t>(L, H, W, N, keep.get(), same_right.get(), same_down.get());
+  if (bad >= 0) return bad;
   std::fill(same_down.get() + P - W, same_down.get() + P, 0);
   const uint8_t* sr_all = same_right.get();
   const uint8_t* sd_all = same_down.get();
