@@ -287,6 +287,15 @@ def test_out_of_range_message_names_the_pixel(native):
         torch.ops.editrt_native.cleanup_labels(labels, 4, 1)
 
 
+@pytest.mark.parametrize("value", [2**32 + 5, -(2**32) + 5, 2**63 - 1, -(2**63)])
+def test_int64_labels_that_alias_a_valid_id_in_32_bits_are_rejected(native, value):
+    """The CPU op range-checks in 32-bit halves; a value whose low word is a valid id must still be refused."""
+    labels = torch.zeros(8, 9, dtype=torch.int64)
+    labels[3, 4] = value
+    with pytest.raises(ValueError, match=r"row 3, column 4"):
+        torch.ops.editrt_native.cleanup_labels(labels, 256, 1)
+
+
 def test_partition_clean_labels_raises_input_error(native):
     from editrt.runtime.partition import clean_labels
 
