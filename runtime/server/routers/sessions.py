@@ -152,17 +152,14 @@ def _result_image(result):
     return getattr(result, "image", result)  # reposition: a RepositionResult; elements: the image
 
 
-def _future_of(session, handle):
+def _future_of(session, future):
     """(future, cancel) of what session.preview returned. Cancelling must reach the work-queue Job, not just
-    its Future (a Future the worker already took cannot be cancelled): the session's public
-    `cancel_preview()` where it has one, else its current preview Job."""
-    future = getattr(handle, "future", handle)
-    if callable(getattr(session, "cancel_preview", None)):
-        return future, session.cancel_preview
-    job = getattr(session, "_preview", None)  # EditSession keeps its preview Job here (runtime/session.py)
-    if job is not None and getattr(job, "future", None) is future:
+    its Future (a Future the worker already took cannot be cancelled); only this preview's own Job, never a
+    newer one of the same session."""
+    job = session.preview_job
+    if job is not None and job.future is future:
         return future, job.cancel
-    return future, getattr(handle, "cancel", future.cancel)
+    return future, future.cancel
 
 
 def preview_future(live: Live, move: MoveRequest):
