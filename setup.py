@@ -103,10 +103,10 @@ class BuildNative(Command):
     user_options = []
 
     def initialize_options(self):
-        pass
+        """No options (distutils' Command interface requires the method)."""
 
     def finalize_options(self):
-        pass
+        """No options to finalise."""
 
     def run(self):
         self.reinitialize_command("build_ext", inplace=1)

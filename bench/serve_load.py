@@ -278,10 +278,11 @@ def start_server(weights: str, clients: int, extra: list[str]) -> tuple[subproce
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {' '.join(cmd)}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
+            ready = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
         except httpx.TransportError:
-            pass
+            ready = False  # not listening yet
+        if ready:
+            return proc, url
         time.sleep(0.2)
     proc.terminate()
     raise RuntimeError("the server did not become ready in 300 s")

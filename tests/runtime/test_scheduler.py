@@ -30,10 +30,10 @@ class ToyUNet:
         self.calls = 0
 
     def prepare(self):
-        pass
+        """Fixed weights: nothing to put in place."""
 
     def before_capture(self):
-        pass
+        """No cached state a capture could bake in."""
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         self.calls += 1

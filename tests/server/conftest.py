@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from needs import need
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install editrt[serve])")
-pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install editrt[serve])")
-pytest.importorskip("httpx", reason="httpx is not installed (pip install editrt[dev])")
+need("fastapi", reason="the serve extra is not installed (pip install editrt[serve])")
+need("uvicorn", reason="the serve extra is not installed (pip install editrt[serve])")
+need("httpx", reason="httpx is not installed (pip install editrt[dev])")
 
 from serving import small_photo, start_server  # noqa: E402
 

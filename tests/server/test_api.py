@@ -13,9 +13,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from needs import need
 from serving import b64png, decode, png
 
-websockets = pytest.importorskip("websockets.sync.client", reason="websockets is not installed")
+websockets = need("websockets.sync.client", reason="websockets is not installed")
 
 
 @pytest.fixture(scope="module")

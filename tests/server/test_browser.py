@@ -9,11 +9,11 @@ errors anywhere. Screenshots go to the test's tmp dir.
 """
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 import numpy as np
 import pytest
+from needs import need, need_file
 from PIL import Image
 from scipy import ndimage
 from serving import decode, start_server
@@ -21,9 +21,8 @@ from serving import decode, start_server
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)", allow_module_level=True)
+sync_api = need("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+need_file(CHROMIUM, "Debian's chromium is absent (apt-get install -y chromium)")
 
 TIMEOUT_MS = 60_000
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from needs import need
 from serving import start_server
 
-schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install editrt[dev])")
+schemathesis = need("schemathesis", reason="schemathesis is not installed (pip install editrt[dev])")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 

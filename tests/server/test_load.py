@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
+from needs import need
 from serving import start_server
 
-pytest.importorskip("websockets", reason="websockets is not installed")
-pytest.importorskip("psutil", reason="psutil is not installed")
+need("websockets", reason="websockets is not installed")
+need("psutil", reason="psutil is not installed")
 
 
 def test_sixteen_clients_mixing_segment_drags_and_finals(reposition):

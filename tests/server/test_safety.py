@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from needs import need
 from PIL import Image
 from serving import b64png, png, small_photo, start_server
 
-websockets = pytest.importorskip("websockets.sync.client", reason="websockets is not installed")
+websockets = need("websockets.sync.client", reason="websockets is not installed")
 from websockets.exceptions import InvalidStatus  # noqa: E402
 
 TOKEN = "s3cret-token"
