@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from editrt.errors import EngineError
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -193,3 +195,18 @@ def _sam_sizes(sam_config: dict) -> dict:
     from editrt.models.sam import sam_architecture
 
     return sam_architecture(sam_config)
+
+
+def check_inputs(spec: NetworkSpec, inputs: dict) -> dict[str, int]:
+    """Every engine's input check: names from the spec, shapes against its axes; returns the axis sizes.
+
+    A wrong name or shape is an EngineError naming the network and the input, not a crash deep inside
+    a runtime.
+    """
+    unknown = set(inputs) - set(spec.input_names)
+    if unknown:
+        raise EngineError(f"{spec.name}: unexpected inputs {sorted(unknown)}; expected {spec.input_names}")
+    try:
+        return spec.dims_of({k: tuple(v.shape) for k, v in inputs.items()})
+    except ValueError as e:
+        raise EngineError(str(e)) from None

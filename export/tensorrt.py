@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 
 from editrt.errors import EngineError
-from editrt.export.specs import NetworkSpec
+from editrt.export.specs import NetworkSpec, check_inputs
 from editrt.models.files import write_bytes_atomic
+from editrt.models.lora import LoRAScale
 
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 SUPPORTED_TENSORRT = ((10, 0), (12, 0))  # [lowest, first unsupported): setup.py's tensorrt>=10.0,<12
@@ -459,8 +460,6 @@ class TensorRTEngine:
             raise EngineError(f"{self.spec.name}: TensorRT execution failed")
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        from editrt.runtime.engines import check_inputs
-
         check_inputs(self.spec, inputs)
         self.prepare()
         ins, outs = self._buffers(inputs)
@@ -537,8 +536,6 @@ class HarmonizerAtScale:
     compiled = False
 
     def __init__(self, shared: RefittableHarmonizer, scale: float, spec: NetworkSpec, switchable: bool | None = None):
-        from editrt.runtime.engines import LoRAScale
-
         self.shared, self.spec, self._fixed_scale = shared, spec, float(scale)
         switchable = spec.refittable if switchable is None else switchable
         self.lora = LoRAScale(scale, allowed=tuple(sorted(shared.weights)), name=spec.name) if switchable else None

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from editrt.errors import EngineError
-from editrt.export.specs import NetworkSpec
+from editrt.export.specs import NetworkSpec, check_inputs
 from editrt.models.lora import LoRAScale
 
 __all__ = ["Engine", "LoRAScale", "OrtEngine", "TorchEngine", "check_inputs", "conforms"]
@@ -67,16 +67,6 @@ def conforms(engine) -> None:
     missing = [m for m in ENGINE_MEMBERS if m not in dir(engine)]
     if missing or not callable(engine):
         raise EngineError(f"{type(engine).__name__}: not an editrt engine (missing {missing or ['__call__']})")
-
-
-def check_inputs(spec: NetworkSpec, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
-    unknown = set(inputs) - set(spec.input_names)
-    if unknown:
-        raise EngineError(f"{spec.name}: unexpected inputs {sorted(unknown)}; expected {spec.input_names}")
-    try:
-        return spec.dims_of({k: tuple(v.shape) for k, v in inputs.items()})
-    except ValueError as e:
-        raise EngineError(str(e)) from None
 
 
 def compile_mode(device: torch.device) -> str:
