@@ -20,7 +20,7 @@ from editrt.models.files import write_dir_atomic
 
 CONFIG_NAMES = ("tiny", "full")
 # Bumped when `init_weights` writes something new, so cached random weights are rewritten.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 def load_config(name: str) -> dict:
@@ -30,8 +30,9 @@ def load_config(name: str) -> dict:
 
 
 def _model_index() -> dict:
-    # What diffusers writes for StableDiffusionInpaintPipeline, minus the text encoder that task
-    # inversion replaces; published SD-2 inpainting folders (which also list one) load the same way.
+    # What diffusers writes for StableDiffusionInpaintPipeline. The pipelines never run the text
+    # encoder (task inversion replaces it); `editrt weights prompts --from-text` uses it to
+    # initialise task prompts from descriptions (paper App. A.2), as published SD-2 folders allow.
     return {
         "_class_name": "StableDiffusionInpaintPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -40,8 +41,8 @@ def _model_index() -> dict:
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": [None, None],
-        "tokenizer": [None, None],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -52,6 +53,7 @@ def _write_inpaint(layout: WeightsLayout, config: dict, generator: torch.Generat
 
     from editrt.models.inpaint import TASKS, save_task_prompts
     from editrt.models.lora import random_lora, save_lora
+    from editrt.models.text import random_text_encoder, write_tiny_tokenizer
 
     cfg = config["inpaint"]
     layout.inpaint.mkdir(parents=True)
@@ -64,6 +66,9 @@ def _write_inpaint(layout: WeightsLayout, config: dict, generator: torch.Generat
     log("inpaint/vae")
     AutoencoderKL.from_config(cfg["vae"]).save_pretrained(layout.vae, safe_serialization=True)
     DDIMScheduler.from_config(cfg["scheduler"]).save_pretrained(layout.scheduler)
+    log("inpaint/text_encoder, tokenizer")
+    vocab = write_tiny_tokenizer(layout.tokenizer)  # no 49k BPE offline: see models/text.py
+    random_text_encoder(cfg["text_encoder"], vocab).save_pretrained(layout.text_encoder)
 
     log("task_prompts.safetensors")
     dim, tokens = unet.config.cross_attention_dim, cfg["task_prompt_tokens"]
@@ -82,6 +87,24 @@ def _write_sam(layout: WeightsLayout, config: dict, generator: torch.Generator, 
     torch.manual_seed(generator.initial_seed() + 1)
     sam = build_sam(config["sam"])
     save_sam(sam, layout.sam, config["sam"])
+
+
+def _write_depth(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    log("depth")
+    torch.manual_seed(generator.initial_seed() + 3)
+    DPTForDepthEstimation(DPTConfig(**config["depth"]["model"])).save_pretrained(layout.depth, safe_serialization=True)
+
+
+def _write_matting(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
+    from transformers import VitDetConfig, VitMatteConfig, VitMatteForImageMatting
+
+    log("matting")
+    torch.manual_seed(generator.initial_seed() + 4)
+    cfg = config["matting"]
+    model_config = VitMatteConfig(backbone_config=VitDetConfig(**cfg["backbone"]), **cfg["model"])
+    VitMatteForImageMatting(model_config).save_pretrained(layout.matting, safe_serialization=True)
 
 
 def _write_elements(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
@@ -117,6 +140,8 @@ def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log
         generator = torch.Generator().manual_seed(seed)
         _write_inpaint(layout, cfg, generator, log)
         _write_sam(layout, cfg, generator, log)
+        _write_depth(layout, cfg, generator, log)
+        _write_matting(layout, cfg, generator, log)
         _write_elements(layout, cfg, generator, log)
         layout.info.write_text(json.dumps({"config": config, "seed": seed, "format": LAYOUT_VERSION}, indent=2) + "\n")
 

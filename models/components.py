@@ -1,10 +1,13 @@
 """The weights directory's layout and the loaded components of each editor.
 
     DIR/
-      inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/
+      inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/,
+                                    text_encoder/ + tokenizer/ (only to initialise task prompts from text)
       task_prompts.safetensors      remove / complete / harmonize / null, each [L, cross_attention_dim]
       harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format
       sam/                          config.json + segment-anything checkpoint (.pth)
+      depth/                        transformers DPTForDepthEstimation folder (MiDaS v3 / DPT): occlusion, perspective
+      matting/                      transformers VitMatteForImageMatting folder (ViTMatte): subject alpha
       elements/                     unet/ element_adapter/ content_encoder/ vae/ scheduler/ text_encoder/ tokenizer/
       editrt.json                   which config and seed wrote it (random weights only)
 
@@ -31,9 +34,13 @@ class WeightsLayout:
     unet = property(lambda self: self.root / "inpaint" / "unet")
     vae = property(lambda self: self.root / "inpaint" / "vae")
     scheduler = property(lambda self: self.root / "inpaint" / "scheduler")
+    text_encoder = property(lambda self: self.root / "inpaint" / "text_encoder")
+    tokenizer = property(lambda self: self.root / "inpaint" / "tokenizer")
     task_prompts = property(lambda self: self.root / "task_prompts.safetensors")
     harmonizer_lora = property(lambda self: self.root / "harmonizer_lora.safetensors")
     sam = property(lambda self: self.root / "sam")
+    depth = property(lambda self: self.root / "depth")
+    matting = property(lambda self: self.root / "matting")
     elements = property(lambda self: self.root / "elements")
     info = property(lambda self: self.root / "editrt.json")
 
