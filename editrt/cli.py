@@ -121,6 +121,34 @@ def cmd_weights_init(args) -> None:
     _log(args)(f"wrote '{args.config}' random weights (seed {args.seed}) to {path}")
 
 
+def cmd_weights_prompts(args) -> None:
+    # Task prompts initialised from text with the SD-2 text encoder (paper App. A.2): editrt/prompts.py
+    from editrt.prompts import write_prompts_from_text
+
+    texts = {}
+    for item in args.from_text:  # the first '=' ends the task name: the text may hold more
+        task, sep, text = item.partition("=")
+        if not sep:
+            raise InputError(f"--from-text {item!r}: expected TASK=TEXT")
+        texts[task] = text
+    path = write_prompts_from_text(args.dir, texts, output=args.output, tokens=args.tokens, log=_log(args))
+    _log(args)(f"task prompts from text -> {path}")
+
+
+def cmd_outpaint(args) -> None:
+    # Outpainting with the complete prompt (paper App. A.4): runtime/outpaint.py
+    from editrt.runtime.images import save_png
+    from editrt.runtime.outpaint import outpaint
+
+    out = _check_output(args.output)
+    image = load_image(args.image)
+    extend = [int(v) if float(v).is_integer() else v for v in _numbers(args.extend, "--extend", (4,))]
+    result = outpaint(_reposition_pipeline(args), image, extend, fill=args.fill, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args))
+    save_png(result, out, watermark=args.watermark)
+    _log(args)(f"outpaint -> {out}")
+
+
 def cmd_segment(args) -> None:
     from editrt.runtime.images import save_mask_png
 
@@ -288,6 +316,18 @@ def cmd_export(args) -> None:
     from editrt.export.components import FORMATS, export_components, resolve_components
     from editrt.weights import resolve_weights
 
+    if args.format == "triton":  # a Triton Inference Server model repository: export/triton.py
+        from editrt.export.triton import write_model_repository
+
+        out = Path(args.output)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"-o {out}: exists and is not a directory")
+        weights = resolve_weights(args.weights, log=_log(args))
+        write_model_repository(weights, out, engines=args.engines, components=args.component, log=_log(args))
+        return
+    if args.engines:
+        raise InputError("--engines: only with --format triton (the engines a model repository serves)")
+
     if args.format not in FORMATS:
         raise InputError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
     names = resolve_components(args.component.split(",") if args.component != "all" else "all")
@@ -420,6 +460,14 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_weights_init)
+    p = weights.add_parser("prompts", help="initialise task prompts from text with the SD-2 text encoder")
+    p.add_argument("dir", help="weights directory whose inpaint/text_encoder and inpaint/tokenizer encode the text")
+    p.add_argument("--from-text", nargs="+", required=True, metavar="TASK=TEXT",
+                   help="remove=..., complete=..., harmonize=... (null is the empty prompt)")
+    p.add_argument("-o", "--output", metavar="FILE", help="default: DIR/task_prompts.safetensors")
+    p.add_argument("--tokens", type=int, default=50, help="prompt length L of [L, C] (paper: 50)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_weights_prompts)
 
     p = sub.add_parser("segment", help="subject mask from a click or a box (SAM)")
     p.add_argument("image")
@@ -449,6 +497,15 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_reposition)
+
+    p = sub.add_parser("outpaint", help="extend the canvas with the complete prompt; the original pixels stay")
+    p.add_argument("image")
+    p.add_argument("--extend", required=True, metavar="L,T,R,B", help="pixels to add on each side")
+    p.add_argument("--fill", default="edge", help="how the new border starts before inpainting: edge (default), "
+                   "reflect or mean")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    _common(p)
+    p.set_defaults(func=cmd_outpaint)
 
     elements = sub.add_parser("elements", help="editable image elements").add_subparsers(dest="elements_command", required=True)
     p = elements.add_parser("partition", help="split an image into elements (SAM-feature SLIC) and encode them")
@@ -492,7 +549,10 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export components to ONNX (and build TensorRT engines)")
     p.add_argument("--component", default="all", help="all (default) or comma-separated names")
-    p.add_argument("--format", default="onnx", help="onnx (default) or tensorrt (ONNX first, then engines)")
+    p.add_argument("--format", default="onnx", help="onnx (default), tensorrt (ONNX first, then engines) or "
+                   "triton (a Triton Inference Server model repository)")
+    p.add_argument("--engines", metavar="DIR", help="triton: the folder `editrt export` wrote, whose engines the "
+                   "repository serves (default: the pipelines run editrt's own engines in-process)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--check", action="store_true",
                    help="print each component's max relative error vs PyTorch (ONNX Runtime on fresh random inputs; "
