@@ -113,6 +113,10 @@ class BuildNative(Command):
         self.run_command("build_ext")
 
 
+DEPLOY = [  # tests/deploy and `editrt serve --ray`: Ray Serve, and tritonclient against a real tritonserver
+    "ray[serve]>=2.40",
+    "tritonclient[http,grpc]>=2.50",
+]
 SERVE = [  # editrt serve: FastAPI on uvicorn
     "fastapi>=0.110",
     "uvicorn>=0.29",
@@ -169,6 +173,7 @@ setup(
     extras_require={
         "tensorrt": ["tensorrt>=10.0,<12"],  # export/tensorrt.py is written against the 10.x and 11.x API
         "serve": SERVE,
+        "deploy": [*SERVE, *DEPLOY],
         "gpu": ["onnxruntime-gpu>=1.18"],
         "watermark": ["invisible-watermark>=0.2"],
         "dev": [
@@ -178,6 +183,7 @@ setup(
             "scikit-image>=0.22",  # real photographs for tests
             "invisible-watermark>=0.2",
             *SERVE,
+            *DEPLOY,
             "httpx>=0.27",  # tests/server, bench/serve_load.py, examples/client.py
             "playwright>=1.40",  # tests/server/test_browser.py drives Debian's /usr/bin/chromium
             "schemathesis>=4.0",  # tests/server/test_fuzz.py: no 5xx on any input the OpenAPI schema allows
