@@ -4,6 +4,7 @@
       inpaint_unet.onnx  harmonizer_unet.onnx  vae_encoder.onnx  vae_decoder.onnx
       sam_image_encoder.onnx  sam_mask_decoder.onnx  sam_mask_decoder_grid.onnx
       content_encoder.onnx  element_unet.onnx  element_vae_decoder.onnx
+      depth_estimator.onnx  matting.onnx          (where the weights have depth/ and matting/)
       manifest.json          which weights, what was checked (max relative error vs PyTorch), versions
       *.plan                 TensorRT engines (--format tensorrt), with their cache keys in the manifest
 
@@ -26,13 +27,19 @@ from editrt.export.onnx import ONNX_PRECISIONS, ExportResult, export_network, tr
 from editrt.export.specs import NetworkSpec, network_specs
 from editrt.export.traceable import export_module
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
+from editrt.models.estimators import (
+    estimator_network_config,
+    estimator_networks,
+    estimator_networks_present,
+)
 from editrt.models.files import write_atomic
 from editrt.models.networks import elements_networks, reposition_networks
 
 REPOSITION = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder", "sam_mask_decoder",
               "sam_mask_decoder_grid")
 ELEMENTS = ("content_encoder", "element_unet", "element_vae_decoder")
-COMPONENTS = REPOSITION + ELEMENTS
+ESTIMATORS = ("depth_estimator", "matting")  # exported where the weights folder has depth/ and matting/
+COMPONENTS = REPOSITION + ELEMENTS + ESTIMATORS
 FORMATS = ("onnx", "tensorrt")
 
 
@@ -50,10 +57,15 @@ def weights_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_components(names: list[str] | str) -> list[str]:
+def resolve_components(names: list[str] | str, weights: str | Path | None = None) -> list[str]:
+    """Component names from --component; 'all' leaves out the estimators the `weights` folder lacks
+    (published weights may have no depth/ or matting/; asking for one by name still requires it)."""
     names = [names] if isinstance(names, str) else list(names)
     if names == ["all"]:
-        return list(COMPONENTS)
+        if weights is None:
+            return list(COMPONENTS)
+        present = estimator_networks_present(WeightsLayout(weights))
+        return [n for n in COMPONENTS if n not in ESTIMATORS or n in present]
     unknown = [n for n in names if n not in COMPONENTS]
     if unknown:
         raise InputError(f"--component {unknown[0]!r}: expected 'all' or one of {', '.join(COMPONENTS)}")
@@ -70,16 +82,17 @@ def export_components(weights: str | Path, names, out_dir: str | Path, check: bo
 
     if precision not in ONNX_PRECISIONS:
         raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
-    names = resolve_components(names)
     layout = WeightsLayout(weights)
     layout.check_root()
-    config = layout.network_config()
+    names = resolve_components(names, weights)
+    config = {**layout.network_config(), **estimator_network_config(layout, [n for n in names if n in ESTIMATORS])}
     specs = network_specs(config)
     networks: dict[str, torch.nn.Module] = {}
     if any(n in REPOSITION for n in names):
         networks.update(reposition_networks(load_reposition_components(weights)))
     if any(n in ELEMENTS for n in names):
         networks.update({k: v for k, v in elements_networks(load_elements_components(weights)).items() if k in ELEMENTS})
+    networks.update(estimator_networks(layout, [n for n in names if n in ESTIMATORS]))
     from editrt.models.sam import sam_architecture
 
     context = {"sam_image_size": sam_architecture(config["sam"])["image_size"]}

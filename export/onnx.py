@@ -84,13 +84,19 @@ def check_cases(spec: NetworkSpec, traced: dict[str, int]) -> list[tuple[dict[st
     """(dims, context) per check run; every dynamic axis and `orig_im_size` differ from the trace example.
 
     Two sets of dims: each axis at its minimum (its maximum where the minimum is the example) and
-    at an odd value between (its other bound where none fits). Networks with `orig_im_size` run one
+    at an odd value between (its other bound where none fits); axes that must be a multiple of k
+    (`spec.multiple_of`) take multiples of k between instead, a different one per axis (non-square). Networks with `orig_im_size` run one
     case per CHECK_ORIG_IM_SIZES, alternating the two sets of dims.
     """
     ranges = spec.profiles[0] if spec.profiles else {}
     low, odd = {}, {}
     for name, (lo, _, hi) in ranges.items():
         low[name] = lo if lo != traced[name] else hi
+        if name in spec.multiple_of:  # e.g. ViTMatte's padded sides: the multiples between, a different one per axis
+            k = spec.multiple_of[name]
+            between = [v for v in range(lo, hi + 1, k) if v not in (traced[name], low[name])]
+            odd[name] = between[list(spec.multiple_of).index(name) % len(between)] if between else low[name]
+            continue
         between = [v for v in range(lo, hi + 1) if v % 2 == 1 and v not in (traced[name], low[name])]
         odd[name] = between[0] if between else next((v for v in (lo, hi) if v != traced[name]), traced[name])
     sets = [_with_derived(spec, low), _with_derived(spec, odd)]
@@ -122,6 +128,11 @@ def random_inputs(spec: NetworkSpec, dims: dict[str, int], generator: torch.Gene
             out[t.name] = torch.tensor(context.get("orig_im_size", TRACE_ORIG_IM_SIZE), dtype=_DTYPES[t.dtype])
         elif t.name in ("image", "patches"):
             out[t.name] = torch.rand(shape, generator=g) * 2 - 1
+        elif t.name == "pixel_values":  # transformers' normalised image in [-1, 1]; ViTMatte's 4th channel a trimap
+            out[t.name] = torch.rand(shape, generator=g) * 2 - 1
+            if shape[1] == 4:
+                out[t.name][:, 3] = torch.randint(0, 3, (shape[0], *shape[2:]), generator=g) * (128 / 255)
+                out[t.name][:, 3][out[t.name][:, 3] > 1] = 1.0  # levels 0, 128/255, 1 as trimap / 255
         else:
             out[t.name] = torch.randn(shape, generator=g)
     return out

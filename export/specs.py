@@ -49,6 +49,8 @@ class NetworkSpec:
     # shape-tensor inputs (values that set output shapes, e.g. SAM's orig_im_size): name -> (min, opt,
     # max) values, for every profile (TensorRT's IOptimizationProfile.set_shape_input)
     value_ranges: dict = field(default_factory=dict)
+    # dynamic axes whose sizes must be a multiple of k: name -> k (ViTMatte's padded image: 32)
+    multiple_of: dict = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -79,13 +81,19 @@ class NetworkSpec:
                     raise ValueError(f"{self.name}: input {t.name!r} has shape {list(shape)}, expected {list(t.axes)}")
                 if isinstance(axis, str) and dims.setdefault(axis, size) != size:
                     raise ValueError(f"{self.name}: axis {axis!r} is {dims[axis]} in one input and {size} in {t.name!r}")
+        for name, k in self.multiple_of.items():
+            if name in dims and dims[name] % k:
+                raise ValueError(f"{self.name}: axis {name!r} is {dims[name]}, expected a multiple of {k}")
         for name, (base, factor) in self.derived.items():
             if base in dims and dims.setdefault(name, factor * dims[base]) != factor * dims[base]:
                 raise ValueError(f"{self.name}: axis {name!r} is {dims[name]}, expected {factor} x {base} = {factor * dims[base]}")
         return dims
 
 
-MAX_IMAGE_SIDE = 8192  # the largest input image side the SAM decoder engines accept (masks at full size)
+MAX_IMAGE_SIDE = 8192
+# ViTMatte's padded input side: TensorRT profile (min, opt, max). ViTDet's global-attention blocks are
+# quadratic in the tokens ((side / 16)^2), so larger photos are matted on a crop around the subject.
+MATTING_SIDES = (32, 512, 2048)  # the largest input image side the SAM decoder engines accept (masks at full size)
 
 
 def _range(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
@@ -188,7 +196,33 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
                         ({"batch": _range(1, 1, 1), "height": lat_e, "width": lat_e},),
                         derived={"image_height": ("height", 8), "image_width": ("width", 8)}, precisions=fp16),
         ]
+    specs += estimator_specs(config)
     return {s.name: s for s in specs}
+
+
+def estimator_specs(config: dict) -> list[NetworkSpec]:
+    """Depth (DPT) and matting (ViTMatte), for configs that have them (`depth`: {"model": DPTConfig dict},
+    `matting`: present). Both have batch 1: one image per call, as the editor asks."""
+    specs = []
+    if config.get("depth"):
+        size = config["depth"]["model"].get("image_size", 384)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        specs.append(NetworkSpec(
+            "depth_estimator",
+            (TensorSpec("pixel_values", (1, 3, size, size)),),
+            (TensorSpec("predicted_depth", (1, size, size)),),
+            "DPT (MiDaS v3): DPTImageProcessor's S x S image (mean = std = 0.5) -> relative inverse depth at S x S",
+            precisions=("fp32", "fp16")))
+    if config.get("matting"):
+        side = _range(*MATTING_SIDES)
+        specs.append(NetworkSpec(
+            "matting",
+            (TensorSpec("pixel_values", (1, 4, "image_height", "image_width")),),
+            (TensorSpec("alphas", (1, 1, "image_height", "image_width")),),
+            "ViTMatte: image (mean = std = 0.5) | trimap / 255, zero-padded to multiples of 32 -> alpha in [0, 1]",
+            ({"image_height": side, "image_width": side},),
+            multiple_of={"image_height": 32, "image_width": 32}))
+    return specs
 
 
 def _sam_sizes(sam_config: dict) -> dict:

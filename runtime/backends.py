@@ -14,6 +14,7 @@ import torch
 from editrt.errors import EngineError, InputError, WeightsError
 from editrt.export.specs import network_specs
 from editrt.models.components import WeightsLayout
+from editrt.models.estimators import estimator_network_config, estimator_networks, estimator_networks_present
 from editrt.models.sam import sam_architecture
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -46,7 +47,8 @@ def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
     """`editor` is 'inpaint' (repositioning) or 'elements'; reads only the folder's JSON configs."""
     layout = WeightsLayout(weights)
     layout.check_root()
-    config = layout.network_config()
+    # depth/ and matting/ where the folder has them (models/estimators.py): their specs, for every editor
+    config = {**layout.network_config(), **estimator_network_config(layout)}
     if editor not in config:
         raise WeightsError(f"{layout.elements}: missing; expected the element decoder folder (editrt weights init writes it)")
     vae_scale_factor = 2 ** (len(config[editor]["vae"]["block_out_channels"]) - 1)
@@ -56,7 +58,8 @@ def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
 
 
 COMPILED_NETWORKS = ("inpaint_unet", "harmonizer_unet", "element_unet", "vae_encoder", "vae_decoder",
-                     "element_vae_decoder", "sam_image_encoder")  # what `compile=True` runs through inductor
+                     "element_vae_decoder", "sam_image_encoder", "depth_estimator",
+                     "matting")  # what `compile=True` runs through inductor
 DENOISERS = {"reposition": ("inpaint_unet", "harmonizer_unet"), "elements": ("element_unet",)}
 
 
@@ -140,6 +143,8 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         loras = {"inpaint_unet": dict(lora=c.harmonizer, lora_scale=0.0),
                  "harmonizer_unet": dict(lora=c.harmonizer, lora_scale=1.0, switchable=True)}
         engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in REPOSITION_NETWORKS}
+        estimators = estimator_networks(w.layout, estimator_networks_present(w.layout), device, dtype)
+        engines.update({n: engine(n, net) for n, net in estimators.items()})
         return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
     from editrt.models.attention import use_fused_dual_attention
     from editrt.models.components import load_elements_components
@@ -159,6 +164,9 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
 def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir, device, dtype) -> BuiltEditor:
     from editrt.models.inpaint import load_scheduler
 
+    if editor == "reposition":  # the estimators the weights have and `editrt export` wrote (older folders lack them)
+        names = tuple(names) + tuple(n for n in estimator_networks_present(w.layout)
+                                     if (Path(engines_dir) / f"{n}.onnx").is_file())
     engines = file_engines(w.specs, names, backend, engines_dir, device, weights)
     if editor == "reposition":
         from editrt.models.inpaint import load_task_prompts
