@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from editrt.errors import InputError
 from editrt.models.common import resolve_dtype
+from editrt.models.files import write_atomic
 from editrt.models.inpaint import TASKS
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
+from editrt.runtime.estimators import estimators_from_engines, trimap_from_mask
 from editrt.runtime.images import (
     as_mask,
     as_rgb,
@@ -35,11 +37,24 @@ from editrt.runtime.images import (
     shift_or_warp,
 )
 from editrt.runtime.scheduler import LoopCache, LoopKey
+from editrt.runtime.seele_stages import (
+    as_region,
+    composite,
+    default_trimap_band,
+    footpoint_anchor_dy,
+    move_values,
+    normalized_depth,
+    occluder_from_depth,
+    perspective_scale,
+    refine_alpha,
+)
 from editrt.runtime.segmenter import Segmenter
 from editrt.runtime.work_queue import FINAL, WorkQueue
 
 __all__ = ["RepositionPipeline", "RepositionResult", "Stage", "check_steps", "resolve_dtype"]
 REMOVE_PASS_BUDGET = 256 << 20  # bytes of memoized REMOVE results (uint8 RGB at the input size)
+DEPTH_BUDGET = 64 << 20  # bytes of memoized depth maps (float32 at the input size: 4 MB for 1024^2)
+ALPHA_BUDGET = 64 << 20  # bytes of memoized (trimap, alpha) pairs (5 bytes a pixel)
 
 
 def check_steps(steps: int, guidance: float) -> None:
@@ -53,18 +68,30 @@ def check_steps(steps: int, guidance: float) -> None:
 class Stage:
     image: Image.Image | None = None
     mask: np.ndarray | None = None
+    values: np.ndarray | None = None  # a float map in [0, 1] (normalised depth, alpha)
+
+
+def save_values_png(values: np.ndarray, path: str | Path) -> Path:
+    """A [0, 1] float map as a 16-bit greyscale PNG: round-half-up(v x 65535), atomically."""
+    data = np.floor(np.clip(np.asarray(values, np.float32), 0, 1) * 65535.0 + 0.5).astype(np.uint16)
+    return write_atomic(Path(path), lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
 
 
 @dataclass
 class RepositionResult:
     image: Image.Image
     stages: dict[str, Stage] = field(default_factory=dict)
+    scale: float = 1.0  # the scale applied (scale="auto": the perspective rule's)
 
     def save_stages(self, folder: str | Path) -> list[Path]:
+        """Every stage as `{i}_{name}.png` (RGB, 8-bit), `{i}_{name}_mask.png` (255 inside) and, for float
+        maps (depth normalised to [0, 1] with 1 = nearest; alpha), a 16-bit greyscale `{i}_{name}.png`."""
         written = []
         for i, (name, stage) in enumerate(self.stages.items()):
             if stage.image is not None:
                 written.append(save_png(stage.image, Path(folder) / f"{i}_{name}.png"))
+            if stage.values is not None:
+                written.append(save_values_png(stage.values, Path(folder) / f"{i}_{name}.png"))
             if stage.mask is not None:
                 written.append(save_mask_png(stage.mask, Path(folder) / f"{i}_{name}_mask.png"))
         return written
@@ -92,6 +119,10 @@ class RepositionPipeline:
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
         self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
         self.remove_passes = ByteLRU("remove passes", REMOVE_PASS_BUDGET)
+        # SEELE's depth (DPT) and matting (ViTMatte), when the weights folder has them; else None
+        self.depth_estimator, self.matter = estimators_from_engines(engines, self.device, dtype)
+        self.depth_maps = ByteLRU("depth maps", DEPTH_BUDGET)
+        self.alphas = ByteLRU("subject alphas", ALPHA_BUDGET)
         self._embeds: dict[tuple, torch.Tensor] = {}  # (task, cfg) -> tensor: at most 8, fixed size
 
     @classmethod
@@ -128,15 +159,17 @@ class RepositionPipeline:
     def caches(self) -> list[ByteLRU]:
         """Every byte-budgeted cache this pipeline holds (the cross-attention K/V caches are one entry
         per layer inside the UNet, bounded by construction)."""
-        return [self.segmenter.cache, self.remove_passes, self.loops.cache]
+        return [self.segmenter.cache, self.remove_passes, self.depth_maps, self.alphas, self.loops.cache]
 
     def forget(self, owner) -> None:
-        """Drop what is cached for `owner` (a closed session's token): REMOVE passes whose cache_key is
-        `owner` or a tuple starting with it, and the SAM embedding stored under image_key=owner."""
+        """Drop what is cached for `owner` (a closed session's token): REMOVE passes, alphas and depth maps
+        whose cache_key (or image_key) is `owner` or a tuple starting with it, and the SAM embedding stored
+        under image_key=owner."""
         def owned(key) -> bool:
             name = key[0]
             return name == owner or (isinstance(name, tuple) and len(name) > 0 and name[0] == owner)
-        self.work.run(lambda: (self.remove_passes.discard(owned), self.segmenter.forget(owner)))
+        self.work.run(lambda: (self.remove_passes.discard(owned), self.alphas.discard(owned),
+                               self.depth_maps.discard(owned), self.segmenter.forget(owner)))
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, image, points=None, labels=None, box=None, image_key=None) -> np.ndarray:
@@ -266,56 +299,159 @@ class RepositionPipeline:
                 lora.set(previous)
         return Image.fromarray(self.work.run(job))
 
+    # ------------------------------------------------------------------ depth and matting (SEELE pre-processing)
+    def _depth_map(self, rgb: np.ndarray, key, why: str) -> np.ndarray:
+        """Relative inverse depth [H, W] of the image (DPT), memoized under `key` (None: not cached)."""
+        if self.depth_estimator is None:
+            raise InputError(f"{why}: needs depth weights (the weights folder's depth/, DPT); none are loaded")
+        depth = None if key is None else self.depth_maps.get(key)
+        if depth is None:
+            depth = self.depth_estimator(rgb)
+            if key is not None:
+                depth.setflags(write=False)
+                self.depth_maps.put(key, depth)
+        return depth
+
+    def _alpha(self, rgb: np.ndarray, carried: np.ndarray, band: int, key) -> tuple[np.ndarray, np.ndarray]:
+        """(trimap, alpha) of the subject (ViTMatte; the trimap's known regions imposed), memoized under `key`."""
+        if self.matter is None:
+            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded")
+        cached = None if key is None else self.alphas.get(key)
+        if cached is None:
+            trimap = trimap_from_mask(carried, band)
+            cached = (trimap, refine_alpha(self.matter(rgb, trimap), trimap))
+            if key is not None:
+                for a in cached:
+                    a.setflags(write=False)
+                self.alphas.put(key, cached)
+        return cached
+
     # ------------------------------------------------------------------ the SEELE flow
-    def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float = 1.0,
+    def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float | str = 1.0,
                  complete_mask=None, occluder_mask=None, harmonize: bool = True, steps: int = 50,
                  guidance: float = 1.0, seed: int = 0, resolution: int | None = None, dilation: int | None = None,
-                 progress: bool = False, cache_key=None, step_callback=None, priority: int = FINAL) -> RepositionResult:
+                 progress: bool = False, cache_key=None, step_callback=None, priority: int = FINAL,
+                 occlusion="none", matting: bool = False, trimap_band: int | None = None, shadow_mask=None,
+                 shadow_region=None, image_key=None) -> RepositionResult:
         """The SEELE flow, as one job of the pipeline's work queue.
 
-        `cache_key`: a hashable the caller chooses to name (image, subject mask), e.g. an EditSession's
-        token and selection number; it must change when either changes. With it, the REMOVE pass,
-        which depends on the image and subject but not on the move, is memoized in the pipeline's
-        bounded `remove_passes` cache: a new drag position then costs only paste + harmonize, and no
-        image is hashed. `step_callback(i)` runs after each eager denoising step (on the job's thread).
+        `cache_key`: a hashable the caller chooses to name (image, subject mask, shadow mask), e.g. an
+        EditSession's token and selection number; it must change when any of them changes. With it, the
+        REMOVE pass and the subject's alpha matte, which depend on the image and subject but not on the
+        move, are memoized in the pipeline's bounded caches: a new drag position then costs only paste +
+        harmonize, and no image is hashed. `image_key` names the image alone (its depth map is memoized
+        under it; default: under `cache_key`). `step_callback(i)` runs after each eager denoising step.
+
+        SEELE's pre/post-processing (runtime/seele_stages.py states each rule):
+        `occlusion`: "none"; "auto" (depth: destination pixels nearer than the subject hide it); or a mask
+        of the pixels in front of the moved subject (`occluder_mask` is the older spelling of the same).
+        The hidden part is neither pasted, completed nor harmonized: the occluder keeps its pixels.
+        `scale`: a number, or "auto" (perspective: the ratio of inverse depth at the new and old footpoint,
+        clamped to [0.25, 4]; the footpoint stays where the move puts it).
+        `matting`: composite the subject with its ViTMatte alpha (trimap band `trimap_band` px, default 2%
+        of the short side); the REMOVE void follows alpha > 0.
+        `shadow_mask`: the subject's existing shadow (input coordinates): moved and removed with the subject,
+        regenerated at its new place with the complete prompt. `shadow_region`: a mask or box (output
+        coordinates) where a shadow should appear: harmonized with the LoRA harmonizer.
         """
-        return self.work.run(lambda: self._reposition(
-            image, mask, points, labels, box, move, scale, complete_mask, occluder_mask, harmonize, steps, guidance,
-            seed, resolution, dilation, progress, cache_key, step_callback), priority)
+        options = dict(image=image, mask=mask, points=points, labels=labels, box=box, move=move, scale=scale,
+                       complete_mask=complete_mask, occluder_mask=occluder_mask, harmonize=harmonize, steps=steps,
+                       guidance=guidance, seed=seed, resolution=resolution, dilation=dilation, progress=progress,
+                       cache_key=cache_key, step_callback=step_callback, occlusion=occlusion, matting=matting,
+                       trimap_band=trimap_band, shadow_mask=shadow_mask, shadow_region=shadow_region,
+                       image_key=image_key)
+        return self.work.run(lambda: self._reposition(**options), priority)
 
     def _reposition(self, image, mask, points, labels, box, move, scale, complete_mask, occluder_mask, harmonize,
-                    steps, guidance, seed, resolution, dilation, progress, cache_key, step_callback) -> RepositionResult:
-        # 1. Check inputs.
+                    steps, guidance, seed, resolution, dilation, progress, cache_key, step_callback, occlusion,
+                    matting, trimap_band, shadow_mask, shadow_region, image_key) -> RepositionResult:
+        # 1. Check inputs (all of them, before any network runs).
         rgb = as_rgb(image)
         size = rgb.shape[:2]
         check_steps(steps, guidance)
-        if not (isinstance(scale, (int, float)) and 0.05 <= scale <= 20):
-            raise InputError(f"scale: expected a number in [0.05, 20], got {scale!r}")
+        auto_scale = isinstance(scale, str) and scale == "auto"
+        if not auto_scale and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                   and 0.05 <= scale <= 20):
+            raise InputError(f"scale: expected a number in [0.05, 20] or 'auto', got {scale!r}")
         try:
             dx, dy = (float(v) for v in move)
         except (TypeError, ValueError):
             raise InputError(f"move: expected (dx, dy) in pixels, got {move!r}") from None
         complete = None if complete_mask is None else as_mask(complete_mask, size, "complete_mask")
+        if isinstance(occlusion, str):
+            if occlusion not in ("none", "auto"):
+                raise InputError(f"occlusion: expected 'none', 'auto' or a mask, got {occlusion!r}")
+        elif occlusion is not None:
+            if occluder_mask is not None:
+                raise InputError("occlusion: give the occluder as occlusion=MASK or occluder_mask=, not both")
+            occluder_mask, occlusion = occlusion, "mask"
+        auto_occlusion = occlusion == "auto"
+        if auto_occlusion and occluder_mask is not None:
+            raise InputError("occlusion 'auto': computes the occluder from depth; do not also give occluder_mask")
         occluder = None if occluder_mask is None else as_mask(occluder_mask, size, "occluder_mask")
+        shadow = None if shadow_mask is None else as_mask(shadow_mask, size, "shadow_mask")
+        shadow_area = None if shadow_region is None else as_region(shadow_region, size, "shadow_region")
+        if shadow_area is not None and not harmonize:
+            raise InputError("shadow_region: the shadow is generated by the harmonizer; it needs harmonize on")
+        if trimap_band is not None and not matting:
+            raise InputError("trimap_band: only with matting on")
+        if (auto_scale or auto_occlusion) and self.depth_estimator is None:
+            raise InputError(f"{'scale' if auto_scale else 'occlusion'} auto: needs depth weights (the weights "
+                             "folder's depth/, DPT); none are loaded")
+        if matting and self.matter is None:
+            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded")
         radius = max(1, round(0.01 * min(size))) if dilation is None else int(dilation)
         stages: dict[str, Stage] = {"input": Stage(image=Image.fromarray(rgb))}
 
-        # 2. Subject mask: given, or SAM from points / box.
+        # 2. Subject mask: given, or SAM from points / box. Its shadow moves with it (App. A.3 iv).
         if mask is not None:
             subject = as_mask(mask, size, "mask")
         else:
             subject = self.segment(rgb, points=points, labels=labels, box=box)
         stages["subject"] = Stage(mask=subject)
+        carried = subject if shadow is None else subject | shadow
+        if shadow is not None:
+            stages["shadow"] = Stage(mask=shadow)
 
-        # 3. Move / scale the subject; hide the parts under occluders.
-        moved_rgb, moved_mask = shift_or_warp(rgb, subject, dx, dy, scale)
-        if not moved_mask.any():
+        # 3. Depth (occlusion, perspective), once per image.
+        depth = None
+        if auto_scale or auto_occlusion:
+            depth_key = None if (image_key if image_key is not None else cache_key) is None else \
+                (image_key if image_key is not None else cache_key, "depth", self.dtype)
+            depth = self._depth_map(rgb, depth_key, "scale auto" if auto_scale else "occlusion auto")
+            stages["depth"] = Stage(values=normalized_depth(depth))
+        if auto_scale:  # perspective: the footpoint's inverse-depth ratio; the feet stay where dropped
+            scale = perspective_scale(depth, subject, dx, dy)
+            dy += footpoint_anchor_dy(subject, scale, centre_of=carried)
+
+        # 4. Matting: trimap from the mask, alpha out (once per subject).
+        if matting:
+            band = default_trimap_band(size) if trimap_band is None else trimap_band
+            alpha_key = None if cache_key is None else (cache_key, "alpha", band, self.dtype)
+            trimap, alpha = self._alpha(rgb, carried, band, alpha_key)
+            stages["trimap"] = Stage(image=Image.fromarray(trimap))
+            stages["alpha"] = Stage(values=alpha)
+            source = alpha > 0
+        else:
+            band, alpha, source = None, None, carried
+
+        # 5. Move / scale the subject; the occluders hide part of it.
+        moved_rgb, moved_mask = shift_or_warp(rgb, carried, dx, dy, scale)
+        moved_alpha = None if alpha is None else move_values(alpha, carried, dx, dy, scale)
+        support = moved_mask if moved_alpha is None else moved_alpha > 0
+        if not support.any():
             raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})")
-        visible = moved_mask & ~occluder if occluder is not None else moved_mask
+        if auto_occlusion:  # (a given occluder mask is the caller's own: not repeated as a stage)
+            occluder = occluder_from_depth(depth, subject, moves_with=shadow)
+            stages["occluder"] = Stage(mask=occluder)
+        visible = support & ~occluder if occluder is not None else support
+        if not visible.any():
+            raise InputError(f"occlusion: the occluder hides the whole subject moved by ({dx:g}, {dy:g}); "
+                             "nothing would be pasted")
 
-        # 4. REMOVE: inpaint the void the subject leaves (dilated: SAM edges leave a halo otherwise).
-        void = dilate(subject, radius)
-        remove_key = (cache_key, radius, steps, guidance, seed, resolution, self.dtype)
+        # 6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
+        void = dilate(source, radius)
+        remove_key = (cache_key, radius, steps, guidance, seed, resolution, self.dtype, band)
         current = None if cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
             current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask",
@@ -325,31 +461,48 @@ class RepositionPipeline:
                 self.remove_passes.put(remove_key, current)
         stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
 
-        # 5. Paste the moved subject.
-        current = current.copy()
-        current[visible] = moved_rgb[visible]
+        # 7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0).
+        if moved_alpha is None:
+            current = current.copy()
+            current[visible] = moved_rgb[visible]
+        else:
+            current = composite(moved_rgb, current, np.where(visible, moved_alpha, 0.0))
         stages["moved"] = Stage(image=Image.fromarray(current), mask=visible)
         regenerated = void | visible
 
-        # 6. COMPLETE the occluded / cut-off part of the subject (user mask, output coordinates).
-        if complete is not None:
-            current, _ = self._regenerate(current, complete, "complete", steps, guidance, seed + 1, resolution,
+        # 8. COMPLETE the occluded / cut-off part (user mask, output coordinates) and the moved shadow,
+        #    never over the occluders.
+        region = complete
+        if shadow is not None:
+            moved_shadow = move_values(shadow, carried, dx, dy, scale) >= 0.5
+            region = moved_shadow if region is None else region | moved_shadow
+        if region is not None and occluder is not None:
+            region = region & ~occluder
+        if region is not None and region.any():
+            current, _ = self._regenerate(current, region, "complete", steps, guidance, seed + 1, resolution,
                                           progress, "complete_mask", step_callback)
-            stages["completed"] = Stage(image=Image.fromarray(current), mask=complete)
-            regenerated |= complete
-
-        # 7. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1).
-        if harmonize:
-            region = dilate(visible if complete is None else visible | complete, radius)
-            current, _ = self._regenerate(current, region, "harmonize", steps, 1.0, seed + 2, resolution, progress,
-                                          "harmonize region", step_callback)
-            stages["harmonized"] = Stage(image=Image.fromarray(current), mask=region)
+            stages["completed"] = Stage(image=Image.fromarray(current), mask=region)
             regenerated |= region
+        else:
+            region = None
 
-        # 8. Paste only the regenerated regions back into the original image.
+        # 9. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1), and the region where a
+        #    shadow should appear (App. A.3 iv); the occluders stay as they are.
+        if harmonize:
+            area = dilate(visible if region is None else visible | region, radius)
+            if occluder is not None:
+                area &= ~occluder
+            if shadow_area is not None:
+                stages["shadow_region"] = Stage(mask=shadow_area)
+                area |= shadow_area
+            current, _ = self._regenerate(current, area, "harmonize", steps, 1.0, seed + 2, resolution, progress,
+                                          "harmonize region", step_callback)
+            stages["harmonized"] = Stage(image=Image.fromarray(current), mask=area)
+            regenerated |= area
+
+        # 10. Paste only the regenerated regions back into the original image.
         out = rgb.copy()
         out[regenerated] = current[regenerated]
         result = Image.fromarray(out)
         stages["output"] = Stage(image=result, mask=regenerated)
-        return RepositionResult(image=result, stages=stages)
-
+        return RepositionResult(image=result, stages=stages, scale=float(scale))

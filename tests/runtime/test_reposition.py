@@ -117,3 +117,155 @@ def test_low_precision_regenerates_a_sane_region(tiny_weights, dtype):
         assert inside.std() > 10.0  # not a constant fill
         expected = np.asarray(run(reference))[mask].astype(float)
         assert np.abs(inside - expected).mean() <= 4.0
+
+
+# ---------------------------------------------------------------------- SEELE's pre/post-processing stages
+class KnownMap:
+    """Stands in for the depth network (or the matting network) with a map whose answer the test knows."""
+
+    def __init__(self, value):
+        self.value, self.calls = value, 0
+
+    def __call__(self, rgb, trimap=None):
+        self.calls += 1
+        value = self.value(trimap) if callable(self.value) else self.value
+        return np.array(value, np.float32)
+
+
+def small_photo():
+    from skimage import data
+
+    return np.ascontiguousarray(data.chelsea()[100:164, 150:246])  # 64 x 96, a real photo
+
+
+def box_mask(shape, r0, r1, c0, c1):
+    m = np.zeros(shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def occlusion_scene():
+    """Far wall (inverse depth 1), a near box (5), the subject (2): the box must hide the moved subject."""
+    depth = np.ones((64, 96), np.float32)
+    box = box_mask(depth.shape, 20, 50, 60, 80)
+    subject = box_mask(depth.shape, 10, 40, 10, 35)
+    depth[box], depth[subject] = 5.0, 2.0
+    return depth, box, subject
+
+
+def test_occlusion_auto_hides_the_subject_exactly_where_the_box_is_nearer(reposition, monkeypatch, tmp_path):
+    photo = small_photo()
+    depth, box, subject = occlusion_scene()
+    monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
+    complete = box_mask(photo.shape[:2], 15, 55, 45, 85)  # the user's completion region reaches over the box
+    result = reposition(photo, mask=subject, move=(40, 5), occlusion="auto", complete_mask=complete, steps=1,
+                        resolution=64)
+    np.testing.assert_array_equal(result.stages["occluder"].mask, box)
+    moved = np.roll(np.roll(subject, 5, 0), 40, 1)
+    np.testing.assert_array_equal(result.stages["moved"].mask, moved & ~box)  # the hidden part is not pasted
+    out = np.asarray(result.image)
+    # The box stays the input's bytes: not pasted over, not completed, not harmonized.
+    np.testing.assert_array_equal(out[box], photo[box])
+    assert not (result.stages["completed"].mask & box).any() and not (result.stages["harmonized"].mask & box).any()
+    assert (out[moved & ~box] != photo[moved & ~box]).any()
+    written = {p.name for p in result.save_stages(tmp_path)}
+    assert {"2_depth.png", "3_occluder_mask.png"} <= written
+    with Image.open(tmp_path / "2_depth.png") as im:  # 16-bit, normalised inverse depth: the subject at 2 on [1, 5]
+        assert im.mode.startswith("I") and np.asarray(im)[20, 20] == round(0.25 * 65535)
+    # Without occlusion the same move pastes the subject over the box.
+    plain = reposition(photo, mask=subject, move=(40, 5), harmonize=False, steps=1, resolution=64)
+    np.testing.assert_array_equal(plain.stages["moved"].mask, moved)
+
+
+def test_scale_auto_follows_the_footpoint_depth_and_an_explicit_scale_wins(reposition, monkeypatch):
+    photo = small_photo()
+    ground = np.repeat(np.arange(64, dtype=np.float32)[:, None], 96, axis=1)  # inverse depth = row
+    estimator = KnownMap(ground)
+    monkeypatch.setattr(reposition, "depth_estimator", estimator)
+    subject = box_mask(photo.shape[:2], 30, 60, 40, 60)  # footpoint: row 59 (a 2-row band: rows 58, 59)
+    result = reposition(photo, mask=subject, move=(5, -20), scale="auto", harmonize=False, steps=1, resolution=64)
+    # median over the footpoint band: old (58 + 59) / 2 = 58.5, new 38.5; eps = 0.063 on both
+    assert result.scale == pytest.approx(38.5 / 58.5, rel=2e-3)
+    rows = np.nonzero(result.stages["moved"].mask)[0]
+    assert rows.max() + 1 == 60 - 20  # the feet land where they were dropped
+    assert "depth" in result.stages and estimator.calls == 1
+    explicit = reposition(photo, mask=subject, move=(5, -20), scale=1.3, harmonize=False, steps=1, resolution=64)
+    assert explicit.scale == 1.3 and estimator.calls == 1 and "depth" not in explicit.stages
+
+
+def test_matting_blends_with_alpha_and_the_void_follows_it(reposition, monkeypatch):
+    from editrt.runtime.estimators import trimap_from_mask
+    from editrt.runtime.images import dilate
+    from editrt.runtime.seele_stages import composite
+
+    photo = small_photo()
+    subject = box_mask(photo.shape[:2], 20, 44, 20, 44)
+    matter = KnownMap(lambda trimap: np.full(trimap.shape, 0.5))  # the unknown band comes out half transparent
+    monkeypatch.setattr(reposition, "matter", matter)
+    result = reposition(photo, mask=subject, move=(30, 0), matting=True, trimap_band=3, harmonize=False, steps=1,
+                        resolution=64)
+    trimap = trimap_from_mask(subject, 3)
+    np.testing.assert_array_equal(np.asarray(result.stages["trimap"].image), trimap)
+    alpha = np.where(trimap == 255, 1.0, np.where(trimap == 128, 0.5, 0.0))
+    np.testing.assert_array_equal(result.stages["alpha"].values, alpha)
+    np.testing.assert_array_equal(result.stages["removed"].mask, dilate(trimap > 0, 1))  # alpha > 0, dilated
+    moved_alpha = np.roll(alpha, 30, 1)
+    removed, pasted = np.asarray(result.stages["removed"].image), np.asarray(result.stages["moved"].image)
+    expected = composite(np.roll(photo, 30, 1), removed, moved_alpha)
+    np.testing.assert_array_equal(pasted, expected)
+    band = moved_alpha == 0.5
+    assert (pasted[band] != np.roll(photo, 30, 1)[band]).any()  # a hard paste would copy the subject's pixels
+    np.testing.assert_array_equal(result.stages["moved"].mask, moved_alpha > 0)
+    again = reposition(photo, mask=subject, move=(10, 0), matting=True, trimap_band=3, harmonize=False, steps=1,
+                       resolution=64, cache_key=("alpha-test", 1))
+    reposition(photo, mask=subject, move=(12, 0), matting=True, trimap_band=3, harmonize=False, steps=1,
+               resolution=64, cache_key=("alpha-test", 1))
+    assert matter.calls == 2 and again.stages["alpha"].values is not None  # the second keyed call reused it
+    assert any(k[0] == ("alpha-test", 1) for k in reposition.alphas._entries)
+    reposition.forget("alpha-test")
+    assert not any(k[0] == ("alpha-test", 1) for k in reposition.alphas._entries)
+
+
+def test_shadow_moves_with_the_subject_and_a_shadow_region_is_harmonized(reposition):
+    photo = small_photo()
+    subject = box_mask(photo.shape[:2], 10, 40, 10, 30)
+    shadow = box_mask(photo.shape[:2], 40, 46, 10, 40)  # the existing shadow at its feet
+    region = (60, 50, 90, 58)  # where a shadow should appear (x0, y0, x1, y1)
+    result = reposition(photo, mask=subject, move=(40, 0), shadow_mask=shadow, shadow_region=region, steps=1,
+                        resolution=64)
+    assert result.stages["removed"].mask[shadow].all()  # the old shadow is removed with the subject
+    moved_shadow = np.roll(shadow, 40, 1)
+    np.testing.assert_array_equal(result.stages["completed"].mask, moved_shadow)  # regenerated with the complete prompt
+    area = box_mask(photo.shape[:2], 50, 58, 60, 90)
+    np.testing.assert_array_equal(result.stages["shadow_region"].mask, area)
+    assert result.stages["harmonized"].mask[area].all()
+    assert result.stages["output"].mask[area].all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(shadow_region=(200, 0, 300, 10)), r"shadow_region box \(200, 0, 300, 10\): empty after clipping"),
+    (dict(shadow_region=np.ones((10, 10), bool)), "shadow_region: size 10x10 differs from the image size 96x64"),
+    (dict(shadow_region=(0, 0, 10, 10), harmonize=False), "shadow_region: the shadow is generated by the harmonizer"),
+    (dict(scale="auto"), "scale auto: needs depth weights"),
+    (dict(occlusion="auto"), "occlusion auto: needs depth weights"),
+    (dict(occlusion="maybe"), "occlusion: expected 'none', 'auto' or a mask"),
+    (dict(scale="big"), "scale: expected a number in"),
+    (dict(matting=True), "matting: needs matting weights"),
+    (dict(trimap_band=3), "trimap_band: only with matting on"),
+    (dict(shadow_mask=np.zeros((64, 96), bool)), "shadow_mask: is empty"),
+])
+def test_stage_options_bad_input(reposition, monkeypatch, kwargs, match):
+    monkeypatch.setattr(reposition, "depth_estimator", None)
+    monkeypatch.setattr(reposition, "matter", None)
+    calls = []
+    monkeypatch.setattr(reposition, "_regenerate", lambda *a, **k: calls.append(a))
+    with pytest.raises(InputError, match=match) as info:
+        reposition(small_photo(), mask=box_mask((64, 96), 10, 40, 10, 30), move=(5, 0), steps=1, **kwargs)
+    assert "\n" not in str(info.value) and calls == []  # refused before any network ran
+
+
+def test_trimap_band_larger_than_the_subject(reposition, monkeypatch):
+    monkeypatch.setattr(reposition, "matter", KnownMap(lambda trimap: np.zeros(trimap.shape)))
+    with pytest.raises(InputError, match="trimap band 9: larger than the subject"):
+        reposition(small_photo(), mask=box_mask((64, 96), 10, 20, 10, 20), move=(5, 0), matting=True, trimap_band=9,
+                   steps=1)
