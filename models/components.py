@@ -4,7 +4,9 @@
       inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/,
                                     text_encoder/ + tokenizer/ (only to initialise task prompts from text)
       task_prompts.safetensors      remove / complete / harmonize / null, each [L, cross_attention_dim]
-      harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format
+                                    (learned, or from text: `editrt weights prompts DIR --from-text`)
+      harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format; optional:
+                                    without it harmonize runs the base UNet (c = 0), said once on stderr
       sam/                          config.json + segment-anything checkpoint (.pth)
       depth/                        transformers DPTForDepthEstimation folder (MiDaS v3 / DPT): occlusion, perspective
       matting/                      transformers VitMatteForImageMatting folder (ViTMatte): subject alpha
@@ -102,7 +104,7 @@ class RepositionComponents:
 
 def load_reposition_components(root: str | Path, device="cpu", dtype=torch.float32) -> RepositionComponents:
     from editrt.models.inpaint import load_scheduler, load_task_prompts, load_unet, load_vae
-    from editrt.models.lora import load_lora
+    from editrt.models.lora import load_harmonizer_lora
     from editrt.models.sam import load_sam
 
     layout = WeightsLayout(root)
@@ -111,7 +113,8 @@ def load_reposition_components(root: str | Path, device="cpu", dtype=torch.float
     vae = load_vae(layout.vae, dtype).to(device)
     prompts = load_task_prompts(layout.task_prompts, unet.config.cross_attention_dim)
     # The LoRA snapshot is taken after the UNet is on its device and dtype: switches copy in place.
-    harmonizer = FusedLoRA(unet, load_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
+    # No LoRA file: no layers, so every scale is the base UNet (harmonize at c = 0), warned once.
+    harmonizer = FusedLoRA(unet, load_harmonizer_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
     return RepositionComponents(unet, vae, load_scheduler(layout.scheduler).config, prompts, harmonizer,
                                 load_sam(layout.sam, device))
 

@@ -38,7 +38,10 @@ def load_scheduler(folder: str | Path) -> DDIMScheduler:
     return DDIMScheduler.from_config(read_json(Path(folder) / "scheduler_config.json", "the scheduler config"))
 
 
-def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: str) -> None:
+def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: str,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write the four prompts; `metadata` adds to (or overrides) the standard entries. Not atomic
+    by itself: callers writing in place wrap it in models/files.write_atomic."""
     shape = list(prompts["remove"].shape)
     metadata = {
         "content": "learned task prompts (task inversion): UNet encoder_hidden_states that replace the text encoder output",
@@ -46,6 +49,7 @@ def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: 
         "shape": json.dumps(shape),
         "null": "unconditional embedding for classifier-free guidance",
         "base_model": base_model,
+        **(metadata or {}),
     }
     save_file({k: prompts[k].contiguous() for k in PROMPT_KEYS}, str(path), metadata=metadata)
 

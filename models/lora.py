@@ -14,9 +14,15 @@ Accepted key formats (the ones diffusers writes and reads for a UNet):
 ``unet.<module>.lora_A.weight`` / ``unet.<module>.lora_B.weight`` (peft style) or
 ``unet.<module>.lora.down.weight`` / ``unet.<module>.lora.up.weight`` (older diffusers style),
 with an optional ``unet.<module>.alpha`` scalar (alpha defaults to the rank, i.e. scaling 1).
+
+A weights directory without a LoRA file (the public SD-2 inpainting weights and no trained
+harmonizer) is allowed: `load_harmonizer_lora` then returns no layers, so harmonize runs the base
+UNet (c = 0 whatever scale is asked for) and says so once per process on stderr.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +80,30 @@ def load_lora(path: str | Path) -> dict[str, LoRALayer]:
         alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])
         layers[module] = LoRALayer(down=down, up=up, alpha=alpha)
     return layers
+
+
+_log = logging.getLogger(__name__)
+_warned_missing: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def load_harmonizer_lora(path: str | Path) -> dict[str, LoRALayer]:
+    """`load_lora(path)`, or no layers when the file does not exist (harmonize then runs the base UNet).
+
+    The missing file is reported once per process and path, as one WARNING line of the
+    'editrt.models.lora' logger (stderr when logging is not configured), however many times a
+    pipeline, exporter or benchmark loads the same directory. Any other problem with the file
+    (unreadable, a folder in its place, bad keys) is still a WeightsError.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return load_lora(path)
+    with _warned_lock:
+        first = str(path) not in _warned_missing
+        _warned_missing.add(str(path))
+    if first:
+        _log.warning("editrt: warning: %s: missing; harmonize runs the base UNet (LoRA scale c = 0)", path)
+    return {}
 
 
 def save_lora(path: Path, layers: dict[str, LoRALayer], metadata: dict[str, str] | None = None) -> None:

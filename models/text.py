@@ -1,4 +1,6 @@
-"""The element decoder's text side: a CLIP text encoder and tokenizer (transformers), from local files.
+"""CLIP text encoders and tokenizers (transformers), from local files: the element decoder's text
+side (SD-1.5) and the SD-2 inpainting folder's, which initialises task prompts from text
+(editrt/prompts.py; paper 000 App. A.2).
 
 `weights init` cannot download CLIP's 49k-token BPE vocabulary, so it writes a small but valid
 CLIP BPE tokenizer (the 512 byte-level base tokens, a few merges, the two special tokens) in
@@ -78,7 +80,15 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
 
 @torch.no_grad()
 def encode_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str) -> torch.Tensor:
-    """[1, 77, D] last hidden state, padded to max length as diffusers' SD pipelines do."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    """[1, model_max_length (77), D] last hidden state, as diffusers' SD pipelines' `encode_prompt`:
+    padded to the tokenizer's max length, truncated beyond it, the padding attention-masked only
+    where the encoder's config asks for it (`use_attention_mask`; CLIP's own configs do not)."""
+    tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    mask = tokens.attention_mask.to(text_encoder.device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
+
+
+def token_count(tokenizer: CLIPTokenizer, prompt: str) -> int:
+    """Tokens of `prompt` with BOS and EOS, before any truncation."""
+    return len(tokenizer(prompt, verbose=False).input_ids)  # verbose: no 'longer than max' warning
