@@ -173,6 +173,24 @@ def cmd_inpaint(args) -> None:
     _log(args)(f"{args.task} -> {out}")
 
 
+def _scale_option(text: str):
+    """--scale: a number, or 'auto' (perspective from depth)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--scale {text!r}: expected a number or 'auto'") from None
+
+
+def _region_option(text: str, name: str):
+    """A mask file, or a box X0,Y0,X1,Y1 in pixels (clipped to the image by the pipeline)."""
+    parts = text.split(",")
+    if len(parts) == 4 and not Path(text).exists():
+        return _numbers(text, name, (4,))
+    return load_mask(text, name)
+
+
 def cmd_reposition(args) -> None:
     from editrt.runtime.images import save_png
 
@@ -183,20 +201,34 @@ def cmd_reposition(args) -> None:
     mask = load_mask(args.mask, "--mask") if args.mask else None
     complete = load_mask(args.complete_mask, "--complete-mask") if args.complete_mask else None
     occluder = load_mask(args.occluder_mask, "--occluder-mask") if args.occluder_mask else None
+    occlusion = args.occlusion if args.occlusion in ("auto", "none") else load_mask(args.occlusion, "--occlusion")
+    if occluder is not None and not isinstance(occlusion, str):
+        raise InputError("--occlusion MASK: the same as --occluder-mask; give one of them")
+    if args.shadow_mask and args.shadow_box:
+        raise InputError("--shadow-mask, --shadow-box: give the existing shadow one way")
+    shadow = load_mask(args.shadow_mask, "--shadow-mask") if args.shadow_mask else None
+    shadow_box = _numbers(args.shadow_box, "--shadow-box", (4,)) if args.shadow_box else None
+    region = _region_option(args.shadow_region, "--shadow-region") if args.shadow_region else None
     stages_dir = Path(args.save_stages) if args.save_stages else None
     if stages_dir is not None and stages_dir.exists() and (not stages_dir.is_dir() or any(stages_dir.iterdir())):
         raise InputError(f"--save-stages {stages_dir}: exists and is not an empty directory")
-    result = _reposition_pipeline(args)(
+    pipe = _reposition_pipeline(args)
+    if shadow_box is not None:  # a second selection: SAM on the shadow's box
+        shadow = pipe.segment(image, box=shadow_box)
+    result = pipe(
         image, mask=mask, **_prompt_args(args), move=_numbers(args.move, "--move", (2,)), scale=args.scale,
         complete_mask=complete, occluder_mask=occluder, harmonize=not args.no_harmonize, steps=args.steps,
         guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args),
+        occlusion=occlusion,
+        matting=args.matting == "on", trimap_band=args.trimap_band, shadow_mask=shadow, shadow_region=region,
     )
     if stages_dir is not None:  # into a temporary sibling, renamed when complete
         from editrt.models.files import write_dir_atomic
 
         write_dir_atomic(stages_dir, result.save_stages)
     save_png(result.image, out, watermark=args.watermark)
-    _log(args)(f"reposition -> {out}" + (f" (stages in {stages_dir})" if stages_dir else ""))
+    scaled = f" (scale auto: {result.scale:.3f})" if args.scale == "auto" else ""
+    _log(args)(f"reposition -> {out}{scaled}" + (f" (stages in {stages_dir})" if stages_dir else ""))
 
 
 def _elements_pipeline(args):
@@ -489,11 +521,26 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     _prompt(p)
     p.add_argument("--mask", help="the subject mask instead of --point/--box")
     p.add_argument("--move", required=True, metavar="DX,DY", help="move in pixels")
-    p.add_argument("--scale", type=float, default=1.0, help="resize the subject about its box centre")
+    p.add_argument("--scale", type=_scale_option, default=1.0, metavar="S|auto",
+                   help="resize the subject about its box centre; 'auto': by the ratio of (DPT) inverse depth at "
+                   "its new and old footpoint, clamped to [0.25, 4], the footpoint kept where dropped")
     p.add_argument("--complete-mask", metavar="M", help="region to complete (occluded part), output coordinates")
     p.add_argument("--occluder-mask", metavar="M", help="region in front of the moved subject")
+    p.add_argument("--occlusion", default="none", metavar="auto|none|M",
+                   help="auto: pixels nearer than the subject (DPT depth, margin 5%% of the depth range) hide it "
+                   "where it lands; M: a mask of them (as --occluder-mask); none (default)")
+    p.add_argument("--matting", choices=("on", "off"), default="off",
+                   help="on: composite the subject with its ViTMatte alpha; the removed void follows alpha > 0")
+    p.add_argument("--trimap-band", type=int, metavar="PX",
+                   help="matting: unknown band on each side of the mask edge (default 2%% of the short side)")
+    p.add_argument("--shadow-mask", metavar="M", help="the subject's existing shadow: moved with it, regenerated "
+                   "with the complete prompt")
+    p.add_argument("--shadow-box", metavar="X0,Y0,X1,Y1", help="the existing shadow as a second SAM selection")
+    p.add_argument("--shadow-region", metavar="M|X0,Y0,X1,Y1", help="where a shadow should appear (output "
+                   "coordinates; a mask or a box): harmonized with the LoRA harmonizer")
     p.add_argument("--no-harmonize", action="store_true")
-    p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here")
+    p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here (depth and alpha "
+                   "as 16-bit greyscale PNGs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_reposition)
