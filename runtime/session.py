@@ -10,8 +10,11 @@
     session.preview(); session.final(prompt="...")
 
 What is kept: the SAM image embedding (the pipeline's Segmenter cache, keyed by the pixels,
-hashed once when the session opens), the subject mask, the REMOVE pass per (subject, quality) (it does not depend on the move,
-so a drag costs paste + harmonize; in the pipeline's bounded `remove_passes` cache), the task
+hashed once when the session opens), the subject mask (and its shadow, `select_shadow`), the REMOVE
+pass per (subject, quality) (it does not depend on the move, so a drag costs paste + harmonize; in
+the pipeline's bounded `remove_passes` cache), the depth map per image (`depth_maps`, keyed by the
+pixels like the SAM embedding: occlusion="auto", scale="auto") and the subject's trimap + alpha per
+selection (`alphas`: matting=True), the task
 prompts' tensors (so their cross-attention K/V caches hold), the partition and content features,
 and the denoising loops / CUDA graphs per shape (runtime/scheduler.py). Every one of those
 caches has a byte budget (runtime/caches.py); close() drops this session's REMOVE passes.
@@ -89,6 +92,7 @@ class EditSession:
         low = preview_resolution or max(8, (full // 2) // 8 * 8)
         self.final_quality, self.preview_quality = Quality(steps, full), Quality(preview_steps, low)
         self.subject: np.ndarray | None = None
+        self.shadow: np.ndarray | None = None  # the subject's existing shadow (select_shadow)
         self._selection = 0  # bumped by every select(): part of the REMOVE pass's cache key
         self._preview: Job | None = None  # this session's latest preview
         self._closed = False
@@ -115,8 +119,26 @@ class EditSession:
         else:
             subject = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box, image_key=self.image_key)
         subject.setflags(write=False)  # a preview snapshot may hold it; select() replaces, never edits it
-        self.subject, self._selection = subject, self._selection + 1
+        self.subject, self.shadow, self._selection = subject, None, self._selection + 1  # a new subject: no shadow
         return subject
+
+    def select_shadow(self, points=None, labels=None, box=None, mask=None) -> np.ndarray | None:
+        """The selected subject's existing shadow (a second selection: SAM prompts or a mask); it moves and is
+        removed with the subject, and is regenerated at its new place with the complete prompt (SEELE App. A.3).
+        All of points, box and mask None: forget the shadow."""
+        self._check_open()
+        if self.kind != "reposition" or self.subject is None:
+            raise InputError("select_shadow: select the subject first (select(points=...) or mask=)")
+        if mask is None and points is None and box is None:
+            shadow = None
+        elif mask is not None:
+            shadow = as_mask(mask, self.rgb.shape[:2], "shadow_mask")
+        else:
+            shadow = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box, image_key=self.image_key)
+        if shadow is not None:
+            shadow.setflags(write=False)
+        self.shadow, self._selection = shadow, self._selection + 1  # part of the cached subject: a new cache key
+        return shadow
 
     # ------------------------------------------------------------------ both
     def _request(self, quality: Quality, edit: dict) -> _Request:
@@ -125,6 +147,10 @@ class EditSession:
         if self.kind == "reposition":
             if self.subject is None:
                 raise InputError("preview/final: select the subject first (select(points=...) or mask=)")
+            if "shadow_mask" in edit:  # it shapes the cached REMOVE pass and alpha: a selection, not an edit
+                raise InputError("shadow_mask: select the shadow with select_shadow(...), not per preview/final")
+            if self.shadow is not None:
+                edit["shadow_mask"] = self.shadow
             return _Request(quality, edit, self.subject, (self.token, self._selection))
         return _Request(quality, edit, elements=self.elements.copy())
 
@@ -135,7 +161,8 @@ class EditSession:
         with torch.no_grad():
             if self.kind == "reposition":
                 return self.pipeline(self.rgb, mask=request.subject, steps=q.steps, resolution=q.resolution,
-                                     seed=self.seed, cache_key=request.cache_key, step_callback=check, **request.edit)
+                                     seed=self.seed, cache_key=request.cache_key, image_key=self.image_key,
+                                     step_callback=check, **request.edit)
             return self.pipeline.decode(request.elements, steps=q.steps, seed=self.seed, resolution=q.resolution,
                                         step_callback=check, **request.edit)
 

@@ -165,3 +165,39 @@ def test_elements_session(tiny_weights, photo):
         assert session.elements.alive[alive[-1]]
         with pytest.raises(InputError, match="only a repositioning session"):
             session.select(points=[[1, 1]])
+
+
+def test_depth_per_image_and_alpha_per_subject_are_computed_once(tiny_weights, photo):
+    """SEELE's options pass through preview/final; depth (DPT) runs once per image, matting once per selection."""
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights)
+    calls = []
+    pipe.depth_estimator.engine = _Counting(pipe.depth_estimator.engine, calls, "depth")
+    pipe.matter.engine = _Counting(pipe.matter.engine, calls, "matting")
+    subject = np.pad(np.ones((80, 80), bool), ((100, 120), (150, 221)))
+    shadow = np.pad(np.ones((10, 100), bool), ((180, 110), (150, 201)))
+    edit = dict(scale="auto", matting=True, trimap_band=4, harmonize=False)
+    with EditSession(photo, pipe, steps=2, preview_steps=1, resolution=64) as session:
+        session.select(mask=subject)
+        first = session.final(move=(20, 5), **edit)
+        session.preview(move=(25, 5), **edit).result(timeout=120)
+        second = session.final(move=(30, 5), **edit)
+        assert calls == ["depth", "matting"]  # the drag changed only paste (+ harmonize)
+        assert "alpha" in first.stages and 0.25 <= second.scale <= 4.0
+        direct = pipe(photo, mask=subject, move=(30, 5), steps=2, resolution=64, **edit)
+        np.testing.assert_array_equal(np.asarray(second.image), np.asarray(direct.image))  # caches change nothing
+        calls.clear()
+        session.select_shadow(mask=shadow)  # part of the subject: a new alpha, the same depth
+        shadowed = session.final(move=(30, 5), **edit)
+        assert calls == ["matting"] and shadowed.stages["shadow"].mask.sum() == shadow.sum()
+        with pytest.raises(InputError, match="shadow_mask: select the shadow with select_shadow"):
+            session.final(move=(1, 1), shadow_mask=shadow)
+        n_alphas = len(pipe.alphas)
+    assert len(pipe.alphas) == 0 < n_alphas  # close() dropped this session's alphas
+
+
+def test_select_shadow_needs_a_subject(reposition, photo):
+    with EditSession(photo, reposition, steps=1, resolution=64) as session:
+        with pytest.raises(InputError, match="select_shadow: select the subject first"):
+            session.select_shadow(box=[10, 10, 50, 50])
