@@ -164,9 +164,8 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
 def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir, device, dtype) -> BuiltEditor:
     from editrt.models.inpaint import load_scheduler
 
-    if editor == "reposition":  # the estimators the weights have and `editrt export` wrote (older folders lack them)
-        names = tuple(names) + tuple(n for n in estimator_networks_present(w.layout)
-                                     if (Path(engines_dir) / f"{n}.onnx").is_file())
+    if editor == "reposition":
+        names = tuple(names) + exported_estimators(w.layout, engines_dir)
     engines = file_engines(w.specs, names, backend, engines_dir, device, weights)
     if editor == "reposition":
         from editrt.models.inpaint import load_task_prompts
@@ -182,6 +181,12 @@ def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir
                        embedder=load_element_embedder(root / "element_adapter", dtype).to(device),
                        tokenizer=load_tokenizer(root / "tokenizer"),
                        text_encoder=load_text_encoder(root / "text_encoder", dtype).to(device))
+
+
+def exported_estimators(layout: WeightsLayout, engines_dir: str | Path) -> tuple[str, ...]:
+    """The estimator networks a file backend runs: those the weights have and `editrt export` wrote
+    (folders exported before depth and matting existed have none; their pipelines run without them)."""
+    return tuple(n for n in estimator_networks_present(layout) if (Path(engines_dir) / f"{n}.onnx").is_file())
 
 
 def torch_engines(specs: dict, networks: dict[str, torch.nn.Module], names) -> dict:
