@@ -36,7 +36,7 @@ from editrt.runtime.server.sessions import SessionStore
 from editrt.runtime.server.work import INTERACTIVE, PipelineWork
 
 log = logging.getLogger("editrt.serve")
-CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 410: "gone",
          413: "too_large", 415: "unsupported_media_type", 422: "invalid", 503: "busy"}
 
 
@@ -125,13 +125,17 @@ def _warm_up(state: ServerState) -> None:
             state.elements.decode(state.elements.partition(rgb, grid=4), steps=1)
 
 
-def create_app(reposition=None, elements=None, settings: Settings | None = None) -> FastAPI:
-    """The app over loaded pipelines (either may be None: its endpoints then answer 422 / are absent)."""
+def create_app(reposition=None, elements=None, settings: Settings | None = None,
+               session_store: SessionStore | None = None) -> FastAPI:
+    """The app over loaded pipelines (either may be None: its endpoints then answer 422 / are absent).
+    `session_store`: the session store (default: one from the settings' limits; the Ray Serve deployment
+    passes its replica's store, whose ids name the replica)."""
     if reposition is None and elements is None:
         raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")
     settings = settings or Settings.from_env()
     state = ServerState(settings, reposition, elements)
-    state.sessions = SessionStore(settings.max_sessions, settings.session_ttl_s, settings.session_bytes)
+    state.sessions = session_store if session_store is not None else SessionStore(  # (an empty store is falsy: len 0)
+        settings.max_sessions, settings.session_ttl_s, settings.session_bytes)
     state.device = (reposition or elements).device
 
     @contextlib.asynccontextmanager

@@ -55,8 +55,12 @@ def elements_bytes(el) -> int:
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int, ttl_s: float, budget_bytes: int):
+    """`id_prefix` starts every session id (a Ray Serve replica puts its own id there, so that a
+    request naming the session can be routed to the replica that holds it)."""
+
+    def __init__(self, max_sessions: int, ttl_s: float, budget_bytes: int, id_prefix: str = ""):
         self.max_sessions, self.ttl_s, self.budget = max_sessions, ttl_s, budget_bytes
+        self.id_prefix = id_prefix
         self._live: dict[str, Live] = {}  # insertion order = LRU order (touch moves to the end)
         self.evicted = {"ttl": 0, "lru": 0, "bytes": 0}
 
@@ -65,6 +69,11 @@ class SessionStore:
 
     def bytes(self) -> int:
         return sum(s.nbytes() for s in self._live.values())
+
+    def has(self, sid: str) -> bool:
+        """Whether `sid` is open here (without marking it used)."""
+        live = self._live.get(sid)
+        return live is not None and not live.closed
 
     def get(self, sid: str) -> Live:
         live = self._live.get(sid)
@@ -75,7 +84,7 @@ class SessionStore:
         return live
 
     def add(self, kind: str, session: EditSession, steps: int, preview_steps: int, seed: int) -> Live:
-        live = Live(secrets.token_urlsafe(16), kind, session, steps, preview_steps, seed)
+        live = Live(self.id_prefix + secrets.token_urlsafe(16), kind, session, steps, preview_steps, seed)
         self._live[live.id] = live
         self.sweep(keep=live.id)
         if live.id not in self._live:
