@@ -1,0 +1,284 @@
+"""editrt's pipelines as Triton Inference Server Python-backend models (TritonPythonModel classes).
+
+`editrt export --format triton` writes a `model.py` per pipeline model that imports one class from
+here; the server's Python stub runs it with the environment of the `python` on its PATH. Each
+model loads its pipeline in `initialize` from the config's parameters (weights, device, dtype,
+backend, engines) and answers each request by calling the pipeline's public API with the CLI's
+defaults, so a response equals the CLI's output on the same inputs and seed byte for byte.
+The request / response tensors are declared once, in export/triton.py's PIPELINE_MODELS.
+
+Errors: a request the pipeline rejects (EditError: a point outside the image, an empty mask, an
+unknown task) is answered with a Triton INVALID_ARG error carrying editrt's one-line message;
+anything else with an INTERNAL error naming the exception (its traceback goes to the server log).
+Either way only that request fails and the model keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import numpy as np
+
+from editrt.errors import EditError, InputError
+from editrt.export.triton import PIPELINE_MODELS, PipelineModel
+
+
+def _pb_utils():
+    """The Python backend's utilities: importable only inside the server's stub process."""
+    import triton_python_backend_utils
+
+    return triton_python_backend_utils
+
+
+def _device(parameter: str, args: dict) -> str:
+    if parameter != "auto":
+        return parameter if parameter != "cuda" or args.get("model_instance_kind") != "GPU" \
+            else f"cuda:{args['model_instance_device_id']}"
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    from editrt.models.common import default_device
+
+    return str(default_device())
+
+
+def tensor_to_numpy(tensor) -> np.ndarray:
+    """A request tensor as an owned numpy array, through DLPack.
+
+    Not `as_numpy()`: the nvidia-pytriton build of the stub (Triton 2.51) reads numpy's dtype
+    descriptor with numpy 1's layout, so under numpy 2 every `as_numpy()` array has zero strides
+    (all elements equal the first) and `Tensor(name, array)` sends zero bytes. DLPack never touches
+    numpy's descriptor and is right on every build.
+    """
+    from torch.utils import dlpack
+
+    return dlpack.from_dlpack(tensor.to_dlpack()).numpy().copy()  # the request's memory is not ours to keep
+
+
+def decimal(value) -> float:
+    """An FP32 input value as the shortest decimal that rounds to it: the number the client wrote.
+
+    A client's 1.2 arrives as float32 1.2000000477; the CLI parses "1.2" as the double 1.2, and a
+    subject warped by either scale differs in a few pixels. Request parameters (JSON) are doubles already.
+    """
+    return float(str(value)) if isinstance(value, np.float32) else float(value)
+
+
+def numpy_to_tensor(pb_utils, name: str, array: np.ndarray):
+    import torch
+    from torch.utils import dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(torch.from_numpy(np.array(array, order="C"))))
+
+
+class Request:
+    """One request's inputs as numpy values, with the declared defaults for absent optional inputs.
+
+    An optional scalar input may come as a tensor or as a request parameter of its lower-case name;
+    the text options (PipelineModel.parameters) come as request parameters only.
+    """
+
+    def __init__(self, model: PipelineModel, request, pb_utils):
+        self.model, self._request, self._pb = model, request, pb_utils
+        text = request.parameters() if hasattr(request, "parameters") else "{}"
+        self.parameters = json.loads(text or "{}")
+        known = {p.name.lower() for p in model.inputs if p.dims == (1,)} | {q.name for q in model.parameters}
+        unknown = sorted(set(self.parameters) - known)
+        if unknown:
+            raise InputError(f"{model.name}: unknown request parameter {unknown[0]!r}; expected one of "
+                             f"{', '.join(sorted(known))}")
+
+    def array(self, name: str):
+        """The input's array; None for an absent optional input (Triton leaves required ones to the model)."""
+        tensor = self._pb.get_input_tensor_by_name(self._request, name)
+        if tensor is None:
+            if not self.model.input(name).optional:
+                raise InputError(f"{self.model.name}: missing input {name!r}; expected "
+                                 f"{', '.join(p.name for p in self.model.inputs if not p.optional)}")
+            return None
+        return tensor_to_numpy(tensor)
+
+    def value(self, name: str):
+        """A scalar input as a Python value; the request parameter, or the default, where absent."""
+        port = self.model.input(name)
+        arr = self.array(name)
+        if arr is None:
+            return self.parameters.get(name.lower(), port.default)
+        if name.lower() in self.parameters:
+            raise InputError(f"{name}: given both as an input tensor and as a request parameter")
+        if arr.size != 1:
+            raise InputError(f"{name}: expected one value, got shape {list(arr.shape)}")
+        value = arr.reshape(-1)[0]
+        return decimal(value) if arr.dtype == np.float32 else value.item()
+
+    def text(self, name: str) -> str:
+        value = self.parameters.get(name, next(q.default for q in self.model.parameters if q.name == name))
+        if not isinstance(value, str):
+            raise InputError(f"request parameter {name!r}: expected a string, got {value!r}")
+        return value
+
+    def integer(self, name: str):
+        value = self.value(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not float(value).is_integer():
+            raise InputError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+
+    def number(self, name: str) -> float:
+        value = self.value(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+
+    def prompt(self) -> dict:
+        """points / labels / box as the CLI passes them: labels default to 1 (foreground)."""
+        points, labels, box = self.array("POINTS"), self.array("LABELS"), self.array("BOX")
+        if labels is not None and points is None:
+            raise InputError("LABELS: given without POINTS")
+        if points is not None:
+            labels = [1] * len(points) if labels is None else [int(v) for v in labels]
+            if len(labels) != len(points):
+                raise InputError(f"LABELS: expected one label per point ({len(points)}), got {len(labels)}")
+            points = [[decimal(x), decimal(y)] for x, y in points]
+        return dict(points=points, labels=labels, box=None if box is None else [decimal(v) for v in box])
+
+    def mask(self, name: str):
+        arr = self.array(name)
+        return None if arr is None else arr != 0
+
+
+def _mask_bytes(mask: np.ndarray) -> np.ndarray:
+    """A bool mask as uint8 255 / 0: the pixels of the CLI's mask PNG (BOOL tensors: see export/triton.py)."""
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+class PipelineModelBase:
+    """initialize / execute / finalize shared by the five models; subclasses say what one request does."""
+
+    name: str  # a PIPELINE_MODELS key
+
+    def initialize(self, args: dict) -> None:
+        self.pb = _pb_utils()
+        self.model = PIPELINE_MODELS[self.name]
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if "weights" not in params:
+            raise InputError(f"{self.name}: config.pbtxt has no 'weights' parameter (the weights directory)")
+        device = _device(params.get("device", "auto"), args)
+        dtype = params.get("dtype", "auto")
+        if dtype == "auto":
+            from editrt.models.common import default_dtype
+
+            dtype = default_dtype(device)
+        options = dict(device=device, dtype=dtype, backend=params.get("backend", "torch"),
+                       engines=params.get("engines") or None)
+        if self.model.editor == "reposition":
+            from editrt.runtime.reposition import RepositionPipeline
+
+            self.pipe = RepositionPipeline.from_pretrained(params["weights"], **options)
+        else:
+            from editrt.runtime.elements_pipeline import ElementsPipeline
+
+            self.pipe = ElementsPipeline.from_pretrained(params["weights"], **options)
+
+    def execute(self, requests) -> list:
+        responses = []
+        for request in requests:  # requests of one call are independent: one failing fails only itself
+            try:
+                outputs = self.run(Request(self.model, request, self.pb))
+                responses.append(self.pb.InferenceResponse(output_tensors=[
+                    numpy_to_tensor(self.pb, port.name, outputs[port.name])
+                    for port in self.model.outputs]))
+            except EditError as e:
+                responses.append(self.pb.InferenceResponse(error=self._error(str(e), "INVALID_ARG")))
+            except Exception as e:  # noqa: BLE001 - a bug answers this request with an error, the model serves on
+                traceback.print_exc(file=sys.stderr)
+                responses.append(self.pb.InferenceResponse(
+                    error=self._error(f"{self.name}: internal error {type(e).__name__}: {e}", "INTERNAL")))
+        return responses
+
+    def _error(self, message: str, code: str):
+        error = self.pb.TritonError
+        return error(message, getattr(error, code)) if hasattr(error, code) else error(message)
+
+    def finalize(self) -> None:
+        self.pipe = None
+
+    def run(self, request: Request) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__}.run: each pipeline model says what one request does")
+
+
+class SegmentModel(PipelineModelBase):
+    name = "segment"
+
+    def run(self, r: Request) -> dict:
+        prompt = r.prompt()
+        if prompt["points"] is None and prompt["box"] is None:
+            raise InputError("segment: expected POINTS and/or BOX")
+        return {"MASK": _mask_bytes(self.pipe.segment(r.array("IMAGE"), **prompt))}
+
+
+class InpaintModel(PipelineModelBase):
+    name = "inpaint"
+
+    def run(self, r: Request) -> dict:
+        result = self.pipe.inpaint(r.array("IMAGE"), r.mask("MASK"), task=r.text("task"), steps=r.integer("STEPS"),
+                                   guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
+                                   resolution=r.integer("RESOLUTION"))
+        return {"IMAGE": np.asarray(result)}
+
+
+class RepositionModel(PipelineModelBase):
+    name = "reposition"
+
+    def run(self, r: Request) -> dict:
+        mask, prompt = r.mask("MASK"), r.prompt()
+        if mask is None and prompt["points"] is None and prompt["box"] is None:
+            raise InputError("reposition: expected the subject as MASK, POINTS or BOX")
+        move = r.array("MOVE")
+        result = self.pipe(r.array("IMAGE"), mask=mask, **prompt, move=[decimal(v) for v in move],
+                           scale=r.number("SCALE"), complete_mask=r.mask("COMPLETE_MASK"),
+                           occluder_mask=r.mask("OCCLUDER_MASK"), harmonize=bool(r.value("HARMONIZE")),
+                           steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
+                           resolution=r.integer("RESOLUTION"))
+        return {"IMAGE": np.asarray(result.image), "REGION": _mask_bytes(result.stages["output"].mask)}
+
+
+class ElementsPartitionModel(PipelineModelBase):
+    name = "elements_partition"
+
+    def run(self, r: Request) -> dict:
+        elements = self.pipe.partition(r.array("IMAGE"), resolution=r.integer("RESOLUTION"), grid=r.integer("GRID"),
+                                       beta=r.number("BETA"), iterations=r.integer("ITERATIONS"))
+        return {"LABELS": elements.paint().astype(np.int32), "FEATURES": elements.features.astype(np.float32),
+                "CENTROIDS": elements.centroids.astype(np.float32), "SIZES": elements.sizes.astype(np.float32),
+                "ALIVE": elements.alive.astype(np.uint8), "IMAGE_SIZE": np.array(elements.image_size, np.int32),
+                "WORKING_SIZE": np.array(elements.working_size, np.int32)}
+
+
+class ElementsRenderModel(PipelineModelBase):
+    name = "elements_render"
+
+    def run(self, r: Request) -> dict:
+        from editrt.runtime.elements import Elements
+
+        features, centroids, sizes, alive = (r.array(n) for n in ("FEATURES", "CENTROIDS", "SIZES", "ALIVE"))
+        n = len(features)
+        for name, arr in (("CENTROIDS", centroids), ("SIZES", sizes), ("ALIVE", alive)):
+            if len(arr) != n:
+                raise InputError(f"{name}: expected {n} rows (one per element of FEATURES), got {len(arr)}")
+        image_size = tuple(int(v) for v in r.array("IMAGE_SIZE"))
+        if min(image_size) < 1:
+            raise InputError(f"IMAGE_SIZE: expected (H, W) >= 1, got {list(image_size)}")
+        working = r.array("WORKING_SIZE")
+        # the decoder reads features, positions, sizes and alive only; regions matter for edits, not here
+        elements = Elements(image_size, features.astype(np.float32), centroids.astype(np.float32),
+                            sizes.astype(np.float32), alive != 0, [np.zeros((0, 0), bool)] * n,
+                            np.zeros((n, 2), np.float32),
+                            working_size=None if working is None else tuple(int(v) for v in working))
+        if min(elements.working_size) < 8 or any(v % 8 for v in elements.working_size):
+            raise InputError(f"WORKING_SIZE: expected multiples of 8, got {list(elements.working_size)}")
+        image = self.pipe.decode(elements, prompt=r.text("prompt"), guidance=r.number("GUIDANCE"),
+                                 steps=r.integer("STEPS"), seed=r.integer("SEED"), resolution=r.integer("RESOLUTION"))
+        return {"IMAGE": np.asarray(image)}

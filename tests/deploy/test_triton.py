@@ -1,0 +1,348 @@
+"""The Triton model repository (`editrt export --format triton`) served by a REAL tritonserver.
+
+One server (the nvidia-pytriton wheel's tritonserver with its Python backend, tests/deploy/
+tritonserver.py) serves the repository the CLI wrote for tiny random weights. Each pipeline model
+is queried over HTTP and gRPC with tritonclient and must answer exactly what the CLI writes for
+the same inputs and seed: the same image bytes, the same mask pixels, the same elements. Every
+seed, step count and option differs from the defaults, so a model that drops one goes red.
+
+The bundle has no ONNX Runtime or TensorRT backend, so the engine models cannot run as written;
+their configs are checked by Triton itself (loading one fails for the missing backend, not for
+its config, while a broken config fails at parsing), by protobuf's ModelConfig schema, and by
+serving each exported ONNX graph under its generated config through a Python-backend model that
+runs ONNX Runtime: Triton then checks every request's names, data types and shapes against the
+config's dims, at dynamic sizes away from the export's trace.
+
+The server is stopped (its whole process group) in the fixture's finalizer, pass or fail.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tritonserver import ServerUnavailable, TritonServer, server_bundle  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PIPELINES = ["segment", "inpaint", "reposition", "elements_partition", "elements_render"]
+ENGINES = ["vae_decoder", "sam_mask_decoder"]  # one batchable network, one with an int64 shape input
+ORT_SUFFIX = "_via_python"
+
+
+def need(module: str):
+    """tests/server/needs.py's rule: skip where absent, fail in CI (which installs the deploy extra)."""
+    if IN_CI:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason="pip install -e '.[deploy]'")
+
+
+http = need("tritonclient.http")
+grpc = need("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+PROTOCOLS = {"http": http, "grpc": grpc}
+ORT_MODEL_PY = '''"""Runs the engine model's ONNX graph with ONNX Runtime under the generated config (test only)."""
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils import dlpack
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        self.session = ort.InferenceSession(str(Path(__file__).parent / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:  # through DLPack: see runtime/triton_models.py tensor_to_numpy
+            feed = {n: dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, n).to_dlpack()).numpy()
+                    for n in self.inputs}
+            result = self.session.run(self.outputs, feed)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor.from_dlpack(n, dlpack.to_dlpack(torch.from_numpy(v))) for n, v in zip(self.outputs, result)]))
+        return responses
+'''
+
+
+def _bundle_or_skip():
+    try:
+        return server_bundle()
+    except ServerUnavailable as e:
+        if IN_CI:
+            raise
+        pytest.skip(str(e))
+
+
+def cli(*argv: str) -> None:
+    from editrt.cli import main
+
+    code = main([*argv, "--quiet"])
+    assert code == 0, f"editrt {' '.join(argv)} exited {code}"
+
+
+@pytest.fixture(scope="module")
+def photo_small(tmp_path_factory):
+    """scikit-image's Chelsea at 120x180: a real photograph, small enough for the tiny models."""
+    from skimage import data
+
+    rgb = np.asarray(Image.fromarray(data.chelsea()).resize((180, 120), Image.LANCZOS))
+    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
+    Image.fromarray(rgb).save(path)
+    return rgb, path
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_weights, tmp_path_factory):
+    """What `editrt export --format triton --engines ENGINES` writes, plus the test-only models."""
+    from editrt.export.components import export_components
+
+    root = tmp_path_factory.mktemp("triton")
+    export_components(tiny_weights, ENGINES, root / "engines", check=False)
+    repo = root / "repo"
+    cli("export", "--format", "triton", "--weights", str(tiny_weights), "-o", str(repo), "--engines",
+        str(root / "engines"))
+    for name in ENGINES:  # the generated engine config, served by a Python model that runs ONNX Runtime
+        served = repo / f"{name}{ORT_SUFFIX}"
+        shutil.copytree(repo / name, served)
+        config = (served / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in config
+        config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
+        (served / "config.pbtxt").write_text(config.replace(f'name: "{name}"', f'name: "{name}{ORT_SUFFIX}"'))
+        (served / "1" / "model.py").write_text(ORT_MODEL_PY)
+    broken = repo / "broken_config"  # the control: what Triton says about a config it cannot parse
+    shutil.copytree(repo / "vae_decoder", broken)
+    text = (broken / "config.pbtxt").read_text().replace("TYPE_FP32", "TYPE_FP33").replace('"vae_decoder"', '"broken_config"')
+    (broken / "config.pbtxt").write_text(text)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    _bundle_or_skip()
+    started = TritonServer(repository, PIPELINES + [f"{n}{ORT_SUFFIX}" for n in ENGINES],
+                           tmp_path_factory.mktemp("triton-log") / "tritonserver.log")
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(server):
+    made = {"http": http.InferenceServerClient(server.http_url), "grpc": grpc.InferenceServerClient(server.grpc_url)}
+    yield made
+    for client in made.values():
+        client.close()
+
+
+def infer(clients, protocol: str, model: str, inputs: dict[str, np.ndarray], parameters=None) -> dict[str, np.ndarray]:
+    """One request: named numpy inputs, optional request parameters; returns every output."""
+    module = PROTOCOLS[protocol]
+    tensors = []
+    for name, value in inputs.items():
+        value = np.asarray(value)
+        datatype = {
+            np.dtype(np.uint8): "UINT8", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
+            np.dtype(np.int64): "INT64"}[value.dtype]
+        tensor = module.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    result = clients[protocol].infer(model, tensors, parameters=parameters)
+    response = result.get_response()
+    names = [o["name"] for o in response["outputs"]] if isinstance(response, dict) else [o.name for o in response.outputs]
+    return {n: result.as_numpy(n) for n in names}
+
+
+def scalar(value, dtype) -> np.ndarray:
+    return np.array([value], dtype)
+
+
+def png_pixels(path: Path, mode: str = "RGB") -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert(mode))
+
+
+# ---------------------------------------------------------------------- pipeline models == CLI
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_segment_equals_cli(clients, protocol, photo_small, tiny_weights, tmp_path):
+    rgb, path = photo_small
+    cli("segment", str(path), "--point", "60,50", "--point", "150,20,0", "--box", "30,20,120,110", "-o",
+        str(tmp_path / "mask.png"), "--weights", str(tiny_weights))
+    out = infer(clients, protocol, "segment", {
+        "IMAGE": rgb, "POINTS": np.array([[60, 50], [150, 20]], np.float32), "LABELS": np.array([1, 0], np.int32),
+        "BOX": np.array([30, 20, 120, 110], np.float32)})
+    expected = png_pixels(tmp_path / "mask.png", "L")
+    assert out["MASK"].dtype == np.uint8 and out["MASK"].shape == rgb.shape[:2]
+    assert 0 < (expected > 0).sum() < expected.size, "a degenerate reference mask proves nothing"
+    np.testing.assert_array_equal(out["MASK"], expected)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_inpaint_equals_cli(clients, protocol, photo_small, tiny_weights, tmp_path):
+    rgb, path = photo_small
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    mask[30:90, 50:120] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    cli("inpaint", str(path), str(tmp_path / "mask.png"), "--task", "complete", "--steps", "2", "--guidance", "2.5",
+        "--seed", "7", "--resolution", "64", "-o", str(tmp_path / "out.png"), "--weights", str(tiny_weights))
+    if protocol == "http":  # options as input tensors
+        out = infer(clients, protocol, "inpaint", {
+            "IMAGE": rgb, "MASK": mask, "STEPS": scalar(2, np.int32), "GUIDANCE": scalar(2.5, np.float32),
+            "SEED": scalar(7, np.int64), "RESOLUTION": scalar(64, np.int32)}, parameters={"task": "complete"})
+    else:  # options as request parameters
+        out = infer(clients, protocol, "inpaint", {"IMAGE": rgb, "MASK": mask}, parameters={
+            "task": "complete", "steps": 2, "guidance": 2.5, "seed": 7, "resolution": 64})
+    expected = png_pixels(tmp_path / "out.png")
+    assert not np.array_equal(expected, rgb), "the reference must have regenerated something"
+    np.testing.assert_array_equal(out["IMAGE"], expected)
+
+
+def test_reposition_equals_cli(clients, photo_small, tiny_weights, tmp_path):
+    rgb, path = photo_small
+    subject = np.zeros(rgb.shape[:2], np.uint8)
+    subject[40:80, 60:100] = 255
+    Image.fromarray(subject).save(tmp_path / "subject.png")
+    cli("reposition", str(path), "--mask", str(tmp_path / "subject.png"), "--move", "25,-10", "--scale", "1.2",
+        "--steps", "2", "--seed", "5", "--save-stages", str(tmp_path / "stages"), "-o", str(tmp_path / "out.png"),
+        "--weights", str(tiny_weights))
+    out = infer(clients, "grpc", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([25, -10], np.float32), "SCALE": scalar(1.2, np.float32),
+        "STEPS": scalar(2, np.int32), "SEED": scalar(5, np.int64)})
+    np.testing.assert_array_equal(out["IMAGE"], png_pixels(tmp_path / "out.png"))
+    region = next((tmp_path / "stages").glob("*_output_mask.png"))
+    np.testing.assert_array_equal(out["REGION"], png_pixels(region, "L"))
+
+
+def test_elements_partition_and_render_equal_cli(clients, photo_small, tiny_weights, tmp_path):
+    from editrt.runtime.elements import Elements
+    from editrt.runtime.images import load_labels_png
+
+    rgb, path = photo_small
+    weights = ("--weights", str(tiny_weights))
+    cli("elements", "partition", str(path), "--grid", "4", "--beta", "32", "-o", str(tmp_path / "e.json"), "--labels",
+        str(tmp_path / "labels.png"), *weights)
+    parts = infer(clients, "http", "elements_partition", {"IMAGE": rgb, "GRID": scalar(4, np.int32),
+                                                           "BETA": scalar(32.0, np.float32)})
+    np.testing.assert_array_equal(parts["LABELS"], load_labels_png(tmp_path / "labels.png"))
+    saved = Elements.load(tmp_path / "e.json")
+    assert len(saved.alive_ids) > 2
+    for name, value in (("FEATURES", saved.features), ("CENTROIDS", saved.centroids), ("SIZES", saved.sizes),
+                        ("ALIVE", saved.alive.astype(np.uint8)), ("IMAGE_SIZE", saved.image_size),
+                        ("WORKING_SIZE", saved.working_size)):
+        np.testing.assert_array_equal(parts[name], np.asarray(value), err_msg=name)
+
+    # unedited, then with one element deleted: the edit is the client clearing ALIVE
+    deleted = saved.alive_ids[1]
+    cli("elements", "edit", str(tmp_path / "e.json"), "--delete", str(deleted), "-o", str(tmp_path / "edited.json"))
+    render = ("--steps", "2", "--seed", "4", "--prompt", "a cat")
+    cli("elements", "render", str(tmp_path / "e.json"), *render, "-o", str(tmp_path / "r.png"), *weights)
+    cli("elements", "render", str(tmp_path / "edited.json"), *render, "-o", str(tmp_path / "r_edited.png"), *weights)
+    request = {k: parts[k] for k in ("FEATURES", "CENTROIDS", "SIZES", "ALIVE", "IMAGE_SIZE", "WORKING_SIZE")}
+    request.update(STEPS=scalar(2, np.int32), SEED=scalar(4, np.int64))
+    image = infer(clients, "http", "elements_render", request, parameters={"prompt": "a cat"})["IMAGE"]
+    np.testing.assert_array_equal(image, png_pixels(tmp_path / "r.png"))
+    request["ALIVE"] = request["ALIVE"].copy()
+    request["ALIVE"][deleted] = 0
+    edited = infer(clients, "grpc", "elements_render", request, parameters={"prompt": "a cat"})["IMAGE"]
+    np.testing.assert_array_equal(edited, png_pixels(tmp_path / "r_edited.png"))
+    assert not np.array_equal(edited, image)
+
+
+# ---------------------------------------------------------------------- bad requests
+def _error(clients, protocol, model, inputs, parameters=None) -> str:
+    with pytest.raises(InferenceServerException) as e:
+        infer(clients, protocol, model, inputs, parameters)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_triton_errors_and_the_server_serves_on(clients, protocol, server, photo_small):
+    rgb, _ = photo_small
+    point = np.array([[60, 50]], np.float32)
+    assert "IMAGE" in _error(clients, protocol, "segment", {"POINTS": point})  # a missing input
+    wrong_shape = np.zeros((*rgb.shape[:2], 4), np.uint8)
+    message = _error(clients, protocol, "segment", {"IMAGE": wrong_shape, "POINTS": point})
+    assert "IMAGE" in message and "shape" in message
+    message = _error(clients, protocol, "segment", {"IMAGE": rgb.astype(np.float32), "POINTS": point})
+    assert "IMAGE" in message and "FP32" in message  # a wrong data type
+    # rejected by editrt itself: its one-line message comes back
+    assert "point" in _error(clients, protocol, "segment", {"IMAGE": rgb, "POINTS": np.array([[900, 5]], np.float32)})
+    assert "POINTS and/or BOX" in _error(clients, protocol, "segment", {"IMAGE": rgb})
+    image_mask = {"IMAGE": rgb, "MASK": np.ones(rgb.shape[:2], np.uint8)}
+    assert "task" in _error(clients, protocol, "inpaint", image_mask, {"task": "paint", "steps": 1})
+    assert "'stpes'" in _error(clients, protocol, "inpaint", image_mask, {"stpes": 1})
+    assert "STEPS" in _error(clients, protocol, "inpaint", {**image_mask, "STEPS": scalar(1, np.int32)}, {"steps": 1})
+    message = _error(clients, protocol, "elements_render", {
+        "FEATURES": np.zeros((3, 32), np.float32), "CENTROIDS": np.zeros((2, 2), np.float32),
+        "SIZES": np.zeros((3, 2), np.float32), "ALIVE": np.ones(3, np.uint8), "IMAGE_SIZE": np.array([64, 64], np.int32)})
+    assert "CENTROIDS" in message
+    assert server.alive() and server.ready()
+    mask = infer(clients, protocol, "segment", {"IMAGE": rgb, "POINTS": point})["MASK"]
+    assert mask.shape == rgb.shape[:2]
+
+
+# ---------------------------------------------------------------------- engine models
+def test_engine_configs_load_until_the_missing_backend(clients, repository):
+    """Triton parses each generated config and resolves its platform to the onnxruntime backend; only the
+    backend library is missing from this bundle. A config it cannot parse fails earlier, differently."""
+    for name in ENGINES:
+        with pytest.raises(InferenceServerException) as e:
+            clients["http"].load_model(name)
+        assert "unable to find backend library for backend 'onnxruntime'" in str(e.value), (name, str(e.value))
+    with pytest.raises(InferenceServerException) as e:
+        clients["http"].load_model("broken_config")
+    assert "onnxruntime" not in str(e.value) and "broken_config" in str(e.value)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_engine_configs_serve_the_exported_graphs(clients, protocol, repository):
+    """Each engine's generated config, served over its exported graph (ONNX Runtime in a Python model):
+    Triton accepts requests at dynamic sizes other than the trace's and the results are ONNX Runtime's."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(11)
+    cases = {
+        # batch 2 (Triton's batch dimension) at a latent size the export did not trace
+        "vae_decoder": {"latent": rng.standard_normal((2, 4, 6, 10)).astype(np.float32)},
+        "sam_mask_decoder": {
+            "image_embeddings": rng.standard_normal((1, 32, 16, 16)).astype(np.float32),
+            "point_coords": (rng.random((1, 3, 2)) * 200).astype(np.float32),
+            "point_labels": np.array([[1, 0, 1]], np.float32), "mask_input": np.zeros((1, 1, 64, 64), np.float32),
+            "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([90, 140], np.int64)},
+    }
+    for name, feed in cases.items():
+        session = ort.InferenceSession(str(repository / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        served = infer(clients, protocol, f"{name}{ORT_SUFFIX}", feed)
+        assert set(served) == set(expected), name
+        for key, value in expected.items():
+            assert served[key].shape == value.shape, (name, key)
+            # the same graph run by the same ONNX Runtime on the same CPU: equal up to threading order
+            np.testing.assert_allclose(served[key], value, rtol=1e-5, atol=1e-5, err_msg=f"{name}.{key}")
+    # a shape the spec does not allow is refused by Triton from the config alone
+    bad = {"latent": rng.standard_normal((1, 3, 6, 10)).astype(np.float32)}
+    assert "latent" in _error(clients, protocol, f"vae_decoder{ORT_SUFFIX}", bad)
+
+
+def test_repository_layout_and_readme(repository, tiny_weights):
+    meta = json.loads((repository / "editrt_repository.json").read_text())
+    assert meta["pipeline_models"] == PIPELINES and meta["engine_models"] == sorted(ENGINES)
+    readme = (repository / "README.md").read_text()
+    for name in PIPELINES + ENGINES:
+        assert f"`{name}`" in readme
+    assert (repository / "vae_decoder" / "1" / "model.onnx").is_file()
+    assert str(Path(tiny_weights).resolve()) in (repository / "segment" / "config.pbtxt").read_text()
