@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
 MAX_POINTS = 64
 MAX_IDS = 1024
@@ -25,6 +26,22 @@ Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Guidance = Annotated[float, Field(ge=1.0, le=30.0)]
 Resolution = Annotated[int, Field(ge=8, le=4096, multiple_of=8, description="processing short side")]
 Scale = Annotated[float, Field(ge=0.05, le=20.0)]
+
+
+def _one_scale_error(value, handler):
+    """One error for the number-or-'auto' union (pydantic would report each member, under tagged locations)."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("scale", "expected a number in [0.05, 20] or 'auto'") from None
+
+
+ScaleOrAuto = Annotated[Scale | Literal["auto"], WrapValidator(_one_scale_error),
+                        Field(description="a factor, or 'auto': perspective from depth (footpoint inverse-depth ratio, "
+                                          "clamped to [0.25, 4])")]
+Occlusion = Annotated[Literal["none", "auto"], Field(description="'auto': destination pixels nearer than the subject "
+                                                                 "(depth) hide it")]
+TrimapBand = Annotated[int, Field(ge=1, le=256, description="matting: unknown band in pixels (default 2% of the short side)")]
 Ids = Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1, max_length=MAX_IDS)]
 
 
@@ -80,12 +97,28 @@ class InpaintRequest(Body):
     resolution: Resolution | None = None
 
 
-class RepositionRequest(Prompt):
+class SeeleOptions(Body):
+    """SEELE's pre/post-processing (runtime/seele_stages.py): occlusion, perspective, matting, a shadow to generate."""
+
+    scale: ScaleOrAuto = 1.0
+    occlusion: Occlusion = "none"
+    matting: bool = Field(False, description="composite the subject with its ViTMatte alpha")
+    trimap_band: TrimapBand | None = None
+    shadow_box: Box | None = Field(None, description="where a shadow should appear (x0, y0, x1, y1), output pixels: "
+                                                     "harmonized")
+
+
+class RepositionRequest(Prompt, SeeleOptions):
     image: ImageB64
     mask: ImageB64 | None = Field(None, description="the subject; or give points / box")
     move: Annotated[list[Coord], Field(min_length=2, max_length=2)] = Field(description="(dx, dy) in pixels")
-    scale: Scale = 1.0
     harmonize: bool = True
+    complete_mask: ImageB64 | None = Field(None, description="the part to complete (output coordinates)")
+    occluder_mask: ImageB64 | None = Field(None, description="pixels in front of the moved subject (instead of "
+                                                             "occlusion 'auto')")
+    shadow_mask: ImageB64 | None = Field(None, description="the subject's existing shadow: moved with it, regenerated "
+                                                           "with the complete prompt")
+    shadow_region: ImageB64 | None = Field(None, description="where a shadow should appear, as a mask (or shadow_box)")
     steps: Steps | None = Field(None, description="denoising steps (default: the server's --steps)")
     guidance: Guidance = 1.0
     seed: Seed = 0
@@ -162,6 +195,7 @@ class SessionInfo(Body):
     steps: int
     preview_steps: int
     selected: bool = Field(description="reposition: a subject is selected")
+    shadow: bool = Field(False, description="reposition: the subject's shadow is selected")
     undo: int = Field(description="how many edits can be undone")
     image: str | None = Field(None, description="the session's current image, PNG base64 (after create/undo)")
     items: list[ElementInfo] | None = None
@@ -171,6 +205,8 @@ class SessionInfo(Body):
 
 class SelectRequest(Prompt):
     mask: ImageB64 | None = Field(None, description="the subject as a mask, instead of points / box")
+    target: Literal["subject", "shadow"] = Field("subject", description="'shadow': the selected subject's existing "
+                                                 "shadow (a second selection; moves with it)")
 
 
 class MaskResponse(Body):
@@ -179,10 +215,9 @@ class MaskResponse(Body):
     timing: Timing
 
 
-class MoveRequest(Body):
+class MoveRequest(SeeleOptions):
     dx: Coord = 0.0
     dy: Coord = 0.0
-    scale: Scale = 1.0
     ids: Ids | None = Field(None, description="elements sessions: the elements to move")
 
 

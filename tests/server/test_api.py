@@ -223,3 +223,48 @@ def test_release_cancels_the_queued_preview(client, server, reposition, photo_sm
             blocker.join()
         m = json.loads(ws.recv(timeout=120))
         assert m["type"] == "final" and m["seq"] == 2, m["type"]
+
+
+def test_reposition_seele_options_equal_the_pipeline(client, reposition, photo_small):
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    shadow = np.zeros_like(mask)
+    shadow[50:56, 30:80] = 255
+    body = {"image": b64png(photo_small), "mask": b64png(mask), "shadow_mask": b64png(shadow), "move": [12, 3],
+            "steps": 1, "seed": 2, "scale": "auto", "occlusion": "auto", "matting": True, "trimap_band": 3,
+            "shadow_box": [70, 60, 110, 70]}
+    r = client.post("/v1/reposition", json=body)
+    assert r.status_code == 200, r.text
+    expected = reposition(photo_small, mask=mask > 127, shadow_mask=shadow > 127, move=(12, 3), steps=1, seed=2,
+                          scale="auto", occlusion="auto", matting=True, trimap_band=3, shadow_region=(70, 60, 110, 70))
+    assert np.array_equal(decode(r.content), np.asarray(expected.image))
+    plain = reposition(photo_small, mask=mask > 127, move=(12, 3), steps=1, seed=2).image
+    assert not np.array_equal(decode(r.content), np.asarray(plain))  # the options reached the pipeline
+    for change, field in ((dict(shadow_box=[200, 0, 300, 10]), "shadow_box"), (dict(trimap_band=40), "trimap_band"),
+                          (dict(scale="big"), "scale"), (dict(occlusion="maybe"), "occlusion")):
+        r = client.post("/v1/reposition", json={**body, **change})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_session_shadow_selection_and_seele_drag_options(client, photo_small):
+    sid = _session(client, photo_small)["id"]
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    r = client.post(f"/v1/sessions/{sid}/select", json={"target": "shadow", "mask": b64png(mask)})
+    assert r.status_code == 409 and r.json()["field"] == "selected"
+    client.post(f"/v1/sessions/{sid}/select", json={"mask": b64png(mask)}).raise_for_status()
+    shadow = np.zeros_like(mask)
+    shadow[50:56, 30:80] = 255
+    r = client.post(f"/v1/sessions/{sid}/select", json={"target": "shadow", "mask": b64png(shadow)})
+    assert r.status_code == 200 and r.json()["area"] == 6 * 50
+    assert client.get(f"/v1/sessions/{sid}").json()["shadow"]
+    move = {"dx": 10, "dy": 2, "scale": "auto", "matting": True, "trimap_band": 3, "shadow_box": [70, 60, 110, 70]}
+    r = client.post(f"/v1/sessions/{sid}/preview", json=move)
+    assert r.status_code == 200, r.text
+    r = client.post(f"/v1/sessions/{sid}/final", json={**move, "trimap_band": 50})
+    assert r.status_code == 422 and r.json()["field"] == "trimap_band", r.text
+    r = client.post(f"/v1/sessions/{sid}/final", json=move)
+    assert r.status_code == 200, r.text
+    el = _session(client, photo_small, kind="elements")["id"]
+    r = client.post(f"/v1/sessions/{el}/final", json={"ids": [0], "scale": "auto"})
+    assert r.status_code == 422 and r.json()["field"] == "scale"

@@ -129,12 +129,31 @@ ALIASES = {"point": "points", "segment": "points", "harmonize region": "mask", "
            "select": "point", "preview/final": "selected", "resize": "ops", "delete": "ops", "insert": "ops"}
 
 
+# where a request spells a pipeline argument another way (tried when the pipeline's own name is not a field)
+FALLBACK_ALIASES = {"shadow_region": "shadow_box", "occluder_mask": "occlusion", "trimap": "trimap_band",
+                    "shadow_mask": "mask"}
+SEELE_FIELDS = ("occlusion", "matting", "trimap_band", "shadow_box")
+
+
 def field_of(message: str, fields) -> str:
     """The request field an EditError message is about: its leading name ('mask: ...', 'point (3, 4): ...')."""
+    if message.startswith("shadow_region box") and "shadow_box" in fields:  # the box form of the region
+        return "shadow_box"
     m = _FIELD.match(message)
     name = m.group(1).strip() if m else ""
     name = ALIASES.get(name, name)
+    if name not in fields:
+        name = FALLBACK_ALIASES.get(name, name)
     return name if name in fields else (fields[0] if fields else "body")
+
+
+def seele_options(req) -> dict:
+    """The pipeline keywords of a request's SeeleOptions (schemas.py): scale, occlusion, matting, trimap band and
+    a shadow box (where a shadow should appear)."""
+    options = dict(scale=req.scale, occlusion=req.occlusion, matting=req.matting, trimap_band=req.trimap_band)
+    if req.shadow_box is not None:
+        options["shadow_region"] = tuple(req.shadow_box)
+    return options
 
 
 async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fields=("body",), future=None):

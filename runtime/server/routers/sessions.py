@@ -45,7 +45,7 @@ from editrt.runtime.session import EditSession
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 404, 409, 413, 415, 422, 503)}
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(common.require_token)],
                    responses=ERRORS)
-MOVE_FIELDS = ("dx", "dy", "scale", "ids", "selected")
+MOVE_FIELDS = ("dx", "dy", "scale", "ids", "selected", *common.SEELE_FIELDS)
 
 
 def _new_session(st, kind: str, rgb, steps: int, preview_steps: int, seed: int) -> EditSession:
@@ -59,8 +59,8 @@ def info(live: Live, st, image: bool = False, t=None) -> SessionInfo:
     s = live.session
     h, w = live.image.shape[:2]
     out = SessionInfo(id=live.id, kind=live.kind, width=w, height=h, steps=live.steps, preview_steps=live.preview_steps,
-                      selected=s.subject is not None, undo=len(live.history), image=png_b64(live.image) if image else None,
-                      timing=t)
+                      selected=s.subject is not None, shadow=getattr(s, "shadow", None) is not None,
+                      undo=len(live.history), image=png_b64(live.image) if image else None, timing=t)
     if live.kind == "elements":
         out.items = items(s.elements)
         out.overlay = png_b64(st.elements.render_overlay(s.elements, live.image))
@@ -108,7 +108,8 @@ async def close(request: Request, session_id: str):
 
 @router.post("/{session_id}/select", response_model=MaskResponse)
 async def select(request: Request, session_id: str, req: SelectRequest):
-    """The subject from points / box (SAM on the cached embedding) or a mask."""
+    """The subject from points / box (SAM on the cached embedding) or a mask; target 'shadow': the selected
+    subject's existing shadow, a second selection that moves with it."""
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
@@ -118,11 +119,13 @@ async def select(request: Request, session_id: str, req: SelectRequest):
         raise APIError(422, "points", "points: expected at least one point, a box or a mask")
     if req.points is not None and req.labels is not None and len(req.labels) != len(req.points):
         raise APIError(422, "labels", f"labels: expected one per point ({len(req.points)}), got {len(req.labels)}")
+    if req.target == "shadow" and live.session.subject is None:
+        raise APIError(409, "selected", "selected: select the subject first (POST .../select)")
+    select = live.session.select if req.target == "subject" else live.session.select_shadow
     async with live.lock:
         subject, run_s, wait_s = await common.run(
-            request, "reposition", lambda: live.session.select(points=req.points, labels=req.labels, box=req.box,
-                                                               mask=mask), INTERACTIVE, "select",
-            ("points", "labels", "box", "mask"))
+            request, "reposition", lambda: select(points=req.points, labels=req.labels, box=req.box, mask=mask),
+            INTERACTIVE, "select", ("points", "labels", "box", "mask"))
     return MaskResponse(mask=png_b64(subject), area=int(subject.sum()), timing=common.timing(request, t0, run_s, wait_s))
 
 
@@ -131,8 +134,24 @@ def _check_move(live: Live, move: MoveRequest) -> None:
     if live.kind == "reposition":
         if live.session.subject is None:
             raise APIError(409, "selected", "selected: select the subject first (POST .../select)")
-    elif not move.ids:
+        return
+    if not move.ids:
         raise APIError(422, "ids", "ids: expected the elements to move")
+    _check_elements_move(move)
+
+
+def _check_elements_move(move: MoveRequest) -> None:
+    """An elements session refuses the repositioning options (they would mean nothing there)."""
+    reposition_only = {"scale": move.scale == "auto", "occlusion": move.occlusion != "none", "matting": move.matting,
+                       "trimap_band": move.trimap_band is not None, "shadow_box": move.shadow_box is not None}
+    for name, given in reposition_only.items():
+        if given:
+            raise APIError(422, name, f"{name}: {getattr(move, name)!r} is a repositioning option; an elements "
+                           "session takes dx, dy, a numeric scale and ids")
+
+
+def _reposition_edit(move: MoveRequest) -> dict:
+    return dict(move=(move.dx, move.dy), **common.seele_options(move))
 
 
 def _moved_elements(live: Live, move: MoveRequest):
@@ -166,7 +185,7 @@ def preview_future(live: Live, move: MoveRequest):
     """Start the session's own preview job (on the event loop: it only enqueues); returns (future, cancel)."""
     s = live.session
     if live.kind == "reposition":
-        return _future_of(s, s.preview(move=(move.dx, move.dy), scale=move.scale))
+        return _future_of(s, s.preview(**_reposition_edit(move)))
     base, el = _moved_elements(live, move)  # bad ids / moves raise here, before anything is queued
     live.drag_base, s.elements = base, el
     return _future_of(s, s.preview())
@@ -195,7 +214,7 @@ def final_job(live: Live, st, move: MoveRequest):
     def job():
         with torch.no_grad():
             if live.kind == "reposition":
-                result = _result_image(s.final(move=(move.dx, move.dy), scale=move.scale))
+                result = _result_image(s.final(**_reposition_edit(move)))
                 live.session = _new_session(st, "reposition", np.asarray(result), live.steps, live.preview_steps,
                                             live.seed)
                 _push(live, st, s.rgb)
@@ -252,6 +271,8 @@ async def final(request: Request, session_id: str, req: MoveRequest):
     live = st.sessions.get(session_id)
     if live.kind == "reposition":
         _check_move(live, req)
+    else:
+        _check_elements_move(req)
     image, run_s, wait_s = await run_final(request, live, st, req)
     return await anyio.to_thread.run_sync(lambda: _image_response(request, t0, image, run_s, wait_s))
 

@@ -80,25 +80,38 @@ async def inpaint(request: Request):
     return common.png_response(out, t0, run_s, wait_s)
 
 
-@router.post("/reposition", responses=PNG, openapi_extra=body(RepositionRequest, "image", "mask"))
+REPOSITION_MASKS = ("mask", "complete_mask", "occluder_mask", "shadow_mask", "shadow_region")
+
+
+@router.post("/reposition", responses=PNG, openapi_extra=body(RepositionRequest, *REPOSITION_MASKS))
 async def reposition(request: Request):
-    """The SEELE flow: move (and scale) the subject, remove, harmonize; PNG result."""
+    """The SEELE flow: move (and scale) the subject, remove, complete, harmonize; occlusion, perspective,
+    matting and shadows as options; PNG result."""
     t0 = common.t0_of(request)
-    req = await common.parse_body(request, RepositionRequest, ("image", "mask"))
+    req = await common.parse_body(request, RepositionRequest, ("image", *REPOSITION_MASKS))
     steps = common.steps_of(request, req.steps)
     rgb = await common.image(request, req.image, "image")
-    if req.mask is not None:
-        subject, prompt = await common.mask(request, req.mask, "mask"), {}
-    else:
-        subject, prompt = None, _prompt(req, *rgb.shape[:2])
+    masks = {}
+    for name in REPOSITION_MASKS:
+        if getattr(req, name) is not None:
+            masks[name] = await common.mask(request, getattr(req, name), name)
+    if req.shadow_region is not None and req.shadow_box is not None:
+        raise APIError(422, "shadow_box", "shadow_box: give the shadow region as shadow_region or shadow_box, not both")
+    subject = masks.pop("mask", None)
+    prompt = {} if subject is not None else _prompt(req, *rgb.shape[:2])
+    region = masks.pop("shadow_region", None)
     pipe = common.pipeline(request, "reposition")
+    options = common.seele_options(req)
+    if region is not None:
+        options["shadow_region"] = region
 
     def job():
         with torch.no_grad():
-            return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), scale=req.scale, harmonize=req.harmonize,
-                        steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution).image
+            return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), harmonize=req.harmonize, steps=steps,
+                        guidance=req.guidance, seed=req.seed, resolution=req.resolution, **masks, **options).image
     out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition",
-                                          ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution"))
+                                          ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution",
+                                           *common.SEELE_FIELDS, *REPOSITION_MASKS[1:]))
     return common.png_response(out, t0, run_s, wait_s)
 
 
