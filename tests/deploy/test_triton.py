@@ -53,10 +53,9 @@ ORT_MODEL_PY = '''"""Runs the engine model's ONNX graph with ONNX Runtime under 
 import json
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
-import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils import dlpack
 
 
 class TritonPythonModel:
@@ -69,11 +68,10 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:  # through DLPack: see runtime/triton_models.py tensor_to_numpy
-            feed = {n: dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, n).to_dlpack()).numpy()
-                    for n in self.inputs}
+            feed = {n: np.from_dlpack(pb_utils.get_input_tensor_by_name(request, n)) for n in self.inputs}
             result = self.session.run(self.outputs, feed)
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor.from_dlpack(n, dlpack.to_dlpack(torch.from_numpy(v))) for n, v in zip(self.outputs, result)]))
+                pb_utils.Tensor.from_dlpack(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, result)]))
         return responses
 '''
 
