@@ -7,7 +7,8 @@
 
 Our rows call the estimator the pipeline holds (`RepositionPipeline.depth_estimator` / `.matter`), so
 every backend runs the same pre/post-processing and differs only in the engine behind it: torch-eager
-(the model's own modules), torch+compile (inductor on the engine's module), onnxruntime (the exported
+(the model's own modules), torch+cudagraph (depth only: DPT replayed from one CUDA graph; CUDA only),
+torch+compile (inductor on the engine's module; on CUDA inside that graph), onnxruntime (the exported
 graph), tensorrt (declared; a skipped row where TensorRT is absent). The peers load their own copy of
 the same folder, in the bench's dtype, on the bench's device, and compute the same output (tests
 hold them equal: tests/models/test_depth.py, test_matting.py). Weights folders without depth/ or
@@ -29,6 +30,7 @@ for _peer in PEERS:  # registered beside bench/cases.py's BACKENDS (requested th
     BACKENDS.setdefault(_peer.name, _peer)
 
 OURS = ("torch+compile", "onnxruntime")
+DEPTH_OURS = ("torch+cudagraph", *OURS)  # DPT's fixed S x S input replays as one CUDA graph (CUDA only)
 
 
 def _band(size: int) -> int:
@@ -153,9 +155,9 @@ def _matting_transformers(ctx: BenchContext, compile: bool = False) -> Run:
                parts=[run_model], close=close)
 
 
-def _runners(build, peer) -> dict:
+def _runners(build, peer, ours=OURS) -> dict:
     return {"transformers": lambda: peer(False), "transformers+compile": lambda: peer(True),
-            "torch-eager": lambda: build("torch-eager"), **{b: (lambda b=b: build(b)) for b in OURS},
+            "torch-eager": lambda: build("torch-eager"), **{b: (lambda b=b: build(b)) for b in ours},
             **PLANNED_ENGINES}
 
 
@@ -170,7 +172,7 @@ def seele_cases(ctx: BenchContext) -> list[Case]:
     if "depth_estimator" in present:
         size = ctx.read_json("depth", "config.json").get("image_size", 384)
         cases.append(Case("depth-estimator", f"{r}x{r} photo -> 1x3x{size}x{size} -> {r}x{r}",
-                          _runners(lambda b: _depth_ours(ctx, b), lambda c: _depth_transformers(ctx, c)),
+                          _runners(lambda b: _depth_ours(ctx, b), lambda c: _depth_transformers(ctx, c), DEPTH_OURS),
                           baseline="transformers",
                           about="photo to relative inverse depth, DPT (pipeline('depth-estimation'), also with its "
                                 "model torch.compile'd, vs DepthEstimator)"))

@@ -51,12 +51,55 @@ def resize_uint8_bicubic(image_uint8: torch.Tensor, size: tuple[int, int]) -> to
     return F.interpolate(image_uint8, size=list(size), mode="bicubic", align_corners=False, antialias=True)
 
 
-class DepthEstimator:
-    """uint8 RGB [H, W, 3] -> relative inverse depth float32 [H, W] (MiDaS / DPT: larger = nearer)."""
+class CapturedCall:
+    """`engine(pixel_values=x)` replayed from one CUDA graph at one fixed input shape (DPT's S x S).
 
-    def __init__(self, engine, image_size: int, device, dtype):
+    As the scheduler's loops (runtime/scheduler.py): a warm-up on a side stream (allocations, cuDNN and
+    inductor autotuning), `before_capture()`, then one capture (thread_local: another thread's CUDA work
+    does not invalidate it). A call copies its input into the static buffer, puts the engine's weights in
+    place (`prepare()`), replays, and returns the static outputs: the caller reads them before the next
+    call (DepthEstimator resizes them at once). Callers serialise calls (the pipeline's work queue).
+    """
+
+    def __init__(self, engine, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        self.engine, self.device = engine, device
+        self.static_input = torch.zeros(shape, device=device, dtype=dtype)
+        self.graph, self.outputs = None, None
+
+    def _capture(self) -> None:
+        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                self.engine(pixel_values=self.static_input)
+        main.wait_stream(side)
+        self.engine.before_capture()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
+            self.outputs = self.engine(pixel_values=self.static_input)
+
+    def __call__(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.static_input.copy_(pixel_values)
+        self.engine.prepare()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.outputs
+
+
+class DepthEstimator:
+    """uint8 RGB [H, W, 3] -> relative inverse depth float32 [H, W] (MiDaS / DPT: larger = nearer).
+
+    `cuda_graph`: replay the engine from one CUDA graph (its input is always S x S), where the engine
+    supports capture (torch on CUDA); elsewhere it runs eagerly. The graph is captured on the first call.
+    """
+
+    def __init__(self, engine, image_size: int, device, dtype, cuda_graph: bool = False):
         self.engine, self.image_size = engine, int(image_size)
         self.device, self.dtype = torch.device(device), dtype
+        self.captured = None
+        if cuda_graph and getattr(engine, "supports_cuda_graph", False):
+            self.captured = CapturedCall(engine, (1, 3, self.image_size, self.image_size), self.device, dtype)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """The engine's `pixel_values` [1, 3, S, S] (DPTImageProcessor's, then cast to the engine dtype)."""
@@ -73,7 +116,8 @@ class DepthEstimator:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         pixel_values = self.preprocess(rgb)
-        predicted = self.engine(pixel_values=pixel_values)["predicted_depth"]
+        run = self.captured if self.captured is not None else (lambda x: self.engine(pixel_values=x))
+        predicted = run(pixel_values)["predicted_depth"]
         return self.postprocess(predicted, rgb.shape[0], rgb.shape[1])
 
 
@@ -143,12 +187,18 @@ def trimap_from_mask(mask: np.ndarray, band: int) -> np.ndarray:
     return trimap.numpy()
 
 
-def estimators_from_engines(engines: dict, device, dtype) -> tuple[DepthEstimator | None, Matter | None]:
-    """(DepthEstimator, Matter) for `build_engines`' engines; None where the weights folder lacks the model."""
+def estimators_from_engines(engines: dict, device, dtype,
+                            cuda_graphs: bool = False) -> tuple[DepthEstimator | None, Matter | None]:
+    """(DepthEstimator, Matter) for `build_engines`' engines; None where the weights folder lacks the model.
+
+    `cuda_graphs` (the built editor's resolved option): the depth estimator replays a CUDA graph where its
+    engine supports it. Matting runs eagerly: its input size follows the image (one graph per size would
+    hold one activation pool per size).
+    """
     depth = engines.get("depth_estimator")
     matting = engines.get("matting")
     estimator = None
     if depth is not None:
         size = depth.spec.input("pixel_values").axes[-1]  # fixed S x S (export/specs.py)
-        estimator = DepthEstimator(depth, size, device, dtype)
+        estimator = DepthEstimator(depth, size, device, dtype, cuda_graph=cuda_graphs)
     return estimator, (Matter(matting, device, dtype) if matting is not None else None)

@@ -39,8 +39,9 @@ def rows(tiny_weights):
 def test_rows_and_what_ran(rows):
     by_name, calls, _ = rows
     for component in ("depth-estimator", "matting"):
+        graphs = ("torch+cudagraph",) if component == "depth-estimator" else ()
         names = {f"{component}/{b}" for b in ("transformers", "transformers+compile", "torch-eager", "torch+compile",
-                                              "onnxruntime", "tensorrt")}
+                                              "onnxruntime", "tensorrt", *graphs)}
         assert names == {n for n in by_name if n.startswith(component + "/")}
         peer, ours = by_name[f"{component}/transformers"], by_name[f"{component}/torch-eager"]
         assert peer["peer"] and peer["baseline"] is None and peer["p50_ms"] > 0 and not peer["compiled"]
@@ -48,6 +49,8 @@ def test_rows_and_what_ran(rows):
         assert ours["ratio"] is not None and not ours["compiled"] and not ours["cuda_graph"] and ours["kernels"] == []
         assert ours["flops"] and ours["flops"] > 0
         assert by_name[f"{component}/onnxruntime"]["skipped"] == "no export in this test"
+        if graphs:
+            assert by_name[f"{component}/torch+cudagraph"]["skipped"] == "CUDA graphs need CUDA"
         for compiled in ("torch+compile", "transformers+compile"):  # --quick on a CPU: not compiled, says so
             assert by_name[f"{component}/{compiled}"]["skipped"].startswith("torch.compile is not run with --quick")
     # warm-up + first run + 2 timed runs, each a real call of the peer's own entry point

@@ -154,3 +154,30 @@ def test_depth_estimator_runs_an_fp16_engine_and_returns_float32(tiny_weights):
 
     out = DepthEstimator(engine, 64, "cpu", torch.bfloat16)(_image((50, 70), seed=5))
     assert out.dtype == np.float32 and out.shape == (50, 70) and np.isfinite(out).all()
+
+
+def test_cuda_graph_is_off_where_the_engine_cannot_be_captured(built, estimator):
+    graphed = DepthEstimator(built.engines["depth_estimator"], 64, "cpu", torch.float32, cuda_graph=True)
+    assert graphed.captured is None  # a CPU TorchEngine: supports_cuda_graph is False, so it runs eagerly
+    rgb = _image((40, 90), seed=9)
+    np.testing.assert_array_equal(graphed(rgb), estimator(rgb))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_and_the_transformers_pipeline_on_cuda(tiny_weights):
+    """A replay runs the captured kernels: bit-equal to the eager engine. Against transformers' pipeline on
+    the same GPU (its own model instance): max relative 1e-5, as cuBLAS may choose other GEMM algorithms."""
+    from transformers import pipeline
+
+    built = build_engines("reposition", tiny_weights, device="cuda")
+    engine = built.engines["depth_estimator"]
+    eager = DepthEstimator(engine, 64, "cuda", torch.float32)
+    graphed = DepthEstimator(engine, 64, "cuda", torch.float32, cuda_graph=True)
+    peer = pipeline("depth-estimation", model=str(WeightsLayout(tiny_weights).depth), device="cuda")
+    for i, shape in enumerate(SIZES):
+        rgb = _image(shape, seed=i)
+        out = graphed(rgb)
+        np.testing.assert_array_equal(out, eager(rgb))
+        reference = peer(Image.fromarray(rgb))["predicted_depth"].cpu().numpy()
+        assert np.abs(out - reference).max() <= 1e-5 * np.abs(reference).max()
+    assert graphed.captured.graph is not None
