@@ -211,8 +211,9 @@ def estimator_specs(config: dict) -> list[NetworkSpec]:
             "depth_estimator",
             (TensorSpec("pixel_values", (1, 3, size, size)),),
             (TensorSpec("predicted_depth", (1, size, size)),),
-            "DPT (MiDaS v3): DPTImageProcessor's S x S image (mean = std = 0.5) -> relative inverse depth at S x S",
-            precisions=("fp32", "fp16")))
+            "DPT (MiDaS v3): DPTImageProcessor's S x S image (mean = std = 0.5) -> relative inverse depth at S x S"))
+        # fp32 only: ONNX Runtime's float16 conversion of DPT is off by order 1 against PyTorch (seen on the
+        # tiny DPT: max relative 1.0); not exported in fp16 until that is understood
     if config.get("matting"):
         side = _range(*MATTING_SIDES)
         specs.append(NetworkSpec(
