@@ -1,10 +1,19 @@
-"""`editrt serve`: options and the uvicorn launch (editrt/cli.py calls configure_parser and run)."""
+"""`editrt serve`: options and the uvicorn launch (editrt/cli.py calls configure_parser and run).
+
+`editrt serve --ray` runs the same app as a Ray Serve deployment instead (ray_deployment.py): one
+pipeline pair per replica, sessions routed to the replica holding them. It starts a local Ray on
+this machine, or joins the cluster at --ray-address / $RAY_ADDRESS, serves until interrupted
+(Ctrl-C or SIGTERM), then shuts Ray Serve down (on a joined cluster: deletes only its application).
+"""
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+import re
+import signal
 import sys
+import time
 
 from editrt.errors import InputError
 from editrt.models.common import DTYPE_ALIASES, DTYPES
@@ -38,6 +47,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=32, help="jobs waiting per pipeline before 503 (default 32)")
     p.add_argument("--no-warmup", action="store_true", help="ready at once, without the warm-up request")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    ray = p.add_argument_group("Ray Serve (--ray)")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment: one pipeline pair per "
+                     "replica, each session on the replica that holds it")
+    ray.add_argument("--ray-address", metavar="ADDRESS", help="join this Ray cluster, e.g. 'auto' after "
+                     "`ray start --head` (default: $RAY_ADDRESS; none: start a local Ray on this machine)")
+    ray.add_argument("--replicas", type=int, help="replicas at start, the fixed count without autoscaling (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; fractions share one "
+                     "(default: 1 where this machine has CUDA and --device is not cpu, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, help="CPUs per replica, also its PyTorch threads (default 1)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (giving it or --max-replicas "
+                     "turns autoscaling on)")
+    ray.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, help="autoscaling: ongoing requests per replica to "
+                     "aim at; an open drag WebSocket counts as one (default 2)")
+    ray.add_argument("--sessions-per-replica", type=int, help="open sessions a replica holds before its least "
+                     "recently used closes; replaces --max-sessions (default 8)")
+
+
+RAY_OPTIONS = ("ray_address", "replicas", "gpus_per_replica", "cpus_per_replica", "min_replicas", "max_replicas",
+               "target_ongoing_requests", "sessions_per_replica")
 
 
 def settings_from(args) -> Settings:
@@ -56,25 +85,36 @@ def settings_from(args) -> Settings:
                              warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")))
 
 
-def load_pipelines(args, settings: Settings) -> dict:
-    """The pipelines to serve, loaded the way the other commands load them."""
-    import torch
-
-    from editrt.runtime.backends import check_backend
-    from editrt.weights import resolve_weights
-
+def _editors(args) -> list[str]:
     editors = [e.strip() for e in args.editors.split(",") if e.strip()]
     unknown = set(editors) - {"reposition", "elements"}
     if unknown or not editors:
         raise InputError(f"--editors {args.editors!r}: expected reposition, elements or both (comma-separated)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    return editors
+
+
+def _weights(args, settings: Settings):
+    from editrt.runtime.backends import check_backend
+    from editrt.weights import resolve_weights
+
     check_backend(args.backend, args.engines)
     weights = resolve_weights(args.weights, log=lambda what: None if args.quiet else print(f"editrt: {what}",
                                                                                            file=sys.stderr))
     settings.weights = str(weights)
+    return weights
+
+
+def load_pipelines(args, settings: Settings) -> dict:
+    """The pipelines to serve, loaded the way the other commands load them (a Ray Serve replica
+    calls this too, with the options `ray_load` checked)."""
+    import torch
+
+    editors = _editors(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    weights = _weights(args, settings)
     pipelines = {}
     for editor in editors:
         if editor == "reposition":
@@ -90,18 +130,95 @@ def load_pipelines(args, settings: Settings) -> dict:
 
 def run(args) -> int:
     """Load, build the app, serve until interrupted. Bad options raise InputError (the CLI prints one line)."""
+    settings = settings_from(args)
+    given = [name for name in RAY_OPTIONS if getattr(args, name, None) is not None]
+    if not args.ray and given:
+        raise InputError(f"--{given[0].replace('_', '-')}: only with --ray")
+    if args.host not in LOOPBACK and not settings.token:
+        print(f"editrt: warning: serving on {args.host} without --token: anyone who can reach it can use it",
+              file=sys.stderr)
+    if args.ray:
+        return run_ray(args, settings)
     import uvicorn
 
     from editrt.runtime.server.app import create_app
 
-    settings = settings_from(args)
-    if args.host not in LOOPBACK and not settings.token:
-        print(f"editrt: warning: serving on {args.host} without --token: anyone who can reach it can use it",
-              file=sys.stderr)
     app = create_app(**load_pipelines(args, settings), settings=settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet, ws_max_size=settings.max_upload_bytes, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
+    return 0
+
+
+def ray_options(args):
+    """RayOptions from the command line, checked (one-line InputError)."""
+    from editrt.runtime.server.ray_deployment import RayOptions
+
+    values = {name: getattr(args, name) for name in RAY_OPTIONS[1:] if getattr(args, name) is not None}
+    if "gpus_per_replica" not in values:
+        import torch
+
+        values["gpus_per_replica"] = 1.0 if torch.cuda.is_available() and args.device != "cpu" else 0.0
+    if values.get("min_replicas") is not None and "replicas" not in values:
+        values["replicas"] = max(1, values["min_replicas"])
+    return RayOptions(**values).check()
+
+
+def ray_load(args, settings: Settings, options) -> dict:
+    """What each replica loads, checked here first. A replica sees only the GPUs Ray gives it: its
+    device is `cuda` (= cuda:0, its own GPU) or `cpu`."""
+    editors = _editors(args)
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:0)?", args.device):
+        raise InputError(f"--device {args.device}: with --ray, expected cpu or cuda (each replica sees only the GPUs "
+                         "Ray gives it, as cuda:0)")
+    if (args.device or "").startswith("cuda") and not options.gpus_per_replica:
+        raise InputError(f"--device {args.device}: a replica sees no GPU with --gpus-per-replica 0")
+    weights = _weights(args, settings)
+    return dict(weights=str(weights), editors=",".join(editors), device=args.device, dtype=args.dtype,
+                backend=args.backend, engines=args.engines, quiet=True)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_ray(args, settings: Settings) -> int:
+    """Deploy on Ray Serve (a local Ray, or the cluster at --ray-address), serve until Ctrl-C / SIGTERM,
+    then shut Ray Serve down (a joined cluster keeps running: only this application is deleted)."""
+    options = ray_options(args)
+    load = ray_load(args, settings, options)
+    import ray
+    from ray import serve
+
+    from editrt.runtime.server.ray_deployment import build_app
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO",
+             log_to_driver=not args.quiet)
+    # After ray.init (it installs its own SIGTERM handler): both signals end the wait below, and the
+    # `finally` shuts Serve down. SIGINT explicitly too: a shell starts background jobs with it ignored.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupted)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(options, load, settings), name=options.name, route_prefix="/")
+        scaling = (f"{options.replicas} replicas, autoscaling {options.low}-"
+                   f"{options.max_replicas or options.replicas}" if options.autoscaling else f"{options.replicas} replicas")
+        print(f"editrt: serving on http://{args.host}:{args.port} with Ray Serve ({scaling}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("editrt: stopping Ray Serve", file=sys.stderr, flush=True)
+    finally:
+        try:
+            if address:
+                serve.delete(options.name)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
     return 0
 
 

@@ -77,6 +77,12 @@ class RayOptions:
         return max(1, int(self.cpus_per_replica))
 
     @property
+    def low(self) -> int:
+        """Fewest replicas: 1 unless --min-replicas says (0 = scale to zero: the next user waits for a
+        replica to load its weights)."""
+        return 1 if self.min_replicas is None else self.min_replicas
+
+    @property
     def autoscaling(self) -> bool:
         return (self.min_replicas, self.max_replicas) != (None, None)
 
@@ -91,7 +97,7 @@ class RayOptions:
         positive("gpus_per_replica", self.gpus_per_replica, zero_ok=True)
         positive("min_replicas", self.min_replicas, zero_ok=True)
         positive("max_replicas", self.max_replicas)
-        low = 0 if self.min_replicas is None else self.min_replicas
+        low = self.low
         high = self.max_replicas if self.max_replicas is not None else max(self.replicas, low)
         if not low <= self.replicas <= high:
             raise InputError(f"--replicas {self.replicas}: expected between --min-replicas ({low}) and "
@@ -110,7 +116,7 @@ class RayOptions:
                    request_router_config={"request_router_class": SessionAffinityRouter})
         if self.autoscaling:
             out["autoscaling_config"] = {
-                "min_replicas": 0 if self.min_replicas is None else self.min_replicas,
+                "min_replicas": self.low,
                 "initial_replicas": self.replicas,
                 "max_replicas": self.max_replicas if self.max_replicas is not None else self.replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,

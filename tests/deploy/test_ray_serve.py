@@ -233,7 +233,7 @@ def test_unknown_sessions_are_gone_not_errors(client, photo):
 
 @pytest.mark.parametrize("options, message", [
     (dict(replicas=0), "--replicas: expected a positive number, got 0"),
-    (dict(replicas=5, max_replicas=4), "--replicas 5: expected between --min-replicas (0) and --max-replicas (4)"),
+    (dict(replicas=5, max_replicas=4), "--replicas 5: expected between --min-replicas (1) and --max-replicas (4)"),
     (dict(replicas=1, min_replicas=2), "--replicas 1: expected between --min-replicas (2)"),
     (dict(gpus_per_replica=-1), "--gpus-per-replica: expected a non-negative number, got -1"),
     (dict(sessions_per_replica=0), "--sessions-per-replica: expected a positive number"),

@@ -1,0 +1,85 @@
+"""`editrt serve --ray` from the command line: bad options are one-line errors (exit 2); a real run
+starts a local Ray, answers, and Ctrl-C stops it leaving no Ray process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+if not IN_CI:  # CI installs the deploy extra: there a missing Ray must fail, never skip
+    pytest.importorskip("ray.serve", reason="the deploy extra is not installed (pip install editrt[deploy])")
+import httpx  # noqa: E402
+
+from editrt.cli import main  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "2"], "--replicas: only with --ray"),
+    (["--ray", "--replicas", "0"], "--replicas: expected a positive number, got 0"),
+    (["--ray", "--replicas", "3", "--max-replicas", "2"], "--replicas 3: expected between --min-replicas (1) and "
+                                                           "--max-replicas (2)"),
+    (["--ray", "--device", "cuda:1"], "--device cuda:1: with --ray, expected cpu or cuda"),
+    (["--ray", "--device", "cuda", "--gpus-per-replica", "0"], "--device cuda: a replica sees no GPU"),
+])
+def test_bad_ray_options_are_one_line_errors(argv, message, tiny_weights, capsys):
+    assert main(["serve", "--weights", str(tiny_weights), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"editrt: error: {message}") and err.count("\n") == 1, err
+
+
+def ray_processes(marker: str) -> list[str]:
+    """Command lines of the processes started under the Ray temp dir `marker` (raylet, GCS, workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it exited while we looked, or is not ours to read
+            continue
+        if proc.name.isdigit() and int(proc.name) != os.getpid() and marker in cmdline:
+            found.append(cmdline[:200])
+    return found
+
+
+def test_serve_ray_runs_until_interrupted_and_leaves_no_ray_process(tiny_weights):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ert", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "editrt.cli", "serve", "--ray", "--weights", str(tiny_weights),
+                             "--editors", "reposition", "--replicas", "1", "--cpus-per-replica", "1",
+                             "--port", str(port), "--no-warmup", "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("editrt: serving on") for line in err):  # printed once serve.run returned
+            assert proc.poll() is None, "".join(err)[-2000:]
+            assert time.monotonic() < deadline, "editrt serve --ray did not start"
+            time.sleep(0.5)
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+        assert r.status_code == 200 and r.json()["pipelines"] == ["reposition"] and r.headers["x-editrt-replica"]
+        assert ray_processes(ray_tmp), "expected the local Ray's processes while it serves"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, "".join(err)[-2000:]
+        reader.join(timeout=10)
+        assert any(line.startswith("editrt: stopping Ray Serve") for line in err), "".join(err)[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 20
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes(ray_tmp)
