@@ -130,9 +130,9 @@ def random_inputs(spec: NetworkSpec, dims: dict[str, int], generator: torch.Gene
             out[t.name] = torch.rand(shape, generator=g) * 2 - 1
         elif t.name == "pixel_values":  # transformers' normalised image in [-1, 1]; ViTMatte's 4th channel a trimap
             out[t.name] = torch.rand(shape, generator=g) * 2 - 1
-            if shape[1] == 4:
-                out[t.name][:, 3] = torch.randint(0, 3, (shape[0], *shape[2:]), generator=g) * (128 / 255)
-                out[t.name][:, 3][out[t.name][:, 3] > 1] = 1.0  # levels 0, 128/255, 1 as trimap / 255
+            if shape[1] == 4:  # trimap / 255: background 0, unknown 128 / 255, foreground 1
+                levels = torch.tensor([0.0, 128 / 255, 1.0])
+                out[t.name][:, 3] = levels[torch.randint(0, 3, (shape[0], *shape[2:]), generator=g)]
         else:
             out[t.name] = torch.randn(shape, generator=g)
     return out

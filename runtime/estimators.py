@@ -30,9 +30,8 @@ MATTING_SIZE_DIVISOR = 32  # VitMatteImageProcessor's size_divisor: ViTDet's pat
 
 def _check_rgb(rgb, what: str = "image") -> np.ndarray:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        shape = list(rgb.shape) if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        dtype = rgb.dtype if isinstance(rgb, np.ndarray) else ""
-        raise InputError(f"{what}: expected a uint8 RGB array [H, W, 3], got {dtype} {shape}".replace("  ", " "))
+        got = f"{rgb.dtype} {list(rgb.shape)}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise InputError(f"{what}: expected a uint8 RGB array [H, W, 3], got {got}")
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise InputError(f"{what}: expected a non-empty image, got {list(rgb.shape)}")
     return rgb

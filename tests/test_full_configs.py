@@ -64,3 +64,44 @@ def test_full_export_sd2_unet_and_sam_vit_b(full_weights, tmp_path):
     results = export_components(full_weights, ["inpaint_unet", "sam_image_encoder"], tmp_path, check=True)
     assert all(r.max_rel_error <= 1e-4 for r in results)
     assert (tmp_path / "inpaint_unet.onnx.data").stat().st_size > 2**31
+
+
+def test_full_depth_is_dpt_large_and_matting_is_vitmatte_s_equal_to_transformers(full_weights):
+    """DPT-Large (343,030,465 parameters, 384 x 384) and ViTMatte-S (25,814,753) load from the folder and,
+    through editrt's estimators on the torch backend, equal transformers' own pipeline / processor + model
+    bit for bit on a real photo."""
+    from PIL import Image
+    from skimage import data
+    from transformers import VitMatteForImageMatting, VitMatteImageProcessor, pipeline
+
+    from editrt.models.components import WeightsLayout
+    from editrt.runtime.backends import build_engines
+    from editrt.runtime.estimators import estimators_from_engines, trimap_from_mask
+
+    layout = WeightsLayout(full_weights)
+    built = build_engines("reposition", full_weights)
+    depth, matter = estimators_from_engines(built.engines, "cpu", torch.float32)
+    nets = built.engines
+    assert sum(p.numel() for p in nets["depth_estimator"]._module.parameters()) == 343_030_465
+    assert sum(p.numel() for p in nets["matting"]._module.parameters()) == 25_814_753
+    assert depth.image_size == 384
+    photo = data.chelsea()
+    peer = pipeline("depth-estimation", model=str(layout.depth), device="cpu")
+    np.testing.assert_array_equal(depth(photo), peer(Image.fromarray(photo))["predicted_depth"].numpy())
+    mask = np.zeros(photo.shape[:2], bool)
+    mask[60:250, 120:330] = True
+    trimap = trimap_from_mask(mask, 8)
+    processor = VitMatteImageProcessor.from_pretrained(layout.matting)
+    model = VitMatteForImageMatting.from_pretrained(layout.matting).eval()
+    with torch.no_grad():
+        expected = model(**processor(images=photo, trimaps=trimap, return_tensors="pt")).alphas[0, 0, :300, :451]
+    np.testing.assert_array_equal(matter(photo, trimap), expected.numpy())
+
+
+def test_full_export_depth_and_matting(full_weights, tmp_path):
+    """DPT-Large and ViTMatte-S export and match PyTorch (<= 1e-4; matting checked at other multiples of 32)."""
+    from editrt.export.components import export_components
+
+    results = export_components(full_weights, ["depth_estimator", "matting"], tmp_path, check=True)
+    assert [r.name for r in results] == ["depth_estimator", "matting"]
+    assert all(r.max_rel_error <= 1e-4 for r in results)
