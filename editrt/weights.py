@@ -20,7 +20,7 @@ from editrt.models.files import write_dir_atomic
 
 CONFIG_NAMES = ("tiny", "full")
 # Bumped when `init_weights` writes something new, so cached random weights are rewritten.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 
 def load_config(name: str) -> dict:
