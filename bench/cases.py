@@ -85,6 +85,9 @@ BACKENDS = {b.name: b for b in [
     Backend("segment-anything", peer=True, module="segment_anything"),
     # SamPredictor with torch.compile(sam.image_encoder)
     Backend("segment-anything+compile", peer=True, module="segment_anything", compiles=True),
+    # transformers' pipeline("depth-estimation") for depth; VitMatteImageProcessor + VitMatteForImageMatting for matting
+    Backend("transformers", peer=True, module="transformers"),
+    Backend("transformers+compile", peer=True, module="transformers", compiles=True),  # the same, model torch.compile'd
     Backend("sdpa", peer=True),  # two scaled_dot_product_attention calls, heads concatenated, one stacked GEMM
     Backend("reference", peer=True),  # the pure-PyTorch reference beside a kernel
     # the partition clean-up rows (bench/cleanup_cases.py): per-element scipy.ndimage vs the native op
