@@ -117,3 +117,16 @@ def test_all_skips_estimators_the_weights_lack_but_naming_one_requires_it(tiny_w
     with pytest.raises(WeightsError, match="depth/config.json: missing"):
         export_components(root, ["depth_estimator"], tmp_path / "out")
     assert not (tmp_path / "out" / "depth_estimator.onnx").exists()
+
+
+def test_tensorrt_profiles_need_no_tensorrt(tiny_weights):
+    """The optimisation profiles TensorRT would build with (export/tensorrt.profile_shapes; no TensorRT needed)."""
+    from editrt.export.specs import MATTING_SIDES
+    from editrt.export.tensorrt import BuildOptions, profile_shapes
+
+    specs = editor_settings(tiny_weights, "inpaint").specs
+    (matting,) = profile_shapes(specs["matting"], BuildOptions(precision="fp32"))
+    assert matting == {"pixel_values": tuple((1, 4, s, s) for s in MATTING_SIDES)}
+    assert all(s % 32 == 0 for s in MATTING_SIDES)
+    (depth,) = profile_shapes(specs["depth_estimator"], BuildOptions(precision="fp32"))
+    assert depth == {"pixel_values": ((1, 3, 64, 64),) * 3}  # static S x S
