@@ -18,8 +18,9 @@ from editrt.models.estimators import estimator_network_config, estimator_network
 from editrt.models.sam import sam_architecture
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+ESTIMATOR_NETWORKS = ("depth_estimator", "matting")  # only where the weights folder has depth/ and matting/
 REPOSITION_NETWORKS = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
-                       "sam_mask_decoder", "sam_mask_decoder_grid")
+                       "sam_mask_decoder", "sam_mask_decoder_grid", *ESTIMATOR_NETWORKS)
 ELEMENTS_NETWORKS = ("content_encoder", "element_unet", "element_vae_decoder", "sam_image_encoder",
                      "sam_mask_decoder", "sam_mask_decoder_grid")
 
@@ -142,7 +143,7 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         # one UNet, two engines: each applies its own LoRA scale before it runs (never the other's)
         loras = {"inpaint_unet": dict(lora=c.harmonizer, lora_scale=0.0),
                  "harmonizer_unet": dict(lora=c.harmonizer, lora_scale=1.0, switchable=True)}
-        engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in REPOSITION_NETWORKS}
+        engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in REPOSITION_NETWORKS if n not in ESTIMATOR_NETWORKS}
         estimators = estimator_networks(w.layout, estimator_networks_present(w.layout), device, dtype)
         engines.update({n: engine(n, net) for n, net in estimators.items()})
         return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
@@ -165,7 +166,7 @@ def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir
     from editrt.models.inpaint import load_scheduler
 
     if editor == "reposition":
-        names = tuple(names) + exported_estimators(w.layout, engines_dir)
+        names = tuple(n for n in names if n not in ESTIMATOR_NETWORKS) + exported_estimators(w.layout, engines_dir)
     engines = file_engines(w.specs, names, backend, engines_dir, device, weights)
     if editor == "reposition":
         from editrt.models.inpaint import load_task_prompts
