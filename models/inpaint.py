@@ -3,7 +3,8 @@
 Folder layout (DESIGN.md contract 1): `inpaint/` is a diffusers pipeline folder
 (`model_index.json`, `unet/`, `vae/`, `scheduler/`); `task_prompts.safetensors` holds the task
 prompts that replace the text encoder output (task inversion, paper 000 Sec. 3.1), each
-[L, cross_attention_dim], plus `null`, the unconditional embedding for classifier-free guidance.
+[L, cross_attention_dim], plus `null`, the unconditional embedding for classifier-free guidance:
+learned ones, or ones initialised from text descriptions by editrt/prompts.py (App. A.2).
 """
 from __future__ import annotations
 

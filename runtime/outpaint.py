@@ -54,10 +54,15 @@ def check_extend(extend, size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
-def pad_canvas(rgb: np.ndarray, extend: tuple[int, int, int, int], fill: str = "edge") -> tuple[np.ndarray, np.ndarray]:
-    """(canvas uint8 [H', W', 3], border mask bool [H', W']): the image at (left, top), the new border filled."""
+def check_fill(fill) -> str:
     if fill not in FILLS:
         raise InputError(f"fill {fill!r}: expected one of {', '.join(FILLS)}")
+    return fill
+
+
+def pad_canvas(rgb: np.ndarray, extend: tuple[int, int, int, int], fill: str = "edge") -> tuple[np.ndarray, np.ndarray]:
+    """(canvas uint8 [H', W', 3], border mask bool [H', W']): the image at (left, top), the new border filled."""
+    check_fill(fill)
     left, top, right, bottom = extend
     h, w = rgb.shape[:2]
     widths = ((top, bottom), (left, right), (0, 0))
@@ -80,6 +85,7 @@ def outpaint(pipeline, image, extend, fill: str = "edge", steps: int = 50, guida
     # 1. Check inputs.
     rgb = as_rgb(image)
     left, top, right, bottom = check_extend(extend, rgb.shape[:2])
+    check_fill(fill)
     h, w = rgb.shape[:2]
 
     # 2. The canvas and its mask: everything new is generated.

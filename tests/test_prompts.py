@@ -218,3 +218,30 @@ def test_cli_errors_are_one_line(weights, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no text for complete, harmonize" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_full_sd2_text_encoder_gives_50_by_1024(tmp_path):
+    """The `full` config's text encoder (SD-2's OpenCLIP ViT-H text tower, 23 layers, 1024 wide): [50, 1024] prompts,
+    equal to transformers' CLIPTextModel on the same folder (diffusers would need the 3.4 GB UNet here)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from editrt.models.components import WeightsLayout
+    from editrt.models.text import random_text_encoder, write_tiny_tokenizer
+    from editrt.weights import load_config
+
+    config = load_config("full")["inpaint"]
+    layout = WeightsLayout(tmp_path / "w")
+    layout.unet.mkdir(parents=True)
+    (layout.unet / "config.json").write_text(json.dumps(config["unet"]))  # only its cross_attention_dim is read
+    vocab = write_tiny_tokenizer(layout.tokenizer)
+    torch.manual_seed(0)
+    random_text_encoder(config["text_encoder"], vocab).save_pretrained(layout.text_encoder)
+    texts = {"remove": "remove it", "complete": "complete it", "harmonize": "harmonize it"}
+    ours = load_file(str(write_prompts_from_text(layout.root, texts)))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: (50, 1024) for k in ("remove", "complete", "harmonize", "null")}
+    model = CLIPTextModel.from_pretrained(layout.text_encoder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(layout.tokenizer)
+    with torch.no_grad():
+        ids = tokenizer("complete it", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(ours["complete"], model(ids).last_hidden_state[0, :50])

@@ -37,9 +37,9 @@ def test_missing_lora_harmonizes_with_the_base_unet(no_lora, reposition, caplog)
     mask = np.zeros((64, 96), bool)
     y, x = rng.integers(0, 32, 2)
     mask[y:y + 24, x:x + 40] = True
-    ours = np.asarray(pipe.harmonize(image, mask, steps=2, seed=3))  # asks for c = 1 (the default)
-    base = np.asarray(reposition.harmonize(image, mask, steps=2, seed=3, lora_scale=0.0))
-    fused = np.asarray(reposition.harmonize(image, mask, steps=2, seed=3, lora_scale=1.0))
+    ours = np.asarray(pipe.harmonize(image, mask, steps=1, seed=3, resolution=64))  # asks for c = 1 (the default)
+    base = np.asarray(reposition.harmonize(image, mask, steps=1, seed=3, lora_scale=0.0, resolution=64))
+    fused = np.asarray(reposition.harmonize(image, mask, steps=1, seed=3, lora_scale=1.0, resolution=64))
     np.testing.assert_array_equal(ours, base)
     assert np.abs(fused.astype(int) - ours).max() > 0, "with a LoRA, c = 1 must differ (else this test proves nothing)"
 

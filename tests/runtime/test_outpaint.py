@@ -67,12 +67,12 @@ def test_resized_canvas_keeps_the_original_bytes(reposition):
 def test_fill_only_reaches_the_model_through_resampling(reposition):
     """The UNet's condition has the border zeroed: fills differ only where a resize mixes them into the seam."""
     image = data.chelsea()[100:148, 200:240].copy()  # 48 x 40 -> a 64 x 64 canvas: no resize at resolution 64
-    same = [np.asarray(outpaint(reposition, image, (8, 8, 16, 8), fill=f, steps=2, resolution=64))
+    same = [np.asarray(outpaint(reposition, image, (8, 8, 16, 8), fill=f, steps=1, resolution=64))
             for f in ("edge", "reflect", "mean")]
     np.testing.assert_array_equal(same[0], same[1])
     np.testing.assert_array_equal(same[0], same[2])
     image = data.chelsea()[::4, ::4].copy()
-    resized = [np.asarray(outpaint(reposition, image, (8, 0, 16, 8), fill=f, steps=2, resolution=64))
+    resized = [np.asarray(outpaint(reposition, image, (8, 0, 16, 8), fill=f, steps=1, resolution=64))
                for f in ("edge", "mean")]
     assert not np.array_equal(resized[0], resized[1])
     for out in resized:
@@ -82,7 +82,10 @@ def test_fill_only_reaches_the_model_through_resampling(reposition):
 def test_pad_canvas_fills():
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     canvas, border = pad_canvas(image, (1, 2, 0, 1), "edge")
-    assert canvas.shape == (5, 4, 3) and border.sum() == 5 * 4 - 2 * 3
+    assert canvas.shape == (5, 4, 3)
+    expected = np.ones((5, 4), bool)
+    expected[2:4, 1:4] = False  # the image at (left, top) = (1, 2)
+    np.testing.assert_array_equal(border, expected)
     np.testing.assert_array_equal(canvas[2:4, 1:4], image)
     np.testing.assert_array_equal(canvas[0, 1:], image[0])  # above: the first row repeated
     np.testing.assert_array_equal(canvas[2:4, 0], image[:, 0])  # left: the first column repeated
@@ -123,3 +126,10 @@ def test_numpy_integers_are_accepted(reposition):
     out = outpaint(reposition, image, np.array([8, 0, 0, 8]), steps=1, resolution=32)
     assert out.size == (40, 32)
     np.testing.assert_array_equal(np.asarray(out)[0:24, 8:40], image)
+
+
+def test_the_size_limit_itself_is_accepted(reposition):
+    image = data.chelsea()[:16, :8].copy()
+    out = outpaint(reposition, image, [3 * 8, 0, 0, 3 * 16], steps=1, resolution=8)  # exactly 4x on each axis
+    assert out.size == (32, 64)
+    np.testing.assert_array_equal(np.asarray(out)[0:16, 24:32], image)
