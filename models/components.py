@@ -74,6 +74,9 @@ class WeightsLayout:
                 "vae": read_json(self.elements / "vae" / "config.json", "the element decoder VAE config"),
                 "element_adapter": read_json(self.elements / "element_adapter" / "config.json", "the element adapter config"),
             }
+        from editrt.models.estimators import estimator_network_config
+
+        config.update(estimator_network_config(self))  # depth / matting, where the folder has them
         return config
 
 
