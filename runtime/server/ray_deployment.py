@@ -12,13 +12,13 @@ by its token), so every request about a session must reach that replica:
   sends the request to that replica only, waiting while it is busy, never to another one. A
   client needs no header, so the browser page and every existing client work unchanged; a request
   that carries Ray Serve's `serve_multiplexed_model_id` header (e.g. GET /metrics of the replica
-  holding a session) is routed by the header's id the same way. New sessions go to the replica
-  round robin; one-shot requests to the least busy.
+  holding a session) is routed by the header's id the same way. New sessions go round robin over
+  the replicas; one-shot requests to the least busy.
 * Inside a replica the sessions are Ray Serve multiplexed models (`serve.multiplexed`, the session
   id as the model id, `max_num_models_per_replica` = sessions per replica): each use of a session
   marks it recently used, opening one more than the replica may hold evicts the least recently
   used, and eviction closes it (EditSession.close, which drops its pipeline cache entries). The
-  multiplexer reports the ids it holds to the controller, which the router uses to place new sessions.
+  multiplexers report the ids they hold to the controller (the router breaks placement ties with it).
 * A session id this replica does not hold (evicted, expired, closed, or its replica is gone)
   answers 410 Gone naming the session (a WebSocket is closed with 1008 and that message).
 

@@ -253,3 +253,20 @@ def test_autoscaling_options_are_what_ray_serve_accepts():
     assert deployment.ray_actor_options["num_gpus"] == 0.5
     fixed = serve.deployment(**RayOptions(replicas=3).deployment_options())(EditrtReplica)
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+
+
+def test_the_session_check_keeps_the_apps_token_rule():
+    """Without the token the 410 check is skipped (the app answers 401), so an unauthenticated client
+    neither learns what a replica holds nor touches its sessions' LRU order."""
+    from editrt.runtime.server.ray_deployment import _authorized
+
+    def scope(kind="http", header=None, query=b""):
+        return {"type": kind, "headers": [(b"authorization", header)] if header else [], "query_string": query}
+
+    assert _authorized(scope(), None)
+    assert _authorized(scope(header=b"Bearer s3cret"), "s3cret")
+    assert not _authorized(scope(header=b"Bearer wrong"), "s3cret")
+    assert not _authorized(scope(), "s3cret")
+    assert not _authorized(scope(query=b"token=s3cret"), "s3cret")  # a query token only on the WebSocket
+    assert _authorized(scope("websocket", query=b"token=s3cret"), "s3cret")
+    assert not _authorized(scope("websocket", query=b"token=nope"), "s3cret")
