@@ -261,15 +261,27 @@ def resolve_models(components: str | list[str], available_engines) -> tuple[list
     return [n for n in names if n in PIPELINE_MODELS], [n for n in names if n in available_engines]
 
 
+# the engines each pipeline model runs (runtime/backends.py REPOSITION_NETWORKS / ELEMENTS_NETWORKS)
+EDITOR_NETWORKS = {
+    "reposition": ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
+                   "sam_mask_decoder", "sam_mask_decoder_grid"),
+    "elements": ("content_encoder", "element_unet", "element_vae_decoder", "sam_image_encoder", "sam_mask_decoder",
+                 "sam_mask_decoder_grid"),
+}
+
+
 def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | None = None,
                            components: str | list[str] = "all", log=lambda what: None, device: str = "auto",
-                           dtype: str = "auto", backend: str = "torch") -> Path:
+                           dtype: str = "auto", backend: str = "torch", bls: bool | None = None) -> Path:
     """Write a Triton model repository serving `weights_dir` to `out` (which must not exist or be empty).
 
     `engines`: the folder `editrt export` wrote; each engine in it becomes a model. `device`: 'auto'
     (CUDA when the server has it), 'cpu' or 'cuda'; instance groups follow it (KIND_GPU for cuda).
     `dtype`, `backend`: what the pipeline models pass to from_pretrained (backend 'onnxruntime' or
     'tensorrt' runs the engines in `engines` in-process).
+    `bls`: the pipeline models call the engine models of this repository (BLS requests) instead of
+    running those networks in-process; None = yes when engine models are written. The config's
+    `bls` parameter lists them ("network" or "network=model", comma-separated).
     """
     from editrt.models.components import WeightsLayout
     from editrt.models.files import write_dir_atomic
@@ -300,11 +312,15 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
     if engines_dir is not None:
         parameters["engines"] = str(engines_dir)
 
+    use_bls = bool(engine_names) if bls is None else bls
+
     def write(tmp: Path) -> None:
         for name in pipelines:
             model = PIPELINE_MODELS[name]
+            routes = sorted(n for n in engine_names if n in EDITOR_NETWORKS[model.editor]) if use_bls else []
             (tmp / name / "1").mkdir(parents=True)
-            (tmp / name / "config.pbtxt").write_text(pipeline_config(model, parameters, instance_kind))
+            (tmp / name / "config.pbtxt").write_text(pipeline_config(
+                model, {**parameters, **({"bls": ",".join(routes)} if routes else {})}, instance_kind))
             (tmp / name / "1" / "model.py").write_text(MODEL_PY.format(name=name, cls=MODEL_CLASSES[name]))
             log(f"triton: {name} (python backend)")
         for name in engine_names:
@@ -317,16 +333,16 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
             log(f"triton: {name} ({PLATFORMS[kind]})")
         (tmp / "editrt_repository.json").write_text(json.dumps(
             {"weights": str(weights_dir), "engines": None if engines_dir is None else str(engines_dir),
-             "device": device, "dtype": dtype, "backend": backend, "pipeline_models": pipelines,
+             "device": device, "dtype": dtype, "backend": backend, "bls": use_bls, "pipeline_models": pipelines,
              "engine_models": engine_names}, indent=2) + "\n")
-        (tmp / "README.md").write_text(repository_readme(pipelines, engine_names, specs, found))
+        (tmp / "README.md").write_text(repository_readme(pipelines, engine_names, specs, found, use_bls))
 
     write_dir_atomic(out, write)
     log(f"triton model repository ({len(pipelines)} pipeline models, {len(engine_names)} engine models) -> {out}")
     return Path(out)
 
 
-def repository_readme(pipelines: list[str], engine_names: list[str], specs: dict, found: dict) -> str:
+def repository_readme(pipelines: list[str], engine_names: list[str], specs: dict, found: dict, bls: bool) -> str:
     lines = ["# editrt model repository for Triton Inference Server", "",
              "Written by `editrt export --format triton`. Launch it with a Triton server whose Python environment "
              "has editrt installed (the Python backend's stub runs the `python` on `PATH`):", "",
@@ -374,4 +390,7 @@ def repository_readme(pipelines: list[str], engine_names: list[str], specs: dict
             lines.append(f"| `{name}` | {PLATFORMS[kind]} | {max_batch_size(spec, kind)} | {io[0]} | {io[1]} |")
         lines += ["", "Named axes are dynamic (-1 in config.pbtxt); with max_batch_size > 0 the first axis is "
                   "Triton's batch dimension.", ""]
+        lines += ["The pipeline models call these engine models (BLS requests; their `bls` parameter lists the "
+                  "networks) and run the other networks in-process: load the engine models too." if bls else
+                  "The pipeline models run every network in-process; the engine models serve clients directly.", ""]
     return "\n".join(lines)

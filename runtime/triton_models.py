@@ -20,7 +20,8 @@ import traceback
 
 import numpy as np
 
-from editrt.errors import EditError, InputError
+from editrt.errors import EditError, EngineError, InputError
+from editrt.export.specs import check_inputs
 from editrt.export.triton import PIPELINE_MODELS, PipelineModel
 
 
@@ -69,6 +70,67 @@ def numpy_to_tensor(pb_utils, name: str, array: np.ndarray):
     from torch.utils import dlpack
 
     return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(torch.from_numpy(np.array(array, order="C"))))
+
+
+class BlsEngine:
+    """An engine (runtime/engines.py protocol) served by another model of the same Triton server.
+
+    Each call is a BLS request (Business Logic Scripting: `pb_utils.InferenceRequest(...).exec()`)
+    to `model_name`, with the spec's input names; the denoising loop and the rest of the pipeline
+    stay in this Python model. Tensors cross through DLPack (see `tensor_to_numpy`). A batchable
+    engine model (max_batch_size > 0) takes the spec's leading axis as its batch dimension, which
+    is how a client would send it too, so inputs go as they are.
+    """
+
+    backend = "triton-bls"
+    supports_cuda_graph = False  # every call leaves the process
+    compiled = False
+    lora = None  # an exported harmonizer has its LoRA fused at c = 1
+
+    def __init__(self, spec, model_name: str, device, pb_utils):
+        import torch
+
+        self.spec, self.model_name, self.device, self._pb = spec, model_name, torch.device(device), pb_utils
+
+    def prepare(self) -> None:
+        """Fixed weights: the engine model holds them."""
+
+    def before_capture(self) -> None:
+        """Never captured (supports_cuda_graph is False)."""
+
+    def __call__(self, **inputs):
+        import torch
+        from torch.utils import dlpack
+
+        check_inputs(self.spec, inputs)
+        dtypes = {t.name: getattr(torch, t.dtype) for t in self.spec.inputs}
+        tensors = [self._pb.Tensor.from_dlpack(name, dlpack.to_dlpack(
+            inputs[name].detach().to("cpu", dtypes[name]).contiguous())) for name in self.spec.input_names]
+        response = self._pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
+                                             requested_output_names=self.spec.output_names).exec()
+        if response.has_error():
+            raise EngineError(f"{self.spec.name}: the served model {self.model_name!r} failed: "
+                              f"{response.error().message()}")
+        return {name: dlpack.from_dlpack(self._pb.get_output_tensor_by_name(response, name).to_dlpack()).clone()
+                .to(self.device) for name in self.spec.output_names}
+
+
+def bls_engines(parameter: str, pipe, pb_utils) -> dict[str, str]:
+    """Replace the pipeline's engines named in the `bls` parameter ("network[=model],...") by BLS calls.
+
+    Returns network -> served model name. The pipeline's engine dict is shared with its segmenter
+    and loop cache, so replacing entries in place reroutes every stage that runs them.
+    """
+    routes = {}
+    for item in filter(None, (part.strip() for part in parameter.split(","))):
+        network, _, model_name = item.partition("=")
+        if network not in pipe.engines:
+            raise InputError(f"bls: {network!r} is not an engine of this pipeline; expected one of "
+                             f"{', '.join(sorted(pipe.engines))}")
+        routes[network] = model_name or network
+    for network, model_name in routes.items():
+        pipe.engines[network] = BlsEngine(pipe.engines[network].spec, model_name, pipe.device, pb_utils)
+    return routes
 
 
 class Request:
@@ -181,6 +243,7 @@ class PipelineModelBase:
             from editrt.runtime.elements_pipeline import ElementsPipeline
 
             self.pipe = ElementsPipeline.from_pretrained(params["weights"], **options)
+        self.bls = bls_engines(params.get("bls", ""), self.pipe, self.pb)
 
     def execute(self, requests) -> list:
         responses = []

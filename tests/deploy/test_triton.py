@@ -105,14 +105,24 @@ def photo_small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repository(tiny_weights, tmp_path_factory):
-    """What `editrt export --format triton --engines ENGINES` writes, plus the test-only models."""
+    """What `editrt export --format triton` writes: the pipeline models, running every network in-process."""
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    cli("export", "--format", "triton", "--weights", str(tiny_weights), "-o", str(repo))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def engines_repository(tiny_weights, tmp_path_factory):
+    """What `editrt export --format triton --engines ENGINES` writes for two engines and `segment` (which
+    then calls them by BLS), plus the test's own models: each engine config served over its graph by
+    ONNX Runtime in a Python model, `segment_bls` routed to those, and a config Triton cannot parse."""
     from editrt.export.components import export_components
 
-    root = tmp_path_factory.mktemp("triton")
+    root = tmp_path_factory.mktemp("triton-engines")
     export_components(tiny_weights, ENGINES, root / "engines", check=False)
     repo = root / "repo"
     cli("export", "--format", "triton", "--weights", str(tiny_weights), "-o", str(repo), "--engines",
-        str(root / "engines"))
+        str(root / "engines"), "--component", ",".join([*ENGINES, "segment"]))
     for name in ENGINES:  # the generated engine config, served by a Python model that runs ONNX Runtime
         served = repo / f"{name}{ORT_SUFFIX}"
         shutil.copytree(repo / name, served)
@@ -121,6 +131,14 @@ def repository(tiny_weights, tmp_path_factory):
         config = config.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
         (served / "config.pbtxt").write_text(config.replace(f'name: "{name}"', f'name: "{name}{ORT_SUFFIX}"'))
         (served / "1" / "model.py").write_text(ORT_MODEL_PY)
+    config = (repo / "segment" / "config.pbtxt").read_text()
+    written = 'key: "bls"\n  value: { string_value: "sam_mask_decoder,vae_decoder" }'
+    assert written in config, "segment must call the engine models the repository serves"
+    routed = ",".join(f"{n}={n}{ORT_SUFFIX}" for n in ENGINES)
+    (repo / "segment").rename(repo / "segment_bls")
+    (repo / "segment_bls" / "config.pbtxt").write_text(
+        config.replace('name: "segment"', 'name: "segment_bls"').replace(written, written.replace(
+            "sam_mask_decoder,vae_decoder", routed)))
     broken = repo / "broken_config"  # the control: what Triton says about a config it cannot parse
     shutil.copytree(repo / "vae_decoder", broken)
     text = (broken / "config.pbtxt").read_text().replace("TYPE_FP32", "TYPE_FP33").replace('"vae_decoder"', '"broken_config"')
@@ -129,9 +147,10 @@ def repository(tiny_weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(repository, tmp_path_factory):
+def server(repository, engines_repository, tmp_path_factory):
     _bundle_or_skip()
-    started = TritonServer(repository, PIPELINES + [f"{n}{ORT_SUFFIX}" for n in ENGINES],
+    started = TritonServer([repository, engines_repository],
+                           PIPELINES + [f"{n}{ORT_SUFFIX}" for n in ENGINES] + ["segment_bls"],
                            tmp_path_factory.mktemp("triton-log") / "tritonserver.log")
     try:
         yield started.start()
@@ -294,7 +313,7 @@ def test_bad_requests_get_triton_errors_and_the_server_serves_on(clients, protoc
 
 
 # ---------------------------------------------------------------------- engine models
-def test_engine_configs_load_until_the_missing_backend(clients, repository):
+def test_engine_configs_load_until_the_missing_backend(clients, engines_repository):
     """Triton parses each generated config and resolves its platform to the onnxruntime backend; only the
     backend library is missing from this bundle. A config it cannot parse fails earlier, differently."""
     for name in ENGINES:
@@ -307,7 +326,7 @@ def test_engine_configs_load_until_the_missing_backend(clients, repository):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_engine_configs_serve_the_exported_graphs(clients, protocol, repository):
+def test_engine_configs_serve_the_exported_graphs(clients, protocol, engines_repository):
     """Each engine's generated config, served over its exported graph (ONNX Runtime in a Python model):
     Triton accepts requests at dynamic sizes other than the trace's and the results are ONNX Runtime's."""
     import onnxruntime as ort
@@ -323,7 +342,8 @@ def test_engine_configs_serve_the_exported_graphs(clients, protocol, repository)
             "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([90, 140], np.int64)},
     }
     for name, feed in cases.items():
-        session = ort.InferenceSession(str(repository / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(engines_repository / name / "1" / "model.onnx"),
+                                       providers=["CPUExecutionProvider"])
         expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         served = infer(clients, protocol, f"{name}{ORT_SUFFIX}", feed)
         assert set(served) == set(expected), name
@@ -336,11 +356,68 @@ def test_engine_configs_serve_the_exported_graphs(clients, protocol, repository)
     assert "latent" in _error(clients, protocol, f"vae_decoder{ORT_SUFFIX}", bad)
 
 
-def test_repository_layout_and_readme(repository, tiny_weights):
+def test_engine_configs_match_the_exported_graphs(engines_repository):
+    """The exported ONNX graph is the oracle for its config: names, element types, static sizes, -1 where
+    the graph has a symbolic axis (after Triton's batch dimension, when there is one)."""
+    import onnx
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    from tritonclient.utils import np_to_triton_dtype
+
+    for name in ENGINES:
+        cfg = text_format.Parse((engines_repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        graph = onnx.load(engines_repository / name / "1" / "model.onnx", load_external_data=False).graph
+        skip = 1 if cfg.max_batch_size else 0
+        for declared, values in ((cfg.input, graph.input), (cfg.output, graph.output)):
+            by_name = {v.name: v.type.tensor_type for v in values}
+            assert [t.name for t in declared] == [v.name for v in values if v.name in by_name]
+            for t in declared:
+                dims = by_name[t.name].shape.dim
+                if skip:
+                    assert not dims[0].HasField("dim_value"), (name, t.name)  # the batch axis is symbolic
+                graph_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in dims[skip:]] or [1]
+                if declared is cfg.input:  # what a request must look like: exactly the graph's
+                    assert list(t.dims) == graph_dims, (name, t.name)
+                else:  # the exporter may leave output sizes symbolic that the spec knows (SAM's 4 masks)
+                    assert len(t.dims) == len(graph_dims), (name, t.name)
+                    assert all(g in (-1, d) for d, g in zip(t.dims, graph_dims)), (name, t.name, list(t.dims))
+                np_type = onnx.helper.tensor_dtype_to_np_dtype(by_name[t.name].elem_type)
+                assert model_config_pb2.DataType.Name(t.data_type) == "TYPE_" + np_to_triton_dtype(np_type)
+
+
+def test_bls_segment_calls_the_served_engine(clients, engines_repository, tiny_weights, photo_small):
+    """segment_bls runs SAM's mask decoder as a BLS request to the served engine model: its mask equals the
+    same mix in-process (torch image encoder, ONNX Runtime decoder), and the engine model counts the call."""
+    from editrt.runtime.engines import OrtEngine
+    from editrt.runtime.reposition import RepositionPipeline
+
+    rgb, _ = photo_small
+    pipe = RepositionPipeline.from_pretrained(tiny_weights)
+    decoder = engines_repository / "sam_mask_decoder" / "1" / "model.onnx"
+    pipe.engines["sam_mask_decoder"] = OrtEngine(pipe.engines["sam_mask_decoder"].spec, decoder)
+    points = np.array([[60, 50], [150, 20]], np.float32)
+    expected = pipe.segment(rgb, points=points.tolist(), labels=[1, 0])
+
+    def calls():
+        stats = clients["http"].get_inference_statistics(f"sam_mask_decoder{ORT_SUFFIX}")
+        return stats["model_stats"][0]["inference_count"]
+
+    before = calls()
+    out = infer(clients, "grpc", "segment_bls", {"IMAGE": rgb, "POINTS": points, "LABELS": np.array([1, 0], np.int32)})
+    assert calls() == before + 1
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(out["MASK"], np.where(expected, 255, 0).astype(np.uint8))
+
+
+def test_repository_layout_and_readme(repository, engines_repository, tiny_weights):
     meta = json.loads((repository / "editrt_repository.json").read_text())
-    assert meta["pipeline_models"] == PIPELINES and meta["engine_models"] == sorted(ENGINES)
+    assert meta["pipeline_models"] == PIPELINES and meta["engine_models"] == [] and not meta["bls"]
+    assert json.loads((engines_repository / "editrt_repository.json").read_text())["engine_models"] == ENGINES
     readme = (repository / "README.md").read_text()
-    for name in PIPELINES + ENGINES:
+    for name in PIPELINES:
         assert f"`{name}`" in readme
-    assert (repository / "vae_decoder" / "1" / "model.onnx").is_file()
+    for name in ENGINES:
+        assert f"`{name}`" in (engines_repository / "README.md").read_text()
+        assert (engines_repository / name / "1" / "model.onnx").is_file()
+    assert "bls" not in (repository / "segment" / "config.pbtxt").read_text()
     assert str(Path(tiny_weights).resolve()) in (repository / "segment" / "config.pbtxt").read_text()

@@ -121,6 +121,17 @@ def test_repository_writer_refuses_bad_requests_and_leaves_nothing(tiny_weights,
     with pytest.raises(InputError, match="--engines"):
         write_model_repository(tiny_weights, out, engines=tmp_path / "missing")
     assert not out.exists() and not list(tmp_path.glob(".repo*")), "a failed export must leave nothing behind"
+
+    class Interrupted(Exception):
+        """Raised by the log callback halfway through writing (a full disk, a Ctrl-C)."""
+
+    def log(what: str) -> None:
+        if "inpaint" in what:
+            raise Interrupted(what)
+
+    with pytest.raises(Interrupted):
+        write_model_repository(tiny_weights, out, log=log)
+    assert not out.exists() and not list(tmp_path.glob(".repo*")), "an interrupted export must leave nothing behind"
     (out / "x").mkdir(parents=True)
     with pytest.raises(InputError, match="not empty"):
         write_model_repository(tiny_weights, out)

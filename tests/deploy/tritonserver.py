@@ -115,10 +115,10 @@ def free_ports(n: int) -> list[int]:
 
 
 class TritonServer:
-    """tritonserver on loopback ports serving `repository`; explicit model control, `models` loaded at start."""
+    """tritonserver on loopback ports serving `repositories`; explicit model control, `models` loaded at start."""
 
-    def __init__(self, repository: Path, models: list[str], log_path: Path):
-        self.repository, self.models, self.log_path = Path(repository), list(models), Path(log_path)
+    def __init__(self, repositories: list[Path], models: list[str], log_path: Path):
+        self.repositories, self.models, self.log_path = [Path(r) for r in repositories], list(models), Path(log_path)
         self.process: subprocess.Popen | None = None
         self.http_port, self.grpc_port = free_ports(2)
 
@@ -136,7 +136,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), env.get("LD_LIBRARY_PATH")) if p)
-        command = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+        command = [str(binary), *(f"--model-repository={r}" for r in self.repositories), f"--backend-directory={backends}",
                    "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                    "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}", "--allow-metrics=false",
                    "--model-control-mode=explicit", "--exit-timeout-secs=3", "--log-verbose=0",
