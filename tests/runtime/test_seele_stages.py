@@ -45,6 +45,13 @@ def test_occlusion_margin_and_what_moves_with_the_subject():
     assert not st.occluder_from_depth(np.full((8, 8), 3.0), box_mask((8, 8), 2, 4, 2, 4)).any()  # flat: none
 
 
+def test_the_subject_never_hides_itself():
+    depth, box, subject = scene()
+    depth[40:50, 10:40] = 4.0  # its paws reach towards the camera: nearer than its median (2) by far
+    occluder = st.occluder_from_depth(depth, subject)
+    np.testing.assert_array_equal(occluder, box)  # the subject's old place is removed: it cannot hide the moved one
+
+
 def test_subject_depth_is_robust_to_edge_pixels():
     depth, box, subject = scene()
     depth[20, 10:40] = 5.0  # SAM's top edge row touches something near: 30 of 900 pixels
