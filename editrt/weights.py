@@ -92,11 +92,12 @@ def _write_sam(layout: WeightsLayout, config: dict, generator: torch.Generator, 
 def _write_depth(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    from editrt.models.depth import depth_processor_config
+    from editrt.models.depth import depth_processor_config, keep_activations_unit_scale
 
     log("depth")
     torch.manual_seed(generator.initial_seed() + 3)
     model = DPTForDepthEstimation(DPTConfig(**config["depth"]["model"]))
+    keep_activations_unit_scale([*model.neck.modules(), *model.head.modules()])  # else depth ~1e-9 untrained
     model.save_pretrained(layout.depth, safe_serialization=True)
     # the processor config too, as published folders have it: transformers' own pipeline loads the folder as-is
     processor = depth_processor_config(model.config.image_size)
@@ -106,13 +107,16 @@ def _write_depth(layout: WeightsLayout, config: dict, generator: torch.Generator
 def _write_matting(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
     from transformers import VitDetConfig, VitMatteConfig, VitMatteForImageMatting, VitMatteImageProcessor
 
+    from editrt.models.depth import keep_activations_unit_scale
     from editrt.models.matting import matting_processor_config
 
     log("matting")
     torch.manual_seed(generator.initial_seed() + 4)
     cfg = config["matting"]
     model_config = VitMatteConfig(backbone_config=VitDetConfig(**cfg["backbone"]), **cfg["model"])
-    VitMatteForImageMatting(model_config).save_pretrained(layout.matting, safe_serialization=True)
+    model = VitMatteForImageMatting(model_config)
+    keep_activations_unit_scale(model.decoder.modules())  # else alpha = sigmoid(0) = 0.5 everywhere untrained
+    model.save_pretrained(layout.matting, safe_serialization=True)
     processor = matting_processor_config()
     VitMatteImageProcessor(**{k: v for k, v in processor.items() if k != "image_processor_type"}).save_pretrained(layout.matting)
 

@@ -80,3 +80,22 @@ def depth_processor_config(image_size: int) -> dict:
         "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "do_pad": False,
     }
+
+
+def keep_activations_unit_scale(modules) -> None:
+    """Re-initialise convolutions He-normal (fan-in, ReLU gain, zero bias) and BatchNorm scales to 1, in place.
+
+    For *random* weights only (`editrt weights init`): transformers initialises DPT's neck and head and
+    ViTMatte's decoder with N(0, 0.02) convolutions (ViTMatte's BatchNorm scales too), which, untrained,
+    shrink the outputs to ~1e-9 depth and alpha = sigmoid(0) = 0.5 everywhere. Tests, parity checks and the
+    pipeline's depth ordering would then compare constants. With this the outputs vary at O(1), as trained
+    weights' do; the architecture and the file format are unchanged.
+    """
+    for module in modules:
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

@@ -65,6 +65,7 @@ def test_matting_graph_serves_other_sizes(engines, dims):
     inputs = random_inputs(spec, dims, torch.Generator().manual_seed(sum(dims.values())))
     ref, ort = torch_engines["matting"](**inputs)["alphas"], ort_engines["matting"](**inputs)["alphas"]
     assert ref.shape == (1, 1, dims["image_height"], dims["image_width"])
+    assert ref.std() > 1e-2  # the alpha varies: the bound below is not one between two constants
     assert _rel(ort, ref) <= 1e-4
 
 

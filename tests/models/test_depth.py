@@ -64,6 +64,13 @@ def test_depth_equals_transformers_pipeline_bit_for_bit(estimator, hf_pipeline, 
     np.testing.assert_array_equal(ours, reference)
 
 
+def test_random_weights_give_a_depth_that_varies(estimator):
+    """`editrt weights init`'s random DPT predicts O(1) values that vary over the photo (not ~1e-9: see
+    models/depth.py keep_activations_unit_scale), so comparisons and depth orderings are not of constants."""
+    depth = estimator(data.chelsea())
+    assert depth.std() > 1e-2 and (depth > 0).mean() > 0.5
+
+
 def test_pixel_values_equal_dpt_image_processor(estimator, hf_pipeline):
     rgb = _image((77, 130), seed=1)
     expected = hf_pipeline.image_processor(images=rgb, return_tensors="pt")["pixel_values"]

@@ -66,6 +66,13 @@ def test_alpha_equals_vitmatte_bit_for_bit(matter, oracle, shape):
     assert 0 <= alpha.min() and alpha.max() <= 1
 
 
+def test_random_weights_give_an_alpha_that_varies(matter):
+    """`editrt weights init`'s random ViTMatte is not stuck at sigmoid(0) = 0.5 (models/depth.py
+    keep_activations_unit_scale): otherwise every comparison here would compare constants."""
+    alpha = matter(_photo((96, 128)), trimap_from_mask(_subject((96, 128)), 4))
+    assert alpha.std() > 0.02 and alpha.max() - alpha.min() > 0.1
+
+
 def test_padding_is_zeros_at_the_bottom_right(matter):
     x = matter.preprocess(_photo((33, 70)), trimap_from_mask(_subject((33, 70)), 2))
     assert x.shape == (1, 4, 64, 96)
