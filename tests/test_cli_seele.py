@@ -63,11 +63,15 @@ def test_reposition_with_every_stage_on_a_real_photo(files, tiny_weights, tmp_pa
         assert np.asarray(al).max() == 65535  # the eroded subject is opaque
 
 
-def test_explicit_scale_and_a_shadow_box_region(files, tiny_weights, tmp_path, capsys):
+def test_explicit_scale_a_shadow_selection_and_a_box_region(files, tiny_weights, tmp_path, capsys):
+    stages = tmp_path / "stages"
     rc, err = run(["reposition", files / "photo.png", "--mask", files / "mask.png", "--move=-30,0", "--scale", "0.9",
-                   "--shadow-region", "100,210,240,230", "--occlusion", "none", "-o", tmp_path / "r.png",
-                   *common(tiny_weights)], capsys)
+                   "--shadow-box", "150,200,280,215", "--shadow-region", "100,210,240,230", "--occlusion", "none",
+                   "--save-stages", stages, "-o", tmp_path / "r.png", *common(tiny_weights)], capsys)
     assert rc == 0, err
+    names = {p.name for p in stages.iterdir()}
+    assert "2_shadow_mask.png" in names and "6_shadow_region_mask.png" in names and "5_completed.png" in names
+    assert not any("depth" in n for n in names)  # an explicit scale needs no depth
 
 
 BAD = [

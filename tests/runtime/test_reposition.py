@@ -269,3 +269,22 @@ def test_trimap_band_larger_than_the_subject(reposition, monkeypatch):
     with pytest.raises(InputError, match="trimap band 9: larger than the subject"):
         reposition(small_photo(), mask=box_mask((64, 96), 10, 20, 10, 20), move=(5, 0), matting=True, trimap_band=9,
                    steps=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_seele_stages_on_cuda(tiny_weights, photo, dtype):
+    """Depth and matting run on the GPU in low precision: the stages come out finite and in range, and the
+    output keeps the input's bytes outside what was regenerated."""
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", dtype=dtype)
+    subject = ellipse(photo.shape[:2], 150, 200, 50, 60)
+    result = pipe(photo, mask=subject, move=(40, 15), occlusion="auto", scale="auto", matting=True,
+                  shadow_region=(190, 215, 320, 235), steps=2, resolution=64)
+    for name in ("depth", "alpha"):
+        values = result.stages[name].values
+        assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    assert 0.25 <= result.scale <= 4.0
+    out, regenerated = np.asarray(result.image), result.stages["output"].mask
+    np.testing.assert_array_equal(out[~regenerated], photo[~regenerated])
