@@ -2,6 +2,8 @@
 
     session = EditSession(image, RepositionPipeline.from_pretrained(...))
     session.select(points=[[x, y]])                # SAM: the image embedding is computed once
+    session.select_shadow(box=[x0, y0, x1, y1])    # optional: its existing shadow moves with it
+    session.preview(move=(dx, dy), occlusion="auto", scale="auto", matting=True)   # SEELE's stages, cached
     future = session.preview(move=(dx, dy))        # non-blocking; a newer preview replaces a queued one
     result = session.final(move=(dx, dy))          # cancels this session's previews, then runs at full quality
 
