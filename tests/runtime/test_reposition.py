@@ -288,3 +288,12 @@ def test_seele_stages_on_cuda(tiny_weights, photo, dtype):
     assert 0.25 <= result.scale <= 4.0
     out, regenerated = np.asarray(result.image), result.stages["output"].mask
     np.testing.assert_array_equal(out[~regenerated], photo[~regenerated])
+
+
+def test_an_occluder_hiding_the_whole_moved_subject_is_refused(reposition, monkeypatch):
+    depth, box, subject = occlusion_scene()
+    monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
+    small = box_mask(depth.shape, 12, 22, 12, 22)  # moved by (55, 15) it lands entirely on the near box
+    depth[small] = 2.0
+    with pytest.raises(InputError, match=r"occlusion: the occluder hides the whole subject moved by \(55, 15\)"):
+        reposition(small_photo(), mask=small, move=(55, 15), occlusion="auto", steps=1)

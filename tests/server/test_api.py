@@ -268,3 +268,19 @@ def test_session_shadow_selection_and_seele_drag_options(client, photo_small):
     el = _session(client, photo_small, kind="elements")["id"]
     r = client.post(f"/v1/sessions/{el}/final", json={"ids": [0], "scale": "auto"})
     assert r.status_code == 422 and r.json()["field"] == "scale"
+
+
+def test_reposition_stage_masks_as_multipart_files_equal_json(client, photo_small):
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    region = np.zeros_like(mask)
+    region[55:65, 60:100] = 255
+    fields = {"move": "[6, 2]", "steps": "1", "harmonize": "true", "matting": "true"}
+    files = {name: (f"{name}.png", png(a), "image/png") for name, a in
+             (("image", photo_small), ("mask", mask), ("shadow_region", region))}
+    r = client.post("/v1/reposition", files=files, data=fields)
+    j = client.post("/v1/reposition", json={"image": b64png(photo_small), "mask": b64png(mask),
+                                            "shadow_region": b64png(region), "move": [6, 2], "steps": 1,
+                                            "matting": True})
+    assert r.status_code == j.status_code == 200, r.text
+    assert r.content == j.content
