@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, dtype_name, pipeline_parts
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, Skip, dtype_name, pipeline_parts
 from editrt.bench.timing import count_flops
 
 TIMESTEPS = (981, 501, 21)  # rotating: early, middle and late DDIM steps
@@ -79,6 +79,10 @@ def _unet_step(ctx: BenchContext, batch: int, harmonizer: bool, backend: str = "
 
 
 def _lora_switch(ctx: BenchContext) -> Run:
+    from editrt.weights import WeightsLayout
+
+    if not WeightsLayout(ctx.weights).harmonizer_lora.is_file():
+        raise Skip("no harmonizer LoRA in these weights: harmonize runs the base UNet, there is nothing to switch")
     harmonizer = ctx.pipeline.harmonizer
     harmonizer.fused_weights(1.0)  # made once per scale and cached, as the first harmonize pass does
     weight_bytes = sum(p.numel() * p.element_size() for p in harmonizer.params.values())
@@ -100,6 +104,8 @@ def _lora_shape(ctx: BenchContext) -> str:
     from editrt.weights import WeightsLayout
 
     params, count = 0, 0
+    if not WeightsLayout(ctx.weights).harmonizer_lora.is_file():
+        return "no LoRA"
     with safe_open(str(WeightsLayout(ctx.weights).harmonizer_lora), "pt") as f:
         for key in f.keys():
             if key.endswith((".lora_A.weight", ".lora.down.weight")):
