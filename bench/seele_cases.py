@@ -21,14 +21,9 @@ import gc
 import numpy as np
 import torch
 
-from editrt.bench.cases import BACKENDS, PLANNED_ENGINES, Backend, BenchContext, Case, Run, Skip, dtype_name
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, Skip, dtype_name
 
-# The peers: transformers computing the same thing from the same folder (see the table above).
-PEERS = (Backend("transformers", peer=True, module="transformers"),
-         Backend("transformers+compile", peer=True, module="transformers", compiles=True))
-for _peer in PEERS:  # registered beside bench/cases.py's BACKENDS (requested there: /tmp/notes/requests-models.md)
-    BACKENDS.setdefault(_peer.name, _peer)
-
+# The peers are bench/cases.py's `transformers` and `transformers+compile` backends (see the table above).
 OURS = ("torch+compile", "onnxruntime")
 DEPTH_OURS = ("torch+cudagraph", *OURS)  # DPT's fixed S x S input replays as one CUDA graph (CUDA only)
 
