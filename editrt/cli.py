@@ -379,6 +379,8 @@ def cmd_export(args) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out}: exists and is not a directory")
     weights = resolve_weights(args.weights, log=_log(args))
+    if args.component == "all":  # leaves out the estimators (depth/, matting/) a published folder lacks
+        names = resolve_components("all", weights)
     results = export_components(weights, names, out, check=True, progress=_progress(args), log=_log(args),
                                 precision=onnx_precision)
     if args.check:

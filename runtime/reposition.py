@@ -120,7 +120,8 @@ class RepositionPipeline:
         self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
         self.remove_passes = ByteLRU("remove passes", REMOVE_PASS_BUDGET)
         # SEELE's depth (DPT) and matting (ViTMatte), when the weights folder has them; else None
-        self.depth_estimator, self.matter = estimators_from_engines(engines, self.device, dtype)
+        # (DPT's input is always S x S: on torch + CUDA it replays one CUDA graph when the loops capture them)
+        self.depth_estimator, self.matter = estimators_from_engines(engines, self.device, dtype, cuda_graphs=cuda_graphs)
         self.depth_maps = ByteLRU("depth maps", DEPTH_BUDGET)
         self.alphas = ByteLRU("subject alphas", ALPHA_BUDGET)
         self._embeds: dict[tuple, torch.Tensor] = {}  # (task, cfg) -> tensor: at most 8, fixed size
