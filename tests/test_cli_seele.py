@@ -103,3 +103,16 @@ def test_bad_stage_options_one_line_exit_2_nothing_written(files, tiny_weights, 
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("editrt: error:") and message.format(d=files) in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_all_leaves_out_the_estimators_a_folder_lacks(files, tiny_weights, tmp_path, capsys, monkeypatch):
+    import editrt.export.components as components
+
+    asked = []
+    monkeypatch.setattr(components, "export_components", lambda weights, names, *a, **k: asked.append(names) or [])
+    for weights in (tiny_weights, files / "weights_without_depth"):
+        rc, err = run(["export", "--weights", weights, "-o", tmp_path / "onnx", "--quiet"], capsys)
+        assert rc == 0, err
+    with_estimators, without = asked
+    assert {"depth_estimator", "matting"} <= set(with_estimators)
+    assert set(with_estimators) - set(without) == {"depth_estimator", "matting"}
