@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from editrt.errors import InputError
 
 TRIMAP_BACKGROUND, TRIMAP_UNKNOWN, TRIMAP_FOREGROUND = 0, 128, 255
-MATTING_SIZE_DIVISOR = 32  # VitMatteImageProcessor's size_divisor: ViTDet's patch 16 x its 2x down-sampling stem
+MATTING_SIZE_DIVISOR = 32  # VitMatteImageProcessor's size_divisor: the ViTMatte input side is padded to a multiple of it
 
 
 def _check_rgb(rgb, what: str = "image") -> np.ndarray:
