@@ -138,11 +138,19 @@ def cmd_weights_prompts(args) -> None:
 def cmd_outpaint(args) -> None:
     # Outpainting with the complete prompt (paper App. A.4): runtime/outpaint.py
     from editrt.runtime.images import save_png
-    from editrt.runtime.outpaint import outpaint
+    from editrt.runtime.outpaint import check_extend, check_fill, outpaint
 
     out = _check_output(args.output)
     image = load_image(args.image)
-    extend = [int(v) if float(v).is_integer() else v for v in _numbers(args.extend, "--extend", (4,))]
+    try:
+        extend = [float(v) for v in args.extend.split(",")]
+    except ValueError:
+        extend = []
+    if len(extend) != 4:
+        raise InputError(f"--extend {args.extend!r}: expected L,T,R,B (pixels to add on each side)")
+    extend = [int(v) if v.is_integer() else v for v in extend]
+    check_extend(extend, image.shape[:2])  # before any weights load
+    check_fill(args.fill)
     result = outpaint(_reposition_pipeline(args), image, extend, fill=args.fill, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args))
     save_png(result, out, watermark=args.watermark)
@@ -549,9 +557,11 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("outpaint", help="extend the canvas with the complete prompt; the original pixels stay")
     p.add_argument("image")
-    p.add_argument("--extend", required=True, metavar="L,T,R,B", help="pixels to add on each side")
-    p.add_argument("--fill", default="edge", help="how the new border starts before inpainting: edge (default), "
-                   "reflect or mean")
+    p.add_argument("--extend", required=True, metavar="L,T,R,B", help="pixels to add on each side "
+                   "(write --extend=0,0,64,0 if a value could read as an option)")
+    p.add_argument("--fill", default="edge", help="what the resize to the processing size sees beyond the seam: "
+                   "edge (default: repeats the border pixels), reflect or mean; the model never sees the new "
+                   "border's own pixels (they are masked out), so with no resize every fill gives the same result")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_outpaint)
