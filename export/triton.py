@@ -389,7 +389,9 @@ def repository_readme(pipelines: list[str], engine_names: list[str], specs: dict
             io = [", ".join(f"`{t.name}` {list(t.axes)}" for t in ts) for ts in (spec.inputs, spec.outputs)]
             lines.append(f"| `{name}` | {PLATFORMS[kind]} | {max_batch_size(spec, kind)} | {io[0]} | {io[1]} |")
         lines += ["", "Named axes are dynamic (-1 in config.pbtxt); with max_batch_size > 0 the first axis is "
-                  "Triton's batch dimension.", ""]
+                  "Triton's batch dimension and requests are batched dynamically. The SAM decoders are not "
+                  "batchable: their image embeddings are one [1, C, h, w] and `orig_im_size` has no batch axis. "
+                  "TensorRT plans batch only within their optimisation profile.", ""]
         lines += ["The pipeline models call these engine models (BLS requests; their `bls` parameter lists the "
                   "networks) and run the other networks in-process: load the engine models too." if bls else
                   "The pipeline models run every network in-process; the engine models serve clients directly.", ""]

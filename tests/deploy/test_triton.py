@@ -409,6 +409,31 @@ def test_bls_segment_calls_the_served_engine(clients, engines_repository, tiny_w
     np.testing.assert_array_equal(out["MASK"], np.where(expected, 255, 0).astype(np.uint8))
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (from /proc: pid, then pgrp as the 5th field of stat)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_stop_ends_the_server_and_its_model_stubs(engines_repository, tmp_path):
+    _bundle_or_skip()
+    one = TritonServer([engines_repository], [f"vae_decoder{ORT_SUFFIX}"], tmp_path / "tritonserver.log")
+    try:
+        one.start()
+        pgid = os.getpgid(one.process.pid)
+        assert len(_group_members(pgid)) >= 2, "the server and its model's stub"
+    finally:
+        one.stop()
+    assert _group_members(pgid) == [] and not one.alive()
+
+
 def test_repository_layout_and_readme(repository, engines_repository, tiny_weights):
     meta = json.loads((repository / "editrt_repository.json").read_text())
     assert meta["pipeline_models"] == PIPELINES and meta["engine_models"] == [] and not meta["bls"]
