@@ -152,3 +152,18 @@ def test_cli_writes_only_the_chosen_models(tiny_weights, tmp_path):
     assert main(["export", "--format", "triton", "--weights", str(tiny_weights), "-o", str(tmp_path / "r2"),
                  "--component", "unknown_model", "--quiet"]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+def test_cuda_repository_asks_for_gpu_instances(tiny_weights, tmp_path):
+    """Exported for a GPU: every model gets KIND_GPU instances, and a model instance on GPU N runs on cuda:N."""
+    from editrt.runtime.triton_models import _device
+
+    out = write_model_repository(tiny_weights, tmp_path / "repo", device="cuda", dtype="fp16")
+    for name in PIPELINE_MODELS:
+        cfg = parse((out / name / "config.pbtxt").read_text())
+        assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+        assert cfg.parameters["device"].string_value == "cuda" and cfg.parameters["dtype"].string_value == "fp16"
+    on_gpu = {"model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    assert _device("cuda", on_gpu) == "cuda:1" and _device("auto", on_gpu) == "cuda:1"
+    assert _device("cpu", on_gpu) == "cpu"
+    assert _device("cuda:0", {"model_instance_kind": "CPU", "model_instance_device_id": "0"}) == "cuda:0"
