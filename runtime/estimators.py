@@ -164,7 +164,7 @@ def trimap_from_mask(mask: np.ndarray, band: int) -> np.ndarray:
     unknown (128) = the mask dilated by S minus the eroded mask, background (0) = the rest. The image
     edge is not an edge of the subject: erosion treats pixels outside the image as foreground
     (a subject cut by the frame stays foreground there), dilation treats them as background.
-    So the unknown band is 2 band + 1 pixels wide across each edge of the subject.
+    So the unknown band is 2 band pixels wide across each edge of the subject (band inside, band outside).
     """
     if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != np.bool_:
         got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, np.ndarray) else type(mask).__name__

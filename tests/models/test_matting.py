@@ -127,6 +127,7 @@ def test_a_subject_cut_by_the_frame_stays_foreground_at_the_frame():
     trimap = trimap_from_mask(_masks()["edge"], 4)
     assert (trimap[0, 60:85] == 255).all() and (trimap[:25, -1] == 255).all()
     assert (trimap[35:39, 60] == 128).all() and trimap[39, 60] == 0  # the band is 4 px outside the subject
+    assert (trimap[31:35, 60] == 128).all() and trimap[30, 60] == 255  # and 4 px inside: 2 x band across the edge
 
 
 def test_a_band_larger_than_the_subject_is_a_one_line_error():
