@@ -359,6 +359,9 @@ def repository_readme(pipelines: list[str], engine_names: list[str], specs: dict
              "Ready when `curl -sf localhost:8000/v2/health/ready` succeeds. Every model's config parameters name "
              "the weights directory (`weights`), `device` (auto, cpu, cuda), `dtype` (auto = fp16 on CUDA, "
              "fp32 on CPU) and `backend`; edit them in `config.pbtxt` to move the repository.", "",
+             "Memory: each pipeline model is its own process with its own pipeline (segment, inpaint and "
+             "reposition each load the repositioning weights, in-process even where they call engine models by "
+             "BLS), so load only the models you serve.", "",
              "Bad requests (wrong shapes, missing inputs, points outside the image) get a Triton error naming the "
              "input; the server keeps serving. Optional scalar inputs take the CLI's defaults when absent, and may "
              "instead be sent as request parameters of their lower-case names (`{\"steps\": 20}`). Masks are UINT8 "

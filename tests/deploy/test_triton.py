@@ -434,6 +434,31 @@ def test_stop_ends_the_server_and_its_model_stubs(engines_repository, tmp_path):
     assert _group_members(pgid) == [] and not one.alive()
 
 
+@pytest.mark.gpu
+def test_cuda_repository_serves_on_the_gpu(tiny_weights, photo_small, tmp_path):
+    """Exported with device cuda: the segment model runs on a KIND_GPU instance (cuda:0, fp16 by default)
+    and answers what the same pipeline on cuda:0 computes in this process."""
+    from editrt.export.triton import write_model_repository
+    from editrt.runtime.reposition import RepositionPipeline
+
+    _bundle_or_skip()
+    rgb, _ = photo_small
+    repo = write_model_repository(tiny_weights, tmp_path / "repo", components="segment", device="cuda")
+    points = np.array([[60, 50]], np.float32)
+    expected = RepositionPipeline.from_pretrained(tiny_weights, device="cuda:0", dtype="fp16").segment(
+        rgb, points=points.tolist())
+    one = TritonServer([repo], ["segment"], tmp_path / "tritonserver.log")
+    try:
+        one.start()
+        client = grpc.InferenceServerClient(one.grpc_url)
+        out = infer({"grpc": client}, "grpc", "segment", {"IMAGE": rgb, "POINTS": points})
+        client.close()
+    finally:
+        one.stop()
+    assert "(GPU device 0)" in one.log_path.read_text(errors="replace")
+    np.testing.assert_array_equal(out["MASK"], np.where(expected, 255, 0).astype(np.uint8))
+
+
 def test_repository_layout_and_readme(repository, engines_repository, tiny_weights):
     meta = json.loads((repository / "editrt_repository.json").read_text())
     assert meta["pipeline_models"] == PIPELINES and meta["engine_models"] == [] and not meta["bls"]
