@@ -283,11 +283,12 @@ def harmonizer_weights(weights_root: Path, refit_map: dict[str, dict], scales=(0
     """The refit weights at each scale, fused from the weights directory as FusedLoRA fuses them."""
     from editrt.models.components import WeightsLayout
     from editrt.models.inpaint import load_unet
-    from editrt.models.lora import FusedLoRA, load_lora
+    from editrt.models.lora import FusedLoRA, load_harmonizer_lora
 
     layout = WeightsLayout(weights_root)
     unet = load_unet(layout.unet)
-    lora = FusedLoRA(unet, load_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
+    # no LoRA file: no layers, so every scale is the base UNet (warned once, as the torch backend does)
+    lora = FusedLoRA(unet, load_harmonizer_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
     return prepare_refit_weights(refit_map, {s: lora.fused_weights(s) for s in scales}, device)
 
 
@@ -519,7 +520,8 @@ class RefittableHarmonizer:
         if scale != self.scale:
             if scale not in self.weights:
                 raise EngineError(f"harmonizer: no weights prepared for LoRA scale {scale:g}")
-            self.refit_seconds.append(self.engine.refit(self.weights[scale]))
+            if self.weights[scale]:  # empty without a LoRA file: both scales are the base weights
+                self.refit_seconds.append(self.engine.refit(self.weights[scale]))
             self.scale = scale
 
 

@@ -50,6 +50,12 @@ def resize_uint8_bicubic(image_uint8: torch.Tensor, size: tuple[int, int]) -> to
     return F.interpolate(image_uint8, size=list(size), mode="bicubic", align_corners=False, antialias=True)
 
 
+
+def _owned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable view or copy: torch.from_numpy warns on read-only arrays (PIL-backed images,
+    a session's frozen copies) though nothing here writes into them."""
+    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+
 class CapturedCall:
     """`engine(pixel_values=x)` replayed from one CUDA graph at one fixed input shape (DPT's S x S).
 
@@ -103,7 +109,7 @@ class DepthEstimator:
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """The engine's `pixel_values` [1, 3, S, S] (DPTImageProcessor's, then cast to the engine dtype)."""
         rgb = _check_rgb(rgb)
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].contiguous()
+        image = torch.from_numpy(_owned(rgb)).permute(2, 0, 1)[None].contiguous()
         image = resize_uint8_bicubic(image, (self.image_size, self.image_size))
         return _normalize_rgb(image.to(self.device)).to(self.dtype)
 
@@ -133,8 +139,8 @@ class Matter:
             got = f"{trimap.dtype} {list(trimap.shape)}" if isinstance(trimap, np.ndarray) else type(trimap).__name__
             raise InputError(f"trimap: expected uint8 [{rgb.shape[0]}, {rgb.shape[1]}] (0 background, 128 unknown, "
                              f"255 foreground) matching the image, got {got}")
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None]
-        tri = torch.from_numpy(np.ascontiguousarray(trimap)).to(self.device)[None, None]
+        image = torch.from_numpy(_owned(rgb)).to(self.device).permute(2, 0, 1)[None]
+        tri = torch.from_numpy(_owned(trimap)).to(self.device)[None, None]
         x = torch.cat([_normalize_rgb(image), tri * (1 / 255)], dim=1)  # uint8 * float: float32, as the processor
         height, width = rgb.shape[:2]
         pad_h, pad_w = (-height) % MATTING_SIZE_DIVISOR, (-width) % MATTING_SIZE_DIVISOR
@@ -174,7 +180,7 @@ def trimap_from_mask(mask: np.ndarray, band: int) -> np.ndarray:
     band = int(band)
     if not mask.any():
         raise InputError("mask: empty (no subject pixel); expected the subject's mask")
-    m = torch.from_numpy(mask).to(torch.float32)[None, None]
+    m = torch.from_numpy(_owned(mask)).to(torch.float32)[None, None]
     dilated = _dilate(m, band)[0, 0] > 0
     eroded = ~(_dilate(1 - m, band)[0, 0] > 0)  # erosion = complement of the background's dilation
     if not eroded.any():
