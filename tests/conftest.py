@@ -34,6 +34,20 @@ def reposition(tiny_weights):
     return RepositionPipeline.from_pretrained(tiny_weights)
 
 
+@pytest.fixture(scope="session")
+def diffusers_pipe(tiny_weights):
+    """The oracle: diffusers' StableDiffusionInpaintPipeline on the same tiny folder (no text encoder: the
+    tests pass task prompts as prompt_embeds)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        tiny_weights / "inpaint", local_files_only=True, safety_checker=None, requires_safety_checker=False,
+        text_encoder=None, tokenizer=None, feature_extractor=None, image_encoder=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def photo():
     """A real photograph (scikit-image's Chelsea, 300x451), not noise."""

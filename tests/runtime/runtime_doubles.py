@@ -1,4 +1,6 @@
-"""Test doubles that stand in front of a real engine: they count calls and may block, never compute."""
+"""Test doubles that stand in front of a real engine (they count calls and may block, never compute), and
+hand-made scenes whose answer is known by construction."""
+import numpy as np
 
 
 class CountingEngine:
@@ -34,3 +36,17 @@ class CapturingEngine(CountingEngine):
         out = super().__call__(**inputs)
         self.outputs.append({k: v.detach().float().cpu().clone() for k, v in out.items()})
         return out
+
+
+def box_mask(shape, r0, r1, c0, c1) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def occlusion_scene(shape=(80, 120), box=(30, 60, 70, 90), subject=(20, 50, 10, 40)):
+    """A far wall (inverse depth 1), a near box (5) and the subject (2): depth order known by construction."""
+    depth = np.ones(shape, np.float32)
+    box_m, subject_m = box_mask(shape, *box), box_mask(shape, *subject)
+    depth[box_m], depth[subject_m] = 5.0, 2.0
+    return depth, box_m, subject_m

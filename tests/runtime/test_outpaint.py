@@ -7,22 +7,11 @@ prompt_embeds = the complete prompt (negative = null). Tolerance: exact, as for 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 from skimage import data
 
 from editrt.errors import InputError
 from editrt.runtime.outpaint import MAX_FACTOR, outpaint, pad_canvas
-
-
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_weights):
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        tiny_weights / "inpaint", local_files_only=True, safety_checker=None, requires_safety_checker=False,
-        text_encoder=None, tokenizer=None, feature_extractor=None, image_encoder=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def crop(rng, h, w):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runtime_doubles import box_mask, occlusion_scene
 
 from editrt.errors import EditError, InputError
 from editrt.runtime.images import read_watermark, save_png
@@ -138,24 +139,14 @@ def small_photo():
     return np.ascontiguousarray(data.chelsea()[100:164, 150:246])  # 64 x 96, a real photo
 
 
-def box_mask(shape, r0, r1, c0, c1):
-    m = np.zeros(shape, bool)
-    m[r0:r1, c0:c1] = True
-    return m
-
-
-def occlusion_scene():
+def scene():
     """Far wall (inverse depth 1), a near box (5), the subject (2): the box must hide the moved subject."""
-    depth = np.ones((64, 96), np.float32)
-    box = box_mask(depth.shape, 20, 50, 60, 80)
-    subject = box_mask(depth.shape, 10, 40, 10, 35)
-    depth[box], depth[subject] = 5.0, 2.0
-    return depth, box, subject
+    return occlusion_scene((64, 96), box=(20, 50, 60, 80), subject=(10, 40, 10, 35))
 
 
 def test_occlusion_auto_hides_the_subject_exactly_where_the_box_is_nearer(reposition, monkeypatch, tmp_path):
     photo = small_photo()
-    depth, box, subject = occlusion_scene()
+    depth, box, subject = scene()
     monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
     complete = box_mask(photo.shape[:2], 15, 55, 45, 85)  # the user's completion region reaches over the box
     result = reposition(photo, mask=subject, move=(40, 5), occlusion="auto", complete_mask=complete, steps=1,
@@ -291,7 +282,7 @@ def test_seele_stages_on_cuda(tiny_weights, photo, dtype):
 
 
 def test_an_occluder_hiding_the_whole_moved_subject_is_refused(reposition, monkeypatch):
-    depth, box, subject = occlusion_scene()
+    depth, box, subject = scene()
     monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
     small = box_mask(depth.shape, 12, 22, 12, 22)  # moved by (55, 15) it lands entirely on the near box
     depth[small] = 2.0

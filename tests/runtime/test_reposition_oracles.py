@@ -12,16 +12,6 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_weights):
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        tiny_weights / "inpaint", local_files_only=True, safety_checker=None, requires_safety_checker=False,
-        text_encoder=None, tokenizer=None, feature_extractor=None, image_encoder=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def random_case(seed, size=(128, 128)):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)

@@ -1,25 +1,16 @@
 """SEELE's pre/post-processing rules on hand-made scenes whose answer is known without the code."""
 import numpy as np
 import pytest
+from runtime_doubles import box_mask, occlusion_scene
 
 from editrt.errors import InputError
 from editrt.runtime import seele_stages as st
 from editrt.runtime.images import shift_or_warp
 
 
-def box_mask(shape, r0, r1, c0, c1):
-    m = np.zeros(shape, bool)
-    m[r0:r1, c0:c1] = True
-    return m
-
-
 def scene():
     """A far wall (inverse depth 1), a near box (5) and the subject (2): depth order known by construction."""
-    depth = np.ones((80, 120), np.float32)
-    box = box_mask(depth.shape, 30, 60, 70, 90)
-    subject = box_mask(depth.shape, 20, 50, 10, 40)
-    depth[box], depth[subject] = 5.0, 2.0
-    return depth, box, subject
+    return occlusion_scene()
 
 
 def test_occluder_is_exactly_where_the_destination_is_nearer():
