@@ -300,9 +300,14 @@ class RepositionModel(PipelineModelBase):
         if mask is None and prompt["points"] is None and prompt["box"] is None:
             raise InputError("reposition: expected the subject as MASK, POINTS or BOX")
         move = r.array("MOVE")
+        # scale="auto" (a request parameter, as the CLI's `--scale auto`): the depths at the footpoints decide
+        scale = "auto" if r.parameters.get("scale") == "auto" else r.number("SCALE")
         result = self.pipe(r.array("IMAGE"), mask=mask, **prompt, move=[decimal(v) for v in move],
-                           scale=r.number("SCALE"), complete_mask=r.mask("COMPLETE_MASK"),
-                           occluder_mask=r.mask("OCCLUDER_MASK"), harmonize=bool(r.value("HARMONIZE")),
+                           scale=scale, complete_mask=r.mask("COMPLETE_MASK"),
+                           occluder_mask=r.mask("OCCLUDER_MASK"), occlusion=r.text("occlusion"),
+                           matting=bool(r.value("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
+                           shadow_mask=r.mask("SHADOW_MASK"), shadow_region=r.mask("SHADOW_REGION"),
+                           harmonize=bool(r.value("HARMONIZE")),
                            steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
                            resolution=r.integer("RESOLUTION"))
         return {"IMAGE": np.asarray(result.image), "REGION": _mask_bytes(result.stages["output"].mask)}

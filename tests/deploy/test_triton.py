@@ -244,6 +244,31 @@ def test_reposition_equals_cli(clients, photo_small, tiny_weights, tmp_path):
     np.testing.assert_array_equal(out["REGION"], png_pixels(region, "L"))
 
 
+def test_reposition_seele_stages_equal_cli(clients, photo_small, tiny_weights, tmp_path):
+    """Depth occlusion, perspective scale, matting and a shadow region through Triton: the CLI's bytes."""
+    rgb, path = photo_small
+    subject = np.zeros(rgb.shape[:2], np.uint8)
+    subject[40:80, 60:100] = 255
+    region = np.zeros(rgb.shape[:2], np.uint8)
+    region[85:95, 80:130] = 255
+    Image.fromarray(subject).save(tmp_path / "subject.png")
+    Image.fromarray(region).save(tmp_path / "region.png")
+    cli("reposition", str(path), "--mask", str(tmp_path / "subject.png"), "--move", "30,8", "--scale", "auto",
+        "--occlusion", "auto", "--matting", "on", "--trimap-band", "3", "--shadow-region", str(tmp_path / "region.png"),
+        "--steps", "2", "--seed", "3", "--save-stages", str(tmp_path / "stages"), "-o", str(tmp_path / "out.png"),
+        "--weights", str(tiny_weights))
+    out = infer(clients, "http", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32), "MATTING": scalar(1, np.uint8),
+        "TRIMAP_BAND": scalar(3, np.int32), "SHADOW_REGION": region, "STEPS": scalar(2, np.int32),
+        "SEED": scalar(3, np.int64)}, parameters={"scale": "auto", "occlusion": "auto"})
+    np.testing.assert_array_equal(out["IMAGE"], png_pixels(tmp_path / "out.png"))
+    np.testing.assert_array_equal(out["REGION"], png_pixels(next((tmp_path / "stages").glob("*_output_mask.png")), "L"))
+    plain = infer(clients, "http", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32), "STEPS": scalar(2, np.int32),
+        "SEED": scalar(3, np.int64)})
+    assert not np.array_equal(plain["IMAGE"], out["IMAGE"])  # the stages really ran
+
+
 def test_elements_partition_and_render_equal_cli(clients, photo_small, tiny_weights, tmp_path):
     from editrt.runtime.elements import Elements
     from editrt.runtime.images import load_labels_png
