@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -215,7 +216,7 @@ def _mask_bytes(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 255, 0).astype(np.uint8)
 
 
-class PipelineModelBase:
+class PipelineModelBase(ABC):
     """initialize / execute / finalize shared by the five models; subclasses say what one request does."""
 
     name: str  # a PIPELINE_MODELS key
@@ -268,8 +269,9 @@ class PipelineModelBase:
     def finalize(self) -> None:
         self.pipe = None
 
+    @abstractmethod
     def run(self, request: Request) -> dict[str, np.ndarray]:
-        raise NotImplementedError(f"{type(self).__name__}.run: each pipeline model says what one request does")
+        """One request's outputs by name: what each pipeline model computes."""
 
 
 class SegmentModel(PipelineModelBase):

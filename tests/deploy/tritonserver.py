@@ -177,21 +177,20 @@ class TritonServer:
             return
         try:
             pgid = os.getpgid(self.process.pid)
-        except ProcessLookupError:
+        except ProcessLookupError:  # already reaped: no group left
             pgid = None
-        if pgid is not None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: stubs that outlived the server, or a stuck one
+            if pgid is None:
+                break
             try:
-                os.killpg(pgid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pgid = None
-            if pgid is not None:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:  # the whole group is gone
+                break
+            if sig == signal.SIGTERM:
                 try:
-                    os.killpg(pgid, signal.SIGKILL)  # stubs that outlived the server
-                except ProcessLookupError:
-                    pass
+                    self.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    continue
         self.process.wait()
         self._log.close()
         self.process = None
