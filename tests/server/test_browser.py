@@ -110,6 +110,42 @@ def test_reposition_in_the_browser(browser_page):
     assert not page.evaluate("window.editrt.errors")
 
 
+def _drag_subject_and_release(page, mask, finals_before: int) -> np.ndarray:
+    """Grab the subject nearest its centre of mass, drag 18 px right and 6 down, release; the final's pixels."""
+    ys, xs = np.nonzero(mask)
+    k = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
+    gx, gy = int(xs[k]), int(ys[k])
+    page.mouse.move(*page_xy(page, gx, gy))
+    page.mouse.down()
+    page.mouse.move(*page_xy(page, gx + 18, gy + 6), steps=4)
+    page.mouse.up()
+    page.wait_for_function(f"window.editrt.finals >= {finals_before + 1} && !window.editrt.busy")
+    return data_url_pixels(page.evaluate("window.editrt.current"))
+
+
+def test_reposition_stages_from_the_page(browser_page):
+    """The page's SEELE toggles (depth occlusion, perspective scale, matting) reach the session: the same
+    drag with them on gives another final than with them off, and no error."""
+    page, errors, tmp = browser_page
+    page.set_input_files("#file", photo_path())
+    page.wait_for_function("window.editrt.session !== null && !window.editrt.busy")
+    page.mouse.click(*page_xy(page, 225, 150))
+    page.wait_for_function("window.editrt.mask !== null && !window.editrt.busy")
+    mask = decode(page.evaluate("window.editrt.maskB64"), "L") > 127
+    plain = _drag_subject_and_release(page, mask, 0)
+    page.click("#undo")
+    page.wait_for_function("document.getElementById('undo').disabled")
+    for toggle in ("#occlusion", "#auto-scale", "#matting"):
+        page.check(toggle)
+    page.mouse.click(*page_xy(page, 225, 150))  # a final clears the page's selection: select the subject again
+    page.wait_for_function("window.editrt.mask !== null && !window.editrt.busy")
+    staged = _drag_subject_and_release(page, mask, 1)
+    page.screenshot(path=tmp / "stages-final.png")
+    assert staged.shape == plain.shape and not np.array_equal(staged, plain)
+    assert not errors, errors
+    assert not page.evaluate("window.editrt.errors")
+
+
 def test_elements_in_the_browser(browser_page):
     page, errors, tmp = browser_page
     page.check("input[name=mode][value=elements]")

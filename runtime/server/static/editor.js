@@ -157,6 +157,17 @@ function socket() {
 
 function closeSocket() { if (S.ws) { S.ws.close(); S.ws = null; } }
 
+// The repositioning stages the page offers (the session API's options; the server refuses them without
+// depth / matting weights, and that error shows in the status line).
+function stageOptions() {
+  if (S.mode !== "reposition") return {};
+  const options = {};
+  if ($("occlusion").checked) options.occlusion = "auto";
+  if ($("auto-scale").checked) options.scale = "auto";
+  if ($("matting").checked) options.matting = true;
+  return options;
+}
+
 function send(message) {
   const ws = socket();
   const text = JSON.stringify(message);
@@ -227,7 +238,7 @@ $("stage").addEventListener("pointermove", (event) => {
   S.drag.moved = true;
   S.lastMove = [dx, dy];
   drawOverlay(dx, dy);
-  send({ type: "drag", dx, dy, seq: ++S.seq, ...(S.mode === "elements" ? { ids: [S.selected] } : {}) });
+  send({ type: "drag", dx, dy, seq: ++S.seq, ...stageOptions(), ...(S.mode === "elements" ? { ids: [S.selected] } : {}) });
 });
 
 $("stage").addEventListener("pointerup", async (event) => {
@@ -239,7 +250,7 @@ $("stage").addEventListener("pointerup", async (event) => {
     S.lastMove = [dx, dy];
     setBusy(true);
     status("rendering the final…");
-    send({ type: "release", dx, dy, seq: ++S.seq, ...(S.mode === "elements" ? { ids: [S.selected] } : {}) });
+    send({ type: "release", dx, dy, seq: ++S.seq, ...stageOptions(), ...(S.mode === "elements" ? { ids: [S.selected] } : {}) });
     S.drag = null;
     return;
   }
@@ -302,6 +313,7 @@ for (const radio of document.querySelectorAll("input[name=mode]")) {
   radio.addEventListener("change", async () => {
     S.mode = radio.value;
     $("elements-tools").hidden = S.mode !== "elements";
+    $("reposition-tools").hidden = S.mode !== "reposition";
     if (S.current) open(await (await fetch(S.current)).blob());
   });
 }
