@@ -422,7 +422,7 @@ class RepositionPipeline:
             depth = self._depth_map(rgb, depth_key, "scale auto" if auto_scale else "occlusion auto")
             stages["depth"] = Stage(values=normalized_depth(depth))
         if auto_scale:  # perspective: the footpoint's inverse-depth ratio; the feet stay where dropped
-            scale = perspective_scale(depth, subject, dx, dy)
+            scale = perspective_scale(depth, subject, dx, dy, carried=carried)
             dy += footpoint_anchor_dy(subject, scale, centre_of=carried)
 
         # 4. Matting: trimap from the mask, alpha out (once per subject).
@@ -443,7 +443,8 @@ class RepositionPipeline:
         if not support.any():
             raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})")
         if auto_occlusion:  # (a given occluder mask is the caller's own: not repeated as a stage)
-            occluder = occluder_from_depth(depth, subject, moves_with=shadow)
+            # what REMOVE regenerates (the subject's dilated reach) is inpainted away: it cannot be in front
+            occluder = occluder_from_depth(depth, subject, moves_with=shadow) & ~dilate(source, radius)
             stages["occluder"] = Stage(mask=occluder)
         visible = support & ~occluder if occluder is not None else support
         if not visible.any():
@@ -491,11 +492,11 @@ class RepositionPipeline:
         #    shadow should appear (App. A.3 iv); the occluders stay as they are.
         if harmonize:
             area = dilate(visible if region is None else visible | region, radius)
-            if occluder is not None:
-                area &= ~occluder
             if shadow_area is not None:
                 stages["shadow_region"] = Stage(mask=shadow_area)
                 area |= shadow_area
+            if occluder is not None:  # last: not even a shadow region paints over what is in front
+                area &= ~occluder
             current, _ = self._regenerate(current, area, "harmonize", steps, 1.0, seed + 2, resolution, progress,
                                           "harmonize region", step_callback)
             stages["harmonized"] = Stage(image=Image.fromarray(current), mask=area)

@@ -103,10 +103,15 @@ def footpoint(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def perspective_scale(inv_depth: np.ndarray, subject: np.ndarray, dx: float, dy: float,
-                      scale_range: tuple[float, float] = SCALE_RANGE) -> float:
+                      scale_range: tuple[float, float] = SCALE_RANGE, carried: np.ndarray | None = None) -> float:
     """The subject's scale after moving its footpoint by (dx, dy): d_new / d_old of relative inverse
     depth at the footpoints (medians), clamped to `scale_range`. Footpoint pixels moved outside the
-    image are not sampled; all of them outside is an InputError."""
+    image are not sampled; all of them outside is an InputError.
+
+    A new footpoint on the moved pixels themselves (`carried`: the subject and its shadow, default the
+    subject; e.g. a subject dragged up by less than its height) would read the subject's own depth, not
+    the ground's: there the row's median over the pixels not carried stands in for the hidden ground
+    (a ground plane's inverse depth is about constant along a row)."""
     d = np.clip(np.asarray(inv_depth, dtype=np.float32), 0.0, None)  # inverse depth is >= 0
     h, w = d.shape
     rows, cols = footpoint(subject)
@@ -118,7 +123,15 @@ def perspective_scale(inv_depth: np.ndarray, subject: np.ndarray, dx: float, dy:
                          f"({w}x{h}); give an explicit scale")
     eps = DEPTH_EPS * float(d.max()) or 1e-12
     old = float(np.median(d[rows, cols])) + eps
-    new = float(np.median(d[new_r[inside], new_c[inside]])) + eps
+    nr, nc = new_r[inside], new_c[inside]
+    values = d[nr, nc]
+    carried = subject if carried is None else carried
+    on_carried = carried[nr, nc]
+    for r in np.unique(nr[on_carried]):
+        free = ~carried[r]
+        if free.any():  # a row entirely carried keeps what it reads
+            values[(nr == r) & on_carried] = np.median(d[r][free])
+    new = float(np.median(values)) + eps
     lo, hi = scale_range
     return float(np.clip(new / old, lo, hi))
 
@@ -181,6 +194,8 @@ def as_region(region, size_hw: tuple[int, int], name: str) -> np.ndarray:
             x0, y0, x1, y1 = (float(v) for v in region)
         except (TypeError, ValueError):
             raise InputError(f"{name}: expected a mask or a box (x0, y0, x1, y1), got {region!r}") from None
+        if not all(np.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise InputError(f"{name} box {tuple(region)!r}: expected finite pixel coordinates")
         c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
         c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
         if c1 <= c0 or r1 <= r0:

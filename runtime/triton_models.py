@@ -184,9 +184,13 @@ class Request:
         value = self.value(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not float(value).is_integer():
+        try:
+            whole = not isinstance(value, bool) and float(value).is_integer()
+        except (TypeError, ValueError):  # e.g. a request parameter "abc"
+            whole = False
+        if not whole:
             raise InputError(f"{name}: expected an integer, got {value!r}")
-        return int(value)
+        return int(float(value))
 
     def number(self, name: str) -> float:
         value = self.value(name)
@@ -307,9 +311,9 @@ class RepositionModel(PipelineModelBase):
         result = self.pipe(r.array("IMAGE"), mask=mask, **prompt, move=[decimal(v) for v in move],
                            scale=scale, complete_mask=r.mask("COMPLETE_MASK"),
                            occluder_mask=r.mask("OCCLUDER_MASK"), occlusion=r.text("occlusion"),
-                           matting=bool(r.value("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
+                           matting=bool(r.integer("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
                            shadow_mask=r.mask("SHADOW_MASK"), shadow_region=r.mask("SHADOW_REGION"),
-                           harmonize=bool(r.value("HARMONIZE")),
+                           harmonize=bool(r.integer("HARMONIZE")),
                            steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
                            resolution=r.integer("RESOLUTION"))
         return {"IMAGE": np.asarray(result.image), "REGION": _mask_bytes(result.stages["output"].mask)}

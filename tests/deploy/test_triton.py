@@ -267,6 +267,12 @@ def test_reposition_seele_stages_equal_cli(clients, photo_small, tiny_weights, t
         "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32), "STEPS": scalar(2, np.int32),
         "SEED": scalar(3, np.int64)})
     assert not np.array_equal(plain["IMAGE"], out["IMAGE"])  # the stages really ran
+    off = infer(clients, "http", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32), "STEPS": scalar(2, np.int32),
+        "SEED": scalar(3, np.int64)}, parameters={"matting": "0", "harmonize": "1"})  # text parameters read as numbers
+    np.testing.assert_array_equal(off["IMAGE"], plain["IMAGE"])
+    assert "MATTING: expected an integer" in _error(clients, "http", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32)}, {"matting": "on"})
 
 
 def test_elements_partition_and_render_equal_cli(clients, photo_small, tiny_weights, tmp_path):

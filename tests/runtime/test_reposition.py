@@ -168,6 +168,33 @@ def test_occlusion_auto_hides_the_subject_exactly_where_the_box_is_nearer(reposi
     np.testing.assert_array_equal(plain.stages["moved"].mask, moved)
 
 
+def test_a_shadow_region_does_not_paint_over_the_occluder(reposition, monkeypatch):
+    photo = small_photo()
+    depth, box, subject = scene()
+    monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
+    region = box_mask(photo.shape[:2], 40, 60, 20, 90)  # the shadow's place reaches under the near box
+    result = reposition(photo, mask=subject, move=(40, 5), occlusion="auto", shadow_region=region, steps=1,
+                        resolution=64)
+    assert not (result.stages["harmonized"].mask & box).any()
+    np.testing.assert_array_equal(np.asarray(result.image)[box], photo[box])
+    assert (result.stages["harmonized"].mask & region & ~box).any()  # the rest of the region is harmonized
+
+
+def test_what_remove_regenerates_cannot_occlude(reposition, monkeypatch):
+    """Depth bleeds past the subject's edge (a 1-px near ring, inside REMOVE's dilated void): those pixels are
+    inpainted away, so they must not hide the moved subject."""
+    from scipy import ndimage
+
+    photo = small_photo()
+    subject = box_mask(photo.shape[:2], 10, 40, 10, 35)
+    depth = np.ones(photo.shape[:2], np.float32)
+    depth[ndimage.binary_dilation(subject) & ~subject], depth[subject] = 5.0, 2.0
+    monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
+    result = reposition(photo, mask=subject, move=(3, 1), occlusion="auto", harmonize=False, steps=1, resolution=64)
+    assert not result.stages["occluder"].mask.any()
+    np.testing.assert_array_equal(result.stages["moved"].mask, np.roll(np.roll(subject, 1, 0), 3, 1))
+
+
 def test_scale_auto_follows_the_footpoint_depth_and_an_explicit_scale_wins(reposition, monkeypatch):
     photo = small_photo()
     ground = np.repeat(np.arange(64, dtype=np.float32)[:, None], 96, axis=1)  # inverse depth = row

@@ -78,6 +78,17 @@ def test_perspective_scale_is_clamped_and_needs_the_footpoint_inside():
         st.perspective_scale(depth, subject, 0, 10)
 
 
+def test_a_footpoint_moved_onto_the_subject_reads_the_ground_not_the_subject():
+    """An upright subject (its own depth, 0.89, all over) dragged up by less than its height: the new
+    footpoint lies on its own pixels; the ground there (rows 58-59: 0.68, 0.69) decides, as off the subject."""
+    depth = np.repeat(0.1 + np.arange(100, dtype=np.float32)[:, None] / 100, 100, axis=1)  # ground plane
+    subject = box_mask(depth.shape, 40, 80, 40, 60)
+    depth[subject] = depth[79, 50]
+    # medians of the 2-row footpoint bands: new (0.68 + 0.69) / 2 over old 0.89; eps 1e-3 x 0.99 on both
+    assert st.perspective_scale(depth, subject, 0, -20) == pytest.approx(0.685 / 0.89, rel=3e-3)
+    assert st.perspective_scale(depth, subject, 0, -20) == st.perspective_scale(depth, subject, 30, -20)
+
+
 def test_footpoint_anchor_keeps_the_bottom_edge_where_the_move_puts_it():
     rgb = np.zeros((100, 80, 3), np.uint8)
     subject = box_mask((100, 80), 40, 80, 20, 40)  # bottom edge at 80
@@ -121,6 +132,9 @@ def test_regions_from_masks_or_boxes_clipped_to_the_image():
         st.as_region(np.ones((79, 120), bool), (80, 120), "shadow_region")
     with pytest.raises(InputError, match="shadow_region: expected a mask or a box"):
         st.as_region((1, 2, 3), (80, 120), "shadow_region")
+    for bad in ((float("nan"), 0, 10, 10), (0, 0, float("inf"), 10)):
+        with pytest.raises(InputError, match="shadow_region box .*: expected finite pixel coordinates"):
+            st.as_region(bad, (80, 120), "shadow_region")
 
 
 def test_depth_png_is_16_bit_normalised():
