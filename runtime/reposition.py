@@ -427,7 +427,7 @@ class RepositionPipeline:
 
         # 4. Matting: trimap from the mask, alpha out (once per subject).
         if matting:
-            band = default_trimap_band(size) if trimap_band is None else trimap_band
+            band = default_trimap_band(size, carried) if trimap_band is None else trimap_band
             alpha_key = None if cache_key is None else (cache_key, "alpha", band, self.dtype)
             trimap, alpha = self._alpha(rgb, carried, band, alpha_key)
             stages["trimap"] = Stage(image=Image.fromarray(trimap))

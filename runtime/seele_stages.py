@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from editrt.errors import InputError
 from editrt.runtime.images import as_mask
@@ -51,9 +52,21 @@ FOOT_BAND = 0.05  # fraction of the subject's height that counts as its footpoin
 DEPTH_EPS = 1e-3  # of the image's largest inverse depth: keeps the footpoint ratio finite
 
 
-def default_trimap_band(size_hw: tuple[int, int]) -> int:
-    """Unknown band half-width in pixels: 2% of the short side, at least 2 (6 px on a 300 px photo)."""
-    return max(2, round(0.02 * min(size_hw)))
+def default_trimap_band(size_hw: tuple[int, int], subject: np.ndarray | None = None) -> int:
+    """Unknown band half-width in pixels: 2% of the short side, at least 2 (6 px on a 300 px photo).
+
+    With `subject`, no wider than what leaves it a foreground (a thin subject: a thinner band; >= 1), so
+    the default never fails where the user gave no band; an explicit band too large stays an error."""
+    band = max(2, round(0.02 * min(size_hw)))
+    if subject is not None and subject.any():
+        # erosion by the (2b + 1)^2 square keeps the pixels farther than b (chessboard) from the background;
+        # the frame is not an edge (trimap_from_mask's rule): pad with foreground
+        padded = np.pad(subject, band + 1, constant_values=True)
+        if not padded.all():
+            inner = ndimage.distance_transform_cdt(padded, metric="chessboard")[band + 1:-band - 1, band + 1:-band - 1]
+            deepest = int(inner[subject].max())
+            band = max(1, min(band, deepest - 1))
+    return band
 
 
 # ---------------------------------------------------------------------- depth: occlusion

@@ -57,7 +57,10 @@ def test_reposition_with_every_stage_on_a_real_photo(files, tiny_weights, tmp_pa
     regenerated = np.asarray(Image.open(next(stages.glob("*_output_mask.png"))))[:, :, 0] > 127
     np.testing.assert_array_equal(out[~regenerated], photo[~regenerated])  # the input's bytes outside
     region = np.asarray(Image.open(files / "region.png")) > 127
-    assert regenerated[region].all()  # the shadow region was regenerated (harmonized)
+    occluder = np.asarray(Image.open(next(stages.glob("*_occluder_mask.png"))).convert("L")) > 127
+    assert regenerated[region & ~occluder].all()  # the shadow region was harmonized, except what is in front
+    assert not (regenerated & occluder & ~(np.asarray(Image.open(next(stages.glob("*_removed_mask.png"))).convert("L"))
+                                          > 127)).any()  # the occluders stay the input's bytes
     with Image.open(next(stages.glob("*_depth.png"))) as im, Image.open(next(stages.glob("*_alpha.png"))) as al:
         assert im.mode.startswith("I") and im.size == (451, 300) and al.mode.startswith("I")
         assert np.asarray(al).max() == 65535  # the eroded subject is opaque

@@ -98,6 +98,21 @@ def test_footpoint_anchor_keeps_the_bottom_edge_where_the_move_puts_it():
         assert np.nonzero(moved)[0].max() + 1 == 70  # 80 - 10: the feet stay where they were dropped
 
 
+@pytest.mark.parametrize("width", [3, 5, 8, 11])
+def test_the_default_trimap_band_fits_a_thin_subject(width):
+    """No band given: the default (2% of 300 px = 6) narrows to the widest band that leaves a foreground,
+    judged by trimap_from_mask itself (torch dilation), not by the formula; a wide subject keeps 6."""
+    from editrt.runtime.estimators import trimap_from_mask
+
+    thin = box_mask((300, 300), 100, 200, 100, 100 + width)
+    band = st.default_trimap_band((300, 300), thin)
+    assert 1 <= band < 6 and (trimap_from_mask(thin, band) == 255).any()
+    with pytest.raises(InputError, match="larger than the subject"):
+        trimap_from_mask(thin, band + 1)
+    assert st.default_trimap_band((300, 300), box_mask((300, 300), 100, 200, 100, 140)) == 6
+    assert st.default_trimap_band((300, 300)) == 6
+
+
 def test_composite_against_a_hand_computed_blend():
     subject = np.array([[[200, 10, 0], [101, 255, 7]], [[0, 0, 0], [255, 255, 255]]], np.uint8)
     background = np.array([[[40, 250, 0], [0, 0, 8]], [[255, 255, 255], [10, 20, 30]]], np.uint8)
