@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import CancelledError, Future
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,10 +217,8 @@ class EditSession:
         preview, self._preview = self._preview, None
         if preview is not None:
             preview.cancel()
-            try:
+            with suppress(CancelledError):  # cancelled before it started: nothing runs, nothing to wait for
                 preview.future.exception(timeout=timeout)  # returns once it has stopped
-            except CancelledError:
-                pass  # it never started: nothing runs
         if self.kind == "reposition":
             self.pipeline.forget(self.token)
 

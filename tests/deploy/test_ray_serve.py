@@ -13,7 +13,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import re
 import socket
 import time
@@ -22,12 +21,11 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+from needs import need  # noqa: E402
 from PIL import Image
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-if not IN_CI:  # CI installs the deploy extra: there a missing Ray must fail, never skip
-    pytest.importorskip("ray.serve", reason="the deploy extra is not installed (pip install editrt[deploy])")
-    pytest.importorskip("websockets", reason="websockets is not installed (pip install editrt[dev])")
+need("ray.serve", "the deploy extra is not installed (pip install editrt[deploy])")
+need("websockets", "websockets is not installed (pip install editrt[dev])")
 import httpx  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402

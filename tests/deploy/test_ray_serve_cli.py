@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import need  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-if not IN_CI:  # CI installs the deploy extra: there a missing Ray must fail, never skip
-    pytest.importorskip("ray.serve", reason="the deploy extra is not installed (pip install editrt[deploy])")
+need("ray.serve", "the deploy extra is not installed (pip install editrt[deploy])")
 import httpx  # noqa: E402
 
 from editrt.cli import main  # noqa: E402

@@ -3,7 +3,6 @@ GPU Ray assigns it (seen as cuda inside the replica) and answers what the same p
 in this process on that GPU. Skipped without CUDA (tests/conftest.py)."""
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np
@@ -11,9 +10,9 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-if not IN_CI:
-    pytest.importorskip("ray.serve", reason="the deploy extra is not installed (pip install editrt[deploy])")
+from needs import need  # noqa: E402
+
+need("ray.serve", "the deploy extra is not installed (pip install editrt[deploy])")
 import httpx  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402

@@ -17,7 +17,6 @@ The server is stopped (its whole process group) in the fixture's finalizer, pass
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -29,23 +28,16 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from needs import IN_CI, need  # noqa: E402
 from tritonserver import ServerUnavailable, TritonServer, server_bundle  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PIPELINES = ["segment", "inpaint", "reposition", "elements_partition", "elements_render"]
 ENGINES = ["vae_decoder", "sam_mask_decoder"]  # one batchable network, one with an int64 shape input
 ORT_SUFFIX = "_via_python"
 
 
-def need(module: str):
-    """tests/server/needs.py's rule: skip where absent, fail in CI (which installs the deploy extra)."""
-    if IN_CI:
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason="pip install -e '.[deploy]'")
-
-
-http = need("tritonclient.http")
-grpc = need("tritonclient.grpc")
+http = need("tritonclient.http", "pip install -e '.[deploy]'")
+grpc = need("tritonclient.grpc", "pip install -e '.[deploy]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 PROTOCOLS = {"http": http, "grpc": grpc}

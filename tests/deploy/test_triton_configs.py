@@ -9,30 +9,23 @@ the expected values for a few networks written out literally. Both weights confi
 """
 from __future__ import annotations
 
-import importlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import need  # noqa: E402
 
 from editrt.errors import InputError
 from editrt.export.specs import network_specs
 from editrt.export.triton import PIPELINE_MODELS, engine_config, pipeline_config, write_model_repository
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+DEPLOY = "pip install -e '.[deploy]'"
 
 
-def need(module: str):
-    if IN_CI:
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason="pip install -e '.[deploy]'")
-
-
-model_config_pb2 = need("tritonclient.grpc.model_config_pb2")
-text_format = need("google.protobuf.text_format")
-np_to_triton_dtype = need("tritonclient.utils").np_to_triton_dtype
+model_config_pb2 = need("tritonclient.grpc.model_config_pb2", DEPLOY)
+text_format = need("google.protobuf.text_format", DEPLOY)
+np_to_triton_dtype = need("tritonclient.utils", DEPLOY).np_to_triton_dtype
 CONFIGS = Path(__file__).resolve().parents[2] / "editrt" / "configs"
 
 

@@ -1,4 +1,4 @@
-"""Test dependencies of the server tests: skipped where absent, except in CI.
+"""Test dependencies (server, browser, deploy tests): skipped where absent, except in CI.
 
 `.ci/run` (CI=true) installs every one of them (the dev extra, Debian's chromium), so there a
 missing dependency is a broken install and must fail the run, never turn into a silent skip.
