@@ -1,11 +1,22 @@
 """Packaging: one package `editrt` whose sub-packages live in the top-level folders, plus the CMake build
 of the native ops (CMakeLists.txt -> kernels/_editrt_native*.so, loaded by editrt.kernels.cleanup).
 
-The native build never fails the install: without CMake, a compiler or torch it prints one line and the
-Python (scipy) path runs instead. `python setup.py build_native` (or `pip install -e .` again) rebuilds it
-after editing kernels/csrc/ (incremental, in build/native). Environment: EDITRT_NATIVE_BUILD=0 skips the
-build, EDITRT_CUDA=0 builds the CPU ops only, EDITRT_CUDA_ARCHITECTURES="80;90" picks the GPUs.
+Layout. `editrt/kernels`, `editrt/models`, `editrt/export`, `editrt/runtime` and `editrt/bench` are symbolic
+links to the top-level folders, which have no `__init__.py`: `python -m pytest` (or any `python -m` from the
+checkout) puts the checkout first on sys.path, and a top-level *regular* package `kernels` would shadow the
+PyPI package `kernels` that transformers 5 imports. A folder without `__init__.py` is at most a namespace
+portion, which never hides an installed package; `editrt.kernels` is found through the link.
+
+Native build. pip builds editrt before it installs the runtime requirements, so pyproject.toml puts torch in
+the build environment; the library is built against the torch that editrt will run with (the target
+environment's, when it already has one) and records that torch's version beside it, so a library built
+for another torch is reported by `editrt doctor` instead of loaded. A failed build fails the install, with
+the reason on the last line; EDITRT_NATIVE_BUILD=0 is the explicit way to install without the native ops
+(the Python (scipy) clean-up then runs). `python setup.py build_native` (or `pip install -e .` again)
+rebuilds it after editing kernels/csrc/ (incremental, in build/native). EDITRT_CUDA=0 builds the CPU ops
+only, EDITRT_CUDA_ARCHITECTURES="80;90" picks the GPUs; without nvcc the CPU ops alone are built.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -20,28 +31,36 @@ NATIVE_BUILD_DIR = ROOT / "build" / "native"
 
 
 def _torch_facts():
-    """(torch's CMake prefix, C++11 ABI flag) of the torch editrt will run with, or None.
+    """(torch's CMake prefix, C++11 ABI flag, version) of the torch editrt will run with, or None.
 
-    Under pip's build isolation torch is not importable here; the interpreter itself, started without the
-    isolation's path settings, still sees the environment's own torch.
+    The target environment's own torch comes first (the interpreter started without the build isolation's
+    path settings sees it): a library must be built against the torch that loads it. In a fresh environment
+    that torch is not installed yet, and the build environment's (pyproject.toml: the same requirement, the
+    same release pip will install) is used.
     """
-    code = "import torch; print(torch.utils.cmake_prefix_path); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+    code = ("import torch; print(torch.utils.cmake_prefix_path); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); "
+            "print(torch.__version__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    lines = done.stdout.split()
+    if done.returncode == 0 and len(lines) == 3:
+        return lines[0], int(lines[1]), lines[2]
     try:
         import torch
-
-        return torch.utils.cmake_prefix_path, int(torch._C._GLIBCXX_USE_CXX11_ABI)
     except ImportError:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        lines = done.stdout.split()
-        return (lines[0], int(lines[1])) if done.returncode == 0 and len(lines) == 2 else None
+        return None
+    return torch.utils.cmake_prefix_path, int(torch._C._GLIBCXX_USE_CXX11_ABI), torch.__version__
+
+
+class NativeBuildError(RuntimeError):
+    """The native ops could not be built (the message says why and how to install without them)."""
 
 
 class CMakeExtension(Extension):
     """A library built by CMakeLists.txt (a torch.ops library, not a Python module)."""
 
     def __init__(self, name: str):
-        super().__init__(name, sources=[], optional=True)
+        super().__init__(name, sources=[])
 
 
 class BuildExt(build_ext):
@@ -50,50 +69,73 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
-        target = Path(self.get_ext_fullpath(ext.name))
+        if os.environ.get("EDITRT_NATIVE_BUILD", "1") == "0":
+            print("editrt: native ops not built (EDITRT_NATIVE_BUILD=0); the Python (scipy) clean-up will run",
+                  file=sys.stderr)
+            return
         try:
-            reason = self._build_cmake(target)
+            reason = self._build_cmake(Path(self.get_ext_fullpath(ext.name)))
         except (OSError, subprocess.CalledProcessError) as e:
             reason = f"the CMake build failed ({e})"
         if reason:
-            print(f"editrt: native ops not built: {reason}; the Python (scipy) clean-up will run", file=sys.stderr)
+            # pip shows a build's output only when it fails: a skipped build would go unnoticed.
+            raise NativeBuildError(f"editrt: native ops not built: {reason}. Install cmake and a C++ compiler, "
+                                   "or set EDITRT_NATIVE_BUILD=0 to install without them (scipy clean-up)")
 
     def _build_cmake(self, target: Path):
-        if os.environ.get("EDITRT_NATIVE_BUILD", "1") == "0":
-            return "EDITRT_NATIVE_BUILD=0"
         cmake = shutil.which("cmake")
         if cmake is None:
             return "cmake not found"
         facts = _torch_facts()
         if facts is None:
             return "torch is not importable"
-        prefix, abi = facts
+        prefix, abi, torch_version = facts
         configure = [cmake, "-S", str(ROOT), "-B", str(NATIVE_BUILD_DIR), f"-DCMAKE_PREFIX_PATH={prefix}",
                      "-DCMAKE_BUILD_TYPE=Release", f"-DEDITRT_CXX11_ABI={abi}",
                      f"-DEDITRT_CUDA={'OFF' if os.environ.get('EDITRT_CUDA', '1') == '0' else 'ON'}"]
         if os.environ.get("EDITRT_CUDA_ARCHITECTURES"):
             configure.append(f"-DEDITRT_CUDA_ARCHITECTURES={os.environ['EDITRT_CUDA_ARCHITECTURES']}")
-        if shutil.which("ninja") and not (NATIVE_BUILD_DIR / "CMakeCache.txt").exists():
+        # A build tree configured against another torch (each isolated build environment has its own prefix)
+        # is configured afresh rather than linked against a torch that is gone.
+        cache = NATIVE_BUILD_DIR / "CMakeCache.txt"
+        if cache.exists() and f"CMAKE_PREFIX_PATH:UNINITIALIZED={prefix}\n" not in cache.read_text():
+            shutil.rmtree(NATIVE_BUILD_DIR)
+        if shutil.which("ninja") and not cache.exists():
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(NATIVE_BUILD_DIR), "--parallel", str(os.cpu_count() or 2)], check=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A new file renamed over the old one: processes that have the old library mapped keep a valid copy.
-        partial = target.with_name(target.name + ".partial")
-        shutil.copyfile(NATIVE_BUILD_DIR / "libeditrt_native.so", partial)
-        os.replace(partial, target)
+        _replace(NATIVE_BUILD_DIR / "libeditrt_native.so", target)
+        # What the library was built against, read by editrt.kernels.cleanup before it loads the library.
+        built = NATIVE_BUILD_DIR / "built_with.json"
+        built.write_text(json.dumps({"torch": torch_version}) + "\n")
+        _replace(built, _built_with_path(target))
         return None
 
-
     def copy_extensions_to_source(self):
-        """In-place (editable) copies, renamed over the old library like `_build_cmake` does."""
+        """In-place (editable) copies of the library and its record, renamed over the old ones."""
         build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
             inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
             if os.path.exists(regular_file):
-                partial = f"{inplace_file}.partial"
-                shutil.copyfile(regular_file, partial)
-                os.replace(partial, inplace_file)
+                _replace(Path(regular_file), Path(inplace_file))
+                _replace(_built_with_path(Path(regular_file)), _built_with_path(Path(inplace_file)))
+
+    def get_outputs(self):
+        """The library and its record (so wheels and editable installs carry both)."""
+        outputs = super().get_outputs()
+        return outputs + [str(_built_with_path(Path(o))) for o in outputs if "_editrt_native" in o]
+
+
+def _built_with_path(library: Path) -> Path:
+    return library.with_name(library.name.split(".")[0] + ".built_with.json")
+
+
+def _replace(source: Path, target: Path):
+    """Copy as a new file renamed over the old one: processes that have the old library mapped keep a valid copy."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
 
 
 class BuildNative(Command):
@@ -139,14 +181,6 @@ setup(
         "editrt.runtime.server.routers",
         "editrt.bench",
     ],
-    package_dir={
-        "editrt": "editrt",
-        "editrt.models": "models",
-        "editrt.kernels": "kernels",
-        "editrt.export": "export",
-        "editrt.runtime": "runtime",
-        "editrt.bench": "bench",
-    },
     package_data={
         "editrt": ["configs/*.json", "assets/*"],
         "editrt.runtime.server": ["static/*"],  # the editor page: plain HTML/CSS/JS, no build step
@@ -178,6 +212,7 @@ setup(
         "watermark": ["invisible-watermark>=0.2"],
         "dev": [
             "pytest>=8",
+            "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
             "ruff>=0.6",
             "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
             "scikit-image>=0.22",  # real photographs for tests

@@ -24,11 +24,13 @@ Dispatch (``cleanup``): the native op for the labels' device when its library is
 kernel for that device; otherwise the scipy path (on the host) with a one-line warning the first
 time. ``EDITRT_NATIVE=0`` (read at call time) forces the scipy path, without a warning. The
 library is ``kernels/_editrt_native*.so``, written there by ``pip install -e .`` or
-``python setup.py build_native``. Bad input raises ValueError naming the input and what was
+``python setup.py build_native`` with ``_editrt_native.built_with.json`` beside it (the torch it was built
+against; a library built for another torch is reported, not loaded). Bad input raises ValueError naming the input and what was
 expected (kernels import nothing of editrt; the runtime turns it into InputError).
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -98,18 +100,35 @@ def library_path() -> Path | None:
     return found[-1] if found else None
 
 
+def built_with(path: Path) -> dict | None:
+    """What setup.py recorded beside the library: {"torch": version it was built against}, or None."""
+    record = path.with_name(path.name.split(".")[0] + ".built_with.json")
+    try:
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _load() -> dict:
     with _lock:
         if not _loaded:
             path = library_path()
+            record = built_with(path) if path is not None else None
             if path is None:
                 _loaded.update(ok=False, path=None, error=f"no native library built (kernels/{LIBRARY_GLOB}; "
                                "`pip install -e .` or `python setup.py build_native` builds it)")
+            elif record is None or record.get("torch") != torch.__version__:
+                # A custom-op library built against another torch can crash the process when loaded.
+                found = "no record of the torch it was built against" if record is None else \
+                    f"it was built against torch {record.get('torch')}"
+                _loaded.update(ok=False, path=str(path), error=f"{path.name} not loaded: {found}, this is torch "
+                               f"{torch.__version__}; `pip install -e .` or `python setup.py build_native` "
+                               "rebuilds it")
             else:
                 try:
                     torch.ops.load_library(str(path))
                     _loaded.update(ok=True, path=str(path), error=None)
-                except (OSError, RuntimeError) as e:  # a stale or foreign build: reported, the scipy path runs
+                except (OSError, RuntimeError) as e:  # a foreign build: reported, the scipy path runs
                     first = (str(e).strip().splitlines() or [""])[0]
                     _loaded.update(ok=False, path=str(path), error=f"loading {path.name} failed: {first}")
         return _loaded

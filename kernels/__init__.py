@@ -1,1 +1,0 @@
-"""Triton kernels, each beside its pure-PyTorch reference. Imports nothing of editrt."""

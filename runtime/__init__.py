@@ -1,1 +1,0 @@
-"""Engine backends, the CUDA-graph scheduler, pipelines and interactive sessions."""
