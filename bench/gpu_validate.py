@@ -459,12 +459,12 @@ class Validation:
         """(exit code, stopped at its limit)."""
         self.running = (name, proc)  # a background stage being joined is the foreground one now
         try:
-            return proc.wait(timeout=max(limit, 0.0)), False
+            rc, stopped = proc.wait(timeout=max(limit, 0.0)), False
         except subprocess.TimeoutExpired:
             stop_tree(proc)
-            return proc.returncode, True
-        finally:
-            self.running = None
+            rc, stopped = proc.returncode, True
+        self.running = None  # not in a `finally`: on SIGTERM stop_all still needs it
+        return rc, stopped
 
     def run_stage(self, stage: Stage) -> None:
         record = self.records[stage.name]
