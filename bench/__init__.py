@@ -12,6 +12,8 @@
     timing.py            warm-up, rotating inputs, CUDA events / perf_counter, p50 / p90, peak memory
     report.py            terminal table, Markdown, plot, atomic writes, bench/results/
     cleanup_cases.py     the partition clean-up rows (scipy vs native ops), when present
-    gpu_validate.sh      one command on a GPU machine: GPU tests, `bench --config full --save`, doctor
+    gpu_validate.sh      one command on a lent GPU (docs/gpu-validate.md): its stages on a 540 s budget
+    gpu_validate.py      those stages: plan, budget, summary.json, the readers of their streamed results
+    pytest_stream.py     pytest plugin: one JSON line per finished test (`-p editrt.bench.pytest_stream`)
     results/             committed runs, one JSON per device and date, and a README of the latest
 """

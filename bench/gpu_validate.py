@@ -1,6 +1,6 @@
 """The stages behind bench/gpu_validate.sh (its header has the command to run on a lent GPU).
 
-    python bench/gpu_validate.py OUTDIR [--device cuda|cpu] [--budget-s 540] [--plan-only]
+    python bench/gpu_validate.py OUTDIR [--device cuda|cpu] [--budget-s 540] [--plan-only] [--stages NAME,...]
 
 Standard library only: it runs before anything says whether torch or editrt import, and starts every
 stage as a child process in its own process group, with the time the budget has left (at most the
@@ -559,7 +559,7 @@ class Validation:
     def read_native(self, stage: Stage, rc: int | None):
         probe = [self.python, str(Path(__file__).resolve()), "--probe-native", str(self.out / "native.json")]
         try:
-            done = subprocess.run(probe, cwd=self.out, capture_output=True, text=True, timeout=60,
+            done = subprocess.run(probe, cwd=self.out, capture_output=True, text=True, timeout=max(min(60, self.left()), 5),
                                   env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
             status = json.loads((self.out / "native.json").read_text()) if done.returncode == 0 else None
         except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
@@ -672,19 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_native:
         return probe_native(Path(args.probe_native))
     if not args.outdir:
-        print("usage: bench/gpu_validate.sh OUTDIR [--device cuda|cpu] [--budget-s S] [--plan-only]", file=sys.stderr)
+        print("usage: bench/gpu_validate.sh OUTDIR [--device cuda|cpu] [--budget-s S] [--plan-only] [--stages NAME,...]",
+              file=sys.stderr)
         return 2
     if not args.budget_s > RESERVE_S + 10:
         print(f"gpu_validate: --budget-s {args.budget_s:g}: expected more than {RESERVE_S + 10} seconds", file=sys.stderr)
         return 2
     out = Path(args.outdir).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"gpu_validate: OUTDIR {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
     python = os.environ.get("PYTHON") or sys.executable
     names = [s.name for s in plan(out, args.device, python)]
     chosen = [n.strip() for n in args.stages.split(",")] if args.stages else None
@@ -692,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_validate: --stages {args.stages}: no stage {', '.join(unknown)}; stages: {', '.join(names)}",
               file=sys.stderr)
         return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"gpu_validate: OUTDIR {args.outdir}: cannot create it ({e.strerror})", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     return Validation(out, args.device, args.budget_s, python, args.plan_only, argv, chosen).run()
 
 

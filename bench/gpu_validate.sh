@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu_validate.sh OUTDIR [--device cuda|cpu] [--budget-s 540] [--plan-only]
+# bench/gpu_validate.sh OUTDIR [--device cuda|cpu] [--budget-s 540] [--plan-only] [--stages NAME,...]
 #
 # The first contact with a GPU in one call that fits a 15-minute lease (one command under 10 minutes): by its
 # own budget (--budget-s, default 540 s) it runs, in order,
@@ -20,7 +20,8 @@
 # Each stage gets what the budget has left (at most its own cap); a stage stopped at its limit keeps what it
 # finished. OUTDIR/summary.json is rewritten atomically when each stage starts and ends: per stage its status
 # (ok, failed, missing, timeout, skipped, stopped), seconds, limit, command, what it skipped and why, what is
-# missing; `--plan-only` writes it with every command and runs nothing. Nothing is written into the checkout:
+# missing; `--plan-only` writes it with every command and runs nothing; `--stages bench-sam,bench-seele` runs only
+# those (a second lease picks up where the first stopped). Nothing is written into the checkout:
 # no --save, no .pytest_cache, no bytecode; weights, autotune and compile caches go to the user cache; the
 # native build writes only the git-ignored build/native and kernels/_editrt_native*.so it loads from.
 # Exit status: 0 no stage failed (summary.json's verdict says ok or incomplete), 1 a stage failed, 2 bad usage,

@@ -224,7 +224,8 @@ def test_the_cuda_plan_asks_for_the_full_size_rows(tmp_path, tiny_weights):
 def test_usage(tmp_path):
     for args, says in (([], "usage: bench/gpu_validate.sh OUTDIR"),
                        ([str(tmp_path / "o"), "--budget-s", "5"], "--budget-s 5: expected more than"),
-                       ([str(tmp_path / "o"), "--device", "tpu"], "argument --device: invalid choice: 'tpu'")):
+                       ([str(tmp_path / "o"), "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+                       ([str(tmp_path / "o"), "--stages", "doctor,bench-everything"], "no stage bench-everything")):
         done = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
     assert not (tmp_path / "o").exists()
