@@ -438,7 +438,8 @@ class Validation:
         if stage.read == "pytest" and "pytest-timeout" in self.missing:  # pytest would refuse the option
             stage.argv = stage.argv[:stage.argv.index("--timeout")]
         record = self.records[stage.name]
-        record.update(status="running", limit_s=round(limit), command=shlex.join(stage.argv))
+        record.update(status="running", limit_s=round(limit), command=shlex.join(stage.argv),
+                      started_s=round(time.monotonic() - self.t0, 1))  # into the run: a killed run shows how long it ran
         self.log(f"{stage.name}: {record['command']} (limit {limit:.0f} s, log {stage.log})")
         # SIGTERM / SIGINT wait until the process is registered (as running, or as a background stage), so stop_all
         # finds every process this script started
