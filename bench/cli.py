@@ -3,6 +3,7 @@
     editrt bench --quick                                   # under a minute on a 2-core CPU (tiny weights)
     editrt bench --config full --save                      # on a GPU: the figures committed under bench/results/
     editrt bench --only unet,sam --json b.json --markdown b.md --plot b.png
+    editrt bench --config full --only unet-inpaint --stream rows.jsonl   # each row appended as it finishes
 
 `editrt/cli.py` registers the subcommand with `add_bench_parser(subparsers)`; `main(argv)` runs it
 stand-alone (`python -m editrt.bench.cli --quick`). Bad options raise `InputError` (one line on
@@ -130,6 +131,9 @@ def cmd_bench(args) -> dict:
     json_path = _output(args.json, "--json")
     markdown_path = _output(args.markdown, "--markdown")
     plot_path = _output(args.plot, "--plot", ".png")
+    stream_path = _output(args.stream, "--stream")
+    if stream_path is not None and not stream_path.parent.is_dir():
+        raise InputError(f"--stream {args.stream}: folder {stream_path.parent} does not exist")
     results_dir = report.RESULTS_DIR
     if args.save and not results_dir.is_dir():
         raise InputError(f"--save: {results_dir} does not exist; run from a source checkout (pip install -e .)")
@@ -138,7 +142,8 @@ def cmd_bench(args) -> dict:
         f"{'quick' if settings.quick else 'full run'}, {settings.steps} steps for whole passes")
 
     # 2. Run.
-    doc = run_suite(settings, progress=not args.quiet and sys.stderr.isatty(), log=log)
+    on_row = (lambda row: report.append_jsonl(stream_path, row)) if stream_path else None
+    doc = run_suite(settings, progress=not args.quiet and sys.stderr.isatty(), log=log, on_row=on_row)
     doc["command"] = effective_command(settings, weights_given=args.weights is not None)
 
     # 3. Report.
@@ -178,6 +183,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the result document (schema: bench/results/README.md)")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of latencies and ratios")
+    p.add_argument("--stream", metavar="JSONL", help="append each row to JSONL as soon as it is finished "
+                   "(one JSON object per line, the --json row schema): a killed run keeps the rows it finished")
     p.add_argument("--save", action="store_true",
                    help="write bench/results/<device>-<date>.json and refresh bench/results/README.md")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the table is still printed)")

@@ -1,117 +1,49 @@
 #!/usr/bin/env bash
-# One command on a GPU machine: the GPU tests, the full-size benchmark (with the torch.compile peers) and
-# `editrt doctor`, with every log and result under OUTDIR.
+# bench/gpu_validate.sh OUTDIR [--device cuda|cpu] [--budget-s 540] [--plan-only] [--stages NAME,...]
 #
-#   bench/gpu_validate.sh OUTDIR            # from the repository root or anywhere; ~25 min on an H100
+# The first contact with a GPU in one call that fits a 15-minute lease (one command under 10 minutes): by its
+# own budget (--budget-s, default 540 s) it runs, in order,
+#   environment   versions, GPU, packages and tools (env.json; nvidia-smi inside)
+#   doctor        `editrt doctor --json` (doctor.json)
+#   weights       random full-size weights into the user cache, in the background while the next stages run
+#   native-build  `python setup.py build_native` in this checkout (CUDA + CPU op), then its status (native.json)
+#   pytest-gpu    `pytest -m gpu` under CI=true (a missing Ray/TensorRT/onnxruntime-gpu is reported as missing,
+#                 never as ok), pytest-timeout per test, each result streamed (pytest-gpu.jsonl; junit at exit)
+#   bench-tiny    `editrt bench --device cuda --config tiny --quick` on the rows that use graphs, kernels, the
+#                 native op: proves the CUDA paths before full-size weights cost time
+#   bench-<group> `editrt bench --device cuda --config full --only GROUP`, groups in priority order (UNet step,
+#                 kernels, SAM, inpaint pass vs diffusers, reposition, elements, depth/matting, the rest) while
+#                 the budget lasts; rows appended to bench-full.jsonl as each finishes (--stream). Compile rows
+#                 run with inductor's GEMM/conv template autotuning off (TORCHINDUCTOR_MAX_AUTOTUNE_*_BACKENDS=ATEN:
+#                 no minutes of benchmarking on a cold cache)
+#   bench-max-autotune  unet-inpaint-b1 with the templates autotuned, only if >= 180 s are left
+# Each stage gets what the budget has left (at most its own cap); a stage stopped at its limit keeps what it
+# finished. OUTDIR/summary.json is rewritten atomically when each stage starts and ends: per stage its status
+# (ok, failed, missing, timeout, skipped, stopped), seconds, limit, command, what it skipped and why, what is
+# missing; `--plan-only` writes it with every command and runs nothing; `--stages bench-sam,bench-seele` runs only
+# those (a second lease picks up where the first stopped). Nothing is written into the checkout:
+# no --save, no .pytest_cache, no bytecode; weights, autotune and compile caches go to the user cache; the
+# native build writes only the git-ignored build/native and kernels/_editrt_native*.so it loads from.
+# Exit status: 0 no stage failed (summary.json's verdict says ok or incomplete), 1 a stage failed, 2 bad usage,
+# 143 terminated. `--device cpu --budget-s 240` runs the same stages on a CPU with tiny weights (the test does).
 #
-# Works where editrt is pip-installed (`pip install --no-deps -e .`) and where it is not: then the source
-# tree is made importable through a package folder of links under OUTDIR (so `--save` still writes the
-# repository's bench/results). Packages missing from the machine (diffusers, segment-anything, ...) may
-# come from a local folder the caller puts on PYTHONPATH, e.g. PYTHONPATH=$PWD/.site (see bench/README).
-#
-# Every step runs even if an earlier one failed; OUTDIR/summary.txt has one line per step (exit code,
-# seconds, log). Exit status: 0 when every step passed, else 1 (2: bad usage). A step whose command
-# does not exist in this editrt (e.g. `doctor` in an older checkout) is logged as missing, not failed.
-# Per-step time limits (seconds) can be changed with EDITRT_VALIDATE_TIMEOUT_<STEP> (STEP: GPU_TESTS,
-# SLOW_GPU_TESTS, BENCH, DOCTOR); a step over its limit is killed and counts as failed (exit 124).
+# On a lent GPU. First, on the development machine (pure-Python wheels; .whl/ travels with the working tree):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl diffusers segment-anything importlib-metadata pytest-timeout
+# Then the one command there (the run tool, timeout_s=600; it runs in the repository root, $OUT comes back):
+#   pip install --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site && EDITRT_NATIVE_BUILD=0 pip install --no-index --no-deps --no-build-isolation -e . && bench/gpu_validate.sh $OUT/gpu-validate
+# (EDITRT_NATIVE_BUILD=0: the install does not build the native op; the native-build stage does, inside the budget.)
+# What comes back, in $OUT/gpu-validate: summary.json, validate.log, env.json, doctor.json, native.json,
+# pytest-gpu.jsonl (+ .xml if pytest finished), bench-tiny.jsonl/.json, bench-full.jsonl (every full-size row),
+# bench-<group>.json per finished group (the `editrt bench --json` document), and each stage's log.
+# To commit it: copy the folder to bench/results/<device>-<date>/ (e.g. bench/results/h100-2026-12-06/), read
+# summary.json's verdict and each stage's `why`, and commit the folder with a message naming the GPU and verdict.
 set -u
-
-if [ "$#" -ne 1 ] || [ -z "$1" ]; then
-    echo "usage: bench/gpu_validate.sh OUTDIR" >&2
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+if [ -z "$PY" ]; then
+    echo "gpu_validate: no python on PATH (set PYTHON)" >&2
     exit 2
 fi
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mkdir -p "$1" || { echo "gpu_validate: cannot create $1" >&2; exit 2; }
-OUT="$(cd "$1" && pwd)"
-PYTHON="${PYTHON:-python}"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-FAILED=0
-
-log() { echo "gpu_validate: $*" | tee -a "$OUT/validate.log" >&2; }
-
-# editrt importable? If not, a package folder of links to the source tree (editrt/ and its sub-packages,
-# which live in top-level folders: setup.py's package_dir) goes first on PYTHONPATH.
-if ! (cd "$OUT" && "$PYTHON" -c "import editrt.bench.suite" >/dev/null 2>&1); then
-    PKG="$OUT/.editrt-src/editrt"
-    rm -rf "$OUT/.editrt-src" && mkdir -p "$PKG"
-    for entry in "$REPO"/editrt/*; do ln -s "$entry" "$PKG/$(basename "$entry")"; done
-    for sub in models kernels export runtime bench; do ln -sfn "$REPO/$sub" "$PKG/$sub"; done
-    export PYTHONPATH="$OUT/.editrt-src${PYTHONPATH:+:$PYTHONPATH}"
-    log "editrt is not installed: importing it from $REPO through $OUT/.editrt-src"
-fi
-# Every step runs from OUTDIR: a source tree's editrt/ folder on sys.path (`python -m` puts the current
-# folder first) would hide the sub-packages that live beside it.
-cd "$OUT" || exit 2
-
-# run STEP LIMIT LOG COMMAND...: one step, its output in LOG, its line in summary.txt
-run() {
-    local step="$1" limit="$2" logfile="$OUT/$3"
-    shift 3
-    local var="EDITRT_VALIDATE_TIMEOUT_$step"
-    limit="${!var:-$limit}"
-    log "$step: $* (limit ${limit}s, log $logfile)"
-    local start rc
-    start=$(date +%s)
-    timeout --kill-after=30 "$limit" "$@" > "$logfile" 2>&1
-    rc=$?
-    local took=$(( $(date +%s) - start ))
-    local verdict="ok"
-    if [ "$rc" -eq 5 ] && [[ "$step" == *TESTS ]]; then
-        verdict="no tests selected"  # pytest's exit 5: nothing to run is not a failure
-    elif [ "$rc" -ne 0 ]; then
-        verdict="FAILED"
-        FAILED=1
-    fi
-    printf '%-15s rc=%-4s %5ss  %-18s %s\n' "$step" "$rc" "$took" "$verdict" "$logfile" >> "$SUMMARY"
-    log "$step: rc=$rc ($verdict) in ${took}s"
-}
-
-# 0. What this machine is (always succeeds; for the record).
-{
-    date -u +"%Y-%m-%dT%H:%M:%SZ"
-    echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
-    echo "PYTHONPATH=${PYTHONPATH:-}"
-    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-    "$PYTHON" - <<'EOF' 2>&1
-import importlib.metadata as md
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-for dist in ("triton", "diffusers", "transformers", "segment-anything", "safetensors", "onnx", "onnxruntime",
-             "onnxruntime-gpu", "tensorrt", "importlib-metadata"):
-    try:
-        print(dist, md.version(dist))
-    except md.PackageNotFoundError:
-        print(dist, "absent")
-import editrt
-print("editrt", editrt.__version__, editrt.__file__)
-EOF
-} > "$OUT/env.txt"
-
-# 1. The GPU tests, then the full-size GPU tests (conftest.py runs `slow` tests only when -m names them).
-PYTEST=("$PYTHON" -m pytest "$REPO/tests" -c "$REPO/pytest.ini" --rootdir "$REPO" -q -rs -p no:cacheprovider)
-run GPU_TESTS 900 pytest-gpu.log "${PYTEST[@]}" -m gpu --junitxml "$OUT/pytest-gpu.xml"
-run SLOW_GPU_TESTS 900 pytest-gpu-slow.log "${PYTEST[@]}" -m "gpu and slow" --junitxml "$OUT/pytest-gpu-slow.xml"
-
-# 2. The benchmark at full size, fp16, with every peer (diffusers and SamPredictor, eager and torch.compile'd);
-#    --save commits it under bench/results/ and refreshes bench/results/README.md.
-run BENCH 1500 bench.log "$PYTHON" -m editrt.cli bench --config full --save --json "$OUT/bench.json" \
-    --markdown "$OUT/bench.md"
-BENCH_RC=$(awk '$1 == "BENCH" {sub("rc=", "", $2); print $2}' "$SUMMARY")
-
-# 3. editrt doctor (versions, GPU, kernels compiled ahead of time), where this editrt has it.
-if "$PYTHON" -m editrt.cli doctor --help >/dev/null 2>&1; then
-    run DOCTOR 600 doctor.log "$PYTHON" -m editrt.cli doctor --json "$OUT/doctor.json"
-else
-    printf '%-15s rc=%-4s %5ss  %-18s %s\n' DOCTOR - 0 "missing" "(no \`editrt doctor\` in this editrt)" >> "$SUMMARY"
-    log "DOCTOR: this editrt has no doctor command; skipped"
-fi
-
-log "summary ($SUMMARY):"
-cat "$SUMMARY" >&2
-if [ "${BENCH_RC:-1}" != "0" ]; then
-    log "the benchmark failed (rc=${BENCH_RC:-?}): see $OUT/bench.log"
-fi
-exit "$FAILED"
+# The stages run under the same interpreter (PYTHON, else the python on PATH); the orchestration itself uses the
+# standard library only, so it runs and reports even where torch or editrt do not import.
+PYTHON="$PY" exec "$PY" "$HERE/gpu_validate.py" "$@"

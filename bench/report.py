@@ -25,6 +25,14 @@ def write_json(path: str | Path, doc: dict) -> Path:
     return write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """One row as one JSON line appended to `path` (`editrt bench --stream`), flushed before returning: a run
+    killed later keeps every row appended so far. One write() per line, so a reader sees whole lines (the last
+    one possibly cut only if the process dies inside that write)."""
+    with open(path, "ab", buffering=0) as f:  # unbuffered: the line is one write() system call
+        f.write((json.dumps(row) + "\n").encode())
+
+
 # ---------------------------------------------------------------------- cells
 def _ms(x: float | None) -> str:
     if x is None:

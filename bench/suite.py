@@ -320,8 +320,13 @@ def _fill_ratios(rows: list[dict]) -> None:
             row["ratio"] = _significant(base["p50_ms"] / row["p50_ms"])
 
 
-def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], None] = lambda what: None) -> dict:
-    """Time every selected case on every backend it declares; returns the result document."""
+def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], None] = lambda what: None,
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """Time every selected case on every backend it declares; returns the result document.
+
+    `on_row` gets each row as soon as it is finished (its ratio against a baseline measured before it, the
+    versions filled in), so a run killed half-way has handed out the rows it finished (`editrt bench --stream`).
+    """
     ctx = BenchContext(settings.weights, settings.device, settings.dtype, settings.config, settings.quick,
                        settings.steps, Selection(list(settings.only)), log)
     cases = collect_cases(ctx)
@@ -329,6 +334,13 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
     device = device_name(settings.device)
     plan = [(case, backend) for case in cases for backend in case.backends()]
     rows = []
+    env = versions()
+
+    def finished(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            _fill_ratios(rows)
+            on_row(dict(row, versions=env))
     bar = tqdm(plan, desc="editrt bench", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for case, backend in bar:
         bar.set_postfix_str(f"{case.component}/{backend}")
@@ -336,28 +348,28 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
         if reason is None and case.runners[backend] is None:
             reason = f"no {backend} runner for this component yet"
         if reason is not None:
-            rows.append(_row(case, backend, settings, device, skipped=reason))
+            finished(_row(case, backend, settings, device, skipped=reason))
             continue
         try:
             run, timing, ran = _time_one(case, backend, settings, ctx)
-            rows.append(_row(case, backend, settings, device, run, timing, ran=ran))
+            row = _row(case, backend, settings, device, run, timing, ran=ran)
         except Skip as e:
-            rows.append(_row(case, backend, settings, device, skipped=str(e)))
+            row = _row(case, backend, settings, device, skipped=str(e))
         except Exception as e:  # one broken row must not lose the others; it is reported as failed
             first = (str(e).strip().splitlines() or [""])[0]
-            rows.append(_row(case, backend, settings, device, skipped=f"failed: {type(e).__name__}: {first}"))
+            row = _row(case, backend, settings, device, skipped=f"failed: {type(e).__name__}: {first}")
             log(f"{case.component}/{backend} failed:\n{traceback.format_exc()}")
         finally:
             gc.collect()
             if settings.device.type == "cuda":
                 torch.cuda.empty_cache()
+        finished(row)  # outside the try: a stream that cannot be written stops the run, it is not a failed row
     bar.close()
     load.append(_load_average())
     note = shared_cpu_note(settings.device, load)
     if note:
         ctx.notes.append(note)
     _fill_ratios(rows)
-    env = versions()
     for row in rows:
         row["versions"] = env
     return {
