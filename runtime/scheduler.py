@@ -116,7 +116,7 @@ class DenoiseLoop:
         for i in range(self.key.steps):
             self._step(i)
             if callback is not None:
-                callback(i)  # eager only: progress, or a preview's cancellation check
+                callback(i)  # progress, or a preview's cancellation check (a replay calls them after)
 
     def capture(self) -> None:
         """One warm-up of the whole loop on a side stream (allocations, cuDNN / inductor / Triton
@@ -141,6 +141,9 @@ class DenoiseLoop:
             guidance: float = 1.0, callback=None) -> torch.Tensor:
         """Copy the request into the buffers, run (or replay) the loop, return the final latents.
 
+        `callback(i)` runs after step i: between the steps when eager, after the whole replay under a
+        graph (once per step, in order), so a raising callback never lets the caller's next stage start.
+
         A context tensor that is the very one copied last time, unchanged, is not copied again, so
         the eager path keeps its cross-attention K/V across requests (a session's task prompt).
         """
@@ -161,6 +164,10 @@ class DenoiseLoop:
             self.latents.copy_(latents)
         if self.graph is not None:
             self.graph.replay()
+            # A replay runs no Python, so the per-step callbacks (progress, a preview's cancellation check)
+            # run once it is queued: a cancelled preview stops here, before its next stage is queued.
+            for i in range(self.key.steps if callback is not None else 0):
+                callback(i)
         else:
             self._body(callback)
         return self.latents.clone()
