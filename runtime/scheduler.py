@@ -14,7 +14,8 @@ device; a graph replays the same kernels, so replay equals the eager loop bit fo
 
 `LoopCache` keeps loops by (stage, shapes, steps, guidance on/off, dtype, engine) within a byte
 budget, least recently used evicted first; a loop's bytes are its static buffers plus, once
-captured, the memory its graph's private pool reserved.
+captured, the memory its graph's private pool reserved (measured from an emptied cache), so the
+budget bounds graph pools too and an evicted loop's graph frees its pool.
 
 Weight switches under graphs: a captured graph reads parameters through their storage. The
 harmonizer's LoRA switch (models/lora.FusedLoRA) copies the new weights into that same storage,
@@ -23,17 +24,22 @@ computes with the weights of its engine. `before_capture()` clears the cross-att
 so the graph itself recomputes K/V from the (static) prompt buffer once per replay.
 
 Threads: a loop's buffers are shared state; loops run only inside their pipeline's work-queue job
-(runtime/work_queue.py), one at a time. Capture uses capture_error_mode="thread_local", so another
-thread's CUDA calls (e.g. an application's) during a capture do not invalidate it.
+(runtime/work_queue.py), one at a time. Captures of all pipelines take CAPTURE_LOCK, each on its
+own stream, with capture_error_mode="thread_local", so another thread's CUDA calls (e.g. an
+application's, or another pipeline's eager work) during a capture do not invalidate it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
 
 from editrt.runtime.caches import ByteLRU
+
+CAPTURE_LOCK = threading.Lock()  # one CUDA-graph capture at a time in this process (torch's rule)
+cuda = torch.cuda  # the CUDA API DenoiseLoop.capture calls; the CPU tests put a recording fake here
 
 
 @dataclass(frozen=True)
@@ -119,22 +125,34 @@ class DenoiseLoop:
                 callback(i)  # progress, or a preview's cancellation check (a replay calls them after)
 
     def capture(self) -> None:
-        """One warm-up of the whole loop on a side stream (allocations, cuDNN / inductor / Triton
-        autotuning: everything a capture may not do), then capture the loop as one graph."""
-        saved = self.latents.clone()
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side), torch.no_grad():
-            self._body()
-        main.wait_stream(side)
-        self.unet.before_capture()  # so the graph computes K/V from its own static prompt buffer
-        reserved = torch.cuda.memory_reserved(self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        self.latents.copy_(saved)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
-            self._body()
-        self.graph_bytes = max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        """Warm the loop up, then capture it as one graph; one capture at a time in the process.
+
+        1. The warm-up runs the whole loop on this capture's own side stream (allocations, cuDNN /
+           inductor / Triton autotuning: everything a capture may not do).
+        2. Two pipelines (`editrt serve` loads both editors, each with its own work queue) may capture
+           at the same time: CAPTURE_LOCK serialises captures (torch allows one per process), and each
+           captures on its own stream, not torch's one process-wide default capture stream.
+        3. torch.cuda.graph empties the allocator's cache on entry; emptying it before measuring makes
+           `graph_bytes` what the graph's private pool reserved, so the LoopCache budget bounds pools.
+        """
+        with CAPTURE_LOCK:
+            saved = self.latents.clone()
+            main = cuda.current_stream(self.device)
+            stream = cuda.Stream(self.device)
+            stream.wait_stream(main)
+            with cuda.stream(stream), torch.no_grad():
+                self._body()
+            main.wait_stream(stream)
+            self.unet.before_capture()  # so the graph computes K/V from its own static prompt buffer
+            self.latents.copy_(saved)
+            cuda.synchronize(self.device)
+            cuda.empty_cache()
+            reserved = cuda.memory_reserved(self.device)
+            graph = cuda.CUDAGraph()
+            with cuda.graph(graph, stream=stream, capture_error_mode="thread_local"), torch.no_grad():
+                self._body()
+            self.graph_bytes = max(0, cuda.memory_reserved(self.device) - reserved)
+            self.graph = graph
 
     @torch.no_grad()
     def run(self, latents: torch.Tensor, context: dict[str, torch.Tensor], extra: torch.Tensor | None = None,

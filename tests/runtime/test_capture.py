@@ -6,12 +6,17 @@ fake records what the real API would see (which stream a capture was given, whet
 overlapped, when the cache was emptied) and models the one allocator behaviour the measurement
 depends on: torch.cuda.graph.__enter__ empties the cache, and a capture's allocations stay in its pool.
 """
+import threading
+from contextlib import contextmanager
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from test_scheduler import CONFIG, ToyUNet
 
-from editrt.runtime.scheduler import DenoiseLoop, LoopKey
+from editrt.runtime import scheduler
+from editrt.runtime.scheduler import DenoiseLoop, LoopCache, LoopKey
 from editrt.runtime.work_queue import Cancelled
 
 
@@ -75,3 +80,138 @@ def test_a_cancelled_render_under_graphs_runs_no_later_stage(tiny_weights, photo
         pipe(photo, mask=mask, move=(5, 0), steps=2, resolution=64, step_callback=cancel_at_first_check)
     assert calls == [0]
     assert [(g.loop.key.stage, g.replays) for g in graphs] == [("inpaint", 1)]  # REMOVE only, no HARMONIZE
+
+
+class FakeStream:
+    def __init__(self, name: str):
+        self.name = name
+
+    def wait_stream(self, other):
+        """Ordering only: nothing to record for these tests."""
+
+
+class FakeGraph:
+    def replay(self):
+        """The fake captured no kernels; these tests check capture, not replay."""
+
+
+class FakeCuda:
+    """The torch.cuda calls of DenoiseLoop.capture, recorded; `allocate` is what one UNet call allocates."""
+
+    def __init__(self):
+        self.default_capture_stream = FakeStream("torch.cuda.graph's process-wide default capture stream")
+        self.main = self.current = FakeStream("main")
+        self.cached = self.pools = 0  # bytes the allocator caches / graph pools hold
+        self.capturing = self.most_at_once = 0
+        self.capture_streams = []
+        self.overlapped = threading.Event()
+
+    def current_stream(self, device=None):
+        return self.current
+
+    def Stream(self, device=None):  # noqa: N802 (torch's name)
+        return FakeStream("side")
+
+    @contextmanager
+    def stream(self, s):
+        previous, self.current = self.current, s
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def synchronize(self, device=None):
+        """Nothing is queued on a fake."""
+
+    def empty_cache(self):
+        self.cached = 0
+
+    def memory_reserved(self, device=None):
+        return self.cached + self.pools
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        return FakeGraph()
+
+    @contextmanager
+    def graph(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        """As torch.cuda.graph: synchronize, empty the cache, capture on `stream` (default: one per process)."""
+        self.synchronize()
+        self.empty_cache()
+        self.capture_streams.append(stream or self.default_capture_stream)
+        self.capturing += 1
+        self.most_at_once = max(self.most_at_once, self.capturing)
+        if self.capturing > 1:
+            self.overlapped.set()
+        self.overlapped.wait(0.5)  # give a second, unserialised capture the time to begin inside this one
+        try:
+            with self.stream(stream or self.default_capture_stream):
+                yield
+        finally:
+            self.capturing -= 1
+
+    def allocate(self, nbytes: int):
+        """Activations: inside a capture they stay in the graph's pool, outside they end up cached."""
+        if self.capturing:
+            self.pools += nbytes
+        else:
+            self.cached += nbytes
+
+
+class AllocatingUNet(ToyUNet):
+    supports_cuda_graph = True
+
+    def __init__(self, fake: FakeCuda, nbytes: int = 1000):
+        super().__init__()
+        self.fake, self.nbytes = fake, nbytes
+
+    def __call__(self, **inputs):
+        self.fake.allocate(self.nbytes)
+        return super().__call__(**inputs)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeCuda()
+    monkeypatch.setattr(scheduler, "cuda", fake)
+    return fake
+
+
+def test_graph_bytes_are_the_graph_pool_so_the_budget_bounds_pools(fake_cuda):
+    """Measured after the warm-up, the cache torch.cuda.graph empties made graph_bytes ~0 (issue 21 item 4)."""
+    unet, steps = AllocatingUNet(fake_cuda, 1000), 4
+    loop = DenoiseLoop(_key(steps), unet, CONFIG, "cpu", use_graph=True)
+    loop.capture()
+    assert loop.graph is not None and loop.graph_bytes == steps * 1000 == fake_cuda.pools
+    # a budget with room for two loops' buffers and one graph pool keeps one captured loop, not two
+    buffers = DenoiseLoop(_key(steps), unet, CONFIG, "cpu", use_graph=False).nbytes
+    cache = LoopCache(CONFIG, "cpu", use_graphs=True, budget_bytes=2 * buffers + steps * 1000)
+    inputs = torch.randn(1, 4, 8, 8), {"encoder_hidden_states": torch.randn(1, 6, 3)}
+    first = cache.get(_key(steps), unet)
+    first.run(*inputs)
+    second = cache.get(replace(_key(steps), stage="other"), unet)
+    second.run(*inputs)
+    assert first.graph is not None and second.graph is not None
+    assert cache.loops == [second] and cache.cache.bytes <= cache.cache.budget_bytes
+
+
+def test_captures_are_serialised_each_on_its_own_stream(fake_cuda):
+    """Two pipelines capturing at once (issue 21 item 3): one capture at a time, neither on the shared stream."""
+    loops = [DenoiseLoop(_key(2), AllocatingUNet(fake_cuda), CONFIG, "cpu", use_graph=True) for _ in range(2)]
+    errors = []
+
+    def capture(loop):
+        try:
+            loop.capture()
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=capture, args=(loop,)) for loop in loops]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and all(loop.graph is not None for loop in loops)
+    assert fake_cuda.most_at_once == 1
+    streams = fake_cuda.capture_streams
+    assert len(streams) == 2 and streams[0] is not streams[1]
+    assert fake_cuda.default_capture_stream not in streams
