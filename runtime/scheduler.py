@@ -128,7 +128,10 @@ class DenoiseLoop:
         """Warm the loop up, then capture it as one graph; one capture at a time in the process.
 
         1. The warm-up runs the whole loop on this capture's own side stream (allocations, cuDNN /
-           inductor / Triton autotuning: everything a capture may not do).
+           inductor / Triton autotuning: everything a capture may not do), starting, like the capture,
+           from `before_capture()`: torch.compile guards on the K/V caches that call clears, so a
+           warm-up from filled caches would leave the capture to compile (and inductor's autotuning
+           synchronizes, which fails inside a capture).
         2. Two pipelines (`editrt serve` loads both editors, each with its own work queue) may capture
            at the same time: CAPTURE_LOCK serialises captures (torch allows one per process), and each
            captures on its own stream, not torch's one process-wide default capture stream.
@@ -140,6 +143,7 @@ class DenoiseLoop:
             main = cuda.current_stream(self.device)
             stream = cuda.Stream(self.device)
             stream.wait_stream(main)
+            self.unet.before_capture()
             with cuda.stream(stream), torch.no_grad():
                 self._body()
             main.wait_stream(stream)

@@ -215,3 +215,69 @@ def test_captures_are_serialised_each_on_its_own_stream(fake_cuda):
     streams = fake_cuda.capture_streams
     assert len(streams) == 2 and streams[0] is not streams[1]
     assert fake_cuda.default_capture_stream not in streams
+
+
+class CachedAttentionUNet(torch.nn.Module):
+    """A 'UNet' whose cross-attention caches its K/V (models/attention.py), run by torch.compile
+    (`backend` counts the graphs dynamo compiles) behind the engine interface."""
+
+    supports_cuda_graph, compiled, lora, device = True, True, None, torch.device("cpu")
+
+    def __init__(self, fake: FakeCuda, backend):
+        from diffusers.models.attention_processor import Attention
+
+        from editrt.models.attention import cache_cross_attention_kv
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.fake, self.attn = fake, Attention(query_dim=4, cross_attention_dim=3, heads=2, dim_head=2)
+        assert cache_cross_attention_kv(self) == 1
+        self.forward_compiled = torch.compile(self.forward, backend=backend)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        tokens = sample[:, :4].flatten(2).transpose(1, 2)  # (B, h*w, 4)
+        out = self.attn(tokens, encoder_hidden_states=encoder_hidden_states)
+        return out.transpose(1, 2).reshape(sample[:, :4].shape) + timestep[:, None, None, None] / 1000
+
+    def prepare(self):
+        """Fixed weights."""
+
+    def before_capture(self):
+        from editrt.models.attention import clear_kv_caches
+
+        clear_kv_caches(self)
+
+    def __call__(self, **inputs):
+        self.fake.allocate(1)
+        return {"noise_pred": self.forward_compiled(**inputs)}
+
+
+def test_capture_compiles_nothing_the_warm_up_did_not(fake_cuda, monkeypatch):
+    """compile=True under graphs (issue 21 item 2): before_capture() clears the K/V caches torch.compile guards
+    on; a warm-up from filled caches left the capture to compile (on CUDA inductor autotunes there, which a
+    capture may not). A real torch.compile (backend counting graphs) around a fake capture."""
+    phase, compiles = ["warm-up"], []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(phase[0])
+        return gm.forward
+
+    unet = CachedAttentionUNet(fake_cuda, counting_backend)
+    real_graph = fake_cuda.graph
+
+    @contextmanager
+    def graph(*args, **kwargs):
+        phase[0] = "capture"
+        with real_graph(*args, **kwargs):
+            yield
+        phase[0] = "after"
+
+    monkeypatch.setattr(fake_cuda, "graph", graph)
+    key = LoopKey("t", (1, 4, 2, 2), None, (("encoder_hidden_states", (2, 5, 3)),), 3, True, torch.float32)
+    loop = DenoiseLoop(key, unet, CONFIG, "cpu", use_graph=False)
+    inputs = torch.randn(1, 4, 2, 2), {"encoder_hidden_states": torch.randn(2, 5, 3)}
+    loop.run(*inputs, guidance=3.0)  # an eager request first: the caches hold this prompt's K/V
+    loop.use_graph = True
+    loop.run(*inputs, guidance=3.0)  # warm-up + capture
+    assert loop.graph is not None and "warm-up" in compiles
+    assert "capture" not in compiles, compiles
