@@ -177,6 +177,24 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+# what to_fp16 (ONNX Runtime's convert_np_to_float16) does to each fp32 weight before the cast: it keeps
+# sign and finiteness, so magnitudes below the smallest fp16 subnormal and above the largest finite fp16
+# are clamped to them (a plain cast would give 0 or inf)
+FP16_MIN_POSITIVE, FP16_MAX_FINITE = 5.96e-08, 65504.0
+
+
+def fp16_as_exported(weights: torch.Tensor) -> torch.Tensor:
+    """The fp16 tensor to_fp16 writes for an fp32 weight (on the weight's device): equal to ONNX
+    Runtime's convert_np_to_float16, which matching a weight to its exported initializer needs."""
+    w = weights.detach().float()
+    lo, hi = FP16_MIN_POSITIVE, FP16_MAX_FINITE
+    w = torch.where((w > 0) & (w < lo), torch.full_like(w, lo), w)
+    w = torch.where((w < 0) & (w > -lo), torch.full_like(w, -lo), w)
+    w = torch.where((w > hi) & (w < float("inf")), torch.full_like(w, hi), w)
+    w = torch.where((w < -hi) & (w > float("-inf")), torch.full_like(w, -hi), w)
+    return w.to(torch.float16)
+
+
 def graph_precision(model: onnx.ModelProto) -> str:
     """'fp16' when the graph's floating-point weights are fp16, else 'fp32'."""
     kinds = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}

@@ -233,11 +233,14 @@ def refit_weight_map(onnx_path: Path, params: dict[str, torch.Tensor]) -> dict[s
     """ONNX initializer name -> {"param", "transposed", "dtype"} for each LoRA-touched weight.
 
     The exporter may fold a Linear's weight into a transposed MatMul constant with a generated
-    name, so initializers are matched by value (exactly W or W^T, in the graph's dtype).
+    name, so initializers are matched by value: exactly W or W^T as the graph holds it (fp16:
+    as to_fp16 converted it, tiny magnitudes clamped, see export/onnx.fp16_as_exported).
     """
     import numpy as np
     import onnx
     from onnx import numpy_helper
+
+    from editrt.export.onnx import fp16_as_exported
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     by_shape: dict[tuple, list] = {}
@@ -245,12 +248,14 @@ def refit_weight_map(onnx_path: Path, params: dict[str, torch.Tensor]) -> dict[s
         by_shape.setdefault(tuple(init.dims), []).append(init)
     mapping: dict[str, dict] = {}
     for name, tensor in params.items():
-        w = tensor.detach().float().cpu().numpy()
+        w = tensor.detach().float().cpu()
         found = None
         for transposed, target in ((False, w), (True, w.T)):
-            for init in by_shape.get(target.shape, []):
+            for init in by_shape.get(tuple(target.shape), []):
                 value = numpy_helper.to_array(init)
-                if init.name not in mapping and np.array_equal(value, target.astype(value.dtype)):
+                expected = fp16_as_exported(target).numpy() if value.dtype == np.float16 else \
+                    target.numpy().astype(value.dtype)
+                if init.name not in mapping and np.array_equal(value, expected):
                     found = (init.name, transposed, str(value.dtype))
                     break
             if found:
@@ -266,15 +271,21 @@ def prepare_refit_weights(refit_map: dict[str, dict], weights_by_scale: dict[flo
     """Per scale: initializer name -> a contiguous tensor on `device` in the initializer's layout and dtype.
 
     Made once per engine (a transposed weight is laid out once here, not at every refit) and kept
-    for the engine's life: TensorRT reads the memory during refit_cuda_engine.
+    for the engine's life: TensorRT reads the memory during refit_cuda_engine. fp16 weights are
+    converted as the exporter converted the graph (fp16_as_exported), so a refit at the exported
+    scale puts back exactly the exported weights.
     """
+    from editrt.export.onnx import fp16_as_exported
+
     out = {}
     for scale, weights in weights_by_scale.items():
         out[scale] = {}
         for init, m in refit_map.items():
             w = weights[m["param"]].detach()
             w = w.t() if m["transposed"] else w
-            out[scale][init] = w.to(device=device, dtype=getattr(torch, m.get("dtype", "float32"))).contiguous()
+            dtype = getattr(torch, m.get("dtype", "float32"))
+            w = fp16_as_exported(w.to(device)) if dtype == torch.float16 else w.to(device=device, dtype=dtype)
+            out[scale][init] = w.contiguous()
     return out
 
 

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from editrt.errors import EngineError, InputError
 from editrt.export.components import export_components
+from editrt.export.onnx import fp16_as_exported, to_fp16
 from editrt.export.specs import MAX_IMAGE_SIDE, network_specs
 from editrt.export.tensorrt import (
     SUPPORTED_TENSORRT,
@@ -327,7 +328,9 @@ def test_refit_weights_are_the_graphs_initializers_prepared_once(tiny_weights, h
         assert got.is_contiguous() and got.dtype == {"fp32": torch.float32, "fp16": torch.float16}[precision]
         np.testing.assert_array_equal(got.numpy(), initializers[name])  # c = 1: exactly what was exported
         base = components.harmonizer.base[m["param"]]
-        np.testing.assert_array_equal(weights[0.0][name].numpy(), (base.t() if m["transposed"] else base).to(got.dtype).numpy())
+        base = base.t() if m["transposed"] else base
+        np.testing.assert_array_equal(weights[0.0][name].numpy(),  # fp16: converted as the exporter converts
+                                      (fp16_as_exported(base) if precision == "fp16" else base).numpy())
     # refit hands TensorRT the prepared memory itself: no copy per switch, the same addresses every time
     events = []
     refitter = RecordingRefitter(events)
@@ -347,6 +350,33 @@ def test_refit_map_refuses_a_graph_without_the_weights(tiny_weights, tmp_path):
     export_components(tiny_weights, ["vae_decoder"], tmp_path, check=False)
     with pytest.raises(EngineError, match="no initializer holds"):
         refit_weight_map(tmp_path / "vae_decoder.onnx", {"x": torch.ones(3, 5)})
+
+
+def test_fp16_refit_map_finds_weights_the_fp16_converter_clamped(tmp_path):
+    """ONNX Runtime's fp16 converter clamps magnitudes in (0, 5.96e-8) to 5.96e-8 (a plain cast gives 0);
+    matched by a plain cast, a 1280-wide N(0, 0.02) weight had no initializer (issue 21 item 5)."""
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    w = torch.randn(320, 1280, generator=torch.Generator().manual_seed(15)) * 0.02
+    assert ((w != 0) & (w.half() == 0)).sum() == 2  # a plain cast flushes two of its values to 0, the converter not
+    # y = x W^T as the exporter folds a Linear (a transposed MatMul constant), converted by the exporter's to_fp16
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w_t"], ["y"])], "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1280])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 320])],
+                              [numpy_helper.from_array(w.t().contiguous().numpy(), "w_t")])
+    path = tmp_path / "linear.onnx"
+    onnx.save(to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), str(path))
+    refit_map = refit_weight_map(path, {"linear.weight": w})
+    assert refit_map == {"w_t": {"param": "linear.weight", "transposed": True, "dtype": "float16"}}
+    exported = next(numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name == "w_t")
+    prepared = prepare_refit_weights(refit_map, {1.0: {"linear.weight": w}}, "cpu")[1.0]["w_t"]
+    np.testing.assert_array_equal(prepared.numpy(), exported)  # a refit puts back exactly the exported weights
+    # the conversion is the converter's own, edge values included (the oracle: convert_np_to_float16)
+    edges = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 5.96e-8, -6e-8, 6e-5, 65504.0, 7e4, -7e4, float("inf"),
+                          float("-inf"), float("nan"), 0.02])
+    for t in (w, edges):
+        np.testing.assert_array_equal(fp16_as_exported(t).numpy(), convert_np_to_float16(t.numpy()))
 
 
 def test_prepare_refit_weights_lays_out_transposed_weights_once():
