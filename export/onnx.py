@@ -148,9 +148,35 @@ def _max_rel_error(reference: list[torch.Tensor], actual: list[np.ndarray]) -> f
     return worst
 
 
-def ort_session(path: Path):
-    import onnxruntime as ort
+def import_onnxruntime(purpose: str):
+    """The onnxruntime module, or a one-line EngineError saying which extra installs it.
 
+    ONNX Runtime is an extra, not a requirement: `onnxruntime` (CPU) and `onnxruntime-gpu` (CUDA) are
+    two distributions of the same module and break each other when both are installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError(f"onnxruntime: not installed ({purpose} needs it); pip install 'editrt[onnxruntime]' "
+                          "(CPU) or 'editrt[gpu]' (CUDA), not both") from None
+    return onnxruntime
+
+
+def ort_distributions() -> list[str]:
+    """The installed distributions that provide the onnxruntime module (more than one: they conflict)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def ort_session(path: Path):
+    ort = import_onnxruntime("checking an exported graph")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -169,6 +195,7 @@ def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: d
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp32 graph -> fp16 compute with fp32 graph inputs and outputs (ONNX Runtime's converter)."""
+    import_onnxruntime("the fp16 conversion")
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
