@@ -353,6 +353,33 @@ def _trt_dtype(trt, dtype: torch.dtype):
     return {torch.float32: trt.float32, torch.float16: trt.float16, torch.bfloat16: trt.bfloat16}[dtype]
 
 
+def use_timing_cache(config, timing_path: Path) -> None:
+    """Give the builder config the timing cache saved at `timing_path`, or a fresh one.
+
+    A cache recorded on another GPU or TensorRT version is refused by set_timing_cache (it returns
+    False and the config keeps no cache); the build then starts from an empty cache, with a warning,
+    and its timings replace the foreign file when the build saves its cache.
+    """
+    blob = timing_path.read_bytes() if timing_path.is_file() else b""
+    if blob and config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+        return
+    if blob:
+        warnings.warn(f"{timing_path}: a timing cache from another GPU or TensorRT version; building with a fresh "
+                      "one (it replaces this file)", stacklevel=2)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise EngineError("TensorRT refused an empty timing cache")
+
+
+def save_timing_cache(config, timing_path: Path) -> None:
+    """Write the config's timing cache (what this build measured, merged with what it loaded)."""
+    cache = config.get_timing_cache()
+    if cache is None:  # no cache attached: nothing was recorded to keep
+        warnings.warn(f"{timing_path}: the build kept no timing cache; the next build times every tactic again",
+                      stacklevel=2)
+        return
+    write_bytes_atomic(timing_path, bytes(cache.serialize()))
+
+
 def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options: BuildOptions = BuildOptions(),
                  progress: bool = False, log=lambda what: None, graph_precision: str | None = None):
     """Build (or take from the cache) the TensorRT engine of `spec` from its ONNX file.
@@ -382,8 +409,7 @@ def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options:
         config.builder_optimization_level = options.optimization_level
         for flag in typing.precision_flags + (("REFIT",) if options.refit else ()):
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        use_timing_cache(config, timing_path)
         network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
         add_profiles(builder, config, spec, options, [t.name for t in network_inputs if t.is_shape_tensor])
         if progress:
@@ -394,7 +420,7 @@ def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options:
         start = time.perf_counter()
         plan = builder.build_serialized_network(network, config)
         log(f"{spec.name}: built in {time.perf_counter() - start:.1f} s")
-        write_bytes_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+        save_timing_cache(config, timing_path)
         return plan
 
     return cached_engine(spec, engines_dir, key, build, runtime.deserialize_cuda_engine)

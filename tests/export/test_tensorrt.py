@@ -38,6 +38,8 @@ from editrt.export.tensorrt import (
     profile_shapes,
     refit_engine,
     refit_weight_map,
+    save_timing_cache,
+    use_timing_cache,
 )
 from editrt.models.components import WeightsLayout, load_reposition_components
 from editrt.runtime.engines import conforms
@@ -465,6 +467,58 @@ def test_engine_cache_builds_reuses_and_rebuilds(full_specs, tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(EngineError, match="failed to build"):
         cached_engine(spec, tmp_path / "other", "k3", lambda: None, deserialize)
+
+
+class TimingCache:
+    def __init__(self, blob: bytes):
+        self.blob = blob
+
+    def serialize(self):
+        return memoryview(self.blob + b"+timings")
+
+
+class BuilderConfig:
+    """IBuilderConfig's timing-cache calls as TensorRT documents them: set_timing_cache returns False, and
+    the config keeps no cache, for a cache recorded on another GPU or TensorRT version (ignore_mismatch=False)."""
+
+    def __init__(self, foreign: bytes):
+        self.foreign, self.cache = foreign, None
+
+    def create_timing_cache(self, blob):
+        return TimingCache(bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.blob == self.foreign and not ignore_mismatch:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def test_a_foreign_timing_cache_is_replaced_and_the_plan_still_written(full_specs, tmp_path):
+    """Issue 21 item 7: a refused cache left the config without one, serialize() then failed on None and the
+    plan was never written (every load rebuilt)."""
+    spec, timing = full_specs["vae_decoder"], tmp_path / "timing.cache"
+    timing.write_bytes(b"from another GPU")
+    config = BuilderConfig(foreign=b"from another GPU")
+
+    def build():
+        use_timing_cache(config, timing)
+        save_timing_cache(config, timing)
+        return b"PLAN"
+
+    with pytest.warns(UserWarning, match="timing cache from another GPU or TensorRT version"):
+        assert cached_engine(spec, tmp_path, "k", build, lambda data: ("engine", data)) == ("engine", b"PLAN")
+    assert plan_paths(tmp_path, spec.name)[0].read_bytes() == b"PLAN"
+    assert timing.read_bytes() == b"+timings"  # the fresh cache's timings replaced the foreign file
+    # a cache of this GPU is used as it is, silently
+    config = BuilderConfig(foreign=b"from another GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        use_timing_cache(config, timing)
+    assert config.get_timing_cache().blob == b"+timings"
 
 
 # ---------------------------------------------------------------------- with TensorRT and a GPU
