@@ -46,6 +46,8 @@ from editrt.export.specs import NetworkSpec, check_inputs
 from editrt.models.files import write_bytes_atomic
 from editrt.models.lora import LoRAScale
 
+cuda = torch.cuda  # the CUDA API TensorRTEngine runs on; the CPU tests put a recording fake here
+
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 SUPPORTED_TENSORRT = ((10, 0), (12, 0))  # [lowest, first unsupported): setup.py's tensorrt>=10.0,<12
 NOT_INSTALLED = "tensorrt not installed (its wheels come from NVIDIA's own index: pip install 'editrt[tensorrt]')"
@@ -466,7 +468,7 @@ class TensorRTEngine:
         self.spec, self.engine, self.device = spec, engine, torch.device(device)
         self.trt = trt
         self.context = engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = cuda.Stream(self.device)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if sorted(inputs) != sorted(spec.input_names) or sorted(set(names) - set(inputs)) != sorted(spec.output_names):
@@ -474,7 +476,7 @@ class TensorRTEngine:
         self.dtypes = {n: _trt_dtype_to_torch(trt, engine.get_tensor_dtype(n)) for n in names}
         # inputs whose values TensorRT reads on the host to infer shapes (SAM's orig_im_size)
         self.shape_inputs = {n for n in inputs if engine.is_shape_inference_io(n)}
-        self.graphs: dict[tuple, tuple] = {}  # static input shapes -> (graph, inputs, outputs)
+        self.graphs: dict[tuple, tuple] = {}  # static input shapes -> (graph, its context, inputs, outputs)
         self.refitter = None
         self._host_inputs: dict[str, torch.Tensor] = {}  # the last run's shape-tensor values, kept while it may run
 
@@ -484,46 +486,60 @@ class TensorRTEngine:
     def before_capture(self) -> None:
         """No state a capture could bake in (the engine is never captured by the scheduler)."""
 
-    def _buffers(self, inputs: dict[str, torch.Tensor]):
-        ins = {n: t.to("cpu" if n in self.shape_inputs else self.device, self.dtypes[n]).contiguous()
-               for n, t in inputs.items()}
-        shapes = bind_inputs(self.context, ins, self.shape_inputs, self.spec.output_names)
+    def _bind(self, context, ins: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bind `ins` to `context`; returns the output tensors it allocated and bound."""
+        shapes = bind_inputs(context, ins, self.shape_inputs, self.spec.output_names)
         outs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device) for n, s in shapes.items()}
         for name, t in outs.items():
-            self.context.set_tensor_address(name, t.data_ptr())
-        return ins, outs
+            context.set_tensor_address(name, t.data_ptr())
+        return outs
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise EngineError(f"{self.spec.name}: TensorRT execution failed")
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
         self.prepare()
-        ins, outs = self._buffers(inputs)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self._execute()
+        ins = {n: t.to("cpu" if n in self.shape_inputs else self.device, self.dtypes[n]).contiguous()
+               for n, t in inputs.items()}
+        outs = self._bind(self.context, ins)
+        self.stream.wait_stream(cuda.current_stream(self.device))
+        self._execute(self.context)
         self._host_inputs = {n: t for n, t in ins.items() if not t.is_cuda}
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        cuda.current_stream(self.device).wait_stream(self.stream)
         for t in list(ins.values()) + list(outs.values()):
             if t.is_cuda:
                 t.record_stream(self.stream)  # allocated on the caller's stream, used on ours
         return outs
 
     def replay(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Like __call__, through a CUDA graph captured once per static input shapes (and shape values)."""
+        """Like __call__, through a CUDA graph captured once per static input shapes.
+
+        Each shape has its own static input buffers (copies, never the caller's tensors: every replay
+        copies into them) and its own execution context (a context holds the shapes and scratch memory
+        its graph baked in; binding another shape to it would corrupt that graph). The warm-up runs
+        after the caller's stream, which produced the inputs. A replay runs on the caller's stream and
+        returns the graph's output buffers: valid until this shape's next replay.
+        """
         if self.shape_inputs:
             raise EngineError(f"{self.spec.name}: has shape-tensor inputs; a CUDA graph would freeze their values")
+        check_inputs(self.spec, inputs)
         key = tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items()))
         if key not in self.graphs:
-            ins, outs = self._buffers(inputs)
-            self._execute()  # warm-up outside the capture (TensorRT allocates lazily)
+            context = self.engine.create_execution_context()
+            ins = {n: torch.empty(t.shape, dtype=self.dtypes[n], device=self.device) for n, t in inputs.items()}
+            for name, t in inputs.items():
+                ins[name].copy_(t)  # on the caller's stream
+            outs = self._bind(context, ins)
+            self.stream.wait_stream(cuda.current_stream(self.device))
+            self._execute(context)  # warm-up outside the capture (TensorRT allocates lazily)
             self.stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
-            self.graphs[key] = (graph, ins, outs)
-        graph, ins, outs = self.graphs[key]
+            graph = cuda.CUDAGraph()
+            with cuda.graph(graph, stream=self.stream):
+                self._execute(context)
+            self.graphs[key] = (graph, context, ins, outs)
+        graph, _, ins, outs = self.graphs[key]
         for name, t in inputs.items():
             ins[name].copy_(t)
         graph.replay()

@@ -5,8 +5,10 @@ The fakes below (a builder/config/profile, an execution context, a refitter) onl
 our code makes and answer as NVIDIA's Python API documents; what is under test is our logic
 (which profile values, which binding order, which refit addresses), not TensorRT.
 """
+import ctypes
 import json
 import warnings
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +20,7 @@ from onnx import numpy_helper
 from editrt.errors import EngineError, InputError
 from editrt.export.components import export_components
 from editrt.export.onnx import fp16_as_exported, to_fp16
-from editrt.export.specs import MAX_IMAGE_SIDE, network_specs
+from editrt.export.specs import MAX_IMAGE_SIDE, NetworkSpec, TensorSpec, network_specs
 from editrt.export.tensorrt import (
     SUPPORTED_TENSORRT,
     BuildOptions,
@@ -519,6 +521,146 @@ def test_a_foreign_timing_cache_is_replaced_and_the_plan_still_written(full_spec
         warnings.simplefilter("error")
         use_timing_cache(config, timing)
     assert config.get_timing_cache().blob == b"+timings"
+
+
+# ---------------------------------------------------------------------- TensorRTEngine.replay (issue 21, item 10)
+class ReplayLog:
+    """What the CUDA and TensorRT calls did, in order."""
+
+    def __init__(self):
+        self.events, self.capturing = [], None
+
+
+class LoggedStream:
+    def __init__(self, log, name):
+        self.log, self.name, self.cuda_stream = log, name, name
+
+    def wait_stream(self, other):
+        self.log.events.append(("wait", self.name, other.name))
+
+    def synchronize(self):
+        self.log.events.append(("synchronize", self.name))
+
+
+class LoggedGraph:
+    def __init__(self):
+        self.kernels = []
+
+    def replay(self):
+        for kernel in self.kernels:
+            kernel()
+
+
+class LoggedCuda:
+    """torch.cuda as TensorRTEngine uses it: a capture records the kernels launched inside it."""
+
+    def __init__(self, log):
+        self.log, self.main = log, LoggedStream(log, "caller")
+
+    def Stream(self, device=None):  # noqa: N802 (torch's name)
+        return LoggedStream(self.log, "engine")
+
+    def current_stream(self, device=None):
+        return self.main
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        return LoggedGraph()
+
+    @contextmanager
+    def graph(self, graph, stream=None):
+        self.log.capturing = graph
+        try:
+            yield
+        finally:
+            self.log.capturing = None
+
+
+def _float_view(address: int, shape) -> np.ndarray:
+    """The float32 host memory at `address` (what an engine reads and writes through a bound address)."""
+    count = int(np.prod(shape))
+    return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address)).reshape(shape)
+
+
+class DoublingContext:
+    """An IExecutionContext of an engine computing y = 2 x, on host memory, through bound addresses."""
+
+    def __init__(self, log, number):
+        self.log, self.number, self.shapes, self.addresses = log, number, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream):
+        shape, x, y = self.shapes["x"], self.addresses["x"], self.addresses["y"]
+
+        def kernel():
+            _float_view(y, shape)[...] = 2 * _float_view(x, shape)
+
+        self.log.events.append(("execute", self.number, stream, "captured" if self.log.capturing else "run"))
+        if self.log.capturing is not None:
+            self.log.capturing.kernels.append(kernel)
+        else:
+            kernel()
+        return True
+
+
+class DoublingEngine:
+    num_io_tensors = 2
+
+    def __init__(self, log):
+        self.log, self.contexts = log, []
+
+    def create_execution_context(self):
+        self.contexts.append(DoublingContext(self.log, len(self.contexts)))
+        return self.contexts[-1]
+
+    def get_tensor_name(self, i):
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "x" else "output"
+
+    def get_tensor_dtype(self, name):
+        return "trt.float32"
+
+    def is_shape_inference_io(self, name):
+        return False
+
+
+def test_replay_copies_inputs_orders_the_warm_up_and_keeps_a_context_per_shape(monkeypatch):
+    from editrt.export import tensorrt as trt_module
+
+    log = ReplayLog()
+    fake_trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"), float32="trt.float32",
+                               float16="trt.float16", bfloat16="trt.bfloat16", int32="trt.int32", int64="trt.int64",
+                               bool="trt.bool")
+    monkeypatch.setattr(trt_module, "tensorrt_module", lambda: fake_trt)
+    monkeypatch.setattr(trt_module, "cuda", LoggedCuda(log))
+    spec = NetworkSpec("doubler", (TensorSpec("x", ("batch", 3)),), (TensorSpec("y", ("batch", 3)),), "y = 2 x")
+    engine = TensorRTEngine(spec, DoublingEngine(log), "cpu")
+
+    first = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.equal(engine.replay(x=first)["y"], 2 * first)
+    warm_up = log.events.index(("execute", 1, "engine", "run"))
+    assert ("wait", "engine", "caller") in log.events[:warm_up]  # the warm-up reads what the caller's stream wrote
+    second = torch.tensor([[10.0, 20.0, 30.0]])
+    assert torch.equal(engine.replay(x=second)["y"], 2 * second)
+    assert torch.equal(first, torch.tensor([[1.0, 2.0, 3.0]]))  # the caller's tensor is not the static input
+    # another shape: its own graph on its own context; the first graph still computes right afterwards
+    pair = torch.tensor([[1.0, 1.0, 1.0], [4.0, 5.0, 6.0]])
+    assert torch.equal(engine.replay(x=pair)["y"], 2 * pair)
+    assert torch.equal(engine.replay(x=first)["y"], 2 * first)
+    contexts = {number for kind, number, *_ in log.events if kind == "execute"}
+    assert contexts == {1, 2}  # one context per graph shape, neither the eager one (0)
+    assert engine.engine.contexts[1].shapes["x"] == (1, 3) and engine.engine.contexts[2].shapes["x"] == (2, 3)
 
 
 # ---------------------------------------------------------------------- with TensorRT and a GPU
