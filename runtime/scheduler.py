@@ -31,6 +31,7 @@ application's, or another pipeline's eager work) during a capture do not invalid
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -215,7 +216,17 @@ class LoopCache:
         return loop
 
     def account(self, loop: DenoiseLoop) -> None:
-        """Re-measure a loop after its capture (its graph pool now counts against the budget)."""
+        """Re-measure a loop after its capture (its graph pool now counts against the budget).
+
+        A graph that alone exceeds the budget is dropped and its loop runs eagerly from then on: the
+        cache could not keep it, and capturing it again for every request would cost more than it saves.
+        """
+        if loop.nbytes > self.cache.budget_bytes:
+            warnings.warn(f"denoising loops: the CUDA graph of the {loop.key.stage} loop {loop.key.latent_shape} x "
+                          f"{loop.key.steps} steps reserved {loop.graph_bytes >> 20} MiB, more than the "
+                          f"{self.cache.budget_bytes >> 20} MiB budget; that loop runs eagerly", RuntimeWarning,
+                          stacklevel=2)
+            loop.graph, loop.graph_bytes, loop.use_graph = None, 0, False
         if (loop.key, id(loop.unet)) in self.cache:
             self.cache.put((loop.key, id(loop.unet)), loop, loop.nbytes)
 

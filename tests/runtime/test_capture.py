@@ -194,6 +194,23 @@ def test_graph_bytes_are_the_graph_pool_so_the_budget_bounds_pools(fake_cuda):
     assert cache.loops == [second] and cache.cache.bytes <= cache.cache.budget_bytes
 
 
+def test_a_graph_larger_than_the_budget_is_dropped_and_its_loop_runs_eagerly(fake_cuda):
+    """Not stored, such a loop would be captured again for every request of its shape."""
+    unet, steps = AllocatingUNet(fake_cuda, 1000), 4
+    buffers = DenoiseLoop(_key(steps), unet, CONFIG, "cpu", use_graph=False).nbytes
+    cache = LoopCache(CONFIG, "cpu", use_graphs=True, budget_bytes=buffers + steps * 1000 - 1)
+    inputs = torch.randn(1, 4, 8, 8), {"encoder_hidden_states": torch.randn(1, 6, 3)}
+    loop = cache.get(_key(steps), unet)
+    with pytest.warns(RuntimeWarning, match="more than the 0 MiB budget; that loop runs eagerly"):
+        first = loop.run(*inputs)
+    assert loop.graph is None and not loop.use_graph and cache.loops == [loop] and cache.cache.bytes == buffers
+    calls = unet.calls
+    assert torch.equal(cache.get(_key(steps), unet).run(*inputs), first)  # eager, not captured again
+    assert unet.calls == calls + steps and len(fake_cuda.capture_streams) == 1
+    eager = DenoiseLoop(_key(steps), ToyUNet(), CONFIG, "cpu", use_graph=False).run(*inputs)
+    assert torch.equal(first, eager)
+
+
 def test_captures_are_serialised_each_on_its_own_stream(fake_cuda):
     """Two pipelines capturing at once (issue 21 item 3): one capture at a time, neither on the shared stream."""
     loops = [DenoiseLoop(_key(2), AllocatingUNet(fake_cuda), CONFIG, "cpu", use_graph=True) for _ in range(2)]
