@@ -298,3 +298,50 @@ def test_capture_compiles_nothing_the_warm_up_did_not(fake_cuda, monkeypatch):
     loop.run(*inputs, guidance=3.0)  # warm-up + capture
     assert loop.graph is not None and "warm-up" in compiles
     assert "capture" not in compiles, compiles
+
+
+# ---------------------------------------------------------------------- the same on a GPU
+def _inpaint_case():
+    image = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:40, 12:44] = True
+    return image, mask
+
+
+@pytest.mark.gpu
+def test_cuda_graph_bytes_count_the_graph_pool(tiny_weights):
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", cuda_graphs=True)
+    image, mask = _inpaint_case()
+    pipe.inpaint(image, mask, steps=3, guidance=3.0, resolution=64)
+    captured = [loop for loop in pipe.loops.loops if loop.graph is not None]
+    assert captured and all(loop.graph_bytes > 0 for loop in captured)
+    assert pipe.loops.cache.bytes == sum(loop.nbytes for loop in pipe.loops.loops) <= pipe.loops.cache.budget_bytes
+
+
+@pytest.mark.gpu
+def test_two_pipelines_capture_at_once_and_equal_serial_runs(tiny_weights):
+    """`editrt serve` holds two pipelines, each with its own work queue: their first requests capture at once."""
+    from editrt.runtime.reposition import RepositionPipeline
+
+    image, mask = _inpaint_case()
+    pipes = [RepositionPipeline.from_pretrained(tiny_weights, device="cuda", cuda_graphs=True) for _ in range(2)]
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            results[i] = np.asarray(pipes[i].inpaint(image, mask, steps=3, guidance=3.0, resolution=64, seed=i))
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    serial = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", cuda_graphs=True)
+    for i in range(2):  # the serial pipeline replays the graph it captured first for the second seed
+        np.testing.assert_array_equal(results[i], np.asarray(serial.inpaint(image, mask, steps=3, guidance=3.0,
+                                                                             resolution=64, seed=i)))
