@@ -165,6 +165,22 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "python-multipart>=0.0.9",  # multipart uploads
     "websockets>=12",  # uvicorn's WebSocket protocol
 ]
+DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
+    "pytest>=8",
+    "pytest-timeout>=2.3",  # bench/gpu_validate.sh: a per-test time limit on the lent GPU
+    "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
+    "ruff>=0.6",
+    "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
+    "scikit-image>=0.22",  # real photographs for tests
+    "invisible-watermark>=0.2",
+    *SERVE,
+    *DEPLOY,
+    "httpx>=0.27",  # tests/server, bench/serve_load.py, examples/client.py
+    "playwright>=1.40",  # tests/server/test_browser.py drives Debian's /usr/bin/chromium
+    "schemathesis>=4.0",  # tests/server/test_fuzz.py: no 5xx on any input the OpenAPI schema allows
+    "hypothesis>=6.100",
+    "psutil>=5.9",  # bench/serve_load.py: the server's RSS over time
+]
 
 setup(
     name="editrt",
@@ -200,7 +216,6 @@ setup(
         "triton>=3.0",
         "onnx>=1.16",
         "onnxscript>=0.1",
-        "onnxruntime>=1.18",
         "tqdm>=4.60",
         "matplotlib>=3.7",  # editrt bench --plot
     ],
@@ -208,23 +223,14 @@ setup(
         "tensorrt": ["tensorrt>=10.0,<12"],  # export/tensorrt.py is written against the 10.x and 11.x API
         "serve": SERVE,
         "deploy": [*SERVE, *DEPLOY],
-        "gpu": ["onnxruntime-gpu>=1.18"],
         "watermark": ["invisible-watermark>=0.2"],
-        "dev": [
-            "pytest>=8",
-            "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
-            "ruff>=0.6",
-            "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
-            "scikit-image>=0.22",  # real photographs for tests
-            "invisible-watermark>=0.2",
-            *SERVE,
-            *DEPLOY,
-            "httpx>=0.27",  # tests/server, bench/serve_load.py, examples/client.py
-            "playwright>=1.40",  # tests/server/test_browser.py drives Debian's /usr/bin/chromium
-            "schemathesis>=4.0",  # tests/server/test_fuzz.py: no 5xx on any input the OpenAPI schema allows
-            "hypothesis>=6.100",
-            "psutil>=5.9",  # bench/serve_load.py: the server's RSS over time
-        ],
+        # ONNX Runtime (export checks, the onnxruntime backend) is an extra: `onnxruntime` (CPU) and
+        # `onnxruntime-gpu` (CUDA) are one module in two distributions that break each other's CUDA
+        # provider when both are installed, so an install takes exactly one of them
+        "onnxruntime": ["onnxruntime>=1.18"],
+        "gpu": ["onnxruntime-gpu>=1.18"],  # instead of [onnxruntime], never beside it
+        "dev": ["onnxruntime>=1.18", *DEV],  # pip install -e ".[dev]" (CPU machines, CI)
+        "dev-gpu": ["onnxruntime-gpu>=1.18", *DEV],  # the GPU machine
     },
     entry_points={"console_scripts": ["editrt=editrt.cli:main"]},
     ext_modules=[CMakeExtension("editrt.kernels._editrt_native")],

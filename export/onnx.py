@@ -148,9 +148,35 @@ def _max_rel_error(reference: list[torch.Tensor], actual: list[np.ndarray]) -> f
     return worst
 
 
-def ort_session(path: Path):
-    import onnxruntime as ort
+def import_onnxruntime(purpose: str):
+    """The onnxruntime module, or a one-line EngineError saying which extra installs it.
 
+    ONNX Runtime is an extra, not a requirement: `onnxruntime` (CPU) and `onnxruntime-gpu` (CUDA) are
+    two distributions of the same module and break each other when both are installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError(f"onnxruntime: not installed ({purpose} needs it); pip install 'editrt[onnxruntime]' "
+                          "(CPU) or 'editrt[gpu]' (CUDA), not both") from None
+    return onnxruntime
+
+
+def ort_distributions() -> list[str]:
+    """The installed distributions that provide the onnxruntime module (more than one: they conflict)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def ort_session(path: Path):
+    ort = import_onnxruntime("checking an exported graph")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -169,12 +195,31 @@ def check_onnx(path: Path, spec: NetworkSpec, module: torch.nn.Module, inputs: d
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp32 graph -> fp16 compute with fp32 graph inputs and outputs (ONNX Runtime's converter)."""
+    import_onnxruntime("the fp16 conversion")
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=weight_bytes(model) > TWO_GB)
     OnnxModel(model).topological_sort()  # the converter appends the input Casts after their consumers
     return model
+
+
+# what to_fp16 (ONNX Runtime's convert_np_to_float16) does to each fp32 weight before the cast: it keeps
+# sign and finiteness, so magnitudes below the smallest fp16 subnormal and above the largest finite fp16
+# are clamped to them (a plain cast would give 0 or inf)
+FP16_MIN_POSITIVE, FP16_MAX_FINITE = 5.96e-08, 65504.0
+
+
+def fp16_as_exported(weights: torch.Tensor) -> torch.Tensor:
+    """The fp16 tensor to_fp16 writes for an fp32 weight (on the weight's device): equal to ONNX
+    Runtime's convert_np_to_float16, which matching a weight to its exported initializer needs."""
+    w = weights.detach().float()
+    lo, hi = FP16_MIN_POSITIVE, FP16_MAX_FINITE
+    w = torch.where((w > 0) & (w < lo), torch.full_like(w, lo), w)
+    w = torch.where((w < 0) & (w > -lo), torch.full_like(w, -lo), w)
+    w = torch.where((w > hi) & (w < float("inf")), torch.full_like(w, hi), w)
+    w = torch.where((w < -hi) & (w > float("-inf")), torch.full_like(w, -hi), w)
+    return w.to(torch.float16)
 
 
 def graph_precision(model: onnx.ModelProto) -> str:

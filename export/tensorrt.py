@@ -46,6 +46,8 @@ from editrt.export.specs import NetworkSpec, check_inputs
 from editrt.models.files import write_bytes_atomic
 from editrt.models.lora import LoRAScale
 
+cuda = torch.cuda  # the CUDA API TensorRTEngine runs on; the CPU tests put a recording fake here
+
 PRECISIONS = ("fp16", "bf16", "fp8", "fp32")
 SUPPORTED_TENSORRT = ((10, 0), (12, 0))  # [lowest, first unsupported): setup.py's tensorrt>=10.0,<12
 NOT_INSTALLED = "tensorrt not installed (its wheels come from NVIDIA's own index: pip install 'editrt[tensorrt]')"
@@ -233,11 +235,14 @@ def refit_weight_map(onnx_path: Path, params: dict[str, torch.Tensor]) -> dict[s
     """ONNX initializer name -> {"param", "transposed", "dtype"} for each LoRA-touched weight.
 
     The exporter may fold a Linear's weight into a transposed MatMul constant with a generated
-    name, so initializers are matched by value (exactly W or W^T, in the graph's dtype).
+    name, so initializers are matched by value: exactly W or W^T as the graph holds it (fp16:
+    as to_fp16 converted it, tiny magnitudes clamped, see export/onnx.fp16_as_exported).
     """
     import numpy as np
     import onnx
     from onnx import numpy_helper
+
+    from editrt.export.onnx import fp16_as_exported
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     by_shape: dict[tuple, list] = {}
@@ -245,12 +250,14 @@ def refit_weight_map(onnx_path: Path, params: dict[str, torch.Tensor]) -> dict[s
         by_shape.setdefault(tuple(init.dims), []).append(init)
     mapping: dict[str, dict] = {}
     for name, tensor in params.items():
-        w = tensor.detach().float().cpu().numpy()
+        w = tensor.detach().float().cpu()
         found = None
         for transposed, target in ((False, w), (True, w.T)):
-            for init in by_shape.get(target.shape, []):
+            for init in by_shape.get(tuple(target.shape), []):
                 value = numpy_helper.to_array(init)
-                if init.name not in mapping and np.array_equal(value, target.astype(value.dtype)):
+                expected = fp16_as_exported(target).numpy() if value.dtype == np.float16 else \
+                    target.numpy().astype(value.dtype)
+                if init.name not in mapping and np.array_equal(value, expected):
                     found = (init.name, transposed, str(value.dtype))
                     break
             if found:
@@ -266,15 +273,21 @@ def prepare_refit_weights(refit_map: dict[str, dict], weights_by_scale: dict[flo
     """Per scale: initializer name -> a contiguous tensor on `device` in the initializer's layout and dtype.
 
     Made once per engine (a transposed weight is laid out once here, not at every refit) and kept
-    for the engine's life: TensorRT reads the memory during refit_cuda_engine.
+    for the engine's life: TensorRT reads the memory during refit_cuda_engine. fp16 weights are
+    converted as the exporter converted the graph (fp16_as_exported), so a refit at the exported
+    scale puts back exactly the exported weights.
     """
+    from editrt.export.onnx import fp16_as_exported
+
     out = {}
     for scale, weights in weights_by_scale.items():
         out[scale] = {}
         for init, m in refit_map.items():
             w = weights[m["param"]].detach()
             w = w.t() if m["transposed"] else w
-            out[scale][init] = w.to(device=device, dtype=getattr(torch, m.get("dtype", "float32"))).contiguous()
+            dtype = getattr(torch, m.get("dtype", "float32"))
+            w = fp16_as_exported(w.to(device)) if dtype == torch.float16 else w.to(device=device, dtype=dtype)
+            out[scale][init] = w.contiguous()
     return out
 
 
@@ -342,6 +355,33 @@ def _trt_dtype(trt, dtype: torch.dtype):
     return {torch.float32: trt.float32, torch.float16: trt.float16, torch.bfloat16: trt.bfloat16}[dtype]
 
 
+def use_timing_cache(config, timing_path: Path) -> None:
+    """Give the builder config the timing cache saved at `timing_path`, or a fresh one.
+
+    A cache recorded on another GPU or TensorRT version is refused by set_timing_cache (it returns
+    False and the config keeps no cache); the build then starts from an empty cache, with a warning,
+    and its timings replace the foreign file when the build saves its cache.
+    """
+    blob = timing_path.read_bytes() if timing_path.is_file() else b""
+    if blob and config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+        return
+    if blob:
+        warnings.warn(f"{timing_path}: a timing cache from another GPU or TensorRT version; building with a fresh "
+                      "one (it replaces this file)", stacklevel=2)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise EngineError("TensorRT refused an empty timing cache")
+
+
+def save_timing_cache(config, timing_path: Path) -> None:
+    """Write the config's timing cache (what this build measured, merged with what it loaded)."""
+    cache = config.get_timing_cache()
+    if cache is None:  # no cache attached: nothing was recorded to keep
+        warnings.warn(f"{timing_path}: the build kept no timing cache; the next build times every tactic again",
+                      stacklevel=2)
+        return
+    write_bytes_atomic(timing_path, bytes(cache.serialize()))
+
+
 def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options: BuildOptions = BuildOptions(),
                  progress: bool = False, log=lambda what: None, graph_precision: str | None = None):
     """Build (or take from the cache) the TensorRT engine of `spec` from its ONNX file.
@@ -371,8 +411,7 @@ def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options:
         config.builder_optimization_level = options.optimization_level
         for flag in typing.precision_flags + (("REFIT",) if options.refit else ()):
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        use_timing_cache(config, timing_path)
         network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
         add_profiles(builder, config, spec, options, [t.name for t in network_inputs if t.is_shape_tensor])
         if progress:
@@ -383,7 +422,7 @@ def build_engine(spec: NetworkSpec, onnx_path: Path, engines_dir: Path, options:
         start = time.perf_counter()
         plan = builder.build_serialized_network(network, config)
         log(f"{spec.name}: built in {time.perf_counter() - start:.1f} s")
-        write_bytes_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+        save_timing_cache(config, timing_path)
         return plan
 
     return cached_engine(spec, engines_dir, key, build, runtime.deserialize_cuda_engine)
@@ -429,7 +468,7 @@ class TensorRTEngine:
         self.spec, self.engine, self.device = spec, engine, torch.device(device)
         self.trt = trt
         self.context = engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = cuda.Stream(self.device)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if sorted(inputs) != sorted(spec.input_names) or sorted(set(names) - set(inputs)) != sorted(spec.output_names):
@@ -437,7 +476,7 @@ class TensorRTEngine:
         self.dtypes = {n: _trt_dtype_to_torch(trt, engine.get_tensor_dtype(n)) for n in names}
         # inputs whose values TensorRT reads on the host to infer shapes (SAM's orig_im_size)
         self.shape_inputs = {n for n in inputs if engine.is_shape_inference_io(n)}
-        self.graphs: dict[tuple, tuple] = {}  # static input shapes -> (graph, inputs, outputs)
+        self.graphs: dict[tuple, tuple] = {}  # static input shapes -> (graph, its context, inputs, outputs)
         self.refitter = None
         self._host_inputs: dict[str, torch.Tensor] = {}  # the last run's shape-tensor values, kept while it may run
 
@@ -447,46 +486,60 @@ class TensorRTEngine:
     def before_capture(self) -> None:
         """No state a capture could bake in (the engine is never captured by the scheduler)."""
 
-    def _buffers(self, inputs: dict[str, torch.Tensor]):
-        ins = {n: t.to("cpu" if n in self.shape_inputs else self.device, self.dtypes[n]).contiguous()
-               for n, t in inputs.items()}
-        shapes = bind_inputs(self.context, ins, self.shape_inputs, self.spec.output_names)
+    def _bind(self, context, ins: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bind `ins` to `context`; returns the output tensors it allocated and bound."""
+        shapes = bind_inputs(context, ins, self.shape_inputs, self.spec.output_names)
         outs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device) for n, s in shapes.items()}
         for name, t in outs.items():
-            self.context.set_tensor_address(name, t.data_ptr())
-        return ins, outs
+            context.set_tensor_address(name, t.data_ptr())
+        return outs
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise EngineError(f"{self.spec.name}: TensorRT execution failed")
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
         self.prepare()
-        ins, outs = self._buffers(inputs)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self._execute()
+        ins = {n: t.to("cpu" if n in self.shape_inputs else self.device, self.dtypes[n]).contiguous()
+               for n, t in inputs.items()}
+        outs = self._bind(self.context, ins)
+        self.stream.wait_stream(cuda.current_stream(self.device))
+        self._execute(self.context)
         self._host_inputs = {n: t for n, t in ins.items() if not t.is_cuda}
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        cuda.current_stream(self.device).wait_stream(self.stream)
         for t in list(ins.values()) + list(outs.values()):
             if t.is_cuda:
                 t.record_stream(self.stream)  # allocated on the caller's stream, used on ours
         return outs
 
     def replay(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Like __call__, through a CUDA graph captured once per static input shapes (and shape values)."""
+        """Like __call__, through a CUDA graph captured once per static input shapes.
+
+        Each shape has its own static input buffers (copies, never the caller's tensors: every replay
+        copies into them) and its own execution context (a context holds the shapes and scratch memory
+        its graph baked in; binding another shape to it would corrupt that graph). The warm-up runs
+        after the caller's stream, which produced the inputs. A replay runs on the caller's stream and
+        returns the graph's output buffers: valid until this shape's next replay.
+        """
         if self.shape_inputs:
             raise EngineError(f"{self.spec.name}: has shape-tensor inputs; a CUDA graph would freeze their values")
+        check_inputs(self.spec, inputs)
         key = tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items()))
         if key not in self.graphs:
-            ins, outs = self._buffers(inputs)
-            self._execute()  # warm-up outside the capture (TensorRT allocates lazily)
+            context = self.engine.create_execution_context()
+            ins = {n: torch.empty(t.shape, dtype=self.dtypes[n], device=self.device) for n, t in inputs.items()}
+            for name, t in inputs.items():
+                ins[name].copy_(t)  # on the caller's stream
+            outs = self._bind(context, ins)
+            self.stream.wait_stream(cuda.current_stream(self.device))
+            self._execute(context)  # warm-up outside the capture (TensorRT allocates lazily)
             self.stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
-            self.graphs[key] = (graph, ins, outs)
-        graph, ins, outs = self.graphs[key]
+            graph = cuda.CUDAGraph()
+            with cuda.graph(graph, stream=self.stream):
+                self._execute(context)
+            self.graphs[key] = (graph, context, ins, outs)
+        graph, _, ins, outs = self.graphs[key]
         for name, t in inputs.items():
             ins[name].copy_(t)
         graph.replay()

@@ -27,6 +27,18 @@ FORMAT = 1
 _lock = threading.Lock()
 
 
+def size_bucket(n: int) -> int:
+    """A size as an autotune key sees it: the next power of two, at least 16.
+
+    Kernels key their autotuning on these buckets, not on exact sizes, so a new element count or image
+    size in a bucket that was tuned reuses its winner instead of benchmarking every config again. Every
+    config is correct at every size (the kernels mask their tails), so only speed can differ, and sizes
+    within a factor of two favour the same tiles. Always >= 16 and a power of two, so Triton sees the
+    same integer specialization (divisible by 16) for every bucket: no extra compiles.
+    """
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
 def cache_root() -> Path:
     root = os.environ.get("EDITRT_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "editrt"

@@ -36,8 +36,9 @@ Dispatch (`kernel_handles`): fp16/bf16 on CUDA -> this kernel; fp32 on CUDA -> t
 SDPA calls (full-precision dots spilled in most configs and one took minutes to compile); CPU
 tensors under TRITON_INTERPRET=1 -> this kernel in the interpreter (every dtype, for the tests).
 Configs (`attention_configs`) are listed per padded head dim and pruned by a shared-memory estimate
-against the device's per-block limit; autotune winners persist across processes
-(kernels/autotune_cache.py).
+against the device's per-block limit; the autotuner keys on M, N_a and N_b bucketed to powers of
+two (a new element count or image size in a tuned bucket is not benchmarked again) and its winners
+persist across processes (kernels/autotune_cache.py).
 
 Work floor: 4*B*H*M*(N_a + N_b)*D FLOPs (two GEMMs per set: QK^T and PV). Bytes: the inputs are
 read once and the output written once, B*H*(2*M + 2*N_a + 2*N_b)*D*itemsize + B*M*2*H*D*itemsize;
@@ -171,7 +172,7 @@ def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N_a", "N_b", "HEAD_DIM"],
+@triton.autotune(configs=_CONFIGS, key=["M_KEY", "NA_KEY", "NB_KEY", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _dual_attention_fwd_kernel(
@@ -186,6 +187,7 @@ def _dual_attention_fwd_kernel(
     s_out_b, s_out_m,
     H, M, N_a, N_b,
     qk_scale_log2,  # scale * log2(e): the softmax runs in base 2 (exp2 is the native instruction)
+    M_KEY, NA_KEY, NB_KEY,  # autotune key only (unused): M, N_a, N_b bucketed by autotune_cache.size_bucket
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,  # D, exact: masks of the tail chunk fold to constants
     D0: tl.constexpr, D1: tl.constexpr,  # head_dim_chunks(D); D1 == 0: one chunk
@@ -380,6 +382,7 @@ def kernel_arguments(q_a, k_a, v_a, q_b, k_b, v_b, scale: float, out: torch.Tens
     for t in operands:
         args += list(t.stride()[:3])
     args += [*out.stride()[:2], H, M, k_a.shape[2], k_b.shape[2], scale * _LOG2E]
+    args += [autotune_cache.size_bucket(n) for n in (M, k_a.shape[2], k_b.shape[2])]
     constexprs = dict(
         HEAD_DIM=D, D0=d0, D1=d1,
         ALIGN=_alignment((*operands, out), q_a.element_size()),

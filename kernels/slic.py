@@ -284,7 +284,9 @@ _INTERPRETER_ASSIGN_CONFIGS = [triton.Config({"TILE_H": 32, "TILE_W": 32, "BLOCK
 _ASSIGN_CONFIGS = _INTERPRETER_ASSIGN_CONFIGS if interpreter_active() else _GPU_ASSIGN_CONFIGS
 
 
-@triton.autotune(configs=_ASSIGN_CONFIGS, key=["N", "h", "w", "H", "W", "PRUNE"])
+# keyed on size buckets (autotune_cache.size_bucket), so a new element count or image size in a tuned
+# bucket is not benchmarked again
+@triton.autotune(configs=_ASSIGN_CONFIGS, key=["N_KEY", "HW_KEY", "H_KEY", "W_KEY", "PRUNE"])
 @triton.jit(do_not_specialize=["N", "h", "w", "H", "W"])  # sizes of 1 must stay runtime ints
 def _assign_kernel(
     logits_ptr, centroids_ptr, order_ptr, labels_ptr,
@@ -292,6 +294,7 @@ def _assign_kernel(
     s_ln, s_lh, s_lw,  # logits strides (element, row, col)
     s_oh, s_ow,  # labels strides
     beta,
+    N_KEY, HW_KEY, H_KEY, W_KEY,  # autotune key only (unused): N, h * w, H, W bucketed
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
     PRUNE: tl.constexpr,
     CPU_NUMERICS: tl.constexpr,  # interpreter: PyTorch-CPU arithmetic; else PyTorch-CUDA
@@ -516,7 +519,8 @@ def assign_kernel_arguments(logits, centroids32, order, beta: float, out: torch.
     N, h, w = logits.shape
     H, W = out.shape
     cpu_numerics = logits.device.type == "cpu"
-    args = [logits, centroids32, order, out, N, h, w, H, W, *logits.stride(), *out.stride(), float(beta)]
+    args = [logits, centroids32, order, out, N, h, w, H, W, *logits.stride(), *out.stride(), float(beta),
+            *(autotune_cache.size_bucket(n) for n in (N, h * w, H, W))]
     options = dict(
         PRUNE=prune,
         CPU_NUMERICS=cpu_numerics,

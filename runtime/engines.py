@@ -118,6 +118,16 @@ class TorchEngine:
         return dict(zip(self.spec.output_names, outputs))
 
 
+def _ort_install_hint() -> str:
+    from editrt.export.onnx import ort_distributions
+
+    installed = ort_distributions()
+    if len(installed) > 1:
+        return (f"{' and '.join(installed)} are both installed and break each other: pip uninstall -y "
+                f"{' '.join(installed)} && pip install 'editrt[gpu]'")
+    return "CUDA needs onnxruntime-gpu (pip install 'editrt[gpu]') with the CUDA and cuDNN libraries it was built for"
+
+
 class OrtEngine:
     """An exported ONNX graph run by ONNX Runtime.
 
@@ -136,8 +146,9 @@ class OrtEngine:
     lora = None
 
     def __init__(self, spec: NetworkSpec, path: str | Path, device: torch.device | str = "cpu", providers=None):
-        import onnxruntime as ort
+        from editrt.export.onnx import import_onnxruntime
 
+        ort = import_onnxruntime("the onnxruntime backend")
         self.spec, self.path, self.device = spec, Path(path), torch.device(device)
         if not self.path.is_file():
             raise EngineError(f"{self.path}: missing; export it with `editrt export --component {spec.name}`")
@@ -147,7 +158,7 @@ class OrtEngine:
             if self.device.type == "cuda":
                 if "CUDAExecutionProvider" not in available:
                     raise EngineError(f"{spec.name}: CUDA requested but this onnxruntime has no CUDAExecutionProvider "
-                                      "(pip install 'editrt[gpu]')")
+                                      f"({_ort_install_hint()})")
                 device_id = self.device.index or 0
                 providers = [("CUDAExecutionProvider", {"device_id": device_id})] + providers
                 # ONNX Runtime's own TensorRT execution provider, first, when asked for and present
@@ -162,6 +173,13 @@ class OrtEngine:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise EngineError(f"{self.path}: not a loadable ONNX model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # ONNX Runtime drops a provider that fails to load (missing CUDA/cuDNN libraries, a version mismatch)
+        # with only a log line and runs on the CPU: the session's own list is the truth
+        requested = [p if isinstance(p, str) else p[0] for p in providers]
+        dropped = [p for p in requested if p not in self.session.get_providers()]
+        if dropped:
+            raise EngineError(f"{self.path}: ONNX Runtime did not load {', '.join(dropped)} (running on "
+                              f"{', '.join(self.session.get_providers())}); {_ort_install_hint()}")
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         if names != (spec.input_names, spec.output_names):
             raise EngineError(f"{self.path}: I/O {names} does not match the {spec.name} spec "

@@ -14,7 +14,8 @@ device; a graph replays the same kernels, so replay equals the eager loop bit fo
 
 `LoopCache` keeps loops by (stage, shapes, steps, guidance on/off, dtype, engine) within a byte
 budget, least recently used evicted first; a loop's bytes are its static buffers plus, once
-captured, the memory its graph's private pool reserved.
+captured, the memory its graph's private pool reserved (measured from an emptied cache), so the
+budget bounds graph pools too and an evicted loop's graph frees its pool.
 
 Weight switches under graphs: a captured graph reads parameters through their storage. The
 harmonizer's LoRA switch (models/lora.FusedLoRA) copies the new weights into that same storage,
@@ -23,17 +24,23 @@ computes with the weights of its engine. `before_capture()` clears the cross-att
 so the graph itself recomputes K/V from the (static) prompt buffer once per replay.
 
 Threads: a loop's buffers are shared state; loops run only inside their pipeline's work-queue job
-(runtime/work_queue.py), one at a time. Capture uses capture_error_mode="thread_local", so another
-thread's CUDA calls (e.g. an application's) during a capture do not invalidate it.
+(runtime/work_queue.py), one at a time. Captures of all pipelines take CAPTURE_LOCK, each on its
+own stream, with capture_error_mode="thread_local", so another thread's CUDA calls (e.g. an
+application's, or another pipeline's eager work) during a capture do not invalidate it.
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
 
 from editrt.runtime.caches import ByteLRU
+
+CAPTURE_LOCK = threading.Lock()  # one CUDA-graph capture at a time in this process (torch's rule)
+cuda = torch.cuda  # the CUDA API DenoiseLoop.capture calls; the CPU tests put a recording fake here
 
 
 @dataclass(frozen=True)
@@ -116,30 +123,49 @@ class DenoiseLoop:
         for i in range(self.key.steps):
             self._step(i)
             if callback is not None:
-                callback(i)  # eager only: progress, or a preview's cancellation check
+                callback(i)  # progress, or a preview's cancellation check (a replay calls them after)
 
     def capture(self) -> None:
-        """One warm-up of the whole loop on a side stream (allocations, cuDNN / inductor / Triton
-        autotuning: everything a capture may not do), then capture the loop as one graph."""
-        saved = self.latents.clone()
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side), torch.no_grad():
-            self._body()
-        main.wait_stream(side)
-        self.unet.before_capture()  # so the graph computes K/V from its own static prompt buffer
-        reserved = torch.cuda.memory_reserved(self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        self.latents.copy_(saved)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
-            self._body()
-        self.graph_bytes = max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        """Warm the loop up, then capture it as one graph; one capture at a time in the process.
+
+        1. The warm-up runs the whole loop on this capture's own side stream (allocations, cuDNN /
+           inductor / Triton autotuning: everything a capture may not do), starting, like the capture,
+           from `before_capture()`: torch.compile guards on the K/V caches that call clears, so a
+           warm-up from filled caches would leave the capture to compile (and inductor's autotuning
+           synchronizes, which fails inside a capture).
+        2. Two pipelines (`editrt serve` loads both editors, each with its own work queue) may capture
+           at the same time: CAPTURE_LOCK serialises captures (torch allows one per process), and each
+           captures on its own stream, not torch's one process-wide default capture stream.
+        3. torch.cuda.graph empties the allocator's cache on entry; emptying it before measuring makes
+           `graph_bytes` what the graph's private pool reserved, so the LoopCache budget bounds pools.
+        """
+        with CAPTURE_LOCK:
+            saved = self.latents.clone()
+            main = cuda.current_stream(self.device)
+            stream = cuda.Stream(self.device)
+            stream.wait_stream(main)
+            self.unet.before_capture()
+            with cuda.stream(stream), torch.no_grad():
+                self._body()
+            main.wait_stream(stream)
+            self.unet.before_capture()  # so the graph computes K/V from its own static prompt buffer
+            self.latents.copy_(saved)
+            cuda.synchronize(self.device)
+            cuda.empty_cache()
+            reserved = cuda.memory_reserved(self.device)
+            graph = cuda.CUDAGraph()
+            with cuda.graph(graph, stream=stream, capture_error_mode="thread_local"), torch.no_grad():
+                self._body()
+            self.graph_bytes = max(0, cuda.memory_reserved(self.device) - reserved)
+            self.graph = graph
 
     @torch.no_grad()
     def run(self, latents: torch.Tensor, context: dict[str, torch.Tensor], extra: torch.Tensor | None = None,
             guidance: float = 1.0, callback=None) -> torch.Tensor:
         """Copy the request into the buffers, run (or replay) the loop, return the final latents.
+
+        `callback(i)` runs after step i: between the steps when eager, after the whole replay under a
+        graph (once per step, in order), so a raising callback never lets the caller's next stage start.
 
         A context tensor that is the very one copied last time, unchanged, is not copied again, so
         the eager path keeps its cross-attention K/V across requests (a session's task prompt).
@@ -161,6 +187,10 @@ class DenoiseLoop:
             self.latents.copy_(latents)
         if self.graph is not None:
             self.graph.replay()
+            # A replay runs no Python, so the per-step callbacks (progress, a preview's cancellation check)
+            # run once it is queued: a cancelled preview stops here, before its next stage is queued.
+            for i in range(self.key.steps if callback is not None else 0):
+                callback(i)
         else:
             self._body(callback)
         return self.latents.clone()
@@ -186,7 +216,17 @@ class LoopCache:
         return loop
 
     def account(self, loop: DenoiseLoop) -> None:
-        """Re-measure a loop after its capture (its graph pool now counts against the budget)."""
+        """Re-measure a loop after its capture (its graph pool now counts against the budget).
+
+        A graph that alone exceeds the budget is dropped and its loop runs eagerly from then on: the
+        cache could not keep it, and capturing it again for every request would cost more than it saves.
+        """
+        if loop.nbytes > self.cache.budget_bytes:
+            warnings.warn(f"denoising loops: the CUDA graph of the {loop.key.stage} loop {loop.key.latent_shape} x "
+                          f"{loop.key.steps} steps reserved {loop.graph_bytes >> 20} MiB, more than the "
+                          f"{self.cache.budget_bytes >> 20} MiB budget; that loop runs eagerly", RuntimeWarning,
+                          stacklevel=2)
+            loop.graph, loop.graph_bytes, loop.use_graph = None, 0, False
         if (loop.key, id(loop.unet)) in self.cache:
             self.cache.put((loop.key, id(loop.unet)), loop, loop.nbytes)
 

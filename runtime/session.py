@@ -31,8 +31,9 @@ Threads. A session holds only its own state and owns no thread:
   queue, so many sessions on one pipeline run one job at a time, finals before previews.
 Latest wins: a new preview cancels this session's previous one (never another session's). A final
 or close() cancels a queued preview and stops a running one at its next denoising step (eager
-loops; a captured preview graph is short and finishes first); then the final runs on the caller's
-thread at FINAL priority, so a preview never blocks it for more than one step.
+loops) or, under CUDA graphs, once the replay of its current stage's loop is queued (a replay runs
+no Python; no later stage starts); then the final runs on the caller's thread at FINAL priority,
+so a preview never blocks it for more than one step (one short preview loop under graphs).
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ The fakes below (a builder/config/profile, an execution context, a refitter) onl
 our code makes and answer as NVIDIA's Python API documents; what is under test is our logic
 (which profile values, which binding order, which refit addresses), not TensorRT.
 """
+import ctypes
 import json
 import warnings
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +19,8 @@ from onnx import numpy_helper
 
 from editrt.errors import EngineError, InputError
 from editrt.export.components import export_components
-from editrt.export.specs import MAX_IMAGE_SIDE, network_specs
+from editrt.export.onnx import fp16_as_exported, to_fp16
+from editrt.export.specs import MAX_IMAGE_SIDE, NetworkSpec, TensorSpec, network_specs
 from editrt.export.tensorrt import (
     SUPPORTED_TENSORRT,
     BuildOptions,
@@ -37,6 +40,8 @@ from editrt.export.tensorrt import (
     profile_shapes,
     refit_engine,
     refit_weight_map,
+    save_timing_cache,
+    use_timing_cache,
 )
 from editrt.models.components import WeightsLayout, load_reposition_components
 from editrt.runtime.engines import conforms
@@ -327,7 +332,9 @@ def test_refit_weights_are_the_graphs_initializers_prepared_once(tiny_weights, h
         assert got.is_contiguous() and got.dtype == {"fp32": torch.float32, "fp16": torch.float16}[precision]
         np.testing.assert_array_equal(got.numpy(), initializers[name])  # c = 1: exactly what was exported
         base = components.harmonizer.base[m["param"]]
-        np.testing.assert_array_equal(weights[0.0][name].numpy(), (base.t() if m["transposed"] else base).to(got.dtype).numpy())
+        base = base.t() if m["transposed"] else base
+        np.testing.assert_array_equal(weights[0.0][name].numpy(),  # fp16: converted as the exporter converts
+                                      (fp16_as_exported(base) if precision == "fp16" else base).numpy())
     # refit hands TensorRT the prepared memory itself: no copy per switch, the same addresses every time
     events = []
     refitter = RecordingRefitter(events)
@@ -347,6 +354,33 @@ def test_refit_map_refuses_a_graph_without_the_weights(tiny_weights, tmp_path):
     export_components(tiny_weights, ["vae_decoder"], tmp_path, check=False)
     with pytest.raises(EngineError, match="no initializer holds"):
         refit_weight_map(tmp_path / "vae_decoder.onnx", {"x": torch.ones(3, 5)})
+
+
+def test_fp16_refit_map_finds_weights_the_fp16_converter_clamped(tmp_path):
+    """ONNX Runtime's fp16 converter clamps magnitudes in (0, 5.96e-8) to 5.96e-8 (a plain cast gives 0);
+    matched by a plain cast, a 1280-wide N(0, 0.02) weight had no initializer (issue 21 item 5)."""
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    w = torch.randn(320, 1280, generator=torch.Generator().manual_seed(15)) * 0.02
+    assert ((w != 0) & (w.half() == 0)).sum() == 2  # a plain cast flushes two of its values to 0, the converter not
+    # y = x W^T as the exporter folds a Linear (a transposed MatMul constant), converted by the exporter's to_fp16
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w_t"], ["y"])], "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1280])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 320])],
+                              [numpy_helper.from_array(w.t().contiguous().numpy(), "w_t")])
+    path = tmp_path / "linear.onnx"
+    onnx.save(to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), str(path))
+    refit_map = refit_weight_map(path, {"linear.weight": w})
+    assert refit_map == {"w_t": {"param": "linear.weight", "transposed": True, "dtype": "float16"}}
+    exported = next(numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name == "w_t")
+    prepared = prepare_refit_weights(refit_map, {1.0: {"linear.weight": w}}, "cpu")[1.0]["w_t"]
+    np.testing.assert_array_equal(prepared.numpy(), exported)  # a refit puts back exactly the exported weights
+    # the conversion is the converter's own, edge values included (the oracle: convert_np_to_float16)
+    edges = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 5.96e-8, -6e-8, 6e-5, 65504.0, 7e4, -7e4, float("inf"),
+                          float("-inf"), float("nan"), 0.02])
+    for t in (w, edges):
+        np.testing.assert_array_equal(fp16_as_exported(t).numpy(), convert_np_to_float16(t.numpy()))
 
 
 def test_prepare_refit_weights_lays_out_transposed_weights_once():
@@ -435,6 +469,198 @@ def test_engine_cache_builds_reuses_and_rebuilds(full_specs, tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(EngineError, match="failed to build"):
         cached_engine(spec, tmp_path / "other", "k3", lambda: None, deserialize)
+
+
+class TimingCache:
+    def __init__(self, blob: bytes):
+        self.blob = blob
+
+    def serialize(self):
+        return memoryview(self.blob + b"+timings")
+
+
+class BuilderConfig:
+    """IBuilderConfig's timing-cache calls as TensorRT documents them: set_timing_cache returns False, and
+    the config keeps no cache, for a cache recorded on another GPU or TensorRT version (ignore_mismatch=False)."""
+
+    def __init__(self, foreign: bytes):
+        self.foreign, self.cache = foreign, None
+
+    def create_timing_cache(self, blob):
+        return TimingCache(bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.blob == self.foreign and not ignore_mismatch:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def test_a_foreign_timing_cache_is_replaced_and_the_plan_still_written(full_specs, tmp_path):
+    """Issue 21 item 7: a refused cache left the config without one, serialize() then failed on None and the
+    plan was never written (every load rebuilt)."""
+    spec, timing = full_specs["vae_decoder"], tmp_path / "timing.cache"
+    timing.write_bytes(b"from another GPU")
+    config = BuilderConfig(foreign=b"from another GPU")
+
+    def build():
+        use_timing_cache(config, timing)
+        save_timing_cache(config, timing)
+        return b"PLAN"
+
+    with pytest.warns(UserWarning, match="timing cache from another GPU or TensorRT version"):
+        assert cached_engine(spec, tmp_path, "k", build, lambda data: ("engine", data)) == ("engine", b"PLAN")
+    assert plan_paths(tmp_path, spec.name)[0].read_bytes() == b"PLAN"
+    assert timing.read_bytes() == b"+timings"  # the fresh cache's timings replaced the foreign file
+    # a cache of this GPU is used as it is, silently
+    config = BuilderConfig(foreign=b"from another GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        use_timing_cache(config, timing)
+    assert config.get_timing_cache().blob == b"+timings"
+
+
+# ---------------------------------------------------------------------- TensorRTEngine.replay (issue 21, item 10)
+class ReplayLog:
+    """What the CUDA and TensorRT calls did, in order."""
+
+    def __init__(self):
+        self.events, self.capturing = [], None
+
+
+class LoggedStream:
+    def __init__(self, log, name):
+        self.log, self.name, self.cuda_stream = log, name, name
+
+    def wait_stream(self, other):
+        self.log.events.append(("wait", self.name, other.name))
+
+    def synchronize(self):
+        self.log.events.append(("synchronize", self.name))
+
+
+class LoggedGraph:
+    def __init__(self):
+        self.kernels = []
+
+    def replay(self):
+        for kernel in self.kernels:
+            kernel()
+
+
+class LoggedCuda:
+    """torch.cuda as TensorRTEngine uses it: a capture records the kernels launched inside it."""
+
+    def __init__(self, log):
+        self.log, self.main = log, LoggedStream(log, "caller")
+
+    def Stream(self, device=None):  # noqa: N802 (torch's name)
+        return LoggedStream(self.log, "engine")
+
+    def current_stream(self, device=None):
+        return self.main
+
+    def CUDAGraph(self):  # noqa: N802 (torch's name)
+        return LoggedGraph()
+
+    @contextmanager
+    def graph(self, graph, stream=None):
+        self.log.capturing = graph
+        try:
+            yield
+        finally:
+            self.log.capturing = None
+
+
+def _float_view(address: int, shape) -> np.ndarray:
+    """The float32 host memory at `address` (what an engine reads and writes through a bound address)."""
+    count = int(np.prod(shape))
+    return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address)).reshape(shape)
+
+
+class DoublingContext:
+    """An IExecutionContext of an engine computing y = 2 x, on host memory, through bound addresses."""
+
+    def __init__(self, log, number):
+        self.log, self.number, self.shapes, self.addresses = log, number, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream):
+        shape, x, y = self.shapes["x"], self.addresses["x"], self.addresses["y"]
+
+        def kernel():
+            _float_view(y, shape)[...] = 2 * _float_view(x, shape)
+
+        self.log.events.append(("execute", self.number, stream, "captured" if self.log.capturing else "run"))
+        if self.log.capturing is not None:
+            self.log.capturing.kernels.append(kernel)
+        else:
+            kernel()
+        return True
+
+
+class DoublingEngine:
+    num_io_tensors = 2
+
+    def __init__(self, log):
+        self.log, self.contexts = log, []
+
+    def create_execution_context(self):
+        self.contexts.append(DoublingContext(self.log, len(self.contexts)))
+        return self.contexts[-1]
+
+    def get_tensor_name(self, i):
+        return ["x", "y"][i]
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "x" else "output"
+
+    def get_tensor_dtype(self, name):
+        return "trt.float32"
+
+    def is_shape_inference_io(self, name):
+        return False
+
+
+def test_replay_copies_inputs_orders_the_warm_up_and_keeps_a_context_per_shape(monkeypatch):
+    from editrt.export import tensorrt as trt_module
+
+    log = ReplayLog()
+    fake_trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="input", OUTPUT="output"), float32="trt.float32",
+                               float16="trt.float16", bfloat16="trt.bfloat16", int32="trt.int32", int64="trt.int64",
+                               bool="trt.bool")
+    monkeypatch.setattr(trt_module, "tensorrt_module", lambda: fake_trt)
+    monkeypatch.setattr(trt_module, "cuda", LoggedCuda(log))
+    spec = NetworkSpec("doubler", (TensorSpec("x", ("batch", 3)),), (TensorSpec("y", ("batch", 3)),), "y = 2 x")
+    engine = TensorRTEngine(spec, DoublingEngine(log), "cpu")
+
+    first = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.equal(engine.replay(x=first)["y"], 2 * first)
+    warm_up = log.events.index(("execute", 1, "engine", "run"))
+    assert ("wait", "engine", "caller") in log.events[:warm_up]  # the warm-up reads what the caller's stream wrote
+    second = torch.tensor([[10.0, 20.0, 30.0]])
+    assert torch.equal(engine.replay(x=second)["y"], 2 * second)
+    assert torch.equal(first, torch.tensor([[1.0, 2.0, 3.0]]))  # the caller's tensor is not the static input
+    # another shape: its own graph on its own context; the first graph still computes right afterwards
+    pair = torch.tensor([[1.0, 1.0, 1.0], [4.0, 5.0, 6.0]])
+    assert torch.equal(engine.replay(x=pair)["y"], 2 * pair)
+    assert torch.equal(engine.replay(x=first)["y"], 2 * first)
+    contexts = {number for kind, number, *_ in log.events if kind == "execute"}
+    assert contexts == {1, 2}  # one context per graph shape, neither the eager one (0)
+    assert engine.engine.contexts[1].shapes["x"] == (1, 3) and engine.engine.contexts[2].shapes["x"] == (2, 3)
 
 
 # ---------------------------------------------------------------------- with TensorRT and a GPU

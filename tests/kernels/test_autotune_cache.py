@@ -169,3 +169,56 @@ torch.cuda.synchronize()
         done = subprocess.run([sys.executable, "-c", script, run], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     assert list((tmp_path / "autotune").glob("dual_attention-*.json"))
+
+
+# ---------------------------------------------------------------------- bucketed tuning keys (issue 21, item 8)
+def test_size_bucket_is_the_next_power_of_two_from_16():
+    assert [ac.size_bucket(n) for n in (0, 1, 16, 17, 32, 33, 77, 256, 257, 4096, 4097)] == \
+        [16, 16, 16, 32, 32, 64, 128, 256, 512, 4096, 8192]
+
+
+def _benchmark_counter(monkeypatch, autotuner, configs):
+    """The autotuner with `configs` and an empty table; its benchmark (GPU timing) stood in for by a
+    recorder that makes the last config win, so the later launches run a config other than the first."""
+    monkeypatch.setattr(autotuner, "configs", configs)
+    monkeypatch.setattr(autotuner, "cache", {})
+    benched = []
+
+    def bench(*args, config, **kwargs):
+        benched.append(config)
+        return [1.0 if config is configs[-1] else 2.0]
+
+    monkeypatch.setattr(autotuner, "_bench", bench)
+    return benched
+
+
+def test_dual_attention_tunes_once_per_size_bucket(monkeypatch):
+    """A new element count or image size re-benchmarked every config (the key held exact sizes); sizes in
+    one bucket now reuse the winner, and its results still equal the reference."""
+    from editrt.kernels import dual_attention as da
+
+    configs = [da._config(32, 32, 4, 1), da._config(16, 16, 4, 1)]
+    benched = _benchmark_counter(monkeypatch, da._dual_attention_fwd_kernel, configs)
+    for M, n_b in ((40, 20), (50, 30), (64, 17)):  # one bucket: M in (32, 64], N_b in (16, 32]
+        inputs = [torch.randn(1, 2, rows, 40) for rows in (M, 13, 13, M, n_b, n_b)]
+        torch.testing.assert_close(da.dual_cross_attention(*inputs), da.dual_cross_attention_reference(*inputs),
+                                   atol=1e-5, rtol=1e-5)
+    assert benched == configs  # benchmarked once, for the first size
+    inputs = [torch.randn(1, 2, rows, 40) for rows in (65, 13, 13, 65, 20, 20)]  # M in the next bucket
+    torch.testing.assert_close(da.dual_cross_attention(*inputs), da.dual_cross_attention_reference(*inputs),
+                               atol=1e-5, rtol=1e-5)
+    assert benched == configs * 2
+
+
+def test_slic_assignment_tunes_once_per_size_bucket(monkeypatch):
+    from editrt.kernels import slic
+
+    configs = [triton.Config({"TILE_H": 32, "TILE_W": 32, "BLOCK_N": 32}, num_warps=4),
+               triton.Config({"TILE_H": 16, "TILE_W": 16, "BLOCK_N": 16}, num_warps=4)]
+    benched = _benchmark_counter(monkeypatch, slic._assign_kernel, configs)
+    for N, H, W in ((20, 40, 56), (24, 33, 64), (30, 48, 50)):  # one bucket: N, H, W in (16, 32] / (32, 64]
+        logits, centroids = torch.randn(N, 8, 8) * 4, torch.rand(N, 2)
+        out = torch.full((H, W), -7, dtype=torch.int64)
+        slic._launch_assign(logits, centroids, 64.0, H, W, out)
+        assert torch.equal(out, slic.assign_reference(logits, centroids, 64.0, (H, W)))
+    assert benched == configs
