@@ -27,9 +27,9 @@ ELEMENTS_NETWORKS = ("content_encoder", "element_unet", "element_vae_decoder", "
 
 def check_backend(backend: str, engines: str | Path | None) -> None:
     if backend not in BACKENDS:
-        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}", field="backend")
     if backend != "torch" and engines is None:
-        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`")
+        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`", field="engines")
 
 
 @dataclass
@@ -97,10 +97,10 @@ def build_engines(editor: str, weights: str | Path, backend: str = "torch", *, d
     from editrt.runtime.engines import conforms
 
     if editor not in DENOISERS:
-        raise InputError(f"editor: expected 'reposition' or 'elements', got {editor!r}")
+        raise InputError(f"editor: expected 'reposition' or 'elements', got {editor!r}", field="editor")
     check_backend(backend, engines_dir)
     if compile and backend != "torch":
-        raise InputError(f"compile: torch.compile runs the torch backend only, not {backend}")
+        raise InputError(f"compile: torch.compile runs the torch backend only, not {backend}", field="compile")
     device = resolve_device(device)
     w = editor_settings(weights, "inpaint" if editor == "reposition" else "elements")
     names = REPOSITION_NETWORKS if editor == "reposition" else ELEMENTS_NETWORKS
@@ -120,7 +120,7 @@ def resolve_cuda_graphs(requested: bool | None, optimize: bool, capable: bool, w
     True -> always (InputError where the denoiser engines cannot be captured)."""
     if requested and not capable:
         raise InputError(f"cuda_graphs=True: {what} cannot be captured in a CUDA graph "
-                         "(needs the torch backend on a CUDA device)")
+                         "(needs the torch backend on a CUDA device)", field="cuda_graphs")
     return capable and (optimize if requested is None else bool(requested))
 
 
