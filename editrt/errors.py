@@ -15,14 +15,7 @@ class EditError(Exception):
 
     def __init__(self, *args, field: str | None = None):
         super().__init__(*args)
-        self.field = field
-
-    def __reduce__(self):  # keep the field across pickling (Ray replicas, process pools)
-        return _rebuild, (type(self), self.args, self.field)
-
-
-def _rebuild(cls, args, field):
-    return cls(*args, field=field)
+        self.field = field  # BaseException pickles __dict__: the field survives Ray and process pools
 
 
 class InputError(EditError, ValueError):
