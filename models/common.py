@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from editrt.errors import InputError
+from editrt.models.dtype_names import DTYPE_ALIASES, DTYPE_NAMES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Spellings users of torch and diffusers type for the same three precisions.
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 DTYPE_CHOICES = tuple(DTYPES) + tuple(DTYPE_ALIASES)
 _NAMES = {v: k for k, v in DTYPES.items()}
 
