@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ def pixel_key(rgb: np.ndarray) -> tuple:
     return ("pixels", rgb.shape, hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest())
 
 
+_TF32_LOCK = threading.Lock()
+_tf32 = {"users": 0, "saved": None}  # threads inside tf32_matmuls, and the flags the first of them found
+
+
 @contextlib.contextmanager
 def tf32_matmuls(device: torch.device):
     """TF32 for fp32 matmuls and convolutions on CUDA, for the duration only (restored after).
@@ -40,16 +45,27 @@ def tf32_matmuls(device: torch.device):
     embedding, which the mask threshold tolerates. The flags are process-global, so while the
     encoder runs they also apply to other threads' fp32 CUDA matmuls; the pipeline's own work is
     serialized by its work queue. No effect on the CPU.
+
+    Two editors' queues may run their encoders at once: a per-call save/restore would then let the
+    first to leave turn TF32 off under the second, and the second restore the first's True for good.
+    One process-wide count under a lock instead: the first to enter saves and sets, the last to leave
+    restores.
     """
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with _TF32_LOCK:
+        if _tf32["users"] == 0:
+            _tf32["saved"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        _tf32["users"] += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _TF32_LOCK:
+            _tf32["users"] -= 1
+            if _tf32["users"] == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _tf32["saved"]
 
 
 class Segmenter:
