@@ -83,10 +83,6 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=disk)
 
 
-def to_pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image)
-
-
 def shift_or_warp(image: np.ndarray, mask: np.ndarray, dx: float, dy: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Move the masked pixels by (dx, dy) and scale them about the mask's bounding-box centre.
 
