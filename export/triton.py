@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editrt.errors import InputError
-from editrt.export.specs import NetworkSpec, TensorSpec, network_specs
+from editrt.export.specs import NetworkSpec, TensorSpec, editor_networks, network_specs
 
 # --------------------------------------------------------------------------- engine models
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
@@ -270,13 +270,10 @@ def resolve_models(components: str | list[str], available_engines) -> tuple[list
     return [n for n in names if n in PIPELINE_MODELS], [n for n in names if n in available_engines]
 
 
-# the engines each pipeline model runs (runtime/backends.py REPOSITION_NETWORKS / ELEMENTS_NETWORKS)
-EDITOR_NETWORKS = {
-    "reposition": ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
-                   "sam_mask_decoder", "sam_mask_decoder_grid"),
-    "elements": ("content_encoder", "element_unet", "element_vae_decoder", "sam_image_encoder", "sam_mask_decoder",
-                 "sam_mask_decoder_grid"),
-}
+def bls_routes(editor: str, engine_names) -> list[str]:
+    """The engines among `engine_names` a pipeline model of `editor` calls over BLS: the editor's networks
+    (export/specs.NETWORK_ROLES) but the optional depth and matting, which run in the pipeline model."""
+    return sorted(n for n in engine_names if n in editor_networks(editor, optional=False))
 
 
 def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | None = None,
@@ -326,7 +323,7 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
     def write(tmp: Path) -> None:
         for name in pipelines:
             model = PIPELINE_MODELS[name]
-            routes = sorted(n for n in engine_names if n in EDITOR_NETWORKS[model.editor]) if use_bls else []
+            routes = bls_routes(model.editor, engine_names) if use_bls else []
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(pipeline_config(
                 model, {**parameters, **({"bls": ",".join(routes)} if routes else {})}, instance_kind))
