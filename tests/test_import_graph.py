@@ -164,8 +164,7 @@ def test_cli_does_not_import_bench_and_bench_does_not_import_cli_at_module_level
 def _modules_loaded_by(args: list[str]) -> set[str]:
     code = ("import sys\nfrom editrt.cli import main\nrc = main(sys.argv[1:])\n"
             "print(' '.join(sorted(sys.modules)))\nsys.exit(rc)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return set(done.stdout.split("\n")[-2].split())
 
