@@ -65,7 +65,7 @@ def resolve_components(names: list[str] | str, weights: str | Path | None = None
     unknown = [n for n in names if n not in components]
     if unknown:
         raise InputError(f"--component {unknown[0]!r}: expected 'all' or one of {', '.join(components)}",
-                         field="component")
+                         field="names")
     return names
 
 
@@ -78,7 +78,7 @@ def export_components(weights: str | Path, names, out_dir: str | Path, check: bo
     from tqdm.auto import tqdm
 
     if precision not in ONNX_PRECISIONS:
-        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
+        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}", field="precision")
     layout = WeightsLayout(weights)
     layout.check_root()
     names = resolve_components(names, weights)

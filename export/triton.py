@@ -266,7 +266,7 @@ def resolve_models(components: str | list[str], available_engines) -> tuple[list
         engines_hint = f"; engines in --engines: {', '.join(sorted(available_engines))}" if available_engines else \
             " (engine models need --engines DIR, the folder `editrt export` wrote)"
         raise InputError(f"--component {unknown[0]!r}: expected 'all' or pipeline models "
-                         f"{', '.join(PIPELINE_MODELS)}{engines_hint}")
+                         f"{', '.join(PIPELINE_MODELS)}{engines_hint}", field="components")
     return [n for n in names if n in PIPELINE_MODELS], [n for n in names if n in available_engines]
 
 
@@ -298,13 +298,13 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
     specs = network_specs(layout.network_config())
     engines_dir = None if engines is None else Path(engines).resolve()
     if engines_dir is not None and not engines_dir.is_dir():
-        raise InputError(f"--engines {engines}: not a directory; expected the folder `editrt export` wrote")
+        raise InputError(f"--engines {engines}: not a directory; expected the folder `editrt export` wrote", field="engines")
     if backend not in ("torch", "onnxruntime", "tensorrt"):
-        raise InputError(f"backend {backend!r}: expected torch, onnxruntime or tensorrt")
+        raise InputError(f"backend {backend!r}: expected torch, onnxruntime or tensorrt", field="backend")
     if backend != "torch" and engines_dir is None:
-        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`")
+        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`", field="engines")
     if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device {device!r}: expected auto, cpu or cuda")
+        raise InputError(f"device {device!r}: expected auto, cpu or cuda", field="device")
     found = {} if engines_dir is None else {n: f for n, f in _engine_files(engines_dir).items() if n in specs}
     pipelines, engine_names = resolve_models(components, found)
     if device == "auto":

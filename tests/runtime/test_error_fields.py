@@ -84,3 +84,17 @@ def test_field_defaults_to_none_and_survives_pickling():
     assert InputError("x").field is None
     err = pickle.loads(pickle.dumps(InputError("points: outside", field="points")))
     assert isinstance(err, EditError) and err.field == "points" and str(err) == "points: outside"
+
+
+def test_loading_and_export_options_name_their_field(tiny_weights):
+    from editrt.export.components import resolve_components
+    from editrt.runtime.reposition import RepositionPipeline
+
+    for kwargs, field in ((dict(backend="tensorrt"), "engines"), (dict(backend="mxnet"), "backend"),
+                          (dict(device="tpu"), "device"), (dict(dtype="fp12"), "dtype")):
+        with pytest.raises(InputError) as e:
+            RepositionPipeline.from_pretrained(tiny_weights, **kwargs)
+        assert e.value.field == field, str(e.value)
+    with pytest.raises(InputError) as e:
+        resolve_components(["sam"])
+    assert e.value.field == "names"
