@@ -159,6 +159,10 @@ DEPLOY = [  # tests/deploy and `editrt serve --ray`: Ray Serve, and tritonclient
     "ray[serve]>=2.40",
     "tritonclient[http,grpc]>=2.50",
 ]
+TRAIN = [  # editrt train
+    "accelerate>=1.0",  # devices, mixed precision, accumulation, multi-process, checkpoints
+    "pycocotools>=2.0.7",  # COCO polygons and RLE (--coco)
+]
 SERVE = [  # editrt serve: FastAPI on uvicorn
     "fastapi>=0.110",
     "uvicorn>=0.29",
@@ -180,6 +184,7 @@ setup(
         "editrt.runtime.server",
         "editrt.runtime.server.routers",
         "editrt.bench",
+        "editrt.train",
     ],
     package_data={
         "editrt": ["configs/*.json", "assets/*"],
@@ -210,7 +215,9 @@ setup(
         "deploy": [*SERVE, *DEPLOY],
         "gpu": ["onnxruntime-gpu>=1.18"],
         "watermark": ["invisible-watermark>=0.2"],
+        "train": TRAIN,
         "dev": [
+            *TRAIN,
             "pytest>=8",
             "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
             "ruff>=0.6",
