@@ -70,6 +70,8 @@ def cmd_train_prompts(args) -> None:
         val_fraction=args.val_fraction, min_object_fraction=args.min_object_fraction,
         gradient_checkpointing=args.gradient_checkpointing)
     run = train_task_prompt(settings, _loop_settings(args, f"prompts-{args.task}"), log=_say(args))
+    if not run.main:
+        return
     out, result = run.output, run.result
     which = f"best validation loss {result.best_val_loss:.5g} at step {result.best_step}" \
         if result.best is not None else f"step {result.step}"

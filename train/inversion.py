@@ -97,7 +97,8 @@ class FrozenInpainter:
         embeds = prompt(model_input.shape[0]).to(self.dtype)  # (B, L, C); the gradient reaches z in fp32
         pred = self.unet(model_input, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
         target = self.target(latents, batch["noise"].to(self.dtype), timesteps)
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        dtype = torch.promote_types(self.dtype, torch.float32)  # fp16/bf16 runs: the loss in fp32; fp64 stays
+        return F.mse_loss(pred.to(dtype), target.to(dtype), reduction="none").mean(dim=(1, 2, 3))
 
 
 @dataclass
@@ -166,6 +167,9 @@ def train_task_prompt(settings: InversionSettings, loop: LoopSettings, log=lambd
     if isinstance(settings.resolution, bool) or settings.resolution < 8 or settings.resolution % 8:
         raise InputError(f"--resolution {settings.resolution}: expected a positive multiple of 8")
     loop.check()
+    accelerator = accelerator or make_accelerator(loop)
+    if not accelerator.is_main_process:  # one process speaks for all
+        log = lambda what: None  # noqa: E731
     layout = WeightsLayout(settings.weights)
     layout.check_root()
     out = output_path(settings)
@@ -177,8 +181,7 @@ def train_task_prompt(settings: InversionSettings, loop: LoopSettings, log=lambd
     source, kept = kept_prompts(settings, width)
     tokens = kept["remove"].shape[0]
 
-    # 2. Accelerate, the frozen networks in the weight dtype, the prompt from text.
-    accelerator = accelerator or make_accelerator(loop)
+    # 2. The frozen networks in the weight dtype, the prompt from text.
     frozen = FrozenInpainter(layout, accelerator.device, weight_dtype(accelerator))
     if settings.gradient_checkpointing:
         frozen.unet.enable_gradient_checkpointing()
@@ -218,7 +221,7 @@ def train_task_prompt(settings: InversionSettings, loop: LoopSettings, log=lambd
         write_atomic(out, lambda tmp: save_task_prompts(tmp, {k: prompts[k] for k in PROMPT_KEYS},
                                                          base_model=str(layout.inpaint), metadata=metadata))
     accelerator.wait_for_everyone()
-    return InversionRun(out, result, frozen, prompt)
+    return InversionRun(out, result, frozen, prompt, accelerator.is_main_process)
 
 
 @dataclass
@@ -227,3 +230,4 @@ class InversionRun:
     result: object  # train/job.LoopResult
     frozen: FrozenInpainter
     prompt: TaskPrompt
+    main: bool  # this is the main process (the one that wrote the output)

@@ -30,6 +30,15 @@ def test_remove_mask_is_the_object_shape_displaced_over_background(seed):
     assert r.occupied_pixels == 0 and not (r.mask & occupied).any()  # over background only
 
 
+def test_remove_mask_moves_the_object_even_in_a_tight_frame():
+    obj = np.zeros((10, 10), bool)
+    obj[:9, :9] = True  # offsets in {0, 1} x {0, 1}: (0, 0) is a quarter of the draws
+    everywhere = np.ones_like(obj)  # no free place: every offset ties, and (0, 0) must still lose
+    for seed in range(32):
+        r = remove_mask(obj, everywhere, np.random.default_rng(seed))
+        assert r.offset != (0, 0) and np.array_equal(shift(r.mask, -r.offset[0], -r.offset[1]), obj)
+
+
 def test_remove_mask_takes_the_least_occupied_place_when_no_place_is_free():
     obj = np.zeros((20, 20), bool)
     obj[2:8, 2:8] = True
@@ -40,9 +49,17 @@ def test_remove_mask_takes_the_least_occupied_place_when_no_place_is_free():
     assert r.occupied_pixels == int((r.mask & occupied).sum()) == 0
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_complete_mask_is_a_connected_part_of_the_object_dilated(seed):
-    obj, _ = _scene()
+def _u_shape():
+    """A non-convex object: a cut across it can leave two pieces, of which the part keeps one."""
+    obj = np.zeros((40, 40), bool)
+    obj[5:35, 5:12] = obj[5:35, 28:35] = obj[28:35, 5:35] = True
+    return obj
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("shape", ["ellipse", "u"])
+def test_complete_mask_is_a_connected_part_of_the_object_dilated(seed, shape):
+    obj = _scene()[0] if shape == "ellipse" else _u_shape()
     c = complete_mask(obj, np.random.default_rng(seed), max_radius=3)
     assert c.part.any() and not (c.part & ~obj).any()  # a part of the object
     assert c.part.sum() < obj.sum()  # a part, not the whole (the kept fraction is at most 0.8)
@@ -74,6 +91,9 @@ def test_samples_are_functions_of_seed_and_index(plain_dataset):
     assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
     assert s["noise"].shape == (4, 4, 4) and s["posterior_noise"].shape == (2, 4, 4, 4)
     assert 0 <= int(s["timestep"]) < 1000 and s["mask"].sum() > 0
+    # the same image (validation sample i shows image i % 6), another index: other draws
+    val = InversionSamples(records, "remove", 32, 0, 1, (4, 4, 4), 1000)
+    assert not _same(val[0], val[6])
     # the stream's generator is (seed, stream, index): another stream draws other samples
     assert not _same(s, InversionSamples(records, "remove", 32, 0, 1, (4, 4, 4), 1000)[5])
     assert sample_rng(0, 0, 5).integers(1 << 30) == sample_rng(0, 0, 5).integers(1 << 30)
