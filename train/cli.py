@@ -78,8 +78,24 @@ def cmd_train_prompts(args) -> None:
     _say(args)(f"{args.task} prompt ({which}) -> {out}")
 
 
+def cmd_train_harmonizer(args) -> None:
+    from editrt.train.harmonizer import HarmonizerSettings, train_harmonizer
+    from editrt.weights import resolve_weights
+
+    weights = resolve_weights(args.weights, log=_say(args))
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    settings = HarmonizerSettings(
+        weights=Path(weights), data=Path(args.data), output=Path(args.output) if args.output else None,
+        lora_output=Path(args.lora_output) if args.lora_output else None, init_text=args.init_text,
+        rank=args.lora_rank, targets=targets, resolution=args.resolution, val_fraction=args.val_fraction,
+        gradient_checkpointing=args.gradient_checkpointing)
+    run = train_harmonizer(settings, _loop_settings(args, "harmonizer"), log=_say(args))
+    if run.main:
+        _say(args)(f"harmonize prompt -> {run.output}, LoRA -> {run.lora_output}")
+
+
 def add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train the learned parts (task prompts) on Accelerate")
+    train = sub.add_parser("train", help="train the learned parts (task prompts, harmonizer) on Accelerate")
     jobs = train.add_subparsers(dest="train_command", required=True, metavar="JOB")
 
     p = jobs.add_parser("prompts", help="SEELE task inversion (Eq. 1): the remove or complete task prompt")
@@ -97,3 +113,21 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resolution", type=int, default=512, help="square training crops (default 512, SD-2's)")
     _loop_options(p)
     p.set_defaults(func=cmd_train_prompts)
+
+    p = jobs.add_parser("harmonizer", help="SEELE's harmonizer (Eq. 2): the harmonize prompt and a LoRA")
+    p.add_argument("--weights", help="weights directory with inpaint/ and task_prompts.safetensors "
+                   "(default: $EDITRT_WEIGHTS)")
+    p.add_argument("--data", required=True, metavar="DIR", help="iHarmony4 layout: composite_images/, masks/, "
+                   "real_images/, NAME_train.txt")
+    p.add_argument("-o", "--output", metavar="FILE.safetensors",
+                   help="task prompts (default: the weights folder's task_prompts.safetensors, other tasks kept)")
+    p.add_argument("--lora-output", metavar="FILE.safetensors",
+                   help="default: the weights folder's harmonizer_lora.safetensors")
+    p.add_argument("--lora-rank", type=int, default=51, help="LoRA rank (default 51: 5.09M parameters on SD-2 with "
+                   "the default targets, the paper's adapter has 5.12M)")
+    p.add_argument("--lora-targets", default="attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0",
+                   help="comma-separated suffixes of the UNet's linear layers (default: self-attention q, k, v, out)")
+    p.add_argument("--init-text", help="the description the harmonize prompt starts from")
+    p.add_argument("--resolution", type=int, default=512, help="square training crops (default 512)")
+    _loop_options(p)
+    p.set_defaults(func=cmd_train_harmonizer)

@@ -184,3 +184,51 @@ def split_train_val(records: list[ObjectImage], val_fraction: float, seed: int) 
     val = sorted(order[:n_val].tolist())
     chosen = set(val)
     return [r for i, r in enumerate(records) if i not in chosen], [records[i] for i in val]
+
+
+@dataclass(frozen=True)
+class HarmonyPair:
+    """One iHarmony4 training pair: the composite (inharmonious), its foreground mask, the real image."""
+    composite: Path
+    mask: Path
+    real: Path
+    size: tuple[int, int]  # (H, W)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(composite RGB, real RGB, bool mask)."""
+        with Image.open(self.composite) as a, Image.open(self.real) as b:
+            return np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")), _read_mask(self.mask)
+
+
+def check_iharmony(folder: str | Path) -> list[HarmonyPair]:
+    """iHarmony4 layout: DIR/*_train.txt list composites NAME_K_J.jpg; DIR/composite_images/NAME_K_J.jpg,
+    DIR/masks/NAME_K.png and DIR/real_images/NAME.jpg, all of one size."""
+    folder = Path(folder)
+    for sub in ("composite_images", "masks", "real_images"):
+        if not (folder / sub).is_dir():
+            raise InputError(f"{folder / sub}: missing; expected the iHarmony4 layout (composite_images/, masks/, "
+                             "real_images/, *_train.txt)")
+    lists = sorted(folder.glob("*_train.txt"))
+    if not lists:
+        raise InputError(f"{folder}: no *_train.txt list; expected iHarmony4's NAME_train.txt of composite images")
+    pairs = []
+    for listing in lists:
+        lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        for line in lines:
+            composite = folder / "composite_images" / Path(line).name
+            name, k, j = (Path(line).stem.rsplit("_", 2) + ["", ""])[:3]
+            if not (k.isdigit() and j.isdigit()):
+                raise InputError(f"{listing}: line {line!r}: expected a composite named NAME_K_J.jpg")
+            real = next((p for p in (folder / "real_images" / f"{name}{s}" for s in IMAGE_SUFFIXES) if p.is_file()),
+                        folder / "real_images" / f"{name}.jpg")
+            mask = folder / "masks" / f"{name}_{k}.png"
+            size = _open_size(composite, f"a composite listed in {listing.name}")
+            for path, what in ((mask, "its foreground mask"), (real, "its real image")):
+                if _open_size(path, f"{what} (for {composite.name})") != size:
+                    h, w = _open_size(path, what)
+                    raise InputError(f"{path}: size {w}x{h} differs from its composite {composite.name} "
+                                     f"({size[1]}x{size[0]})")
+            pairs.append(HarmonyPair(composite, mask, real, size))
+    if not pairs:
+        raise InputError(f"{', '.join(str(p) for p in lists)}: empty; expected composite image names, one a line")
+    return pairs

@@ -29,14 +29,14 @@ def epoch_image(seed: int, index: int, count: int) -> int:
     return int(order[index % count])
 
 
-def square_crop(rgb: np.ndarray, masks: list[np.ndarray], focus: np.ndarray, resolution: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Short side resized to `resolution` (LANCZOS; masks nearest), then a random square crop holding
-    as much of the `focus` mask's bounding box as fits."""
-    h, w = rgb.shape[:2]
+def square_crop(rgbs: list[np.ndarray], masks: list[np.ndarray], focus: np.ndarray, resolution: int,
+                rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Short side resized to `resolution` (LANCZOS; masks nearest), then one random square crop of all of them
+    holding as much of the `focus` mask's bounding box as fits."""
+    h, w = focus.shape
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))  # PIL (W, H)
-    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS))
+    rgbs = [np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS)) for rgb in rgbs]
     masks = [np.asarray(Image.fromarray(m).resize(size, Image.NEAREST)) for m in masks]
     focus = np.asarray(Image.fromarray(focus).resize(size, Image.NEAREST))
     rows, cols = np.nonzero(focus)
@@ -54,7 +54,7 @@ def square_crop(rgb: np.ndarray, masks: list[np.ndarray], focus: np.ndarray, res
     oy = offset(rows.min(), rows.max(), size[1])
     ox = offset(cols.min(), cols.max(), size[0])
     window = (slice(oy, oy + resolution), slice(ox, ox + resolution))
-    return rgb[window], [m[window] for m in masks]
+    return [rgb[window] for rgb in rgbs], [m[window] for m in masks]
 
 
 def inversion_sample(record: ObjectImage, task: str, resolution: int, rng: np.random.Generator,
@@ -65,7 +65,7 @@ def inversion_sample(record: ObjectImage, task: str, resolution: int, rng: np.ra
     # 1. The object (never a crowd region or a sliver), then a crop that holds it.
     candidates = [i for i, ok in enumerate(pickable) if ok and masks[i].any()]
     chosen = candidates[int(rng.integers(len(candidates)))]
-    rgb, masks = square_crop(rgb, masks, masks[chosen], resolution, rng)
+    (rgb,), masks = square_crop([rgb], masks, masks[chosen], resolution, rng)
     obj = masks[chosen]
     if not obj.any():  # cropped away entirely (a very long thin object): the nearest stand-in is its box
         obj = np.zeros_like(obj)
@@ -76,25 +76,29 @@ def inversion_sample(record: ObjectImage, task: str, resolution: int, rng: np.ra
         mask = remove_mask(obj, occupied, rng).mask
     else:
         mask = complete_mask(obj, rng, max_radius=max(1, round(0.02 * resolution))).mask
-    # 3. t and the noises, from a torch generator seeded by this sample's own stream.
+    # 3. t and the noises.
+    return {"image": as_tensor(rgb), "mask": torch.from_numpy(mask.astype(np.float32))[None],  # (1, R, R): 1 = regenerate
+            **noise_draws(rng, latent_shape, train_timesteps)}
+
+
+def as_tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, R, R) in [-1, 1]
+
+
+def noise_draws(rng: np.random.Generator, latent_shape: tuple[int, int, int], train_timesteps: int) -> dict:
+    """t, eps and two VAE posterior noises, from a torch generator seeded by this sample's own stream."""
     timestep = int(rng.integers(0, train_timesteps))
     generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
     noise = torch.randn(latent_shape, generator=generator)  # (4, h, w)
-    posterior_noise = torch.randn((2, *latent_shape), generator=generator)  # image latents | condition latents
-    image = torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, R, R) in [-1, 1]
-    return {
-        "image": image.contiguous(),
-        "mask": torch.from_numpy(mask.astype(np.float32))[None],  # (1, R, R), 1 = regenerate
-        "timestep": torch.tensor(timestep),
-        "noise": noise,
-        "posterior_noise": posterior_noise,
-    }
+    posterior_noise = torch.randn((2, *latent_shape), generator=generator)  # target latents | condition latents
+    return {"timestep": torch.tensor(timestep), "noise": noise, "posterior_noise": posterior_noise}
 
 
-class InversionSamples(torch.utils.data.Dataset):
-    """Index -> sample: training stream g (an image by seeded permutation) or validation sample i (image i % n)."""
+class IndexedSamples(torch.utils.data.Dataset):
+    """Index -> sample: training stream g (a record by seeded permutation) or validation sample i (record i % n).
+    Subclasses say how a record becomes a sample (`make`)."""
 
-    def __init__(self, records: list[ObjectImage], task: str, resolution: int, seed: int, stream: int,
+    def __init__(self, records: list, task: str, resolution: int, seed: int, stream: int,
                  latent_shape: tuple[int, int, int], train_timesteps: int):
         self.records, self.task, self.resolution, self.seed, self.stream = records, task, resolution, seed, stream
         self.latent_shape, self.train_timesteps = latent_shape, train_timesteps
@@ -106,5 +110,14 @@ class InversionSamples(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.stream, index)
         n = len(self.records)
         image = epoch_image(self.seed, index, n) if self.stream == TRAIN_STREAM else index % n
-        return inversion_sample(self.records[image], self.task, self.resolution, rng, self.latent_shape,
-                                self.train_timesteps)
+        return self.make(self.records[image], rng)
+
+    def make(self, record, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class InversionSamples(IndexedSamples):
+    """Eq. (1) samples: an object image, the task's mask (remove / complete)."""
+
+    def make(self, record: ObjectImage, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return inversion_sample(record, self.task, self.resolution, rng, self.latent_shape, self.train_timesteps)

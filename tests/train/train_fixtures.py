@@ -32,3 +32,24 @@ def write_plain_dataset(folder: Path, size_hw=SIZE, photos=PHOTOS) -> Path:
         for j, m in enumerate(object_masks(size_hw, k)):
             Image.fromarray(m.astype(np.uint8) * 255).save(folder / "masks" / f"{name}_{j}.png")
     return folder
+
+
+def write_iharmony_dataset(folder: Path, size_hw=SIZE, photos=PHOTOS[:4]) -> Path:
+    """iHarmony4's layout: each photo is the real image; its composite has the ellipse's colours shifted."""
+    from skimage import data
+
+    for sub in ("composite_images", "masks", "real_images"):
+        (folder / sub).mkdir(parents=True)
+    names = []
+    for k, name in enumerate(photos):
+        rgb = np.asarray(Image.fromarray(getattr(data, name)()).convert("RGB").resize((size_hw[1], size_hw[0])))
+        mask = object_masks(size_hw, k)[0]
+        composite = rgb.astype(np.int16)
+        composite[mask] = np.clip(composite[mask] * np.array([1.3, 0.8, 0.6]) + 20, 0, 255)
+        stem = name.replace("_", "")  # NAME_K_J with K = 1, J = 1
+        Image.fromarray(rgb).save(folder / "real_images" / f"{stem}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{stem}_1.png")
+        Image.fromarray(composite.astype(np.uint8)).save(folder / "composite_images" / f"{stem}_1_1.jpg", quality=95)
+        names.append(f"{stem}_1_1.jpg")
+    (folder / "HTest_train.txt").write_text("\n".join(names) + "\n")
+    return folder
