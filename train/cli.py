@@ -54,11 +54,25 @@ def _loop_settings(args, job: str):
         cpu=args.cpu, quiet=args.quiet)
 
 
+def _needs(module: str) -> None:
+    """A missing training dependency is one line, before anything runs."""
+    import importlib.util
+
+    from editrt.errors import InputError
+
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"editrt train: needs the module {module!r}, which is not installed "
+                         "(pip install 'editrt[train]')")
+
+
 def _say(args):
     return (lambda what: None) if args.quiet else (lambda what: print(f"editrt: {what}", file=sys.stderr))
 
 
 def cmd_train_prompts(args) -> None:
+    _needs("accelerate")
+    if args.coco:
+        _needs("pycocotools")
     from editrt.train.inversion import InversionSettings, train_task_prompt
     from editrt.weights import resolve_weights
 
@@ -79,6 +93,7 @@ def cmd_train_prompts(args) -> None:
 
 
 def cmd_train_harmonizer(args) -> None:
+    _needs("accelerate")
     from editrt.train.harmonizer import HarmonizerSettings, train_harmonizer
     from editrt.weights import resolve_weights
 

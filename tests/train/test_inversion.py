@@ -139,6 +139,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_weights, plain_datase
     assert resumed.result.best_step == whole.result.best_step
     rows = [r for r in _log(tmp_path / "parts.jsonl") if "step" in r and "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr", "samples_per_s"} <= set(r) and r["samples_per_s"] > 0 for r in rows)
+    assert ["val_loss" in r for r in rows] == [False, True, False, True]  # --val-every 2
     assert [r["loss"] for r in rows] == [r["loss"] for r in _log(tmp_path / "whole.jsonl") if "loss" in r]
 
 
