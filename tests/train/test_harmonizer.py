@@ -35,14 +35,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _train(weights, data, tmp_path, name, **loop):
+def _train(weights, data, tmp_path, name, on_step=None, **loop):
     options = dict(steps=2, batch_size=2, micro_batch=1, lr=1e-2, val_samples=2, val_every=2, save_every=2,
                    workers=0, cpu=True, quiet=True, checkpoints=tmp_path / f"{name}-ck", log=tmp_path / f"{name}.jsonl")
     options.update(loop)
     settings = HarmonizerSettings(weights=Path(weights), data=Path(data), output=tmp_path / f"{name}-prompts.safetensors",
                                   lora_output=tmp_path / f"{name}-lora.safetensors", rank=4, targets=TARGETS,
                                   resolution=RESOLUTION)
-    return train_harmonizer(settings, LoopSettings(**options))
+    return train_harmonizer(settings, LoopSettings(**options), on_step=on_step)
 
 
 def _batch(data, frozen, indices=(0, 1)):
@@ -173,3 +173,20 @@ def test_a_bad_iharmony_folder_is_one_error_naming_the_file(tmp_path, how):
     with pytest.raises(InputError) as e:
         check_iharmony(folder)
     assert str(bad) in str(e.value)
+
+
+def test_an_interrupted_harmonizer_run_resumes_to_the_same_files(tiny_weights, iharmony_dataset, tmp_path):
+    """Prompt and LoRA (and AdamW's state for both) go through accelerate's save_state / load_state."""
+    whole = _train(tiny_weights, iharmony_dataset, tmp_path, "whole", steps=3, save_every=1, val_every=1)
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_weights, iharmony_dataset, tmp_path, "parts", steps=3, save_every=1, val_every=1,
+               on_step=interrupt)
+    resumed = _train(tiny_weights, iharmony_dataset, tmp_path, "parts", steps=3, save_every=1, val_every=1,
+                     resume="latest")
+    for a, b in ((whole.output, resumed.output), (whole.lora_output, resumed.lora_output)):
+        x, y = load_file(str(a)), load_file(str(b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
