@@ -98,9 +98,10 @@ def _coco_file(folder, records):
         if i % 3 == 0:
             rows, cols = np.nonzero(box)
             x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
-            seg = [[float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]]  # a polygon: the box's outline
-            ellipse_seg = seg
-            ellipse = box
+            # an object in two pieces: two polygons, the box's outline and a square's
+            ellipse_seg = [[float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)], [2.0, 2.0, 10.0, 2.0, 10.0, 10.0, 2.0, 10.0]]
+            ellipse = box.copy()
+            ellipse[2:10, 2:10] = True
         elif i % 3 == 1:
             rle = coco_mask.encode(np.asfortranarray(ellipse.astype(np.uint8)))
             ellipse_seg = {"size": rle["size"], "counts": rle["counts"].decode()}
