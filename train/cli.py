@@ -13,10 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from editrt.errors import InputError
 
-def _loop_options(p: argparse.ArgumentParser, steps: int = 9000, batch: int = 32, lr: float = 8e-5) -> None:
-    g = p.add_argument_group("optimisation (defaults: paper 000 App. A.2)")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+
+def _loop_options(p: argparse.ArgumentParser, steps: int | None = 9000, batch: int = 32, lr: float = 8e-5,
+                  paper: str = "paper 000 App. A.2") -> None:
+    g = p.add_argument_group(f"optimisation (defaults: {paper})")
+    g.add_argument("--steps", type=int, default=steps,
+                   help=f"optimizer steps (default {steps if steps else '30 passes over the training images'})")
     g.add_argument("--batch-size", type=int, default=batch,
                    help=f"global batch: processes x --micro-batch x accumulation (default {batch})")
     g.add_argument("--micro-batch", type=int, default=4,
@@ -57,8 +61,6 @@ def _loop_settings(args, job: str):
 def _needs(module: str) -> None:
     """A missing training dependency is one line, before anything runs."""
     import importlib.util
-
-    from editrt.errors import InputError
 
     if importlib.util.find_spec(module) is None:
         raise InputError(f"editrt train: needs the module {module!r}, which is not installed "
@@ -109,6 +111,23 @@ def cmd_train_harmonizer(args) -> None:
         _say(args)(f"harmonize prompt -> {run.output}, LoRA -> {run.lora_output}")
 
 
+def cmd_train_elements(args) -> None:
+    from editrt.train.elements import ElementsSettings, train_content_encoder
+    from editrt.weights import resolve_weights
+
+    _needs("accelerate")
+    if args.stage != 1:
+        raise InputError(f"--stage {args.stage}: only stage 1 (content encoder + light decoder) is built")
+    weights = resolve_weights(args.weights, log=_say(args))
+    settings = ElementsSettings(weights=Path(weights), data=Path(args.data),
+                                output=Path(args.output) if args.output else None, resolution=args.resolution,
+                                grid=args.grid, val_fraction=args.val_fraction)
+    loop = _loop_settings(args, "elements")
+    loop.betas = (0.9, 0.95)
+    out, _, _ = train_content_encoder(settings, loop, log=_say(args))
+    _say(args)(f"content encoder -> {out}")
+
+
 def add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train the learned parts (task prompts, harmonizer) on Accelerate")
     jobs = train.add_subparsers(dest="train_command", required=True, metavar="JOB")
@@ -146,3 +165,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resolution", type=int, default=512, help="square training crops (default 512)")
     _loop_options(p)
     p.set_defaults(func=cmd_train_harmonizer)
+
+    p = jobs.add_parser("elements", help="EIE stage 1: the content encoder through a light MAE-style decoder")
+    p.add_argument("--weights", help="weights directory with sam/ and elements/ (default: $EDITRT_WEIGHTS)")
+    p.add_argument("--data", required=True, metavar="DIR", help="DIR/images/NAME.jpg|png (masks are not used)")
+    p.add_argument("--stage", type=int, default=1, help="1 (the only one built)")
+    p.add_argument("-o", "--output", metavar="DIR", help="default: the weights folder's elements/content_encoder")
+    p.add_argument("--resolution", type=int, default=256, help="images resized to this square (default 256)")
+    p.add_argument("--grid", type=int, default=16, help="partition query grid (16 -> 256 elements)")
+    _loop_options(p, steps=None, batch=128, lr=1e-4, paper="paper 001's supplementary: AdamW betas (0.9, 0.95)")
+    p.set_defaults(func=cmd_train_elements)

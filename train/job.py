@@ -43,6 +43,7 @@ class LoopSettings:
     micro_batch: int = 4  # per process and forward pass; the rest is gradient accumulation
     lr: float = 8e-5  # AdamW, App. A.2
     weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (torch's default; EIE stage 1 uses (0.9, 0.95))
     warmup_steps: int = 0  # linear warm-up, then constant (the paper states no schedule)
     seed: int = 0
     save_every: int = 500
@@ -177,7 +178,7 @@ def train_loop(accelerator, settings: LoopSettings, module: torch.nn.Module,
     accumulation = accumulation_steps(settings, n)
     main = accelerator.is_main_process
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=settings.betas)
     module, optimizer = accelerator.prepare(module, optimizer)
     trained = accelerator.unwrap_model(module)
 
