@@ -6,6 +6,8 @@ machine runs a tiny UNet far faster single-threaded.
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,12 @@ def _batch(weights, data, frozen, indices=(0, 1, 2, 3), task="remove"):
     samples = InversionSamples(check_plain(data), task, RESOLUTION, 0, 0, frozen.latent_shape(RESOLUTION), 1000)
     items = [samples[i] for i in indices]
     return {k: torch.stack([s[k] for s in items]) for k in items[0]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _log(path):
@@ -162,14 +170,22 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_weights, plain_
     out = tmp_path / "two.safetensors"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(29400 + os.getpid() % 500), "-m", "editrt.cli", "train", "prompts", "--weights", str(tiny_weights),
+               str(_free_port()), "-m", "editrt.cli", "train", "prompts", "--weights", str(tiny_weights),
                "--data", str(plain_dataset), "--task", "remove", "--steps", "2", "--batch-size", "4",
                "--micro-batch", "1", "--resolution", str(RESOLUTION), "--lr", "1e-2", "--val-samples", "2",
                "--val-every", "2", "--workers", "0", "--cpu", "--quiet", "-o", str(out),
                "--checkpoints", str(tmp_path / "two-ck"), "--log", str(tmp_path / "two.jsonl")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # its own process group, so the launcher's workers are killed with it if it overruns
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
     one = _run(tiny_weights, plain_dataset, tmp_path, "one", batch_size=4)
     two, single = load_file(str(out)), load_file(str(one.output))
     assert _log(tmp_path / "two.jsonl")[0]["processes"] == 2
