@@ -628,6 +628,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     from editrt.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from editrt.train.cli import add_train_parser  # argparse only: the jobs import torch/accelerate when they run
+
+    add_train_parser(sub)
     for name in _LAZY_COMMANDS:
         _add_lazy_command(sub, name, selected)
     return parser
