@@ -3,21 +3,12 @@ import hashlib
 import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from editrt.cli import main
 from editrt.models.components import WeightsLayout
 from editrt.models.content_encoder import ContentEncoder
 from editrt.train.elements import LightDecoder, Stage1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _elements(k=5, seed=0):

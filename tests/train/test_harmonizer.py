@@ -27,14 +27,6 @@ RESOLUTION = 32
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # both attentions, as the tiny weights' own LoRA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(weights, data, tmp_path, name, on_step=None, **loop):
     options = dict(steps=2, batch_size=2, micro_batch=1, lr=1e-2, val_samples=2, val_every=2, save_every=2,
                    workers=0, cpu=True, quiet=True, checkpoints=tmp_path / f"{name}-ck", log=tmp_path / f"{name}.jsonl")

@@ -32,14 +32,6 @@ RESOLUTION = 32
 PROCESS_TOLERANCE = 1e-5  # max |difference| of prompt entries after 2 steps at lr 1e-2 (seen: 2.5e-7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(weights, data, tmp_path, name, on_step=None, **loop):
     options = dict(steps=2, batch_size=2, micro_batch=1, lr=1e-2, val_samples=2, val_every=2, save_every=2,
                    workers=0, cpu=True, quiet=True, checkpoints=tmp_path / f"{name}-ck", log=tmp_path / f"{name}.jsonl")
