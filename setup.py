@@ -1,8 +1,8 @@
 """Packaging: one package `editrt` whose sub-packages live in the top-level folders, plus the CMake build
 of the native ops (CMakeLists.txt -> kernels/_editrt_native*.so, loaded by editrt.kernels.cleanup).
 
-Layout. `editrt/kernels`, `editrt/models`, `editrt/export`, `editrt/runtime` and `editrt/bench` are symbolic
-links to the top-level folders, which have no `__init__.py`: `python -m pytest` (or any `python -m` from the
+Layout. `editrt/kernels`, `editrt/models`, `editrt/export`, `editrt/runtime`, `editrt/train` and `editrt/bench` are
+symbolic links to the top-level folders, which have no `__init__.py`: `python -m pytest` (or any `python -m` from the
 checkout) puts the checkout first on sys.path, and a top-level *regular* package `kernels` would shadow the
 PyPI package `kernels` that transformers 5 imports. A folder without `__init__.py` is at most a namespace
 portion, which never hides an installed package; `editrt.kernels` is found through the link.
@@ -159,6 +159,10 @@ DEPLOY = [  # tests/deploy and `editrt serve --ray`: Ray Serve, and tritonclient
     "ray[serve]>=2.40",
     "tritonclient[http,grpc]>=2.50",
 ]
+TRAIN = [  # editrt train
+    "accelerate>=1.0",  # devices, mixed precision, accumulation, multi-process, checkpoints
+    "pycocotools>=2.0.7",  # COCO polygons and RLE (--coco)
+]
 SERVE = [  # editrt serve: FastAPI on uvicorn
     "fastapi>=0.110",
     "uvicorn>=0.29",
@@ -166,6 +170,7 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "websockets>=12",  # uvicorn's WebSocket protocol
 ]
 DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
+    *TRAIN,  # tests/train
     "pytest>=8",
     "pytest-timeout>=2.3",  # bench/gpu_validate.sh: a per-test time limit on the lent GPU
     "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
@@ -196,6 +201,7 @@ setup(
         "editrt.runtime.server",
         "editrt.runtime.server.routers",
         "editrt.bench",
+        "editrt.train",
     ],
     package_data={
         "editrt": ["configs/*.json", "assets/*"],
@@ -228,6 +234,7 @@ setup(
         # `onnxruntime-gpu` (CUDA) are one module in two distributions that break each other's CUDA
         # provider when both are installed, so an install takes exactly one of them
         "onnxruntime": ["onnxruntime>=1.18"],
+        "train": TRAIN,
         "gpu": ["onnxruntime-gpu>=1.18"],  # instead of [onnxruntime], never beside it
         "dev": ["onnxruntime>=1.18", *DEV],  # pip install -e ".[dev]" (CPU machines, CI)
         "dev-gpu": ["onnxruntime-gpu>=1.18", *DEV],  # the GPU machine

@@ -626,6 +626,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    from editrt.train.cli import add_train_parser  # argparse only: the jobs import torch/accelerate when they run
+
+    add_train_parser(sub)
     for name in _LAZY_COMMANDS:
         _add_lazy_command(sub, name, selected)
     return parser
