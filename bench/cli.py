@@ -16,11 +16,12 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from editrt.errors import InputError
-from editrt.models.common import default_dtype, resolve_dtype
+
+if TYPE_CHECKING:  # torch is imported where a command runs: `editrt --help` does not load it
+    import torch
 
 CONFIGS = ("tiny", "full")
 
@@ -39,6 +40,8 @@ def _count(text: str | None, name: str, minimum: int) -> int | None:
 
 
 def _device(spec: str | None) -> torch.device:
+    import torch
+
     if spec is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -95,6 +98,8 @@ def settings_from_args(args, log=lambda what: None):
     from editrt.bench.suite import Settings
 
     device = _device(args.device)
+    from editrt.models.common import default_dtype, resolve_dtype
+
     dtype = resolve_dtype(args.dtype or default_dtype(device), name="--dtype")
     only = _only(args.only)
     repeats = _count(args.repeats, "--repeats", 1)
@@ -164,10 +169,24 @@ def cmd_bench(args) -> dict:
     return doc
 
 
+HELP = "latency benchmark suite: components, passes, peers side by side"
+
+
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` on the `editrt` command's subparsers (editrt/cli.py's build_parser)."""
-    p = subparsers.add_parser("bench", help="latency benchmark suite: components, passes, peers side by side",
-                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Register `bench` on a command's subparsers (stand-alone use; `editrt` loads this module only when
+    `bench` runs, through configure_parser and run)."""
+    p = subparsers.add_parser("bench", help=HELP)
+    configure_parser(p)
+    return p
+
+
+def run(args) -> dict:
+    return cmd_bench(args)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `bench` options on `p` (editrt/cli.py's lazy commands call this only when `bench` runs)."""
+    p.description, p.formatter_class = __doc__.split("\n\n")[0], argparse.RawDescriptionHelpFormatter
     p.add_argument("--quick", action="store_true",
                    help="fewer repeats (under a minute on a 2-core CPU with tiny weights); shapes and steps stay the same")
     p.add_argument("--config", metavar="tiny|full", help="random weights to use (default: full on CUDA, tiny on CPU)")

@@ -64,7 +64,7 @@ def _dtype(args, device: str) -> str:
 
 def _dtype_option(text: str) -> str:
     """--dtype: the canonical name of any spelling models/common.py knows (float16 -> fp16)."""
-    from editrt.models.common import DTYPE_ALIASES
+    from editrt.models.dtype_names import DTYPE_ALIASES
 
     return DTYPE_ALIASES.get(text, text)
 
@@ -424,6 +424,7 @@ class _Parser(argparse.ArgumentParser):
 
 # name -> (module with configure_parser(parser) and run(args) -> exit code, help)
 _LAZY_COMMANDS = {
+    "bench": ("editrt.bench.cli", "latency benchmark suite: components, passes, peers side by side"),
     "doctor": ("editrt.doctor", "check this machine: GPU, kernels (compiled ahead of time), backends"),
     "serve": ("editrt.runtime.server.cli", "serve both editors over HTTP (FastAPI) with a web editor page"),
 }
@@ -457,14 +458,14 @@ def _unavailable(name: str, e: ModuleNotFoundError) -> InputError:
 
 
 def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:
-    from editrt.models.common import DTYPE_ALIASES, DTYPES
+    from editrt.models.dtype_names import DTYPE_ALIASES, DTYPE_NAMES
 
     g = p.add_argument_group("common options")
     g.add_argument("--weights", help="weights directory, or 'tiny' / 'full' for cached random weights "
                    "(default: $EDITRT_WEIGHTS)")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    g.add_argument("--dtype", type=_dtype_option, choices=tuple(DTYPES), metavar="DTYPE",
-                   help=f"{', '.join(DTYPES)} or {', '.join(DTYPE_ALIASES)} (default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--dtype", type=_dtype_option, choices=DTYPE_NAMES, metavar="DTYPE",
+                   help=f"{', '.join(DTYPE_NAMES)} or {', '.join(DTYPE_ALIASES)} (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--backend", default="torch", help="torch (default), onnxruntime or tensorrt")
     g.add_argument("--engines", metavar="DIR", help="the folder `editrt export` wrote (onnxruntime, tensorrt)")
     # from_pretrained's compile / cuda_graphs (runtime/backends.build_engines)
@@ -625,9 +626,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    from editrt.bench.cli import add_bench_parser
-
-    add_bench_parser(sub)
     from editrt.train.cli import add_train_parser  # argparse only: the jobs import torch/accelerate when they run
 
     add_train_parser(sub)

@@ -6,7 +6,16 @@ exits non-zero. Library bugs are *not* EditError: they keep their traceback.
 
 
 class EditError(Exception):
-    """Base class: bad input given to editrt (CLI exit code 2)."""
+    """Base class: bad input given to editrt (CLI exit code 2).
+
+    `field` names the input the error is about, spelled as the keyword argument of the public call that
+    took it (`points`, `mask`, `move`, `shadow_region`, ...), or None when no single input is to blame. Front
+    ends translate it to their own spelling (an HTTP body field, a CLI option) instead of parsing the message.
+    """
+
+    def __init__(self, *args, field: str | None = None):
+        super().__init__(*args)
+        self.field = field  # BaseException pickles __dict__: the field survives Ray and process pools
 
 
 class InputError(EditError, ValueError):

@@ -25,7 +25,7 @@ LAYOUT_VERSION = 4
 
 def load_config(name: str) -> dict:
     if name not in CONFIG_NAMES:
-        raise InputError(f"--config: expected one of {', '.join(CONFIG_NAMES)}, got {name!r}")
+        raise InputError(f"--config: expected one of {', '.join(CONFIG_NAMES)}, got {name!r}", field="config")
     return json.loads(resources.files("editrt").joinpath("configs", f"{name}.json").read_text())
 
 
@@ -180,7 +180,7 @@ def resolve_weights(spec: str | Path | None, log=lambda what: None) -> Path:
     spec = spec or os.environ.get("EDITRT_WEIGHTS")
     if not spec:
         raise InputError("--weights: expected a weights directory (or 'tiny' / 'full' for random weights); "
-                         "set it or $EDITRT_WEIGHTS")
+                         "set it or $EDITRT_WEIGHTS", field="weights")
     path = Path(spec)
     if path.is_dir() or str(spec) not in CONFIG_NAMES:
         WeightsLayout(path).check_root()

@@ -24,7 +24,7 @@ import torch
 
 from editrt.errors import InputError
 from editrt.export.onnx import ONNX_PRECISIONS, ExportResult, export_network, trace_dims
-from editrt.export.specs import NetworkSpec, network_specs
+from editrt.export.specs import NetworkSpec, all_networks, editor_networks, network_specs, optional_networks
 from editrt.export.traceable import export_module
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
 from editrt.models.estimators import (
@@ -35,11 +35,6 @@ from editrt.models.estimators import (
 from editrt.models.files import write_atomic
 from editrt.models.networks import elements_networks, reposition_networks
 
-REPOSITION = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder", "sam_mask_decoder",
-              "sam_mask_decoder_grid")
-ELEMENTS = ("content_encoder", "element_unet", "element_vae_decoder")
-ESTIMATORS = ("depth_estimator", "matting")  # exported where the weights folder has depth/ and matting/
-COMPONENTS = REPOSITION + ELEMENTS + ESTIMATORS
 FORMATS = ("onnx", "tensorrt")
 
 
@@ -61,14 +56,16 @@ def resolve_components(names: list[str] | str, weights: str | Path | None = None
     """Component names from --component; 'all' leaves out the estimators the `weights` folder lacks
     (published weights may have no depth/ or matting/; asking for one by name still requires it)."""
     names = [names] if isinstance(names, str) else list(names)
+    components = all_networks()
     if names == ["all"]:
         if weights is None:
-            return list(COMPONENTS)
+            return list(components)
         present = estimator_networks_present(WeightsLayout(weights))
-        return [n for n in COMPONENTS if n not in ESTIMATORS or n in present]
-    unknown = [n for n in names if n not in COMPONENTS]
+        return [n for n in components if n not in optional_networks() or n in present]
+    unknown = [n for n in names if n not in components]
     if unknown:
-        raise InputError(f"--component {unknown[0]!r}: expected 'all' or one of {', '.join(COMPONENTS)}")
+        raise InputError(f"--component {unknown[0]!r}: expected 'all' or one of {', '.join(components)}",
+                         field="names")
     return names
 
 
@@ -81,18 +78,23 @@ def export_components(weights: str | Path, names, out_dir: str | Path, check: bo
     from tqdm.auto import tqdm
 
     if precision not in ONNX_PRECISIONS:
-        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
+        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}", field="precision")
     layout = WeightsLayout(weights)
     layout.check_root()
     names = resolve_components(names, weights)
-    config = {**layout.network_config(), **estimator_network_config(layout, [n for n in names if n in ESTIMATORS])}
+    estimators = [n for n in names if n in optional_networks()]
+    config = {**layout.network_config(), **estimator_network_config(layout, estimators)}
     specs = network_specs(config)
     networks: dict[str, torch.nn.Module] = {}
-    if any(n in REPOSITION for n in names):
-        networks.update(reposition_networks(load_reposition_components(weights)))
-    if any(n in ELEMENTS for n in names):
-        networks.update({k: v for k, v in elements_networks(load_elements_components(weights)).items() if k in ELEMENTS})
-    networks.update(estimator_networks(layout, [n for n in names if n in ESTIMATORS]))
+    # a network both editors run (SAM) is built from the repositioning weights; load each editor only if needed
+    reposition = editor_networks("reposition", optional=False)
+    elements = [n for n in editor_networks("elements", optional=False) if n not in reposition]
+    if any(n in reposition for n in names):
+        networks.update({k: v for k, v in reposition_networks(load_reposition_components(weights)).items()
+                         if k in reposition})
+    if any(n in elements for n in names):
+        networks.update({k: v for k, v in elements_networks(load_elements_components(weights)).items() if k in elements})
+    networks.update(estimator_networks(layout, estimators))
     from editrt.models.sam import sam_architecture
 
     context = {"sam_image_size": sam_architecture(config["sam"])["image_size"]}

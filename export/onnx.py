@@ -237,9 +237,9 @@ def export_network(spec: NetworkSpec, module: torch.nn.Module, out_dir: str | Pa
     with (default `module`); `precision`: 'fp32' or, where the spec allows it, 'fp16'.
     """
     if precision not in ONNX_PRECISIONS:
-        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}")
+        raise InputError(f"--precision {precision!r}: ONNX exports expected one of {', '.join(ONNX_PRECISIONS)}", field="precision")
     if precision not in spec.precisions:
-        raise InputError(f"{spec.name}: precision {precision!r} not supported; expected one of {', '.join(spec.precisions)}")
+        raise InputError(f"{spec.name}: precision {precision!r} not supported; expected one of {', '.join(spec.precisions)}", field="precision")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,11 @@ class NetworkSpec:
     # dynamic axes whose sizes must be a multiple of k: name -> k (ViTMatte's padded image: 32)
     multiple_of: dict = field(default_factory=dict)
 
+    @property
+    def role(self) -> NetworkRole:
+        """Which editors run this network, and how (NETWORK_ROLES)."""
+        return NETWORK_ROLES[self.name]
+
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
@@ -88,6 +93,56 @@ class NetworkSpec:
             if base in dims and dims.setdefault(name, factor * dims[base]) != factor * dims[base]:
                 raise ValueError(f"{self.name}: axis {name!r} is {dims[name]}, expected {factor} x {base} = {factor * dims[base]}")
         return dims
+
+
+EDITORS = ("reposition", "elements")
+
+
+@dataclass(frozen=True)
+class NetworkRole:
+    editors: tuple[str, ...]  # the pipelines that run it (a shared network is loaded once per editor)
+    denoiser: bool = False  # runs every denoising step: the loop CUDA graphs capture needs it capturable
+    optional: bool = False  # only where the weights folder has it (depth/, matting/); pipelines run without it
+    compiled: bool = False  # what `compile=True` runs through inductor (torch backend)
+
+
+# The one place that says which editor uses which network (issue 23): backends, export, Triton and the
+# tests read it through the functions below. Order is export order (the manifest, `--component all`).
+NETWORK_ROLES = {
+    "inpaint_unet": NetworkRole(("reposition",), denoiser=True, compiled=True),
+    "harmonizer_unet": NetworkRole(("reposition",), denoiser=True, compiled=True),
+    "vae_encoder": NetworkRole(("reposition",), compiled=True),
+    "vae_decoder": NetworkRole(("reposition",), compiled=True),
+    "sam_image_encoder": NetworkRole(EDITORS, compiled=True),
+    "sam_mask_decoder": NetworkRole(EDITORS),
+    "sam_mask_decoder_grid": NetworkRole(EDITORS),
+    "content_encoder": NetworkRole(("elements",)),
+    "element_unet": NetworkRole(("elements",), denoiser=True, compiled=True),
+    "element_vae_decoder": NetworkRole(("elements",), compiled=True),
+    "depth_estimator": NetworkRole(("reposition",), optional=True, compiled=True),
+    "matting": NetworkRole(("reposition",), optional=True, compiled=True),
+}
+
+
+def all_networks() -> tuple[str, ...]:
+    return tuple(NETWORK_ROLES)
+
+
+def editor_networks(editor: str, optional: bool = True) -> tuple[str, ...]:
+    """The networks `editor` runs; optional=False leaves out those only some weights folders have."""
+    return tuple(n for n, r in NETWORK_ROLES.items() if editor in r.editors and (optional or not r.optional))
+
+
+def denoisers(editor: str) -> tuple[str, ...]:
+    return tuple(n for n in editor_networks(editor) if NETWORK_ROLES[n].denoiser)
+
+
+def optional_networks() -> tuple[str, ...]:
+    return tuple(n for n, r in NETWORK_ROLES.items() if r.optional)
+
+
+def compiled_networks() -> tuple[str, ...]:
+    return tuple(n for n, r in NETWORK_ROLES.items() if r.compiled)
 
 
 MAX_IMAGE_SIDE = 8192
@@ -197,6 +252,9 @@ def network_specs(config: dict) -> dict[str, NetworkSpec]:
                         derived={"image_height": ("height", 8), "image_width": ("width", 8)}, precisions=fp16),
         ]
     specs += estimator_specs(config)
+    undeclared = [s.name for s in specs if s.name not in NETWORK_ROLES]
+    if undeclared:  # a library bug, not bad input: every spec has its role declared above
+        raise AssertionError(f"networks without a role in NETWORK_ROLES: {undeclared}")
     return {s.name: s for s in specs}
 
 

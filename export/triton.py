@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editrt.errors import InputError
-from editrt.export.specs import NetworkSpec, TensorSpec, network_specs
+from editrt.export.specs import NetworkSpec, TensorSpec, editor_networks, network_specs
 
 # --------------------------------------------------------------------------- engine models
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
@@ -266,17 +266,14 @@ def resolve_models(components: str | list[str], available_engines) -> tuple[list
         engines_hint = f"; engines in --engines: {', '.join(sorted(available_engines))}" if available_engines else \
             " (engine models need --engines DIR, the folder `editrt export` wrote)"
         raise InputError(f"--component {unknown[0]!r}: expected 'all' or pipeline models "
-                         f"{', '.join(PIPELINE_MODELS)}{engines_hint}")
+                         f"{', '.join(PIPELINE_MODELS)}{engines_hint}", field="components")
     return [n for n in names if n in PIPELINE_MODELS], [n for n in names if n in available_engines]
 
 
-# the engines each pipeline model runs (runtime/backends.py REPOSITION_NETWORKS / ELEMENTS_NETWORKS)
-EDITOR_NETWORKS = {
-    "reposition": ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
-                   "sam_mask_decoder", "sam_mask_decoder_grid"),
-    "elements": ("content_encoder", "element_unet", "element_vae_decoder", "sam_image_encoder", "sam_mask_decoder",
-                 "sam_mask_decoder_grid"),
-}
+def bls_routes(editor: str, engine_names) -> list[str]:
+    """The engines among `engine_names` a pipeline model of `editor` calls over BLS: the editor's networks
+    (export/specs.NETWORK_ROLES) but the optional depth and matting, which run in the pipeline model."""
+    return sorted(n for n in engine_names if n in editor_networks(editor, optional=False))
 
 
 def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | None = None,
@@ -301,13 +298,13 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
     specs = network_specs(layout.network_config())
     engines_dir = None if engines is None else Path(engines).resolve()
     if engines_dir is not None and not engines_dir.is_dir():
-        raise InputError(f"--engines {engines}: not a directory; expected the folder `editrt export` wrote")
+        raise InputError(f"--engines {engines}: not a directory; expected the folder `editrt export` wrote", field="engines")
     if backend not in ("torch", "onnxruntime", "tensorrt"):
-        raise InputError(f"backend {backend!r}: expected torch, onnxruntime or tensorrt")
+        raise InputError(f"backend {backend!r}: expected torch, onnxruntime or tensorrt", field="backend")
     if backend != "torch" and engines_dir is None:
-        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`")
+        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`", field="engines")
     if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device {device!r}: expected auto, cpu or cuda")
+        raise InputError(f"device {device!r}: expected auto, cpu or cuda", field="device")
     found = {} if engines_dir is None else {n: f for n, f in _engine_files(engines_dir).items() if n in specs}
     pipelines, engine_names = resolve_models(components, found)
     if device == "auto":
@@ -326,7 +323,7 @@ def write_model_repository(weights_dir: Path, out: Path, engines: str | Path | N
     def write(tmp: Path) -> None:
         for name in pipelines:
             model = PIPELINE_MODELS[name]
-            routes = sorted(n for n in engine_names if n in EDITOR_NETWORKS[model.editor]) if use_bls else []
+            routes = bls_routes(model.editor, engine_names) if use_bls else []
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(pipeline_config(
                 model, {**parameters, **({"bls": ",".join(routes)} if routes else {})}, instance_kind))

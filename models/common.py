@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from editrt.errors import InputError
+from editrt.models.dtype_names import DTYPE_ALIASES, DTYPE_NAMES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Spellings users of torch and diffusers type for the same three precisions.
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 DTYPE_CHOICES = tuple(DTYPES) + tuple(DTYPE_ALIASES)
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -21,11 +20,11 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _NAMES:
-            raise InputError(f"{name}: expected one of {', '.join(DTYPES)}, got {dtype}")
+            raise InputError(f"{name}: expected one of {', '.join(DTYPES)}, got {dtype}", field=name)
         return dtype
     key = DTYPE_ALIASES.get(dtype, dtype)
     if key not in DTYPES:
-        raise InputError(f"{name}: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+        raise InputError(f"{name}: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}", field=name)
     return DTYPES[key]
 
 
@@ -37,14 +36,14 @@ def resolve_device(device, name: str = "device") -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}") from None
+        raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}", field=name) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"{name} {device}: CUDA is not available on this machine")
+            raise InputError(f"{name} {device}: CUDA is not available on this machine", field=name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", field=name)
     elif device.type != "cpu":
-        raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {str(device)!r}")
+        raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {str(device)!r}", field=name)
     return device
 
 

@@ -197,5 +197,5 @@ class LoRAScale:
         scale = float(scale)
         if not np.isfinite(scale) or (self.allowed is not None and scale not in self.allowed):
             expected = "a finite number" if self.allowed is None else "one of " + ", ".join(f"{a:g}" for a in self.allowed)
-            raise InputError(f"lora_scale {scale:g}: the {self.name} engine accepts {expected}")
+            raise InputError(f"lora_scale {scale:g}: the {self.name} engine accepts {expected}", field="lora_scale")
         self.value = scale

@@ -115,7 +115,8 @@ class ContentEncoderNet(nn.Module):
 
 
 def reposition_networks(c) -> dict[str, nn.Module]:
-    """The repositioning editor's networks from models.components.RepositionComponents."""
+    """The networks that can be built from models.components.RepositionComponents; which of them an editor
+    runs is export/specs.NETWORK_ROLES's to say (backends and export pick from this by role)."""
     return {
         "inpaint_unet": UNetNet(c.unet, c.harmonizer, 0.0),
         "harmonizer_unet": UNetNet(c.unet, c.harmonizer, 1.0),
@@ -128,7 +129,7 @@ def reposition_networks(c) -> dict[str, nn.Module]:
 
 
 def elements_networks(c) -> dict[str, nn.Module]:
-    """The elements editor's networks from models.components.ElementsComponents."""
+    """The networks that can be built from models.components.ElementsComponents (picked by role, as above)."""
     return {
         "content_encoder": ContentEncoderNet(c.content_encoder),
         "element_unet": ElementUNetNet(c.decoder),

@@ -12,24 +12,19 @@ from pathlib import Path
 import torch
 
 from editrt.errors import EngineError, InputError, WeightsError
-from editrt.export.specs import network_specs
+from editrt.export.specs import EDITORS, compiled_networks, denoisers, editor_networks, network_specs
 from editrt.models.components import WeightsLayout
 from editrt.models.estimators import estimator_network_config, estimator_networks, estimator_networks_present
 from editrt.models.sam import sam_architecture
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-ESTIMATOR_NETWORKS = ("depth_estimator", "matting")  # only where the weights folder has depth/ and matting/
-REPOSITION_NETWORKS = ("inpaint_unet", "harmonizer_unet", "vae_encoder", "vae_decoder", "sam_image_encoder",
-                       "sam_mask_decoder", "sam_mask_decoder_grid", *ESTIMATOR_NETWORKS)
-ELEMENTS_NETWORKS = ("content_encoder", "element_unet", "element_vae_decoder", "sam_image_encoder",
-                     "sam_mask_decoder", "sam_mask_decoder_grid")
 
 
 def check_backend(backend: str, engines: str | Path | None) -> None:
     if backend not in BACKENDS:
-        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}", field="backend")
     if backend != "torch" and engines is None:
-        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`")
+        raise InputError(f"--engines: the {backend} backend needs the folder written by `editrt export`", field="engines")
 
 
 @dataclass
@@ -58,10 +53,6 @@ def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
                           sam_architecture(config["sam"])["image_size"])
 
 
-COMPILED_NETWORKS = ("inpaint_unet", "harmonizer_unet", "element_unet", "vae_encoder", "vae_decoder",
-                     "element_vae_decoder", "sam_image_encoder", "depth_estimator",
-                     "matting")  # what `compile=True` runs through inductor
-DENOISERS = {"reposition": ("inpaint_unet", "harmonizer_unet"), "elements": ("element_unet",)}
 
 
 @dataclass
@@ -96,21 +87,21 @@ def build_engines(editor: str, weights: str | Path, backend: str = "torch", *, d
     from editrt.models.common import resolve_device
     from editrt.runtime.engines import conforms
 
-    if editor not in DENOISERS:
-        raise InputError(f"editor: expected 'reposition' or 'elements', got {editor!r}")
+    if editor not in EDITORS:
+        raise InputError(f"editor: expected 'reposition' or 'elements', got {editor!r}", field="editor")
     check_backend(backend, engines_dir)
     if compile and backend != "torch":
-        raise InputError(f"compile: torch.compile runs the torch backend only, not {backend}")
+        raise InputError(f"compile: torch.compile runs the torch backend only, not {backend}", field="compile")
     device = resolve_device(device)
     w = editor_settings(weights, "inpaint" if editor == "reposition" else "elements")
-    names = REPOSITION_NETWORKS if editor == "reposition" else ELEMENTS_NETWORKS
+    names = editor_networks(editor)
     if backend == "torch":
         built = _torch_editor(editor, weights, w, device, dtype, optimize, compile, kernels)
     else:
         built = _file_editor(editor, weights, w, names, backend, engines_dir, device, dtype)
     for engine in built.engines.values():
         conforms(engine)
-    capable = all(built.engines[n].supports_cuda_graph for n in DENOISERS[editor])
+    capable = all(built.engines[n].supports_cuda_graph for n in denoisers(editor))
     built.cuda_graphs = resolve_cuda_graphs(cuda_graphs, optimize, capable, f"the {backend} backend on {device}")
     return built
 
@@ -120,7 +111,7 @@ def resolve_cuda_graphs(requested: bool | None, optimize: bool, capable: bool, w
     True -> always (InputError where the denoiser engines cannot be captured)."""
     if requested and not capable:
         raise InputError(f"cuda_graphs=True: {what} cannot be captured in a CUDA graph "
-                         "(needs the torch backend on a CUDA device)")
+                         "(needs the torch backend on a CUDA device)", field="cuda_graphs")
     return capable and (optimize if requested is None else bool(requested))
 
 
@@ -131,7 +122,7 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
     cache_kv = optimize and not compile
 
     def engine(name, module, **lora):
-        return TorchEngine(w.specs[name], module, device, compile=compile and name in COMPILED_NETWORKS, **lora)
+        return TorchEngine(w.specs[name], module, device, compile=compile and name in compiled_networks(), **lora)
 
     if editor == "reposition":
         from editrt.models.components import load_reposition_components
@@ -143,7 +134,7 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         # one UNet, two engines: each applies its own LoRA scale before it runs (never the other's)
         loras = {"inpaint_unet": dict(lora=c.harmonizer, lora_scale=0.0),
                  "harmonizer_unet": dict(lora=c.harmonizer, lora_scale=1.0, switchable=True)}
-        engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in REPOSITION_NETWORKS if n not in ESTIMATOR_NETWORKS}
+        engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in editor_networks(editor, optional=False)}
         estimators = estimator_networks(w.layout, estimator_networks_present(w.layout), device, dtype)
         engines.update({n: engine(n, net) for n, net in estimators.items()})
         return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
@@ -157,7 +148,7 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
     if kernels if kernels is not None else device.type == "cuda":
         use_fused_dual_attention(c.decoder)
     nets = elements_networks(c)
-    engines = {n: engine(n, nets[n]) for n in ELEMENTS_NETWORKS}
+    engines = {n: engine(n, nets[n]) for n in editor_networks(editor, optional=False)}
     return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, embedder=c.decoder.embedder,
                        tokenizer=c.tokenizer, text_encoder=c.text_encoder)
 
@@ -166,7 +157,7 @@ def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir
     from editrt.models.inpaint import load_scheduler
 
     if editor == "reposition":
-        names = tuple(n for n in names if n not in ESTIMATOR_NETWORKS) + exported_estimators(w.layout, engines_dir)
+        names = editor_networks(editor, optional=False) + exported_estimators(w.layout, engines_dir)
     engines = file_engines(w.specs, names, backend, engines_dir, device, weights)
     if editor == "reposition":
         from editrt.models.inpaint import load_task_prompts

@@ -106,9 +106,11 @@ class ElementsPipeline:
         SAM, the assignment and the content encoder run at the working resolution (short side
         `resolution`, default the model's); the label map is then resized to the image (nearest).
         """
-        if iterations < 1 or grid < 1 or beta < 0 or not 0 <= beta_c <= 1:
+        wrong = [name for name, bad in (("grid", grid < 1), ("iterations", iterations < 1), ("beta", beta < 0),
+                                        ("beta_c", not 0 <= beta_c <= 1)) if bad]
+        if wrong:
             raise InputError(f"partition: expected grid >= 1, iterations >= 1, beta >= 0, 0 <= beta_c <= 1; got "
-                             f"grid={grid}, iterations={iterations}, beta={beta}, beta_c={beta_c}")
+                             f"grid={grid}, iterations={iterations}, beta={beta}, beta_c={beta_c}", field=wrong[0])
         original = as_rgb(image)
         rgb = self.working_image(original, resolution)
 
@@ -184,17 +186,17 @@ class ElementsPipeline:
         """
         check_steps(steps, guidance)
         if not isinstance(prompt, str):
-            raise InputError(f"prompt: expected text, got {type(prompt).__name__}")
+            raise InputError(f"prompt: expected text, got {type(prompt).__name__}", field="prompt")
         if size is not None and resolution is not None:
-            raise InputError("decode: expected size or resolution, not both")
+            raise InputError("decode: expected size or resolution, not both", field="resolution")
         if resolution is not None:
             size = processing_size(elements.image_size, resolution)
         h, w = size or elements.working_size
         if h % self.vae_scale_factor or w % self.vae_scale_factor:
-            raise ElementsError(f"elements: working canvas {w}x{h} is not a multiple of {self.vae_scale_factor}")
+            raise ElementsError(f"elements: working canvas {w}x{h} is not a multiple of {self.vae_scale_factor}", field="elements")
         if elements.features.shape[1] != self.embedder.feature_dim:
             raise ElementsError(f"elements: feature size {elements.features.shape[1]} does not match the decoder's "
-                                f"{self.embedder.feature_dim} (elements from other weights?)")
+                                f"{self.embedder.feature_dim} (elements from other weights?)", field="elements")
         snapshot = elements.copy()  # the edit state when asked: the caller may go on editing `elements`
         image = self.work.run(lambda: self._render(snapshot, prompt, guidance, steps, seed, progress,
                                                    step_callback, (h, w)), priority=priority)

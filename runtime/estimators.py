@@ -31,9 +31,9 @@ MATTING_SIZE_DIVISOR = 32  # VitMatteImageProcessor's size_divisor: the ViTMatte
 def _check_rgb(rgb, what: str = "image") -> np.ndarray:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         got = f"{rgb.dtype} {list(rgb.shape)}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise InputError(f"{what}: expected a uint8 RGB array [H, W, 3], got {got}")
+        raise InputError(f"{what}: expected a uint8 RGB array [H, W, 3], got {got}", field=what)
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise InputError(f"{what}: expected a non-empty image, got {list(rgb.shape)}")
+        raise InputError(f"{what}: expected a non-empty image, got {list(rgb.shape)}", field=what)
     return rgb
 
 
@@ -138,7 +138,7 @@ class Matter:
         if not isinstance(trimap, np.ndarray) or trimap.dtype != np.uint8 or trimap.shape != rgb.shape[:2]:
             got = f"{trimap.dtype} {list(trimap.shape)}" if isinstance(trimap, np.ndarray) else type(trimap).__name__
             raise InputError(f"trimap: expected uint8 [{rgb.shape[0]}, {rgb.shape[1]}] (0 background, 128 unknown, "
-                             f"255 foreground) matching the image, got {got}")
+                             f"255 foreground) matching the image, got {got}", field="trimap")
         image = torch.from_numpy(_owned(rgb)).to(self.device).permute(2, 0, 1)[None]
         tri = torch.from_numpy(_owned(trimap)).to(self.device)[None, None]
         x = torch.cat([_normalize_rgb(image), tri * (1 / 255)], dim=1)  # uint8 * float: float32, as the processor
@@ -174,18 +174,18 @@ def trimap_from_mask(mask: np.ndarray, band: int) -> np.ndarray:
     """
     if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != np.bool_:
         got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise InputError(f"mask: expected a bool array [H, W], got {got}")
+        raise InputError(f"mask: expected a bool array [H, W], got {got}", field="mask")
     if isinstance(band, bool) or not isinstance(band, (int, np.integer)) or band < 1:
-        raise InputError(f"trimap band {band!r}: expected a whole number of pixels >= 1")
+        raise InputError(f"trimap band {band!r}: expected a whole number of pixels >= 1", field="trimap_band")
     band = int(band)
     if not mask.any():
-        raise InputError("mask: empty (no subject pixel); expected the subject's mask")
+        raise InputError("mask: empty (no subject pixel); expected the subject's mask", field="mask")
     m = torch.from_numpy(_owned(mask)).to(torch.float32)[None, None]
     dilated = _dilate(m, band)[0, 0] > 0
     eroded = ~(_dilate(1 - m, band)[0, 0] > 0)  # erosion = complement of the background's dilation
     if not eroded.any():
         raise InputError(f"trimap band {band}: larger than the subject (eroding the {int(mask.sum())}-pixel mask by "
-                         f"{band} px leaves no foreground); use a smaller band")
+                         f"{band} px leaves no foreground); use a smaller band", field="trimap_band")
     trimap = torch.full(mask.shape, TRIMAP_BACKGROUND, dtype=torch.uint8)
     trimap[dilated] = TRIMAP_UNKNOWN
     trimap[eroded] = TRIMAP_FOREGROUND

@@ -22,13 +22,13 @@ def as_rgb(image, name: str = "image") -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise InputError(f"{name}: expected a uint8 array, got dtype {image.dtype}")
+            raise InputError(f"{name}: expected a uint8 array, got dtype {image.dtype}", field=name)
         if image.ndim == 2:
             return np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim == 3 and image.shape[2] in (3, 4):
             return np.ascontiguousarray(image[:, :, :3])
-        raise InputError(f"{name}: expected an array [H, W, 3], got shape {list(image.shape)}")
-    raise InputError(f"{name}: expected a PIL image or a uint8 array, got {type(image).__name__}")
+        raise InputError(f"{name}: expected an array [H, W, 3], got shape {list(image.shape)}", field=name)
+    raise InputError(f"{name}: expected a PIL image or a uint8 array, got {type(image).__name__}", field=name)
 
 
 def as_mask(mask, size_hw: tuple[int, int], name: str = "mask", allow_empty: bool = False) -> np.ndarray:
@@ -38,24 +38,24 @@ def as_mask(mask, size_hw: tuple[int, int], name: str = "mask", allow_empty: boo
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):
-        raise InputError(f"{name}: expected a PIL image or an array, got {type(mask).__name__}")
+        raise InputError(f"{name}: expected a PIL image or an array, got {type(mask).__name__}", field=name)
     if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
         mask = mask[:, :, 0]
     if mask.ndim != 2:
-        raise InputError(f"{name}: expected a single-channel mask [H, W], got shape {list(mask.shape)}")
+        raise InputError(f"{name}: expected a single-channel mask [H, W], got shape {list(mask.shape)}", field=name)
     if tuple(mask.shape) != tuple(size_hw):
         raise InputError(f"{name}: size {mask.shape[1]}x{mask.shape[0]} differs from the image size "
-                         f"{size_hw[1]}x{size_hw[0]}")
+                         f"{size_hw[1]}x{size_hw[0]}", field=name)
     mask = mask > (127 if mask.dtype == np.uint8 else 0.5 if mask.dtype.kind == "f" else 0)
     if not allow_empty and not mask.any():
-        raise InputError(f"{name}: is empty; expected at least one masked pixel")
+        raise InputError(f"{name}: is empty; expected at least one masked pixel", field=name)
     return mask
 
 
 def processing_size(size_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
     """(H, W) with the short side = `resolution` and both sides multiples of 8 (aspect kept)."""
     if resolution < 8 or resolution % 8:
-        raise InputError(f"resolution: expected a positive multiple of 8, got {resolution}")
+        raise InputError(f"resolution: expected a positive multiple of 8, got {resolution}", field="resolution")
     h, w = size_hw
     scale = resolution / min(h, w)
     return max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8)
@@ -81,10 +81,6 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
     disk = x * x + y * y <= radius * radius
     return ndimage.binary_dilation(mask, structure=disk)
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image)
 
 
 def shift_or_warp(image: np.ndarray, mask: np.ndarray, dx: float, dy: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +140,7 @@ def save_labels_png(labels: np.ndarray, path: str | Path) -> Path:
     """A label map (int, -1 = none) as a 16-bit greyscale PNG of id + 1 (0 = no element), atomically."""
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.min(initial=0) < -1 or labels.max(initial=0) >= 2**16 - 1:
-        raise InputError(f"labels: expected a 2-D map of ids in [-1, {2**16 - 2}], got shape {list(labels.shape)}")
+        raise InputError(f"labels: expected a 2-D map of ids in [-1, {2**16 - 2}], got shape {list(labels.shape)}", field="labels")
     image = Image.fromarray((labels + 1).astype(np.uint16))
     return write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
@@ -159,9 +155,9 @@ def embed_watermark(rgb: np.ndarray) -> np.ndarray:
     try:
         from imwatermark import WatermarkEncoder
     except ImportError:
-        raise InputError("--watermark: needs the invisible-watermark package (pip install 'editrt[watermark]')") from None
+        raise InputError("--watermark: needs the invisible-watermark package (pip install 'editrt[watermark]')", field="watermark") from None
     if min(rgb.shape[:2]) < 256:
-        raise InputError(f"--watermark: the image is {rgb.shape[1]}x{rgb.shape[0]}; the invisible watermark needs at least 256x256")
+        raise InputError(f"--watermark: the image is {rgb.shape[1]}x{rgb.shape[0]}; the invisible watermark needs at least 256x256", field="watermark")
     encoder = WatermarkEncoder()
     encoder.set_watermark("bytes", WATERMARK)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])

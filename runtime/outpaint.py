@@ -41,22 +41,22 @@ def check_extend(extend, size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     ok = len(values) == 4 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
                                   for v in values)
     if not ok:
-        raise InputError(f"extend {extend!r}: expected L,T,R,B, four non-negative integers (pixels)")
+        raise InputError(f"extend {extend!r}: expected L,T,R,B, four non-negative integers (pixels)", field="extend")
     left, top, right, bottom = (int(v) for v in values)
     if left + top + right + bottom == 0:
-        raise InputError("extend 0,0,0,0: expected at least one side > 0 (pixels to add)")
+        raise InputError("extend 0,0,0,0: expected at least one side > 0 (pixels to add)", field="extend")
     h, w = size_hw
     canvas_w, canvas_h = w + left + right, h + top + bottom
     if canvas_w > MAX_FACTOR * w or canvas_h > MAX_FACTOR * h or canvas_w * canvas_h > MAX_CANVAS_PIXELS:
         raise InputError(f"extend {left},{top},{right},{bottom}: the canvas would be {canvas_w}x{canvas_h}; expected at "
                          f"most {MAX_FACTOR}x the {w}x{h} image on each axis ({MAX_FACTOR * w}x{MAX_FACTOR * h}) and "
-                         f"{MAX_CANVAS_PIXELS // 1_000_000} megapixels")
+                         f"{MAX_CANVAS_PIXELS // 1_000_000} megapixels", field="extend")
     return left, top, right, bottom
 
 
 def check_fill(fill) -> str:
     if fill not in FILLS:
-        raise InputError(f"fill {fill!r}: expected one of {', '.join(FILLS)}")
+        raise InputError(f"fill {fill!r}: expected one of {', '.join(FILLS)}", field="fill")
     return fill
 
 

@@ -80,7 +80,7 @@ def clean_labels(labels: np.ndarray, num_elements: int, opening: int = 1) -> np.
     (`editrt.kernels.cleanup.clean_labels_reference`, the oracle): equal results.
     """
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
-        raise InputError(f"labels: expected an integer numpy label map, got {getattr(labels, 'dtype', type(labels))}")
+        raise InputError(f"labels: expected an integer numpy label map, got {getattr(labels, 'dtype', type(labels))}", field="labels")
     return _cleanup(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), num_elements, opening).labels.numpy()
 
 

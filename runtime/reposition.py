@@ -59,9 +59,9 @@ ALPHA_BUDGET = 64 << 20  # bytes of memoized (trimap, alpha) pairs (5 bytes a pi
 
 def check_steps(steps: int, guidance: float) -> None:
     if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps: expected a positive integer, got {steps!r}")
+        raise InputError(f"steps: expected a positive integer, got {steps!r}", field="steps")
     if guidance < 1.0:
-        raise InputError(f"guidance: expected >= 1.0 (1.0 = no classifier-free guidance), got {guidance}")
+        raise InputError(f"guidance: expected >= 1.0 (1.0 = no classifier-free guidance), got {guidance}", field="guidance")
 
 
 @dataclass
@@ -256,7 +256,7 @@ class RepositionPipeline:
                     progress: bool, mask_name: str = "mask", step_callback=None) -> tuple[np.ndarray, np.ndarray]:
         """Run one pass at the processing resolution; paste the result back inside `mask` only."""
         if task not in TASKS:
-            raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+            raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}", field="task")
         check_steps(steps, guidance)
         rgb = as_rgb(image)
         mask = as_mask(mask, rgb.shape[:2], name=mask_name)
@@ -272,7 +272,7 @@ class RepositionPipeline:
                 resolution: int | None = None, progress: bool = False) -> Image.Image:
         """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation."""
         if task not in ("remove", "complete"):
-            raise InputError(f"task: expected 'remove' or 'complete', got {task!r}")
+            raise InputError(f"task: expected 'remove' or 'complete', got {task!r}", field="task")
         out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress))
         return Image.fromarray(out)
 
@@ -287,7 +287,7 @@ class RepositionPipeline:
         lora = self.engines["harmonizer_unet"].lora
         if lora is None and lora_scale != 1.0:
             raise InputError(f"lora_scale {lora_scale:g}: the {self.engines['harmonizer_unet'].backend} harmonizer "
-                             "has its LoRA fused at 1")
+                             "has its LoRA fused at 1", field="lora_scale")
 
         def job():
             if lora is None:
@@ -304,7 +304,7 @@ class RepositionPipeline:
     def _depth_map(self, rgb: np.ndarray, key, why: str) -> np.ndarray:
         """Relative inverse depth [H, W] of the image (DPT), memoized under `key` (None: not cached)."""
         if self.depth_estimator is None:
-            raise InputError(f"{why}: needs depth weights (the weights folder's depth/, DPT); none are loaded")
+            raise InputError(f"{why}: needs depth weights (the weights folder's depth/, DPT); none are loaded", field=why.split()[0])
         depth = None if key is None else self.depth_maps.get(key)
         if depth is None:
             depth = self.depth_estimator(rgb)
@@ -316,7 +316,7 @@ class RepositionPipeline:
     def _alpha(self, rgb: np.ndarray, carried: np.ndarray, band: int, key) -> tuple[np.ndarray, np.ndarray]:
         """(trimap, alpha) of the subject (ViTMatte; the trimap's known regions imposed), memoized under `key`."""
         if self.matter is None:
-            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded")
+            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded", field="matting")
         cached = None if key is None else self.alphas.get(key)
         if cached is None:
             trimap = trimap_from_mask(carried, band)
@@ -373,34 +373,34 @@ class RepositionPipeline:
         auto_scale = isinstance(scale, str) and scale == "auto"
         if not auto_scale and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                                    and 0.05 <= scale <= 20):
-            raise InputError(f"scale: expected a number in [0.05, 20] or 'auto', got {scale!r}")
+            raise InputError(f"scale: expected a number in [0.05, 20] or 'auto', got {scale!r}", field="scale")
         try:
             dx, dy = (float(v) for v in move)
         except (TypeError, ValueError):
-            raise InputError(f"move: expected (dx, dy) in pixels, got {move!r}") from None
+            raise InputError(f"move: expected (dx, dy) in pixels, got {move!r}", field="move") from None
         complete = None if complete_mask is None else as_mask(complete_mask, size, "complete_mask")
         if isinstance(occlusion, str):
             if occlusion not in ("none", "auto"):
-                raise InputError(f"occlusion: expected 'none', 'auto' or a mask, got {occlusion!r}")
+                raise InputError(f"occlusion: expected 'none', 'auto' or a mask, got {occlusion!r}", field="occlusion")
         elif occlusion is not None:
             if occluder_mask is not None:
-                raise InputError("occlusion: give the occluder as occlusion=MASK or occluder_mask=, not both")
+                raise InputError("occlusion: give the occluder as occlusion=MASK or occluder_mask=, not both", field="occlusion")
             occluder_mask, occlusion = occlusion, "mask"
         auto_occlusion = occlusion == "auto"
         if auto_occlusion and occluder_mask is not None:
-            raise InputError("occlusion 'auto': computes the occluder from depth; do not also give occluder_mask")
+            raise InputError("occlusion 'auto': computes the occluder from depth; do not also give occluder_mask", field="occluder_mask")
         occluder = None if occluder_mask is None else as_mask(occluder_mask, size, "occluder_mask")
         shadow = None if shadow_mask is None else as_mask(shadow_mask, size, "shadow_mask")
         shadow_area = None if shadow_region is None else as_region(shadow_region, size, "shadow_region")
         if shadow_area is not None and not harmonize:
-            raise InputError("shadow_region: the shadow is generated by the harmonizer; it needs harmonize on")
+            raise InputError("shadow_region: the shadow is generated by the harmonizer; it needs harmonize on", field="shadow_region")
         if trimap_band is not None and not matting:
-            raise InputError("trimap_band: only with matting on")
+            raise InputError("trimap_band: only with matting on", field="trimap_band")
         if (auto_scale or auto_occlusion) and self.depth_estimator is None:
             raise InputError(f"{'scale' if auto_scale else 'occlusion'} auto: needs depth weights (the weights "
-                             "folder's depth/, DPT); none are loaded")
+                             "folder's depth/, DPT); none are loaded", field="scale" if auto_scale else "occlusion")
         if matting and self.matter is None:
-            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded")
+            raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded", field="matting")
         radius = max(1, round(0.01 * min(size))) if dilation is None else int(dilation)
         stages: dict[str, Stage] = {"input": Stage(image=Image.fromarray(rgb))}
 
@@ -441,7 +441,7 @@ class RepositionPipeline:
         moved_alpha = None if alpha is None else move_values(alpha, carried, dx, dy, scale)
         support = moved_mask if moved_alpha is None else moved_alpha > 0
         if not support.any():
-            raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})")
+            raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})", field="move")
         if auto_occlusion:  # (a given occluder mask is the caller's own: not repeated as a stage)
             # what REMOVE regenerates (the subject's dilated reach) is inpainted away: it cannot be in front
             occluder = occluder_from_depth(depth, subject, moves_with=shadow) & ~dilate(source, radius)
@@ -449,7 +449,7 @@ class RepositionPipeline:
         visible = support & ~occluder if occluder is not None else support
         if not visible.any():
             raise InputError(f"occlusion: the occluder hides the whole subject moved by ({dx:g}, {dy:g}); "
-                             "nothing would be pasted")
+                             "nothing would be pasted", field="occlusion")
 
         # 6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
         void = dilate(source, radius)

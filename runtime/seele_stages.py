@@ -74,7 +74,7 @@ def normalized_depth(inv_depth: np.ndarray) -> np.ndarray:
     """float32 [H, W] in [0, 1]: min-max normalised relative inverse depth (1 = nearest); 0 where flat."""
     d = np.asarray(inv_depth, dtype=np.float32)
     if d.ndim != 2 or not np.isfinite(d).all():
-        raise InputError(f"depth: expected a finite 2-D map, got shape {list(d.shape)}")
+        raise InputError(f"depth: expected a finite 2-D map, got shape {list(d.shape)}", field="depth")
     lo, hi = float(d.min()), float(d.max())
     if hi - lo <= 0:
         return np.zeros_like(d)
@@ -108,7 +108,7 @@ def footpoint(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of the mask's footpoint: its pixels in the bottom FOOT_BAND of its height (>= 1 row)."""
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
-        raise InputError("mask: is empty; expected at least one masked pixel")
+        raise InputError("mask: is empty; expected at least one masked pixel", field="mask")
     bottom = rows.max()
     band = max(1, round(FOOT_BAND * (bottom - rows.min() + 1)))
     keep = rows > bottom - band
@@ -133,7 +133,7 @@ def perspective_scale(inv_depth: np.ndarray, subject: np.ndarray, dx: float, dy:
     if not inside.any():
         x, y = float(np.mean(cols) + dx), float(rows.max() + dy)
         raise InputError(f"scale auto: the moved subject's footpoint ({x:.0f}, {y:.0f}) is outside the image "
-                         f"({w}x{h}); give an explicit scale")
+                         f"({w}x{h}); give an explicit scale", field="scale")
     eps = DEPTH_EPS * float(d.max()) or 1e-12
     old = float(np.median(d[rows, cols])) + eps
     nr, nc = new_r[inside], new_c[inside]
@@ -206,14 +206,14 @@ def as_region(region, size_hw: tuple[int, int], name: str) -> np.ndarray:
         try:
             x0, y0, x1, y1 = (float(v) for v in region)
         except (TypeError, ValueError):
-            raise InputError(f"{name}: expected a mask or a box (x0, y0, x1, y1), got {region!r}") from None
+            raise InputError(f"{name}: expected a mask or a box (x0, y0, x1, y1), got {region!r}", field=name) from None
         if not all(np.isfinite(v) for v in (x0, y0, x1, y1)):
-            raise InputError(f"{name} box {tuple(region)!r}: expected finite pixel coordinates")
+            raise InputError(f"{name} box {tuple(region)!r}: expected finite pixel coordinates", field=name)
         c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
         c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
         if c1 <= c0 or r1 <= r0:
             raise InputError(f"{name} box ({x0:g}, {y0:g}, {x1:g}, {y1:g}): empty after clipping to the image "
-                             f"({w}x{h})")
+                             f"({w}x{h})", field=name)
         mask = np.zeros((h, w), bool)
         mask[r0:r1, c0:c1] = True
         return mask

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ def pixel_key(rgb: np.ndarray) -> tuple:
     return ("pixels", rgb.shape, hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest())
 
 
+_TF32_LOCK = threading.Lock()
+_tf32 = {"users": 0, "saved": None}  # threads inside tf32_matmuls, and the flags the first of them found
+
+
 @contextlib.contextmanager
 def tf32_matmuls(device: torch.device):
     """TF32 for fp32 matmuls and convolutions on CUDA, for the duration only (restored after).
@@ -40,16 +45,27 @@ def tf32_matmuls(device: torch.device):
     embedding, which the mask threshold tolerates. The flags are process-global, so while the
     encoder runs they also apply to other threads' fp32 CUDA matmuls; the pipeline's own work is
     serialized by its work queue. No effect on the CPU.
+
+    Two editors' queues may run their encoders at once: a per-call save/restore would then let the
+    first to leave turn TF32 off under the second, and the second restore the first's True for good.
+    One process-wide count under a lock instead: the first to enter saves and sets, the last to leave
+    restores.
     """
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with _TF32_LOCK:
+        if _tf32["users"] == 0:
+            _tf32["saved"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        _tf32["users"] += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _TF32_LOCK:
+            _tf32["users"] -= 1
+            if _tf32["users"] == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _tf32["saved"]
 
 
 class Segmenter:
@@ -96,21 +112,21 @@ class Segmenter:
         """Best-IoU mask (bool [H, W]) of SAM's multimask output for points (x, y) + labels and/or a box."""
         h, w = rgb.shape[:2]
         if points is None and box is None:
-            raise InputError("segment: expected at least one point or a box")
+            raise InputError("segment: expected at least one point or a box", field="points")
         coords, codes = np.zeros((0, 2)), np.zeros(0)
         if points is not None:
             pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
             for x, y in pts:
                 if not (0 <= x < w and 0 <= y < h):
-                    raise InputError(f"point ({x:g}, {y:g}): outside the image ({w}x{h}); expected 0 <= x < {w}, 0 <= y < {h}")
+                    raise InputError(f"point ({x:g}, {y:g}): outside the image ({w}x{h}); expected 0 <= x < {w}, 0 <= y < {h}", field="points")
             lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
             if len(lab) != len(pts) or not np.isin(lab, (0, 1)).all():
-                raise InputError(f"labels: expected one label per point, each 0 (background) or 1 (foreground), got {lab.tolist()}")
+                raise InputError(f"labels: expected one label per point, each 0 (background) or 1 (foreground), got {lab.tolist()}", field="labels")
             coords, codes = self.transform.apply_coords(pts, (h, w)), lab
         if box is not None:
             b = np.asarray(box, dtype=np.float64).reshape(-1)
             if b.shape != (4,) or not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
-                raise InputError(f"box {b.tolist()}: expected x0 < x1, y0 < y1 inside the image ({w}x{h})")
+                raise InputError(f"box {b.tolist()}: expected x0 < x1, y0 < y1 inside the image ({w}x{h})", field="box")
             corners = self.transform.apply_boxes(b, (h, w)).reshape(2, 2)
             coords, codes = np.concatenate([coords, corners]), np.concatenate([codes, [2, 3]])
         else:  # without a box SamPredictor's prompt encoder appends a padding point
@@ -129,7 +145,7 @@ class Segmenter:
         best = 1 + int(torch.argmax(out["iou_predictions"][0, 1:]))  # multimask: tokens 1..3
         mask = (out["masks"][0, best] > MASK_THRESHOLD).cpu().numpy()
         if not mask.any():
-            raise InputError("segment: SAM found no subject at the given point/box; try another point or a box")
+            raise InputError("segment: SAM found no subject at the given point/box; try another point or a box", field="points" if points is not None else "box")
         return mask
 
     def grid_logits(self, rgb: np.ndarray, points_xy: np.ndarray, image_key=None) -> torch.Tensor:

@@ -85,7 +85,7 @@ class EditSession:
         from editrt.runtime.reposition import RepositionPipeline
 
         if not isinstance(pipeline, (RepositionPipeline, ElementsPipeline)):
-            raise InputError(f"pipeline: expected a RepositionPipeline or an ElementsPipeline, got {type(pipeline).__name__}")
+            raise InputError(f"pipeline: expected a RepositionPipeline or an ElementsPipeline, got {type(pipeline).__name__}", field="pipeline")
         self.rgb, self.pipeline, self.seed = as_rgb(image).copy(), pipeline, seed
         self.rgb.setflags(write=False)  # our own copy, read by preview jobs: nobody writes it
         self.kind = "reposition" if isinstance(pipeline, RepositionPipeline) else "elements"
@@ -152,7 +152,7 @@ class EditSession:
             if self.subject is None:
                 raise InputError("preview/final: select the subject first (select(points=...) or mask=)")
             if "shadow_mask" in edit:  # it shapes the cached REMOVE pass and alpha: a selection, not an edit
-                raise InputError("shadow_mask: select the shadow with select_shadow(...), not per preview/final")
+                raise InputError("shadow_mask: select the shadow with select_shadow(...), not per preview/final", field="shadow_mask")
             if self.shadow is not None:
                 edit["shadow_mask"] = self.shadow
             return _Request(quality, edit, self.subject, (self.token, self._selection))

@@ -20,9 +20,9 @@ from skimage import data
 from skimage.transform import resize
 
 from editrt.errors import EngineError, InputError
-from editrt.export.components import COMPONENTS, export_components
+from editrt.export.components import export_components
 from editrt.export.onnx import CHECK_ORIG_IM_SIZES, TRACE_ORIG_IM_SIZE, check_cases, random_inputs, trace_dims
-from editrt.export.specs import network_specs
+from editrt.export.specs import all_networks, network_specs
 from editrt.models.components import WeightsLayout, load_elements_components, load_reposition_components
 from editrt.models.networks import elements_networks, reposition_networks
 from editrt.runtime.engines import OrtEngine
@@ -80,7 +80,7 @@ def _backend_engines(engines_dir, specs, names):
 
 def test_every_component_exports_and_matches_pytorch(engines, specs, tiny_weights):
     out, results = engines
-    assert [r.name for r in results] == list(COMPONENTS)
+    assert [r.name for r in results] == list(all_networks())
     manifest = json.loads((out / "manifest.json").read_text())
     for r in results:
         assert r.max_rel_error is not None and r.max_rel_error <= 1e-4, (r.name, r.max_rel_error)

@@ -14,12 +14,15 @@ from PIL import Image
 from skimage import data
 
 from editrt.errors import EngineError, WeightsError
-from editrt.export.components import ESTIMATORS, export_components, resolve_components
+from editrt.export.components import export_components, resolve_components
 from editrt.export.onnx import random_inputs, trace_dims
+from editrt.export.specs import optional_networks
 from editrt.models.components import WeightsLayout
 from editrt.runtime.backends import editor_settings, exported_estimators
 from editrt.runtime.engines import OrtEngine, TorchEngine
 from editrt.runtime.estimators import DepthEstimator, Matter, trimap_from_mask
+
+ESTIMATORS = optional_networks()  # depth and matting: exported where the weights folder has them
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from editrt.errors import EngineError, InputError
-from editrt.export.specs import NetworkSpec, TensorSpec
+from editrt.export.specs import NetworkSpec, TensorSpec, compiled_networks, editor_networks
 from editrt.models.networks import UNetNet
-from editrt.runtime.backends import COMPILED_NETWORKS, ELEMENTS_NETWORKS, REPOSITION_NETWORKS, build_engines
+from editrt.runtime.backends import build_engines
 from editrt.runtime.engines import ENGINE_MEMBERS, LoRAScale, TorchEngine, conforms
 
 
@@ -30,7 +30,7 @@ def _unet_inputs(built, seed=0, size=8):
 
 def test_every_built_engine_declares_the_protocol(tiny_weights, built):
     elements = build_engines("elements", tiny_weights)
-    for b, names in ((built, REPOSITION_NETWORKS), (elements, ELEMENTS_NETWORKS)):
+    for b, names in ((built, editor_networks("reposition")), (elements, editor_networks("elements"))):
         assert sorted(b.engines) == sorted(names)
         for engine in b.engines.values():
             conforms(engine)
@@ -114,7 +114,7 @@ def test_cuda_graphs_resolution_on_cpu(tiny_weights, built):
 def test_compile_flag_reaches_exactly_the_compiled_networks(tiny_weights):
     b = build_engines("reposition", tiny_weights, compile=True)
     assert b.compiled
-    assert {n for n, e in b.engines.items() if e.compiled} == set(COMPILED_NETWORKS) & set(REPOSITION_NETWORKS)
+    assert {n for n, e in b.engines.items() if e.compiled} == set(compiled_networks()) & set(editor_networks("reposition"))
     # compile replaces the K/V caching (its Python-side cache state is not traceable)
     from editrt.models.attention import CachedKVCrossAttnProcessor
 
