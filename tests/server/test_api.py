@@ -57,7 +57,7 @@ def test_reposition_and_inpaint_equal_the_pipeline(client, reposition, photo_sma
     assert np.array_equal(decode(r.content), np.asarray(expected))
 
 
-def test_elements_partition_edit_render(client, elements_pipe, photo_small):
+def test_elements_partition_edit_render(client, server, elements_pipe, photo_small):
     r = client.post("/v1/elements/partition", json={"image": b64png(photo_small), "grid": 4})
     assert r.status_code == 200, r.text
     part = r.json()
@@ -74,7 +74,7 @@ def test_elements_partition_edit_render(client, elements_pipe, photo_small):
     from editrt.runtime.server.routers.elements_io import from_blob
     from editrt.runtime.server.schemas import ElementsBlob
 
-    expected = elements_pipe.decode(from_blob(ElementsBlob(**edited["elements"])), steps=2, seed=1)
+    expected = elements_pipe.decode(from_blob(ElementsBlob(**edited["elements"]), server.state.settings), steps=2, seed=1)
     assert np.array_equal(decode(r.content), np.asarray(expected))
 
 
