@@ -44,13 +44,10 @@ def check_pass(settings: Settings, image_hw: tuple[int, int], resolution: int | 
                        f"limit ({settings.max_pixel_steps} pixel-steps); ask for fewer steps or a lower resolution")
 
 
-def check_canvas_steps(settings: Settings, canvas_hw: tuple[int, int], steps: int, field: str,
-                       steps_field: str = "steps") -> None:
-    """A denoising pass on a canvas a request declares directly (an elements blob's working size)."""
+def check_canvas_steps(settings: Settings, canvas_hw: tuple[int, int], steps: int, steps_field: str = "steps") -> None:
+    """A denoising pass on a canvas a request declares directly (an elements blob's working size, itself
+    bounded by check_elements_doc): canvas x steps within max_pixel_steps."""
     h, w = canvas_hw
-    if h * w > settings.max_work_pixels:
-        raise APIError(413, field, f"{field}: a {w}x{h} working canvas is more than the limit "
-                       f"({settings.max_work_pixels} pixels)")
     if h * w * steps > settings.max_pixel_steps:
         raise APIError(413, steps_field, f"{steps_field}: {steps} steps on a {w}x{h} canvas is more work than the "
                        f"limit ({settings.max_pixel_steps} pixel-steps)")

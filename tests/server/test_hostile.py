@@ -133,14 +133,18 @@ def test_resize_ops_are_clamped_to_the_canvas(hostile, client, blob):
 
 
 def test_a_blobs_own_scale_column_is_clamped(client, blob):
-    elements = copy.deepcopy(blob["elements"])
-    for row in elements["doc"]["elements"]:
-        row["scale"] = 400.0  # each region 400x its crop, were it not clamped to the canvas
+    one = copy.deepcopy(blob["elements"])
+    one["doc"]["elements"][blob["items"][0]["id"]]["scale"] = 400.0  # 400x its crop, were it not clamped
     with PeakRSS() as rss:
-        r = client.post("/v1/elements/edit", json={"elements": elements,
-                                                   "ops": [{"op": "delete", "ids": [blob["items"][0]["id"]]}]})
+        r = client.post("/v1/elements/edit", json={"elements": one, "ops": [{"op": "delete", "ids": [
+            blob["items"][-1]["id"]]}]})
+    assert r.status_code == 200, r.text
     assert rss.growth_mb < RSS_MB and rss.seconds < ANSWER_S, (rss.growth_mb, rss.seconds)
-    refused(r, 413, "elements")  # 16 canvas-sized regions: more than max_region_pixels
+    every = copy.deepcopy(blob["elements"])
+    for row in every["doc"]["elements"]:
+        row["scale"] = 400.0
+    attack(client, "POST", "/v1/elements/edit", 413, "elements",  # 16 canvas-sized regions: over max_region_pixels
+           json={"elements": every, "ops": [{"op": "delete", "ids": [blob["items"][0]["id"]]}]})
 
 
 def test_region_pixels_drawn_by_edits_are_bounded(client, blob):
@@ -164,6 +168,9 @@ def test_declared_blob_sizes_are_bounded(client, blob):
     wide["doc"]["working_size"] = [1024, 1024]
     attack(client, "POST", "/v1/elements/render", 413, "elements.doc.working_size",
            json={"elements": wide, "steps": 2})
+    square = copy.deepcopy(blob["elements"])
+    square["doc"]["working_size"] = [256, 256]  # within max_work_pixels; 8 steps on it are not
+    attack(client, "POST", "/v1/elements/render", 413, "steps", json={"elements": square, "steps": 8})
     many = copy.deepcopy(blob["elements"])
     many["doc"]["num_elements"] = 10**6
     attack(client, "POST", "/v1/elements/edit", 413, "elements.doc.num_elements",

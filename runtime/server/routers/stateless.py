@@ -164,7 +164,7 @@ async def render(request: Request):
     pipe = common.pipeline(request, "elements")
     settings = common.state(request).settings
     el = await anyio.to_thread.run_sync(from_blob, req.elements, settings)
-    cost.check_canvas_steps(settings, el.working_size, steps, "elements.doc.working_size")
+    cost.check_canvas_steps(settings, el.working_size, steps)
     stop = Stop()
     out, run_s, wait_s = await common.run(
         request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
