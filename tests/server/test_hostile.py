@@ -357,6 +357,36 @@ def test_a_session_over_the_budget_evicts_nobody(reposition):
         assert server.state.sessions.evicted["bytes"] == 0
 
 
+def test_a_refused_undo_keeps_its_entry(tiny_weights):
+    from editrt.runtime.reposition import RepositionPipeline
+
+    pipe = RepositionPipeline.from_pretrained(tiny_weights, max_waiting=1)
+    photo = b64png(small_photo())
+    with start_server(pipe) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"image": photo}).json()["id"]
+        c.post(f"/v1/sessions/{sid}/select", json={"points": [[60, 40]]}).raise_for_status()
+        c.post(f"/v1/sessions/{sid}/final", json={"dx": 6}).raise_for_status()
+        gate, holding = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=lambda: pipe.work.run(lambda: (holding.set(), gate.wait(30))))
+        waiter = threading.Thread(target=lambda: pipe.work.run(lambda: None))
+        blocker.start()
+        try:
+            assert holding.wait(10)
+            waiter.start()  # the one place in the queue taken: the undo is refused at once
+            deadline = time.monotonic() + 10
+            while pipe.work.waiting < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused(c.post(f"/v1/sessions/{sid}/undo"), 503, "queue")
+        finally:
+            gate.set()
+            blocker.join()
+            waiter.join()
+        assert c.get(f"/v1/sessions/{sid}").json()["undo"] == 1
+        r = c.post(f"/v1/sessions/{sid}/undo")
+        assert r.status_code == 200 and r.json()["undo"] == 0, r.text
+
+
 def test_host_and_origin_are_checked_without_a_token(reposition):
     with start_server(reposition) as server, httpx.Client(base_url=server.url, timeout=30) as c:
         assert c.get("/healthz").status_code == 200

@@ -293,7 +293,9 @@ async def undo(request: Request, session_id: str):
     if not live.history:
         raise APIError(409, "undo", "undo: nothing to undo")
     async with live.lock:
-        previous = live.history.pop()
+        if not live.history:  # another request undid the last one while this waited for the lock
+            raise APIError(409, "undo", "undo: nothing to undo")
+        previous = live.history[-1]  # popped only once the undo happened: a refused one (503) keeps it
         if live.kind == "reposition":
             old = live.session
             live.session, run_s, wait_s = await common.run(
@@ -302,6 +304,7 @@ async def undo(request: Request, session_id: str):
             _close_later(old)
         else:
             live.session.elements, live.drag_base, run_s, wait_s = previous, None, 0.0, 0.0
+        live.history.pop()
     return await anyio.to_thread.run_sync(lambda: info(live, st, image=True, t=common.timing(request, t0, run_s, wait_s)))
 
 
