@@ -430,3 +430,20 @@ def test_chunked_bodies_over_the_limit_and_slow_bodies(hostile, blob):
                   "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": ".encode())
         head = s.recv(4096)
         assert head.startswith(b"HTTP/1.1 408"), head[:100]
+
+
+def test_the_cli_bounds_the_canvas_too(tmp_path, tiny_weights, capsys):
+    """`editrt inpaint --resolution 4096` on a 64x48 image: one line naming --resolution, before any weights load."""
+    from PIL import Image
+
+    from editrt.cli import main
+
+    Image.fromarray(small_photo(64, 48)).save(tmp_path / "in.png")
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / "mask.png")
+    t0 = time.perf_counter()
+    rc = main(["inpaint", tmp_path / "in.png", tmp_path / "mask.png", "--resolution", 4096,
+               "--weights", tiny_weights, "-o", tmp_path / "out.png", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--resolution 4096" in err and "5464x4096" in err, err
+    assert time.perf_counter() - t0 < ANSWER_S and not (tmp_path / "out.png").exists()
+
