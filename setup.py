@@ -122,6 +122,7 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "uvicorn>=0.29",
     "python-multipart>=0.0.9",  # multipart uploads
     "websockets>=12",  # uvicorn's WebSocket protocol
+    "prometheus_client>=0.17",  # /metrics (multiprocess-safe under Ray Serve replicas)
 ]
 
 setup(
