@@ -98,8 +98,8 @@ class SessionStore:
     def sweep(self, keep: str | None = None) -> None:
         """Close expired sessions, then the least recently used beyond the cap or the byte budget."""
         now = time.monotonic()
-        for sid, live in list(self._live.items()):
-            if now - live.last_used > self.ttl_s and sid != keep:
+        for sid, live in list(self._live.items()):  # an open drag socket keeps its session alive, idle or not
+            if now - live.last_used > self.ttl_s and sid != keep and not live.sockets:
                 self.close(sid, "ttl")
         while len(self._live) > self.max_sessions:
             self.close(next(s for s in self._live if s != keep), "lru")

@@ -416,6 +416,16 @@ def test_websockets_per_session_are_capped(hostile, client):
         pass
 
 
+def test_an_open_websocket_keeps_its_session_alive(reposition):
+    with start_server(reposition, session_ttl_s=1.0) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        idle = c.post("/v1/sessions", json={"image": b64png(small_photo())}).json()["id"]
+        held = c.post("/v1/sessions", json={"image": b64png(small_photo())}).json()["id"]
+        with websockets.connect(f"{server.ws_url}/v1/sessions/{held}/drag", open_timeout=10):
+            time.sleep(2.5)  # > ttl; the sweeper runs every ttl/4
+            assert c.get(f"/v1/sessions/{held}").status_code == 200
+        refused(c.get(f"/v1/sessions/{idle}"), 404, "session_id")  # the control: expired
+
+
 def test_chunked_bodies_over_the_limit_and_slow_bodies(hostile, blob):
     host, port = hostile.url.rsplit("//", 1)[1].split(":")
 
