@@ -237,8 +237,7 @@ def run_ray(args, settings: Settings) -> int:
     from editrt.runtime.server.ray_deployment import build_app
 
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    local = {"_node_ip_address": "127.0.0.1"} if address is None and args.host in LOOPBACK else {}
-    ray.init(address=address, include_dashboard=False, **local,  # a local Ray's GCS and raylet on loopback only logging_level="WARNING" if args.quiet else "INFO",
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO",
              log_to_driver=not args.quiet)
     # After ray.init (it installs its own SIGTERM handler): both signals end the wait below, and the
     # `finally` shuts Serve down. SIGINT explicitly too: a shell starts background jobs with it ignored.
