@@ -168,6 +168,7 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "uvicorn>=0.29",
     "python-multipart>=0.0.9",  # multipart uploads
     "websockets>=12",  # uvicorn's WebSocket protocol
+    "prometheus_client>=0.17",  # /metrics (multiprocess-safe under Ray Serve replicas)
 ]
 DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
     *TRAIN,  # tests/train

@@ -84,6 +84,22 @@ def _backend(args) -> dict:
     return {"backend": args.backend, "engines": args.engines, "compile": args.compile, "cuda_graphs": args.cuda_graphs}
 
 
+CLI_MAX_CANVAS = 4096 * 4096  # pixels of a processing canvas: beyond any model's trained size, hours on a CPU
+
+
+def _check_canvas(args, size_hw) -> None:
+    """--resolution on this image: its processing canvas (short side = resolution, aspect kept) within
+    CLI_MAX_CANVAS, before any weights load (a 64x48 image at --resolution 4096 would be 5464x4096)."""
+    from editrt.runtime.images import processing_size
+
+    if getattr(args, "resolution", None) is None:
+        return
+    h, w = processing_size(tuple(size_hw), args.resolution)
+    if h * w > CLI_MAX_CANVAS:
+        raise InputError(f"--resolution {args.resolution}: a {w}x{h} processing canvas for this {size_hw[1]}x"
+                         f"{size_hw[0]} image; expected at most {CLI_MAX_CANVAS} pixels (a lower --resolution)")
+
+
 def _reposition_pipeline(args):
     from editrt.runtime.reposition import RepositionPipeline
     from editrt.weights import resolve_weights
@@ -151,6 +167,7 @@ def cmd_outpaint(args) -> None:
     extend = [int(v) if v.is_integer() else v for v in extend]
     check_extend(extend, image.shape[:2])  # before any weights load
     check_fill(args.fill)
+    _check_canvas(args, image.shape[:2])
     result = outpaint(_reposition_pipeline(args), image, extend, fill=args.fill, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args))
     save_png(result, out, watermark=args.watermark)
@@ -173,6 +190,7 @@ def cmd_inpaint(args) -> None:
 
     out = _check_output(args.output)
     image, mask = load_image(args.image), load_mask(args.mask, "mask")
+    _check_canvas(args, image.shape[:2])
     result = _reposition_pipeline(args).inpaint(
         image, mask, task=args.task, steps=args.steps, guidance=args.guidance, seed=args.seed,
         resolution=args.resolution, progress=_progress(args),
@@ -220,6 +238,7 @@ def cmd_reposition(args) -> None:
     stages_dir = Path(args.save_stages) if args.save_stages else None
     if stages_dir is not None and stages_dir.exists() and (not stages_dir.is_dir() or any(stages_dir.iterdir())):
         raise InputError(f"--save-stages {stages_dir}: exists and is not an empty directory")
+    _check_canvas(args, image.shape[:2])
     pipe = _reposition_pipeline(args)
     if shadow_box is not None:  # a second selection: SAM on the shadow's box
         shadow = pipe.segment(image, box=shadow_box)
@@ -262,6 +281,7 @@ def cmd_elements_partition(args) -> None:
     overlay = _check_output(args.overlay, "--overlay") if args.overlay else None
     labels = _check_output(args.labels, "--labels") if args.labels else None
     image = load_image(args.image)
+    _check_canvas(args, image.shape[:2])
     pipe = _elements_pipeline(args)
     elements = pipe.partition(image, resolution=args.resolution, grid=args.grid, beta=args.beta,
                               iterations=args.iterations)
@@ -331,6 +351,7 @@ def cmd_elements_render(args) -> None:
 
     out = _check_output(args.output)
     elements = Elements.load(args.elements)
+    _check_canvas(args, elements.image_size)
     image = _elements_pipeline(args).decode(elements, prompt=args.prompt, guidance=args.guidance, steps=args.steps,
                                             seed=args.seed, resolution=args.resolution, progress=_progress(args))
     save_png(image, out, watermark=args.watermark)

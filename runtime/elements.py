@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from editrt.models.files import write_bytes_atomic
 
 FORMAT, VERSION = "editrt.elements", 2
 UNITS = "image pixels"  # what x, y, w, h in the JSON are
+MAX_DATA_BYTES = 1 << 30  # an npz's members together, uncompressed (Elements.load; a server passes its own bound)
 
 
 def multiple_of_8(size_hw: tuple[int, int]) -> tuple[int, int]:
@@ -143,9 +146,27 @@ class Elements:
         return [int(i) for i in ids]
 
     # ------------------------------------------------------------------ regions
+    def fit_scale(self, i: int, scale: float) -> float:
+        """`scale` for element i's region, clamped so that the scaled region is no larger than the image."""
+        mh, mw = self.masks[i].shape
+        H, W = self.image_size
+        return min(float(scale), H / mh, W / mw) if mh and mw else float(scale)
+
+    def region_pixels(self, ids=(), scale: float = 1.0) -> int:
+        """Pixels of all alive elements' regions (what an edit draws to find collisions), with elements `ids`
+        scaled by `scale` more: a caller bounds an edit's cost with it before making the edit."""
+        scaled = set(self._check_ids(ids, "resize")) if len(ids) else set()
+        total = 0
+        for i in self.alive_ids:
+            s = self.fit_scale(i, self.scales[i] * (scale if i in scaled else 1.0))
+            mh, mw = self.masks[i].shape
+            total += max(1, round(mh * s)) * max(1, round(mw * s)) if mh and mw else 0
+        return total
+
     def region(self, i: int) -> tuple[int, int, np.ndarray]:
-        """(top, left, mask) of element i's current region in the image (the mask may extend past it)."""
-        mask, s = self.masks[i], float(self.scales[i])
+        """(top, left, mask) of element i's current region in the image (the mask may extend past it; its
+        scale is clamped so that it is never larger than the image)."""
+        mask, s = self.masks[i], self.fit_scale(i, self.scales[i])
         if s != 1.0 and mask.size:
             h, w = max(1, round(mask.shape[0] * s)), max(1, round(mask.shape[1] * s))
             mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
@@ -208,7 +229,7 @@ class Elements:
         if not (isinstance(scale, (int, float)) and 0.05 <= scale <= 20):
             raise ElementsError(f"resize: scale expected in [0.05, 20], got {scale!r}")
         H, W = self.image_size
-        self.scales[ids] *= scale
+        self.scales[ids] = [self.fit_scale(i, self.scales[i] * scale) for i in ids]  # never beyond the image
         self.sizes[ids] = np.minimum(self.sizes[ids] * scale, np.array([W, H], np.float32))
         return self._delete_covered(ids)
 
@@ -309,7 +330,10 @@ class Elements:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Elements:
+    def load(cls, path: str | Path, max_data_bytes: int = MAX_DATA_BYTES) -> Elements:
+        """Read NAME.json + NAME.npz. The npz's members are checked from their declared sizes (zip and .npy
+        headers) before any is read: together at most `max_data_bytes` uncompressed, each exactly as large
+        as its header says, so a small file cannot expand into a large allocation."""
         path = Path(path)
         try:
             doc = json.loads(path.read_text())
@@ -328,7 +352,8 @@ class Elements:
             raise ElementsError(f"{path}: its data file {npz_path.name} does not match it (SHA-256 differs); "
                                 "keep each .json with the .npz written beside it")
         try:
-            arrays = np.load(io.BytesIO(data))
+            _check_npz(data, max_data_bytes)
+            arrays = np.load(io.BytesIO(data), allow_pickle=False)
             features, anchors = arrays["features"], arrays["anchors"]
             shapes, bits = arrays["mask_shapes"], np.unpackbits(arrays["mask_bits"]).astype(bool)
             rows = doc["elements"]
@@ -352,9 +377,36 @@ class Elements:
                            (int(working[0]), int(working[1])))
             if min(elements.working_size) < 8 or any(v % 8 for v in elements.working_size):
                 raise ValueError(f"working_size {list(elements.working_size)} is not a multiple of 8")
-        except (KeyError, ValueError, TypeError, OSError, IndexError) as e:
+            if H < 1 or W < 1:
+                raise ValueError(f"image_size {[H, W]} has no pixels")
+            geometry = np.concatenate([elements.centroids.ravel(), elements.sizes.ravel(), elements.anchors.ravel()])
+            if not np.isfinite(geometry).all() or not (np.isfinite(elements.scales) & (elements.scales > 0)).all():
+                raise ValueError("x, y, w, h, anchors must be finite and scale finite and > 0")
+        except (KeyError, ValueError, TypeError, OSError, IndexError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise ElementsError(f"{path}: malformed elements file ({e})") from None
         return elements
+
+
+def _check_npz(data: bytes, max_bytes: int) -> None:
+    """Refuse an npz from its headers alone: a member whose .npy header declares more (or less) data than the
+    member holds, or members together larger than `max_bytes` uncompressed (ValueError)."""
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.infolist():
+            total += member.file_size
+            if total > max_bytes:
+                raise ValueError(f"its data is larger than {max_bytes} bytes uncompressed")
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"{member.filename}: object arrays are not elements data")
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared != member.file_size - f.tell():
+                    raise ValueError(f"{member.filename}: its header declares {declared} bytes, it holds "
+                                     f"{member.file_size - f.tell()}")
 
 
 def _overlap(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> bool:

@@ -11,6 +11,12 @@ Errors: a request the pipeline rejects (EditError: a point outside the image, an
 unknown task) is answered with a Triton INVALID_ARG error carrying editrt's one-line message;
 anything else with an INTERNAL error naming the exception (its traceback goes to the server log).
 Either way only that request fails and the model keeps serving.
+
+Bounds (LIMITS; a config.pbtxt parameter of the same name overrides one): every request's work and
+memory are bounded from its declared sizes before any work starts, as `editrt serve` bounds them
+(docs/limits.md): image pixels and sides, points, grid, iterations, steps, resolution, the processing
+canvas and its pixels x steps, element counts, IMAGE_SIZE and WORKING_SIZE; floating-point inputs
+must be finite (NaN guidance is refused, not rendered). Each is INVALID_ARG naming the input.
 """
 from __future__ import annotations
 
@@ -24,6 +30,41 @@ import numpy as np
 from editrt.errors import EditError, EngineError, InputError
 from editrt.export.specs import check_inputs
 from editrt.export.triton import PIPELINE_MODELS, PipelineModel
+
+LIMITS = {"max_pixels": 4096 * 4096, "max_side": 8192, "max_points": 64, "max_grid": 32, "max_iterations": 10,
+          "max_steps": 100, "max_resolution": 2048, "max_work_pixels": 2048 * 2048,
+          "max_pixel_steps": 1024 * 1024 * 50, "max_elements": 4096}
+IMAGE_INPUTS = ("IMAGE", "MASK", "COMPLETE_MASK", "OCCLUDER_MASK", "SHADOW_MASK", "SHADOW_REGION")
+
+
+def check_image_shape(name: str, shape, limits: dict) -> None:
+    """An image or mask input's (H, W, ...) within the pixel limits, before its data is copied."""
+    if len(shape) >= 2:
+        h, w = int(shape[0]), int(shape[1])
+        if h > limits["max_side"] or w > limits["max_side"] or h * w > limits["max_pixels"]:
+            raise InputError(f"{name}: {w}x{h} is larger than the limit ({limits['max_pixels']} pixels, "
+                             f"{limits['max_side']} per side)")
+
+
+def check_work(limits: dict, image_hw, resolution: int | None, default_resolution: int, steps: int | None,
+               canvas_hw=None) -> None:
+    """One denoising pass (or a partition, steps None): RESOLUTION within max_resolution, the processing canvas
+    (from the image and RESOLUTION, or `canvas_hw` given) within max_work_pixels, canvas x STEPS within
+    max_pixel_steps, STEPS within max_steps."""
+    from editrt.runtime.images import processing_size
+
+    if steps is not None and steps > limits["max_steps"]:
+        raise InputError(f"STEPS: at most {limits['max_steps']}, got {steps}")
+    if resolution is not None and resolution > limits["max_resolution"]:
+        raise InputError(f"RESOLUTION: at most {limits['max_resolution']}, got {resolution}")
+    h, w = canvas_hw if canvas_hw is not None else processing_size(tuple(image_hw), resolution or default_resolution)
+    field = "WORKING_SIZE" if canvas_hw is not None else ("RESOLUTION" if resolution is not None else "IMAGE")
+    if h * w > limits["max_work_pixels"]:
+        raise InputError(f"{field}: a {w}x{h} processing canvas is more than the limit "
+                         f"({limits['max_work_pixels']} pixels)")
+    if steps is not None and h * w * steps > limits["max_pixel_steps"]:
+        raise InputError(f"STEPS: {steps} steps on a {w}x{h} canvas is more work than the limit "
+                         f"({limits['max_pixel_steps']} pixel-steps)")
 
 
 def _pb_utils():
@@ -141,8 +182,9 @@ class Request:
     the text options (PipelineModel.parameters) come as request parameters only.
     """
 
-    def __init__(self, model: PipelineModel, request, pb_utils):
+    def __init__(self, model: PipelineModel, request, pb_utils, limits: dict | None = None):
         self.model, self._request, self._pb = model, request, pb_utils
+        self.model_limits = limits or LIMITS
         text = request.parameters() if hasattr(request, "parameters") else "{}"
         self.parameters = json.loads(text or "{}")
         known = {p.name.lower() for p in model.inputs if p.dims == (1,)} | {q.name for q in model.parameters}
@@ -159,7 +201,12 @@ class Request:
                 raise InputError(f"{self.model.name}: missing input {name!r}; expected "
                                  f"{', '.join(p.name for p in self.model.inputs if not p.optional)}")
             return None
-        return tensor_to_numpy(tensor)
+        if name in IMAGE_INPUTS:
+            check_image_shape(name, tensor.shape(), self.model_limits)
+        arr = tensor_to_numpy(tensor)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InputError(f"{name}: expected finite numbers (no NaN or infinity)")
+        return arr
 
     def value(self, name: str):
         """A scalar input as a Python value; the request parameter, or the default, where absent."""
@@ -194,13 +241,15 @@ class Request:
 
     def number(self, name: str) -> float:
         value = self.value(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise InputError(f"{name}: expected a finite number, got {value!r}")
         return float(value)
 
     def prompt(self) -> dict:
         """points / labels / box as the CLI passes them: labels default to 1 (foreground)."""
         points, labels, box = self.array("POINTS"), self.array("LABELS"), self.array("BOX")
+        if points is not None and len(points) > self.model_limits["max_points"]:
+            raise InputError(f"POINTS: at most {self.model_limits['max_points']} points, got {len(points)}")
         if labels is not None and points is None:
             raise InputError("LABELS: given without POINTS")
         if points is not None:
@@ -230,6 +279,7 @@ class PipelineModelBase(ABC):
         self.model = PIPELINE_MODELS[self.name]
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.limits = {k: int(params.get(k, v)) for k, v in LIMITS.items()}
         if "weights" not in params:
             raise InputError(f"{self.name}: config.pbtxt has no 'weights' parameter (the weights directory)")
         device = _device(params.get("device", "auto"), args)
@@ -254,7 +304,7 @@ class PipelineModelBase(ABC):
         responses = []
         for request in requests:  # requests of one call are independent: one failing fails only itself
             try:
-                outputs = self.run(Request(self.model, request, self.pb))
+                outputs = self.run(Request(self.model, request, self.pb, self.limits))
                 responses.append(self.pb.InferenceResponse(output_tensors=[
                     numpy_to_tensor(self.pb, port.name, outputs[port.name])
                     for port in self.model.outputs]))
@@ -292,7 +342,10 @@ class InpaintModel(PipelineModelBase):
     name = "inpaint"
 
     def run(self, r: Request) -> dict:
-        result = self.pipe.inpaint(r.array("IMAGE"), r.mask("MASK"), task=r.text("task"), steps=r.integer("STEPS"),
+        image = r.array("IMAGE")
+        check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution,
+                   r.integer("STEPS"))
+        result = self.pipe.inpaint(image, r.mask("MASK"), task=r.text("task"), steps=r.integer("STEPS"),
                                    guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
                                    resolution=r.integer("RESOLUTION"))
         return {"IMAGE": np.asarray(result)}
@@ -306,9 +359,12 @@ class RepositionModel(PipelineModelBase):
         if mask is None and prompt["points"] is None and prompt["box"] is None:
             raise InputError("reposition: expected the subject as MASK, POINTS or BOX")
         move = r.array("MOVE")
+        image = r.array("IMAGE")
+        check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution,
+                   r.integer("STEPS"))
         # scale="auto" (a request parameter, as the CLI's `--scale auto`): the depths at the footpoints decide
         scale = "auto" if r.parameters.get("scale") == "auto" else r.number("SCALE")
-        result = self.pipe(r.array("IMAGE"), mask=mask, **prompt, move=[decimal(v) for v in move],
+        result = self.pipe(image, mask=mask, **prompt, move=[decimal(v) for v in move],
                            scale=scale, complete_mask=r.mask("COMPLETE_MASK"),
                            occluder_mask=r.mask("OCCLUDER_MASK"), occlusion=r.text("occlusion"),
                            matting=bool(r.integer("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
@@ -323,8 +379,14 @@ class ElementsPartitionModel(PipelineModelBase):
     name = "elements_partition"
 
     def run(self, r: Request) -> dict:
-        elements = self.pipe.partition(r.array("IMAGE"), resolution=r.integer("RESOLUTION"), grid=r.integer("GRID"),
-                                       beta=r.number("BETA"), iterations=r.integer("ITERATIONS"))
+        image, grid, iterations = r.array("IMAGE"), r.integer("GRID"), r.integer("ITERATIONS")
+        if grid is not None and grid > self.limits["max_grid"]:
+            raise InputError(f"GRID: at most {self.limits['max_grid']}, got {grid}")
+        if iterations is not None and iterations > self.limits["max_iterations"]:
+            raise InputError(f"ITERATIONS: at most {self.limits['max_iterations']}, got {iterations}")
+        check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution, None)
+        elements = self.pipe.partition(image, resolution=r.integer("RESOLUTION"), grid=grid,
+                                       beta=r.number("BETA"), iterations=iterations)
         return {"LABELS": elements.paint().astype(np.int32), "FEATURES": elements.features.astype(np.float32),
                 "CENTROIDS": elements.centroids.astype(np.float32), "SIZES": elements.sizes.astype(np.float32),
                 "ALIVE": elements.alive.astype(np.uint8), "IMAGE_SIZE": np.array(elements.image_size, np.int32),
@@ -339,12 +401,15 @@ class ElementsRenderModel(PipelineModelBase):
 
         features, centroids, sizes, alive = (r.array(n) for n in ("FEATURES", "CENTROIDS", "SIZES", "ALIVE"))
         n = len(features)
+        if n > self.limits["max_elements"]:
+            raise InputError(f"FEATURES: at most {self.limits['max_elements']} elements, got {n}")
         for name, arr in (("CENTROIDS", centroids), ("SIZES", sizes), ("ALIVE", alive)):
             if len(arr) != n:
                 raise InputError(f"{name}: expected {n} rows (one per element of FEATURES), got {len(arr)}")
         image_size = tuple(int(v) for v in r.array("IMAGE_SIZE"))
         if min(image_size) < 1:
             raise InputError(f"IMAGE_SIZE: expected (H, W) >= 1, got {list(image_size)}")
+        check_image_shape("IMAGE_SIZE", image_size, self.limits)
         working = r.array("WORKING_SIZE")
         # the decoder reads features, positions, sizes and alive only; regions matter for edits, not here
         elements = Elements(image_size, features.astype(np.float32), centroids.astype(np.float32),
@@ -353,6 +418,9 @@ class ElementsRenderModel(PipelineModelBase):
                             working_size=None if working is None else tuple(int(v) for v in working))
         if min(elements.working_size) < 8 or any(v % 8 for v in elements.working_size):
             raise InputError(f"WORKING_SIZE: expected multiples of 8, got {list(elements.working_size)}")
+        resolution, steps = r.integer("RESOLUTION"), r.integer("STEPS")
+        canvas = None if resolution is not None else elements.working_size
+        check_work(self.limits, image_size, resolution, self.pipe.default_resolution, steps, canvas)
         image = self.pipe.decode(elements, prompt=r.text("prompt"), guidance=r.number("GUIDANCE"),
                                  steps=r.integer("STEPS"), seed=r.integer("SEED"), resolution=r.integer("RESOLUTION"))
         return {"IMAGE": np.asarray(image)}

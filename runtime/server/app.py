@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -36,8 +37,9 @@ from editrt.runtime.server.sessions import SessionStore
 from editrt.runtime.server.work import INTERACTIVE, PipelineWork
 
 log = logging.getLogger("editrt.serve")
-CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 410: "gone",
-         413: "too_large", 415: "unsupported_media_type", 422: "invalid", 503: "busy"}
+CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+         408: "timeout", 409: "conflict", 410: "gone", 413: "too_large", 415: "unsupported_media_type", 422: "invalid",
+         499: "client_closed", 503: "busy"}
 
 
 @dataclass
@@ -64,39 +66,99 @@ def _json_error(status: int, field: str, message: str, headers=None) -> JSONResp
     return JSONResponse(error_body(status, field, message), status_code=status, headers=headers)
 
 
+PUBLIC = ("/", "/assets/photo.png")  # the page: static, no data and no compute (and /static/...)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def _host_name(host: str) -> str:
+    """'name:port' / '[v6]:port' -> the name (lower case)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def refusal(settings: Settings, scope) -> tuple[int, str, str] | None:
+    """(status, field, message) when the connection must be refused before anything is read: a token that
+    does not match (constant-time), a Host that is not this server's (DNS rebinding), an Origin that is not
+    the page's (a cross-site request from any web page)."""
+    headers = {k.lower(): v for k, v in scope["headers"]}
+    host = headers.get(b"host", b"").decode("latin-1")
+    allowed = settings.allowed_hosts if settings.allowed_hosts is not None else (
+        None if settings.token else LOOPBACK_NAMES)
+    if allowed is not None and _host_name(host) not in allowed:
+        return 403, "host", f"host: {host[:80]!r} is not a name of this server (allowed: {', '.join(allowed)})"
+    origin = headers.get(b"origin")
+    if origin is not None:
+        origin = origin.decode("latin-1")
+        if origin.split("://", 1)[-1].lower() != host.lower() and origin not in settings.allowed_origins:
+            return 403, "origin", f"origin: {origin[:80]!r} is not this server's page ({host[:80]})"
+    path = scope["path"]
+    if scope["type"] == "http" and (path in PUBLIC or path.startswith("/static/") or path == "/docs"):
+        return None
+    if settings.token and scope["type"] == "http" and not token_matches(settings.token, headers.get(b"authorization")):
+        return 401, "authorization", "authorization: expected the header 'Authorization: Bearer <token>'"
+    return None
+
+
+def token_matches(expected: str, authorization: bytes | None) -> bool:
+    scheme, _, given = (authorization or b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
 class Edge:
-    """Pure ASGI: request timing (X-Server-Ms), the body-size bound, per-endpoint metrics."""
+    """Pure ASGI: the token, Host and Origin checks before any body is read, request timing (X-Server-Ms),
+    the body-size bound, per-endpoint metrics; at shutdown, 503 to requests still waiting."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            refused = refusal(self.state.settings, scope)
+            if refused is not None:  # before accept: the handshake gets a 403
+                await send({"type": "websocket.close", "code": 1008, "reason": refused[2][:120]})
+                return
+            return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = scope["editrt_t0"] = time.perf_counter()
         limit = self.state.settings.max_upload_bytes
         status = {"code": 500}
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            response = _json_error(413 if length.isdigit() else 400, "content-length",
-                                   f"content-length: the body is larger than the limit ({limit} bytes)"
-                                   if length.isdigit() else "content-length: expected a number")
+        refused = refusal(self.state.settings, scope)
+        if refused is None and length is not None and (not length.isdigit() or int(length) > limit):
+            refused = (413 if length.isdigit() else 400, "content-length",
+                       f"content-length: the body is larger than the limit ({limit} bytes)"
+                       if length.isdigit() else "content-length: expected a number")
+        if refused is not None:  # answered without reading the body
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            response = _json_error(*refused, headers=headers)
             await response(scope, receive, send)
             self._record(scope, response.status_code, t0)
             return
-        seen = 0
+        seen, body_done = 0, False
+        timeout_s = self.state.settings.read_timeout_s
 
         async def bounded_receive():
-            nonlocal seen
-            message = await receive()
+            """The body, bounded in bytes (a chunked body has no content-length) and in time while it arrives."""
+            nonlocal seen, body_done
+            if body_done:  # after the body: waiting for a disconnect, unbounded
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise APIError(408, "body", f"body: did not arrive within {timeout_s:g} s") from None
             seen += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
             if seen > limit:
                 raise APIError(413, "body", f"body: larger than the limit ({limit} bytes)")
             return message
 
         async def timed_send(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-server-ms", f"{(time.perf_counter() - t0) * 1e3:.3f}".encode()))
                 message = dict(message, headers=headers)
@@ -104,6 +166,13 @@ class Edge:
 
         try:
             await self.app(scope, bounded_receive, timed_send)
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown timeout cancels requests still running
+            if "started" not in status:
+                with contextlib.suppress(Exception):
+                    await _json_error(503, "server", "server: shutting down; retry later",
+                                      {"Retry-After": str(self.state.settings.retry_after_s)})(scope, receive, send)
+                    status["code"] = 503
+            raise
         finally:
             self._record(scope, status["code"], t0)
 
@@ -152,9 +221,9 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
             sweeper.cancel()
             if warm is not None:
                 warm.cancel()
-            await asyncio.to_thread(state.sessions.close_all)
-            for work in state.queues.values():
+            for work in state.queues.values():  # first: waiting requests answer 503, running jobs stop
                 work.close()
+            await asyncio.to_thread(state.sessions.close_all)
             state.queues.clear()
 
     app = FastAPI(title="editrt", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
@@ -162,6 +231,7 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
                               "elements. Every error is an ErrorBody naming the field.")
     app.state.editrt = state
     _metrics_gauges(state)
+    _with_body_schemas(app)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -206,6 +276,26 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
     app.mount("/static", StaticFiles(packages=[("editrt.runtime.server", "static")]), name="static")
     app.add_middleware(Edge, state=state)
     return app
+
+
+def _with_body_schemas(app: FastAPI) -> None:
+    """The OpenAPI document with the request bodies routes read themselves (routers/common.parse_body:
+    JSON off the event loop, or multipart) in its components, where their $refs point."""
+    from editrt.runtime.server.routers.common import BODY_MODELS
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in BODY_MODELS.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for def_name, definition in body.pop("$defs", {}).items():
+                    components.setdefault(def_name, definition)
+                components.setdefault(name, body)
+        return app.openapi_schema
+    app.openapi = openapi
 
 
 async def _warm(state: ServerState) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import time
 
 from editrt.errors import InputError
 from editrt.models.common import DTYPE_ALIASES, DTYPES
-from editrt.runtime.server.limits import Settings
+from editrt.runtime.server.limits import RedactQuery, Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -47,6 +48,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=32, help="jobs waiting per pipeline before 503 (default 32)")
     p.add_argument("--no-warmup", action="store_true", help="ready at once, without the warm-up request")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", help="a Host name requests may use "
+                   "(repeatable; default: loopback names without --token, the --host name too, any with --token)")
+    p.add_argument("--max-resolution", type=int, default=2048, help="largest processing short side a request may "
+                   "ask for (default 2048)")
+    p.add_argument("--max-work-pixels", type=int, default=2048 * 2048, help="largest processing canvas, H x W, "
+                   "of any denoising pass or partition (default 2048x2048)")
+    p.add_argument("--max-pixel-steps", type=int, default=1024 * 1024 * 50, help="most canvas pixels x steps of "
+                   "one denoising pass (default 1024x1024 x 50)")
+    p.add_argument("--max-elements", type=int, default=4096, help="most elements in an elements blob")
+    p.add_argument("--max-elements-bytes", type=int, default=64 << 20, help="largest elements npz, uncompressed "
+                   "(default 64 MiB)")
+    p.add_argument("--max-region-pixels", type=int, default=64 << 20, help="most element-region pixels one "
+                   "request's edits may draw (default 64 Mi)")
+    p.add_argument("--ws-per-session", type=int, default=4, help="drag WebSockets open on one session (default 4)")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may take to arrive "
+                   "(default 30)")
     ray = p.add_argument_group("Ray Serve (--ray)")
     ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment: one pipeline pair per "
                      "replica, each session on the replica that holds it")
@@ -65,13 +82,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                      "recently used closes; replaces --max-sessions (default 8)")
 
 
+COST_OPTIONS = ("max_resolution", "max_work_pixels", "max_pixel_steps", "max_elements", "max_elements_bytes",
+                "max_region_pixels")
 RAY_OPTIONS = ("ray_address", "replicas", "gpus_per_replica", "cpus_per_replica", "min_replicas", "max_replicas",
                "target_ongoing_requests", "sessions_per_replica")
 
 
 def settings_from(args) -> Settings:
     for name in ("max_sessions", "max_upload_bytes", "max_pixels", "max_steps", "steps", "preview_steps",
-                 "queue_size", "port"):
+                 "queue_size", "port", *COST_OPTIONS, "ws_per_session"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise InputError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -82,7 +101,21 @@ def settings_from(args) -> Settings:
                              session_bytes=args.session_bytes, max_upload_bytes=args.max_upload_bytes,
                              max_pixels=args.max_pixels, max_steps=args.max_steps, final_steps=args.steps,
                              preview_steps=args.preview_steps, queue_size=args.queue_size, resolution=args.resolution,
-                             warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")))
+                             warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")),
+                             ws_per_session=args.ws_per_session, read_timeout_s=args.read_timeout,
+                             allowed_hosts=_allowed_hosts(args), **{name: getattr(args, name) for name in COST_OPTIONS})
+
+
+def _allowed_hosts(args) -> tuple[str, ...] | None:
+    """The Host names requests may use: --allowed-host; else, without a token, the loopback names and the
+    --host name (a wildcard bind needs --allowed-host); with a token, any (None)."""
+    from editrt.runtime.server.app import LOOPBACK_NAMES
+
+    if args.allowed_host:
+        return tuple(name.lower() for name in args.allowed_host)
+    if args.token or os.environ.get("EDITRT_TOKEN"):
+        return None
+    return LOOPBACK_NAMES + (() if args.host in ("0.0.0.0", "::") else (args.host.lower(),))
 
 
 def _editors(args) -> list[str]:
@@ -144,10 +177,21 @@ def run(args) -> int:
     from editrt.runtime.server.app import create_app
 
     app = create_app(**load_pipelines(args, settings), settings=settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                            access_log=not args.quiet, ws_max_size=settings.max_upload_bytes, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.quiet, settings)).run()
     return 0
+
+
+def uvicorn_config(app, host: str, port: int, quiet: bool, settings: Settings):
+    """uvicorn's config for `editrt serve`: its access log redacts query strings (a ?token= never reaches a
+    log line), in-flight requests get 5 s at shutdown (then 503)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet,
+                            ws_max_size=settings.max_upload_bytes, timeout_graceful_shutdown=5)
+    access = logging.getLogger("uvicorn.access")  # configured by Config: the filter goes on after it
+    if not any(isinstance(f, RedactQuery) for f in access.filters):
+        access.addFilter(RedactQuery())
+    return config
 
 
 def ray_options(args):

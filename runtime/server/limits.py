@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,17 @@ from PIL import Image, UnidentifiedImageError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}  # what an upload may be (PIL format -> MIME type)
 MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+class RedactQuery(logging.Filter):
+    """An access-log filter: the request line without its query string (a token given as ?token= never
+    reaches a log line). uvicorn's access records carry (client, method, path?query, http version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<redacted>", *args[3:])
+        return True
 
 
 class APIError(Exception):
@@ -37,6 +49,19 @@ class Settings:
     max_side: int = 8192
     max_points: int = 64
     max_steps: int = 100
+    # the cost model (cost.py): what a request's declared sizes may make the server do, checked before any work
+    max_resolution: int = 2048  # processing short side a request may ask for (`resolution`)
+    max_work_pixels: int = 2048 * 2048  # the processing canvas (H x W) of a denoising pass or a partition
+    max_pixel_steps: int = 1024 * 1024 * 50  # canvas pixels x denoising steps of one pass
+    max_elements: int = 4096  # elements in an elements blob
+    max_elements_bytes: int = 64 * 1024 * 1024  # an elements blob's npz, uncompressed (its members' declared sizes)
+    max_region_pixels: int = 64 * 1024 * 1024  # all alive elements' (scaled) regions together, pixels
+    ws_per_session: int = 4  # drag WebSockets open on one session at a time
+    read_timeout_s: float = 30.0  # a request body must arrive within this (408 after)
+    # Host names a request may name (None: loopback names when there is no token, any with one) and page
+    # origins besides the server's own (Origin must equal the Host, else 403)
+    allowed_hosts: tuple[str, ...] | None = None
+    allowed_origins: tuple[str, ...] = ()
     max_sessions: int = 16  # LRU cap: the least recently used session is closed beyond it
     session_ttl_s: float = 15 * 60  # idle sessions are closed after this
     session_bytes: int = 1024 * 1024 * 1024  # byte budget of all sessions together (images, masks, caches)

@@ -233,7 +233,8 @@ def gone_message(session_id: str) -> str:
 
 
 def _authorized(scope: dict, token: str | None) -> bool:
-    """The app's own token rule (routers/common.token_ok): a bearer header, or ?token= on a WebSocket."""
+    """The app's own token rule (routers/common.token_ok): a bearer header, or a `bearer.<token>`
+    subprotocol on a WebSocket (never the URL)."""
     if not token:
         return True
     headers = dict(scope.get("headers") or [])
@@ -241,9 +242,7 @@ def _authorized(scope: dict, token: str | None) -> bool:
     if scheme.lower() != "bearer":
         given = ""
         if scope["type"] == "websocket":
-            from urllib.parse import parse_qs
-
-            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+            given = next((p[len("bearer."):] for p in scope.get("subprotocols", []) if p.startswith("bearer.")), "")
     return hmac.compare_digest(given.encode(), token.encode())
 
 

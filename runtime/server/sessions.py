@@ -8,6 +8,7 @@ its REST calls and its WebSocket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 
 from editrt.runtime.server.limits import APIError
 from editrt.runtime.session import EditSession
+from editrt.runtime.work_queue import BusyError
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Live:
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    sockets: int = 0  # drag WebSockets open on it (capped by Settings.ws_per_session)
 
     @property
     def image(self) -> np.ndarray:
@@ -85,17 +88,18 @@ class SessionStore:
 
     def add(self, kind: str, session: EditSession, steps: int, preview_steps: int, seed: int) -> Live:
         live = Live(self.id_prefix + secrets.token_urlsafe(16), kind, session, steps, preview_steps, seed)
+        if live.nbytes() > self.budget:  # refused before it makes room: no other session is evicted for it
+            threading.Thread(target=session.close, name="editrt-session-close", daemon=True).start()
+            raise APIError(413, "image", "image: this session alone is larger than the server's session budget")
         self._live[live.id] = live
         self.sweep(keep=live.id)
-        if live.id not in self._live:
-            raise APIError(413, "image", "image: this session alone is larger than the server's session budget")
         return live
 
     def sweep(self, keep: str | None = None) -> None:
         """Close expired sessions, then the least recently used beyond the cap or the byte budget."""
         now = time.monotonic()
-        for sid, live in list(self._live.items()):
-            if now - live.last_used > self.ttl_s and sid != keep:
+        for sid, live in list(self._live.items()):  # an open drag socket keeps its session alive, idle or not
+            if now - live.last_used > self.ttl_s and sid != keep and not live.sockets:
                 self.close(sid, "ttl")
         while len(self._live) > self.max_sessions:
             self.close(next(s for s in self._live if s != keep), "lru")
@@ -114,7 +118,10 @@ class SessionStore:
         threading.Thread(target=live.session.close, name="editrt-session-close", daemon=True).start()
 
     def close_all(self) -> None:
+        """At shutdown, after the work queues closed: a session whose cache cleanup finds its queue full is
+        closed all the same (its caches go with the process)."""
         for sid in list(self._live):
             live = self._live.pop(sid)
             live.closed = True
-            live.session.close()
+            with contextlib.suppress(BusyError):
+                live.session.close()

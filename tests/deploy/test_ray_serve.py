@@ -258,13 +258,15 @@ def test_the_session_check_keeps_the_apps_token_rule():
     neither learns what a replica holds nor touches its sessions' LRU order."""
     from editrt.runtime.server.ray_deployment import _authorized
 
-    def scope(kind="http", header=None, query=b""):
-        return {"type": kind, "headers": [(b"authorization", header)] if header else [], "query_string": query}
+    def scope(kind="http", header=None, query=b"", subprotocols=()):
+        return {"type": kind, "headers": [(b"authorization", header)] if header else [], "query_string": query,
+                "subprotocols": list(subprotocols)}
 
     assert _authorized(scope(), None)
     assert _authorized(scope(header=b"Bearer s3cret"), "s3cret")
     assert not _authorized(scope(header=b"Bearer wrong"), "s3cret")
     assert not _authorized(scope(), "s3cret")
-    assert not _authorized(scope(query=b"token=s3cret"), "s3cret")  # a query token only on the WebSocket
-    assert _authorized(scope("websocket", query=b"token=s3cret"), "s3cret")
-    assert not _authorized(scope("websocket", query=b"token=nope"), "s3cret")
+    assert not _authorized(scope(query=b"token=s3cret"), "s3cret")  # never a token in the URL (logs keep it)
+    assert not _authorized(scope("websocket", query=b"token=s3cret"), "s3cret")
+    assert _authorized(scope("websocket", subprotocols=("editrt", "bearer.s3cret")), "s3cret")
+    assert not _authorized(scope("websocket", subprotocols=("editrt", "bearer.nope")), "s3cret")

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,42 @@ def test_bad_requests_get_triton_errors_and_the_server_serves_on(clients, protoc
     assert server.alive() and server.ready()
     mask = infer(clients, protocol, "segment", {"IMAGE": rgb, "POINTS": point})["MASK"]
     assert mask.shape == rgb.shape[:2]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_requests_over_the_bounds_are_invalid_arg(clients, protocol, server, photo_small):
+    """Every request's work is bounded from its declared sizes (runtime/triton_models.LIMITS), before any work:
+    INVALID_ARG naming the input; non-finite numbers are refused, not rendered."""
+    rgb, _ = photo_small
+    image_mask = {"IMAGE": rgb, "MASK": np.ones(rgb.shape[:2], np.uint8)}
+    cases = [
+        ("elements_partition", {"IMAGE": rgb, "GRID": scalar(256, np.int32)}, None, "GRID"),  # 23 GB in-process
+        ("elements_partition", {"IMAGE": rgb, "BETA": scalar(np.nan, np.float32)}, None, "BETA"),
+        ("elements_partition", {"IMAGE": rgb}, {"resolution": 4096}, "RESOLUTION"),
+        ("segment", {"IMAGE": np.zeros((9000, 1, 3), np.uint8), "POINTS": np.zeros((1, 2), np.float32)}, None, "IMAGE"),
+        ("segment", {"IMAGE": rgb, "POINTS": np.ones((65, 2), np.float32)}, None, "POINTS"),
+        ("inpaint", {**image_mask, "GUIDANCE": scalar(np.nan, np.float32)}, {"steps": 1}, "GUIDANCE"),
+        ("inpaint", {**image_mask, "GUIDANCE": scalar(np.inf, np.float32)}, {"steps": 1}, "GUIDANCE"),
+        ("inpaint", image_mask, {"steps": 1000}, "STEPS"),
+        ("inpaint", image_mask, {"steps": 1, "resolution": 2048}, "RESOLUTION"),  # a 3072x2048 canvas
+        ("reposition", {**image_mask, "MOVE": np.array([np.nan, 0], np.float32)}, {"steps": 1}, "MOVE"),
+    ]
+    render = {"FEATURES": np.zeros((3, 32), np.float32), "CENTROIDS": np.full((3, 2), 8, np.float32),
+              "SIZES": np.full((3, 2), 4, np.float32), "ALIVE": np.ones(3, np.uint8)}
+    cases += [
+        ("elements_render", {**render, "IMAGE_SIZE": np.array([100_000, 100_000], np.int32)}, {"steps": 1},
+         "IMAGE_SIZE"),
+        ("elements_render", {**render, "IMAGE_SIZE": np.array([64, 64], np.int32),
+                             "WORKING_SIZE": np.array([4096, 4096], np.int32)}, {"steps": 1}, "WORKING_SIZE"),
+        ("elements_render", {**render, "IMAGE_SIZE": np.array([64, 64], np.int32),
+                             "CENTROIDS": np.full((3, 2), np.nan, np.float32)}, {"steps": 1}, "CENTROIDS"),
+    ]
+    for model, inputs, parameters, name in cases:
+        t0 = time.perf_counter()
+        message = _error(clients, protocol, model, inputs, parameters)
+        assert name in message and "internal error" not in message, (model, name, message)
+        assert time.perf_counter() - t0 < 5.0, (model, name)
+    assert server.alive() and server.ready()
 
 
 # ---------------------------------------------------------------------- engine models

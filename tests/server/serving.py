@@ -28,6 +28,12 @@ class LiveServer:
     url: str
     app: object
     thread: threading.Thread
+    server: object = None
+
+    def stop(self, timeout: float = 30) -> None:
+        """uvicorn's graceful shutdown (what SIGTERM does), waiting until it is done."""
+        self.server.should_exit = True
+        self.thread.join(timeout=timeout)
 
     @property
     def state(self):
@@ -39,13 +45,24 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def start_server(reposition=None, elements=None, **settings):
+def start_server(reposition=None, elements=None, graceful_s: float | None = None, access_log: bool = False,
+                 **settings):
+    """`graceful_s`: uvicorn's timeout_graceful_shutdown (None: wait for every request, uvicorn's default).
+    `access_log`: uvicorn configured as `editrt serve` configures it (access log on, query strings redacted)."""
     app = create_app(reposition=reposition, elements=elements, settings=Settings(**{**TEST_SETTINGS, **settings}))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=2 << 20))
+    if access_log:
+        from editrt.runtime.server.cli import uvicorn_config
+
+        config = uvicorn_config(app, "127.0.0.1", port, quiet=False, settings=app.state.editrt.settings)
+        config.timeout_graceful_shutdown = graceful_s
+    else:
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=2 << 20,
+                                timeout_graceful_shutdown=graceful_s)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
     thread.start()
     try:
@@ -54,7 +71,7 @@ def start_server(reposition=None, elements=None, **settings):
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
-        yield LiveServer(f"http://127.0.0.1:{port}", app, thread)
+        yield LiveServer(f"http://127.0.0.1:{port}", app, thread, server)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

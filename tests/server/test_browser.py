@@ -171,3 +171,36 @@ def test_elements_in_the_browser(browser_page):
     page.wait_for_function(f"!window.editrt.items.some(e => e.id === {big['id']})")
     assert not errors, errors
     assert not page.evaluate("window.editrt.errors")
+
+
+def test_a_token_never_reaches_a_log_line(reposition, tmp_path):
+    """With --token, the page given #token=... opens a session, selects and drags over the WebSocket (the token
+    as a subprotocol); no log line of the run (uvicorn's access and error logs, editrt's) holds the token."""
+    import logging
+
+    token = "browser-secret-token-4f9a"
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error", "uvicorn", "editrt")]
+    with start_server(reposition, token=token, access_log=True) as server, sync_api.sync_playwright() as p:
+        for logger in loggers:
+            logger.addHandler(handler)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{server.url}/?token={token}#token={token}")  # both ways a user might paste it
+            page.set_input_files("#file", photo_path())
+            page.wait_for_function("window.editrt.session !== null && !window.editrt.busy")
+            page.mouse.click(*page_xy(page, 225, 150))
+            page.wait_for_function("window.editrt.mask !== null && !window.editrt.busy")
+            mask = decode(page.evaluate("window.editrt.maskB64"), "L") > 127
+            _drag_subject_and_release(page, mask, 0)  # the WebSocket authenticated: its final arrived
+        finally:
+            browser.close()
+            for logger in loggers:
+                logger.removeHandler(handler)
+    assert any("/v1/sessions" in line for line in lines), lines[:5]  # the access log was on
+    assert not [line for line in lines if token in line]
+

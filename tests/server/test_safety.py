@@ -63,8 +63,13 @@ def test_token_on_every_endpoint_and_the_websocket(guarded, auth):
     with pytest.raises(InvalidStatus):
         websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag", open_timeout=10)
     with pytest.raises(InvalidStatus):
-        websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag?token=wrong", open_timeout=10)
-    with websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag?token={TOKEN}", open_timeout=10) as ws:
+        websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag", subprotocols=["editrt", "bearer.wrong"],
+                           open_timeout=10)
+    with pytest.raises(InvalidStatus):  # never in the URL: access logs and browser histories keep URLs
+        websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag?token={TOKEN}", open_timeout=10)
+    with websockets.connect(f"{guarded.ws_url}/v1/sessions/{sid}/drag", subprotocols=["editrt", f"bearer.{TOKEN}"],
+                            open_timeout=10) as ws:
+        assert ws.subprotocol == "editrt"
         ws.send(json.dumps({"type": "drag", "dx": 1}))
         assert json.loads(ws.recv(timeout=30))["field"] == "selected"  # authenticated: the session answers
 

@@ -1,6 +1,7 @@
 """What every router shares: body parsing (JSON or multipart), images, running pipeline work, timing."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -17,10 +18,11 @@ from starlette.requests import HTTPConnection
 from editrt.errors import EditError
 from editrt.runtime.server.limits import APIError, b64decode, decode_image, png_bytes
 from editrt.runtime.server.schemas import Timing
-from editrt.runtime.server.work import Busy, Superseded
-from editrt.runtime.work_queue import BusyError
+from editrt.runtime.server.work import Busy, Stop, Superseded
+from editrt.runtime.work_queue import BusyError, Cancelled
 
 MULTIPART = "multipart/form-data"
+OFF_LOOP_BYTES = 64 * 1024  # larger JSON bodies are parsed on a worker thread
 
 
 def state(conn: HTTPConnection):
@@ -36,19 +38,27 @@ def pipeline(conn: HTTPConnection, name: str):
 
 
 # ---------------------------------------------------------------------- authentication
-def token_ok(conn: HTTPConnection, allow_query: bool = False) -> bool:
+WS_PROTOCOL, WS_TOKEN_PREFIX = "editrt", "bearer."  # new WebSocket(url, ["editrt", "bearer." + token])
+
+
+def token_ok(conn: HTTPConnection) -> bool:
+    """The bearer token from the Authorization header or, on a WebSocket (a browser cannot set its headers),
+    a `bearer.<token>` subprotocol: never from the URL, which access logs and browser histories keep."""
     expected = state(conn).settings.token
     if not expected:
         return True
     scheme, given = get_authorization_scheme_param(conn.headers.get("authorization"))
     if scheme.lower() != "bearer":
-        given = conn.query_params.get("token", "") if allow_query else ""
+        given = ""
+        if conn.scope["type"] == "websocket":
+            given = next((p[len(WS_TOKEN_PREFIX):] for p in conn.scope.get("subprotocols", [])
+                          if p.startswith(WS_TOKEN_PREFIX)), "")
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def require_token(conn: HTTPConnection) -> None:
-    """Every API route depends on this; the WebSocket route checks the same token itself, where a
-    browser can also give it as ?token= (it cannot set headers on a WebSocket)."""
+    """Every API route depends on this (the edge checked it already, before reading the body); the WebSocket
+    route checks the same token itself, before it accepts."""
     if conn.scope["type"] == "websocket":
         return
     if not token_ok(conn):
@@ -57,6 +67,20 @@ async def require_token(conn: HTTPConnection) -> None:
 
 
 # ---------------------------------------------------------------------- request bodies
+BODY_MODELS: dict[str, type[BaseModel]] = {}  # request bodies parsed by parse_body: app.py adds their schemas
+
+
+def body_schema(model: type[BaseModel], multipart: bool = False) -> dict:
+    """OpenAPI `openapi_extra` for a body that parse_body reads (JSON; also multipart where image fields may
+    be files)."""
+    BODY_MODELS[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content = {"application/json": {"schema": schema}}
+    if multipart:
+        content[MULTIPART] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def validation_error(e: ValidationError, prefix: tuple = ()) -> APIError:
     first = e.errors()[0]
     loc = [str(p) for p in (*prefix, *first["loc"])]
@@ -88,7 +112,7 @@ async def parse_body(request: Request, model: type[BaseModel], image_fields: tup
             elif key in image_fields:
                 data[key] = value
             else:
-                data[key] = _form_value(value)
+                data[key] = _form_value(value, key)
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -99,17 +123,21 @@ async def parse_body(request: Request, model: type[BaseModel], image_fields: tup
     if not body:
         raise APIError(422, "body", "body: expected a JSON object")
     try:
-        return model.model_validate_json(body)
+        if len(body) <= OFF_LOOP_BYTES:
+            return model.model_validate_json(body)
+        return await anyio.to_thread.run_sync(model.model_validate_json, body)  # the event loop keeps serving
     except ValidationError as e:
         raise validation_error(e) from None
 
 
-def _form_value(text: str):
+def _form_value(text: str, key: str):
     """A multipart text part: JSON when it parses as JSON (lists, numbers, booleans), else the text."""
     try:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:  # json's parser recurses per nesting level
+        raise APIError(422, key, f"{key}: nested too deeply") from None
 
 
 async def image(request: Request, text: str, name: str, mode: str = "RGB"):
@@ -156,12 +184,18 @@ def seele_options(req) -> dict:
     return options
 
 
-async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fields=("body",), future=None):
+async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fields=("body",), future=None,
+              stop: Stop | None = None):
     """Run `fn` as a job of the pipeline's work queue (or await `future`, a session's own job: a
-    callable returning (future, cancel)); bad input becomes 422 naming the field, a full queue 503."""
+    callable returning (future, cancel)); bad input becomes 422 naming the field, a full queue 503.
+    `stop`: the flag fn's pipeline call checks after each step (step_callback=stop.check); an HTTP
+    client that disconnects sets it, so its job never starts or stops at its next step."""
     st = state(request_or_ws)
     pipeline(request_or_ws, queue_name)
     work = st.queues[queue_name]
+    stop = stop or Stop()
+    watcher = asyncio.create_task(_watch_disconnect(request_or_ws, stop)) if isinstance(request_or_ws, Request) \
+        else None
     try:
         if future is not None:
             try:
@@ -169,7 +203,9 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fie
             except BusyError as e:
                 raise Busy(str(e), work.retry_after) from None
             return await work.wait(fut, cancel, stage)
-        return await work.run(fn, priority, stage)
+        return await work.run(fn, priority, stage, stop)
+    except Cancelled:
+        raise APIError(499, "client", "client: went away; the job was stopped") from None
     except Busy as e:
         st.metrics.count("busy", (queue_name,))
         raise APIError(503, "queue", f"queue: {e}", headers={"Retry-After": str(e.retry_after)}) from None
@@ -177,6 +213,16 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fie
         raise APIError(409, "session_id", f"session_id: {e}") from None
     except EditError as e:
         raise APIError(422, field_of(str(e), list(fields)), str(e)) from None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_disconnect(request: Request, stop: Stop, every_s: float = 0.1) -> None:
+    """Set `stop` when the client disconnects (uvicorn does not cancel a request whose client went away)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    stop.set()
 
 
 def timing(request_or_ws, t0: float, run_s: float, queue_s: float = 0.0) -> Timing:

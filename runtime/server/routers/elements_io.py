@@ -9,7 +9,8 @@ from pathlib import Path
 
 from editrt.errors import ElementsError
 from editrt.runtime.elements import Elements
-from editrt.runtime.server.limits import APIError
+from editrt.runtime.server.cost import check_elements_doc, check_region_pixels
+from editrt.runtime.server.limits import APIError, Settings
 from editrt.runtime.server.schemas import EditOp, ElementInfo, ElementsBlob
 
 NPZ = "elements.npz"
@@ -24,8 +25,10 @@ def to_blob(elements: Elements) -> ElementsBlob:
     return ElementsBlob(doc=doc, data=base64.b64encode(data).decode())
 
 
-def from_blob(blob: ElementsBlob, field: str = "elements") -> Elements:
-    """Through Elements.load (its format, version and SHA-256 checks); the npz name is ours, never the doc's."""
+def from_blob(blob: ElementsBlob, settings: Settings, field: str = "elements") -> Elements:
+    """Through Elements.load (its format, version and SHA-256 checks); the npz name is ours, never the doc's.
+    The declared sizes (image, working canvas, element count, the npz members') are bounded first (cost.py)."""
+    check_elements_doc(settings, blob.doc, field)
     try:
         data = base64.b64decode(blob.data, validate=True)
     except (binascii.Error, ValueError):
@@ -35,10 +38,12 @@ def from_blob(blob: ElementsBlob, field: str = "elements") -> Elements:
         (Path(tmp) / NPZ).write_bytes(data)
         (Path(tmp) / "elements.json").write_text(json.dumps(doc))
         try:
-            return Elements.load(Path(tmp) / "elements.json")
+            elements = Elements.load(Path(tmp) / "elements.json", max_data_bytes=settings.max_elements_bytes)
         except ElementsError as e:
             message = str(e).replace(str(Path(tmp) / "elements.json"), field).replace(tmp, field)
             raise APIError(422, field, message) from None
+    check_region_pixels(settings, elements.region_pixels(), field)
+    return elements
 
 
 def items(elements: Elements) -> list[ElementInfo]:
@@ -51,11 +56,16 @@ def items(elements: Elements) -> list[ElementInfo]:
     return out
 
 
-def apply_ops(elements: Elements, ops: list[EditOp], field: str = "ops") -> list[int]:
-    """Apply the edits in order (moves in image pixels); returns every id deleted. Bad ids name the op."""
+def apply_ops(elements: Elements, ops: list[EditOp], settings: Settings, field: str = "ops") -> list[int]:
+    """Apply the edits in order (moves in image pixels); returns every id deleted. Bad ids name the op.
+    Each op draws every alive element's region (collisions): the pixels all the ops draw together are
+    bounded by max_region_pixels, each op's counted before it runs."""
     deleted: list[int] = []
+    drawn = 0
     for k, op in enumerate(ops):
         try:
+            drawn += elements.region_pixels(op.ids, op.scale) if op.op == "resize" else elements.region_pixels()
+            check_region_pixels(settings, drawn, f"{field}.{k}")
             if op.op == "move":
                 deleted += elements.move(op.ids, op.dx, op.dy)
             elif op.op == "resize":

@@ -22,6 +22,7 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from editrt.runtime.server import cost
 from editrt.runtime.server.limits import APIError, png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, items
@@ -72,9 +73,7 @@ def _kind(live: Live, kind: str, what: str) -> None:
         raise APIError(409, "session_id", f"session_id: {what} needs a {kind} session; this one is {live.kind}")
 
 
-@router.post("", response_model=SessionInfo, openapi_extra={"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/SessionCreate"}},
-    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/SessionCreate"}}}}})
+@router.post("", response_model=SessionInfo, openapi_extra=common.body_schema(SessionCreate, multipart=True))
 async def create(request: Request):
     """Open a session on an image (JSON base64 or a multipart file); elements sessions partition it here."""
     t0 = common.t0_of(request)
@@ -85,6 +84,11 @@ async def create(request: Request):
         raise APIError(422, "kind", f"kind: this server has no {req.kind} pipeline loaded")
     rgb = await common.image(request, req.image, "image")
     steps, preview = req.steps or st.settings.final_steps, req.preview_steps or st.settings.preview_steps
+    pipe = common.pipeline(request, req.kind)
+    resolution = st.settings.resolution or pipe.default_resolution  # the server's, not the request's: the image counts
+    cost.check_pass(st.settings, rgb.shape[:2], None, resolution, steps)
+    cost.check_pass(st.settings, rgb.shape[:2], None, st.settings.preview_resolution or resolution, preview,
+                    "preview_steps")
     session, run_s, wait_s = await common.run(request, req.kind, lambda: _new_session(st, req.kind, rgb, steps, preview,
                                                                                       req.seed), INTERACTIVE, "open")
     live = st.sessions.add(req.kind, session, steps, preview, req.seed)
@@ -106,10 +110,11 @@ async def close(request: Request, session_id: str):
     return Response(status_code=204)
 
 
-@router.post("/{session_id}/select", response_model=MaskResponse)
-async def select(request: Request, session_id: str, req: SelectRequest):
+@router.post("/{session_id}/select", response_model=MaskResponse, openapi_extra=common.body_schema(SelectRequest))
+async def select(request: Request, session_id: str):
     """The subject from points / box (SAM on the cached embedding) or a mask; target 'shadow': the selected
     subject's existing shadow, a second selection that moves with it."""
+    req = await common.parse_body(request, SelectRequest)
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
@@ -154,7 +159,7 @@ def _reposition_edit(move: MoveRequest) -> dict:
     return dict(move=(move.dx, move.dy), **common.seele_options(move))
 
 
-def _moved_elements(live: Live, move: MoveRequest):
+def _moved_elements(live: Live, move: MoveRequest, settings):
     """A copy of the drag's base elements with the move (image pixels) applied."""
     from editrt.runtime.server.schemas import EditOp
 
@@ -163,7 +168,7 @@ def _moved_elements(live: Live, move: MoveRequest):
     ops = [EditOp(op="move", ids=move.ids, dx=move.dx, dy=move.dy)]
     if move.scale != 1.0:
         ops.append(EditOp(op="resize", ids=move.ids, scale=move.scale))
-    apply_ops(el, ops, field="ids")
+    apply_ops(el, ops, settings, field="ids")
     return base, el
 
 
@@ -181,12 +186,12 @@ def _future_of(session, future):
     return future, future.cancel
 
 
-def preview_future(live: Live, move: MoveRequest):
+def preview_future(live: Live, move: MoveRequest, settings):
     """Start the session's own preview job (on the event loop: it only enqueues); returns (future, cancel)."""
     s = live.session
     if live.kind == "reposition":
         return _future_of(s, s.preview(**_reposition_edit(move)))
-    base, el = _moved_elements(live, move)  # bad ids / moves raise here, before anything is queued
+    base, el = _moved_elements(live, move, settings)  # bad ids / moves raise here, before anything is queued
     live.drag_base, s.elements = base, el
     return _future_of(s, s.preview())
 
@@ -194,7 +199,7 @@ def preview_future(live: Live, move: MoveRequest):
 async def run_preview(conn, live: Live, move: MoveRequest, handle: dict | None = None):
     """`handle` gets the preview's cancel function while it is queued or running (the drag loop's release uses it)."""
     def start():
-        future, cancel = preview_future(live, move)
+        future, cancel = preview_future(live, move, common.state(conn).settings)
         if handle is not None:
             handle["cancel"] = cancel
         return future, cancel
@@ -219,7 +224,7 @@ def final_job(live: Live, st, move: MoveRequest):
                                             live.seed)
                 _push(live, st, s.rgb)
                 return result, s
-            base, el = _moved_elements(live, move) if move.ids else (s.elements, s.elements)
+            base, el = _moved_elements(live, move, st.settings) if move.ids else (s.elements, s.elements)
             s.elements = el
             live.drag_base = None
             if el is not base:
@@ -252,9 +257,10 @@ def _image_response(request_or_ws, t0, image, run_s, wait_s) -> ImageResponse:
                          timing=common.timing(request_or_ws, t0, run_s, wait_s))
 
 
-@router.post("/{session_id}/preview", response_model=ImageResponse)
-async def preview(request: Request, session_id: str, req: MoveRequest):
+@router.post("/{session_id}/preview", response_model=ImageResponse, openapi_extra=common.body_schema(MoveRequest))
+async def preview(request: Request, session_id: str):
     """One low-step preview of a move (the WebSocket is the streaming way)."""
+    req = await common.parse_body(request, MoveRequest)
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
@@ -263,9 +269,10 @@ async def preview(request: Request, session_id: str, req: MoveRequest):
     return await anyio.to_thread.run_sync(lambda: _image_response(request, t0, image, run_s, wait_s))
 
 
-@router.post("/{session_id}/final", response_model=ImageResponse)
-async def final(request: Request, session_id: str, req: MoveRequest):
+@router.post("/{session_id}/final", response_model=ImageResponse, openapi_extra=common.body_schema(MoveRequest))
+async def final(request: Request, session_id: str):
     """The final of a move; the result becomes the session's image (undo restores the previous one)."""
+    req = await common.parse_body(request, MoveRequest)
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
@@ -286,7 +293,9 @@ async def undo(request: Request, session_id: str):
     if not live.history:
         raise APIError(409, "undo", "undo: nothing to undo")
     async with live.lock:
-        previous = live.history.pop()
+        if not live.history:  # another request undid the last one while this waited for the lock
+            raise APIError(409, "undo", "undo: nothing to undo")
+        previous = live.history[-1]  # popped only once the undo happened: a refused one (503) keeps it
         if live.kind == "reposition":
             old = live.session
             live.session, run_s, wait_s = await common.run(
@@ -295,13 +304,15 @@ async def undo(request: Request, session_id: str):
             _close_later(old)
         else:
             live.session.elements, live.drag_base, run_s, wait_s = previous, None, 0.0, 0.0
+        live.history.pop()
     return await anyio.to_thread.run_sync(lambda: info(live, st, image=True, t=common.timing(request, t0, run_s, wait_s)))
 
 
 # ---------------------------------------------------------------------- elements sessions
-@router.post("/{session_id}/elements/select", response_model=IdsResponse)
-async def elements_select(request: Request, session_id: str, req: ElementsSelect):
+@router.post("/{session_id}/elements/select", response_model=IdsResponse, openapi_extra=common.body_schema(ElementsSelect))
+async def elements_select(request: Request, session_id: str):
     """The element under a point, or those centred in a box (image pixels)."""
+    req = await common.parse_body(request, ElementsSelect)
     live = common.state(request).sessions.get(session_id)
     _kind(live, "elements", "elements/select")
     if (req.point is None) == (req.box is None):
@@ -313,23 +324,25 @@ async def elements_select(request: Request, session_id: str, req: ElementsSelect
     return IdsResponse(ids=el.select(point=req.point, box=req.box))
 
 
-@router.post("/{session_id}/elements/edit", response_model=SessionInfo)
-async def elements_edit(request: Request, session_id: str, req: ElementsSessionEdit):
+@router.post("/{session_id}/elements/edit", response_model=SessionInfo, openapi_extra=common.body_schema(ElementsSessionEdit))
+async def elements_edit(request: Request, session_id: str):
     """Move (image pixels) / resize / delete elements; the overlay after the edit."""
+    req = await common.parse_body(request, ElementsSessionEdit)
     st = common.state(request)
     live = st.sessions.get(session_id)
     _kind(live, "elements", "elements/edit")
     async with live.lock:
         el = live.session.elements.copy()
-        await anyio.to_thread.run_sync(lambda: apply_ops(el, req.ops))
+        await anyio.to_thread.run_sync(lambda: apply_ops(el, req.ops, st.settings))
         _push(live, st, live.session.elements)
         live.session.elements, live.drag_base = el, None
     return await anyio.to_thread.run_sync(lambda: info(live, st))
 
 
-@router.post("/{session_id}/render", response_model=ImageResponse)
-async def render(request: Request, session_id: str, req: SessionRender):
+@router.post("/{session_id}/render", response_model=ImageResponse, openapi_extra=common.body_schema(SessionRender))
+async def render(request: Request, session_id: str):
     """Render the session's elements at full quality."""
+    req = await common.parse_body(request, SessionRender)
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
@@ -346,15 +359,20 @@ async def drag(ws: WebSocket, session_id: str):
     Out: {"type": "preview" | "final" | "error" | "busy", "seq", "image", "timing", ...}; errors keep the socket
     open; "busy": the queue was full and this preview was shed (the next position tries again)."""
     st = common.state(ws)
-    if not common.token_ok(ws, allow_query=True):
-        await ws.close(code=1008, reason="authorization: expected a bearer token")
+    if not common.token_ok(ws):
+        await ws.close(code=1008, reason="authorization: expected a bearer token (header or subprotocol)")
         return
     try:
         live = st.sessions.get(session_id)
     except APIError as e:
         await ws.close(code=1008, reason=e.message[:120])
         return
-    await ws.accept()
+    if live.sockets >= st.settings.ws_per_session:
+        await ws.close(code=1008, reason=f"session_id: already {live.sockets} drag sockets open on this session")
+        return
+    offered = ws.scope.get("subprotocols", [])
+    await ws.accept(subprotocol=common.WS_PROTOCOL if common.WS_PROTOCOL in offered else None)
+    live.sockets += 1
     slot: dict = {}  # the one pending message: the newest drag, or a release (which replaces it)
     running: dict = {}  # "cancel": stops the preview in flight (queued: never runs; running: at its next step)
     wake = asyncio.Event()
@@ -376,7 +394,7 @@ async def drag(ws: WebSocket, session_id: str):
                 msg = json.loads(frame["text"])
                 if not isinstance(msg, dict):
                     raise ValueError
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply for json's parser
                 await send_error(None, APIError(422, "message", "message: expected a JSON object"))
                 continue
             kind, seq = msg.pop("type", None), msg.pop("seq", None)
@@ -451,3 +469,4 @@ async def drag(ws: WebSocket, session_id: str):
         if live.drag_base is not None:  # a drag the client abandoned: the elements go back to where it started
             live.session.elements, live.drag_base = live.drag_base, None
         live.last_used = time.monotonic()
+        live.sockets -= 1

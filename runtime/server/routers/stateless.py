@@ -10,6 +10,7 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, Request
 
+from editrt.runtime.server import cost
 from editrt.runtime.server.limits import APIError, png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, from_blob, items, to_blob
@@ -23,7 +24,7 @@ from editrt.runtime.server.schemas import (
     RepositionRequest,
     SegmentRequest,
 )
-from editrt.runtime.server.work import ONE_SHOT
+from editrt.runtime.server.work import ONE_SHOT, Stop
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 413, 415, 422, 503)}
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -31,9 +32,7 @@ PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
 def body(model, *images):
     """OpenAPI: the same model as JSON or as multipart form (image fields as files)."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
-                                                           "multipart/form-data": {"schema": schema}}}}
+    return common.body_schema(model, multipart=True)
 
 
 router = APIRouter(prefix="/v1", tags=["stateless"], dependencies=[Depends(common.require_token)], responses=ERRORS)
@@ -70,6 +69,7 @@ async def inpaint(request: Request):
     rgb = await common.image(request, req.image, "image")
     mask = await common.mask(request, req.mask, "mask")
     pipe = common.pipeline(request, "reposition")
+    cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
 
     def job():
         with torch.no_grad():
@@ -101,17 +101,21 @@ async def reposition(request: Request):
     prompt = {} if subject is not None else _prompt(req, *rgb.shape[:2])
     region = masks.pop("shadow_region", None)
     pipe = common.pipeline(request, "reposition")
+    cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
     options = common.seele_options(req)
     if region is not None:
         options["shadow_region"] = region
 
+    stop = Stop()  # set when the client goes away: the job stops at its next denoising step
+
     def job():
         with torch.no_grad():
             return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), harmonize=req.harmonize, steps=steps,
-                        guidance=req.guidance, seed=req.seed, resolution=req.resolution, **masks, **options).image
+                        guidance=req.guidance, seed=req.seed, resolution=req.resolution, step_callback=stop.check,
+                        **masks, **options).image
     out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition",
                                           ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution",
-                                           *common.SEELE_FIELDS, *REPOSITION_MASKS[1:]))
+                                           *common.SEELE_FIELDS, *REPOSITION_MASKS[1:]), stop=stop)
     return common.png_response(out, t0, run_s, wait_s)
 
 
@@ -122,6 +126,7 @@ async def partition(request: Request):
     req = await common.parse_body(request, PartitionRequest, ("image",))
     rgb = await common.image(request, req.image, "image")
     pipe = common.pipeline(request, "elements")
+    cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, None)
 
     def job():
         with torch.no_grad():
@@ -133,29 +138,36 @@ async def partition(request: Request):
                             canvas=list(el.image_size), timing=common.timing(request, t0, run_s, wait_s))
 
 
-@router.post("/elements/edit", response_model=ElementsResponse)
-async def edit(request: Request, req: ElementsEditRequest):
+@router.post("/elements/edit", response_model=ElementsResponse, openapi_extra=common.body_schema(ElementsEditRequest))
+async def edit(request: Request):
     """Move (image pixels) / resize / delete elements, in order; elements an edit covers are deleted."""
+    req = await common.parse_body(request, ElementsEditRequest)
     t0 = common.t0_of(request)
     pipe = common.pipeline(request, "elements")
+    settings = common.state(request).settings
 
     def edit_elements():  # no device work: file round trips and drawing, on a worker thread
-        el = from_blob(req.elements)
-        deleted = apply_ops(el, req.ops)
+        el = from_blob(req.elements, settings)
+        deleted = apply_ops(el, req.ops, settings)
         return ElementsResponse(elements=to_blob(el), items=items(el), deleted=deleted,
                                 overlay=png_b64(pipe.render_overlay(el)), canvas=list(el.image_size),
                                 timing=common.timing(request, t0, 0.0))
     return await anyio.to_thread.run_sync(edit_elements)
 
 
-@router.post("/elements/render", responses=PNG)
-async def render(request: Request, req: RenderRequest):
+@router.post("/elements/render", responses=PNG, openapi_extra=common.body_schema(RenderRequest))
+async def render(request: Request):
     """Render the (edited) elements with the decoder; PNG on the elements' canvas."""
+    req = await common.parse_body(request, RenderRequest)
     t0 = common.t0_of(request)
     steps = common.steps_of(request, req.steps)
-    el = await anyio.to_thread.run_sync(from_blob, req.elements)
     pipe = common.pipeline(request, "elements")
+    settings = common.state(request).settings
+    el = await anyio.to_thread.run_sync(from_blob, req.elements, settings)
+    cost.check_canvas_steps(settings, el.working_size, steps)
+    stop = Stop()
     out, run_s, wait_s = await common.run(
         request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
-                                                 seed=req.seed), ONE_SHOT, "render", ("elements", "prompt", "steps"))
+                                                 seed=req.seed, step_callback=stop.check), ONE_SHOT, "render",
+        ("elements", "prompt", "steps"), stop=stop)
     return common.png_response(out, t0, run_s, wait_s)

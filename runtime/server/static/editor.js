@@ -5,7 +5,9 @@
 
 const $ = (id) => document.getElementById(id);
 const S = (window.editrt = {
-  token: sessionStorage.getItem("editrt-token") || new URLSearchParams(location.search).get("token") || "",
+  // #token=... (a fragment never reaches the server or its logs); ?token= still read, the server's log redacts it
+  token: sessionStorage.getItem("editrt-token") || new URLSearchParams(location.hash.slice(1)).get("token")
+    || new URLSearchParams(location.search).get("token") || "",
   mode: "reposition", session: null, width: 0, height: 0,
   current: null,        // data URL of the image the session edits (what Download saves)
   shown: null,          // data URL on the canvas now (a preview while dragging)
@@ -148,7 +150,8 @@ async function applyInfo(info) {
 function socket() {
   if (S.ws && S.ws.readyState <= 1) return S.ws;
   const base = location.origin.replace(/^http/, "ws");
-  const ws = new WebSocket(`${base}/v1/sessions/${S.session}/drag` + (S.token ? `?token=${encodeURIComponent(S.token)}` : ""));
+  // The token travels as a subprotocol, never in the URL (access logs and histories keep URLs).
+  const ws = new WebSocket(`${base}/v1/sessions/${S.session}/drag`, S.token ? ["editrt", `bearer.${S.token}`] : ["editrt"]);
   ws.onmessage = (event) => onMessage(JSON.parse(event.data));
   ws.onclose = (event) => { if (S.ws === ws) S.ws = null; if (event.code === 1008) status(event.reason || "closed by the server", true); };
   S.ws = ws;
