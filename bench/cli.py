@@ -150,12 +150,13 @@ def cmd_bench(args) -> dict:
         report.write_text(markdown_path, report.format_markdown(doc))
     if plot_path:
         report.write_plot(plot_path, doc)
+    failed = [r["name"] for r in doc["rows"] if (r["skipped"] or "").startswith("failed:")]
+    if failed:  # a run with failed rows never lands in bench/results/
+        unsaved = f"; nothing saved to {results_dir}" if args.save else ""
+        print(f"editrt: bench: {len(failed)} row(s) failed: {', '.join(failed)}{unsaved}", file=sys.stderr)
+        raise SystemExit(1)
     if args.save:
         log(f"saved {report.save_result(doc, results_dir)} and refreshed {results_dir / 'README.md'}")
-    failed = [r["name"] for r in doc["rows"] if (r["skipped"] or "").startswith("failed:")]
-    if failed:
-        print(f"editrt: bench: {len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
-        raise SystemExit(1)
     return doc
 
 
