@@ -36,7 +36,7 @@ STEPS = ("steps",)
 COMPILED = ("compiled graph calls",)
 
 _lock = threading.RLock()
-_tallies: list[Counter] = []  # open tallies: a row's watch, and the graph being captured
+_tallies: list[Counter] = []  # open tallies: a row's watches
 _installed = 0
 _restore: list = []  # (owner, attribute, original) of every installed wrapper
 _engine_depth = threading.local()
@@ -49,10 +49,12 @@ def network(name: str) -> tuple:
 
 
 def count(key: tuple, n: int = 1) -> None:
-    """Add `n` to `key` in every open tally."""
+    """Add `n` to `key` in every open tally; while a CUDA graph is being captured, only in the capture's:
+    captured work does not run then, it runs at each replay (`replayed`)."""
     if n:
         with _lock:
-            for open_tally in _tallies:
+            capturing = [opened for opened, _ in _open_captures.values()]
+            for open_tally in capturing or _tallies:
                 open_tally[key] += n
 
 
@@ -117,7 +119,6 @@ def _capture_begin(original):
     def capture_begin(self, *args, **kwargs):
         opened = Counter()
         with _lock:
-            _tallies.append(opened)
             _open_captures[id(self)] = (opened, launches.counts())
         try:
             return original(self, *args, **kwargs)
@@ -133,7 +134,6 @@ def _close_capture(graph) -> tuple[Counter, Counter] | None:
         if entry is None:
             return None
         opened, before = entry
-        _tallies[:] = [t for t in _tallies if t is not opened]
     after = launches.counts()
     return opened, Counter({k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)})
 
