@@ -6,8 +6,8 @@
 
 `editrt/cli.py` registers the subcommand with `add_bench_parser(subparsers)`; `main(argv)` runs it
 stand-alone (`python -m editrt.bench.cli --quick`). Bad options raise `InputError` (one line on
-stderr, exit 2). Rows that fail are reported as failed in every output, and the command then
-exits 1.
+stderr, exit 2). Rows that fail (an error, a contradicted claim, work other than the baseline's) are
+reported as failed in every output, --save then writes nothing, and the command exits 1.
 """
 from __future__ import annotations
 
@@ -180,7 +180,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of latencies and ratios")
     p.add_argument("--save", action="store_true",
-                   help="write bench/results/<device>-<date>.json and refresh bench/results/README.md")
+                   help="write bench/results/<device>-<date>.json and refresh bench/results/README.md "
+                        "(only when no row failed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the table is still printed)")
     p.set_defaults(func=cmd_bench)
     return p
