@@ -17,7 +17,9 @@ Extending the suite:
   with the backend's own reason when it is absent ("tensorrt not installed").
 
 A builder's `Run` names the engines / modules its call runs (`parts`): the row's `compiled` column is
-read from them; `cuda_graph` and `kernels` are observed while the row runs (bench/observe.py). Our torch
+read from them; `cuda_graph`, `kernels` and the work (`observed`: network calls, steps, cache hits) are
+observed while the row runs (bench/observe.py, bench/work.py). A peer's builder names its networks
+(`Run.networks`) as our engines are named, so the suite can hold its work equal to ours. Our torch
 backends load their pipeline through `BenchContext.torch_pipeline(backend)`, whose from_pretrained
 options (`pipeline_options`) are the one place that says what each backend asks for.
 """
@@ -118,6 +120,9 @@ class Run:
     bytes: int | None = None  # per call, for GB/s (memory-bound components)
     close: Callable[[], None] | None = None  # restores shared state (e.g. LoRA scale) after timing
     parts: list = field(default_factory=list)  # the engines / nn.Modules the call runs: `compiled` reads them
+    # modules whose calls the row's `observed` counts under these names (a peer's networks, named as our engines
+    # are: "inpaint_unet", "sam_image_encoder", ...); our engines are counted without being listed (bench/work.py)
+    networks: dict = field(default_factory=dict)
 
 
 Builder = Callable[[], Run]
@@ -136,6 +141,9 @@ class Case:
     steps: int | None = None  # denoising steps, for whole passes
     heavy: bool = False  # a whole pipeline: fewer repeats
     about: str = ""  # one line: what exactly is timed
+    # backend -> why that row's observed networks or steps legitimately differ from its baseline's; a row not
+    # named here fails when they differ (bench/suite.py check_work), and fails when named but they do not
+    work_differs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [b for b in self.runners if b not in BACKENDS]
@@ -143,6 +151,9 @@ class Case:
             raise ValueError(f"case {self.component}: unknown backends {unknown}; known: {sorted(BACKENDS)}")
         if self.baseline not in self.runners:
             raise ValueError(f"case {self.component}: baseline {self.baseline!r} is not among its runners")
+        if self.baseline in self.work_differs or not set(self.work_differs) <= set(self.runners):
+            raise ValueError(f"case {self.component}: work_differs names {sorted(self.work_differs)}; expected "
+                             f"backends of its runners other than the baseline {self.baseline!r}")
 
     def backends(self) -> list[str]:
         """Baseline first, then the others in declaration order."""
@@ -351,6 +362,16 @@ class BenchContext:
             ry, rx = rng.uniform(0.1, 0.2, 2) * size
             out.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
         return out
+
+
+def uncached(pipe, call):
+    """`call` with the pipeline's SAM embedding cache emptied first: every call computes its photo's embedding,
+    as SamPredictor.set_image does. Rotating photos alone would not do it: the cache holds every bench photo
+    after the warm-up, and builders that pick clicks segment the photos first."""
+    def run(x):
+        pipe.segmenter.cache.clear()
+        return call(x)
+    return run
 
 
 def pipeline_parts(pipe) -> list:

@@ -7,8 +7,8 @@
 
 `editrt/cli.py` registers the subcommand with `add_bench_parser(subparsers)`; `main(argv)` runs it
 stand-alone (`python -m editrt.bench.cli --quick`). Bad options raise `InputError` (one line on
-stderr, exit 2). Rows that fail are reported as failed in every output, and the command then
-exits 1.
+stderr, exit 2). Rows that fail (an error, a contradicted claim, work other than the baseline's) are
+reported as failed in every output, --save then writes nothing, and the command exits 1.
 """
 from __future__ import annotations
 
@@ -160,12 +160,13 @@ def cmd_bench(args) -> dict:
         report.write_text(markdown_path, report.format_markdown(doc))
     if plot_path:
         report.write_plot(plot_path, doc)
+    failed = [r["name"] for r in doc["rows"] if (r["skipped"] or "").startswith("failed:")]
+    if failed:  # a run with failed rows never lands in bench/results/
+        unsaved = f"; nothing saved to {results_dir}" if args.save else ""
+        print(f"editrt: bench: {len(failed)} row(s) failed: {', '.join(failed)}{unsaved}", file=sys.stderr)
+        raise SystemExit(1)
     if args.save:
         log(f"saved {report.save_result(doc, results_dir)} and refreshed {results_dir / 'README.md'}")
-    failed = [r["name"] for r in doc["rows"] if (r["skipped"] or "").startswith("failed:")]
-    if failed:
-        print(f"editrt: bench: {len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
-        raise SystemExit(1)
     return doc
 
 
@@ -205,7 +206,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--stream", metavar="JSONL", help="append each row to JSONL as soon as it is finished "
                    "(one JSON object per line, the --json row schema): a killed run keeps the rows it finished")
     p.add_argument("--save", action="store_true",
-                   help="write bench/results/<device>-<date>.json and refresh bench/results/README.md")
+                   help="write bench/results/<device>-<date>.json and refresh bench/results/README.md "
+                        "(only when no row failed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (the table is still printed)")
     p.set_defaults(func=cmd_bench)
     return p

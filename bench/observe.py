@@ -1,15 +1,20 @@
-"""What a row really ran, observed rather than asked for: editrt kernels, CUDA graph replays, torch.compile.
+"""What a row really ran, observed rather than asked for: editrt kernels, CUDA graph replays, torch.compile,
+and the work itself (bench/work.py: network calls, steps, cache hits and misses).
 
-Every measured row carries three columns filled from here (bench/suite.py):
+Every measured row carries these columns filled from here (bench/suite.py):
 
-* `kernels`: the editrt kernels that launched (editrt.kernels.launches: each launcher records a
-  launch where it really launches; a launcher that falls back to its PyTorch reference records
-  nothing). A replayed CUDA graph launches from the GPU's copy, not from Python, so a graph's
-  kernels are the ones recorded while it was captured (in the row's first, untimed run).
+* `kernels`: the editrt kernels that launched in the timed runs (editrt.kernels.launches: each launcher
+  records a launch where it really launches; a launcher that falls back to its PyTorch reference records
+  nothing). A replayed CUDA graph launches from the GPU's copy, not from Python: a replay credits the
+  launches recorded while that graph was captured (bench/work.py), whichever row captured it, so the
+  column does not depend on the order of the rows.
 * `cuda_graph`: whether a CUDA graph was replayed during the timed runs: every
   `torch.cuda.CUDAGraph.replay` is counted while a row runs (editrt's whole-loop graphs and any
   other library's, e.g. torch.compile's "reduce-overhead" CUDA graph trees, alike).
-* `compiled`: whether what the row calls is torch.compile'd (`compiled_parts`), and dynamo did compile.
+* `compiled`: whether a torch.compile'd part the row names (`compiled_parts`) was called in the timed
+  runs and inductor-compiled graphs ran there (bench/work.py counts their calls): this row's, not any
+  compilation earlier in the process.
+* `observed`: the work of one timed run (bench/work.py `summary`).
 
 `Observed` is filled by `watch()`: enter it around the runs to observe, read it after leaving.
 """
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from editrt.bench import work
 from editrt.kernels import launches
 
 _replays_lock = threading.Lock()
@@ -35,6 +42,7 @@ def _counting_replay(self, *args, **kwargs):
     global _replays
     with _replays_lock:
         _replays += 1
+    work.replayed(self)  # the work and kernels captured in this graph run again
     return _original_replay(self, *args, **kwargs)
 
 
@@ -64,22 +72,24 @@ def replays() -> int:
 class Observed:
     kernels: list[str] = field(default_factory=list)  # editrt kernels launched inside the block, sorted
     graph_replays: int = 0  # CUDA graph replays inside the block
+    work: Counter = field(default_factory=Counter)  # bench/work.py's counts inside the block
 
 
 @contextmanager
 def watch(into: Observed | None = None) -> Iterator[Observed]:
-    """Observe the block: which editrt kernels launched and how many CUDA graphs were replayed
-    (filled into `into`, or a new Observed, when the block ends)."""
+    """Observe the block: which editrt kernels launched, how many CUDA graphs were replayed, and the work
+    counted (filled into `into`, or a new Observed, when the block ends)."""
     seen = Observed() if into is None else into
     _install()
     before = replays()
     try:
-        with launches.track() as launched:
+        with work.observing(), work.tally() as counted, launches.track() as launched:
             yield seen
     finally:
         seen.graph_replays = replays() - before
         _uninstall()
-        seen.kernels = launched.names
+    seen.kernels = launched.names
+    seen.work = counted
 
 
 def is_compiled(module) -> bool:
@@ -99,13 +109,6 @@ def compiled_parts(parts: Iterable) -> list[str]:
         elif getattr(part, "compiled", False) is True:
             found.append(part.spec.name if hasattr(part, "spec") else type(part).__name__)
     return sorted(set(found))
-
-
-def dynamo_graphs() -> int:
-    """How many graphs torch.compile (dynamo) has compiled in this process: > 0 once anything compiled."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 # ---------------------------------------------------------------------- what may launch

@@ -11,12 +11,14 @@ Rows (component names; `--only` takes a name, a glob or a '-'-ended prefix such 
 | sam-image-encoder | SAM's ViT on one preprocessed image | — |
 | sam-mask-decoder-1pt | prompt encoder + mask decoder for one click (multimask) | — |
 | sam-mask-decoder-grid256 | one batched decode of 256 single-point prompts (16x16 grid, multimask), the elements partition's query | — |
-| sam-segment-1pt | a new photo and one click to the best mask: `segment` | segment-anything's `SamPredictor` (set_image + predict); also with its image encoder torch.compile'd |
+| sam-segment-1pt | a new photo and one click to the best mask: `segment`, the image encoder running in every call (the embedding cache is emptied first) | segment-anything's `SamPredictor` (set_image + predict); also with its image encoder torch.compile'd |
 | inpaint-pass | one remove pass at the processing size: `inpaint` | diffusers' `StableDiffusionInpaintPipeline`, same weights, dtype, steps; SDPA attention; also with torch.compile(unet) |
 | reposition-e2e | the SEELE flow with a given subject mask: remove + paste + harmonize | — |
 
 Every row of a component calls the same thing (the engine interface, the pipeline's public method); the
-backends differ only in what runs behind it (bench/results/README.md, "What each backend runs").
+backends differ only in what runs behind it (bench/results/README.md, "What each backend runs"). Peers run
+the same networks the same number of times as ours: their builders name them (`Run.networks`) and the
+suite fails a row whose observed work differs from its baseline's.
 Network rows also declare the planned TensorRT engine (a skipped row until export/ builds it).
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ import warnings
 import numpy as np
 import torch
 
-from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, Skip, dtype_name, pipeline_parts
+from editrt.bench import work
+from editrt.bench.cases import PLANNED_ENGINES, BenchContext, Case, Run, Skip, dtype_name, pipeline_parts, uncached
 from editrt.bench.timing import count_flops
 
 TIMESTEPS = (981, 501, 21)  # rotating: early, middle and late DDIM steps
@@ -187,7 +190,7 @@ def _sam_mask_decoder(ctx: BenchContext, grid: int | None) -> Run:
     n = 1 if grid is None else grid * grid
     low_res = tuple(4 * s for s in sam.prompt_encoder.image_embedding_size)
     return Run(call, inputs, _sam_dtype(sam), _check_shape((n, 3, *low_res), "SAM decoder"),
-               flops=count_flops(call, inputs[0]))
+               flops=count_flops(call, inputs[0]), networks={"sam_mask_decoder": sam.mask_decoder})
 
 
 def _segment_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, list[float]]]:
@@ -224,9 +227,9 @@ def _check_mask(what: str):
 
 def _segment_ours(ctx: BenchContext, backend: str = "torch-eager") -> Run:
     pipe = ctx.reposition(backend)
-    inputs = _segment_inputs(ctx)  # >= 2 different photos, so the embedding cache never hits in a row
-    call = lambda x: pipe.segment(x[0], points=[x[1]])  # noqa: E731
-    return Run(call, inputs, _sam_dtype(ctx.pipeline.sam), _check_mask("segment"), parts=pipeline_parts(pipe))
+    call = uncached(pipe, lambda x: pipe.segment(x[0], points=[x[1]]))
+    return Run(call, _segment_inputs(ctx), _sam_dtype(ctx.pipeline.sam), _check_mask("segment"),
+               parts=pipeline_parts(pipe))
 
 
 def _segment_sam_predictor(ctx: BenchContext, compile: bool = False) -> Run:
@@ -251,7 +254,7 @@ def _segment_sam_predictor(ctx: BenchContext, compile: bool = False) -> Run:
         sam.image_encoder = encoder
 
     return Run(call, _segment_inputs(ctx), _sam_dtype(sam), _check_mask("SamPredictor"), parts=[sam.image_encoder],
-               close=close)
+               close=close, networks={"sam_image_encoder": sam.image_encoder, "sam_mask_decoder": sam.mask_decoder})
 
 
 # ---------------------------------------------------------------------- passes and end to end
@@ -296,6 +299,13 @@ def _inpaint_diffusers(ctx: BenchContext, compile: bool = False) -> Run:
         if bar_was_on:
             diffusers_logging.enable_progress_bar()
     peer.set_progress_bar_config(disable=True)
+    scheduler_step = peer.scheduler.step
+
+    def counted_step(*args, **kwargs):  # the peer's denoising steps, for the row's observed work
+        work.count_step()
+        return scheduler_step(*args, **kwargs)
+
+    peer.scheduler.step = counted_step
     if compile:
         peer.unet = torch.compile(peer.unet, mode=diffusers_compile_mode(ctx.device), fullgraph=ctx.device.type == "cuda")
     prompt = load_task_prompts(layout.task_prompts, ctx.unet_config["cross_attention_dim"])["remove"]
@@ -316,7 +326,8 @@ def _inpaint_diffusers(ctx: BenchContext, compile: bool = False) -> Run:
         gc.collect()
 
     return Run(call, inputs, dtype_name(ctx.dtype), _check_image(r, "diffusers inpaint"), close=close,
-               parts=[peer.unet])
+               parts=[peer.unet], networks={"inpaint_unet": peer.unet, "vae_encoder": peer.vae.encoder,
+                                            "vae_decoder": peer.vae.decoder})
 
 
 def _reposition_e2e(ctx: BenchContext, backend: str = "torch-eager") -> Run:
@@ -384,7 +395,8 @@ def reposition_cases(ctx: BenchContext) -> list[Case]:
               "segment-anything+compile": lambda: _segment_sam_predictor(ctx, compile=True),
               **_runners(lambda b: _segment_ours(ctx, b), ("torch+compile",))},
              baseline="segment-anything",
-             about="new photo + one click -> best mask (SamPredictor, its encoder torch.compile'd, vs segment)"),
+             about="new photo + one click -> best mask, image encoder in every call (SamPredictor, its encoder "
+                   "torch.compile'd, vs segment with its embedding cache emptied per call)"),
         Case("inpaint-pass", f"{r}x{r}, remove, {steps} steps", steps=steps, heavy=True,
              runners={"diffusers": lambda: _inpaint_diffusers(ctx),
                       "diffusers+compile": lambda: _inpaint_diffusers(ctx, compile=True),

@@ -118,7 +118,7 @@ def _depth_transformers(ctx: BenchContext, compile: bool = False) -> Run:
         gc.collect()
 
     return Run(call, images, dtype_name(peer.model.dtype), _check_map(ctx.resolution, "transformers depth"),
-               parts=[peer.model], close=close)
+               parts=[peer.model], close=close, networks={"depth_estimator": peer.model})
 
 
 def _matting_transformers(ctx: BenchContext, compile: bool = False) -> Run:
@@ -147,7 +147,7 @@ def _matting_transformers(ctx: BenchContext, compile: bool = False) -> Run:
         gc.collect()
 
     return Run(call, _matting_inputs(ctx), dtype_name(ctx.dtype), _check_map(r, "transformers matting", 0.0, 1.0),
-               parts=[run_model], close=close)
+               parts=[run_model], close=close, networks={"matting": run_model})
 
 
 def _runners(build, peer, ours=OURS) -> dict:

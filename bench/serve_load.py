@@ -19,6 +19,11 @@ server's own share (server time minus pipeline run and queue wait). Also 5xx cou
 connections (transport errors, WebSockets closed without a close frame), previews the server
 dropped as stale, and the server's RSS over time (flat = the last quarter's median within
 --rss-slack-mb of the second quarter's).
+
+--out writes one JSON line per endpoint holding, besides the endpoint's figures (and its pipeline p50), the
+run's counts (5xx, 4xx, dropped connections, unfinished scenarios, previews shed, drags sent, stale previews
+dropped, scenarios, HTTP status counts), its memory, the server's options (`server_args`; null with --url),
+`duration_s` (the load's --duration) and `elapsed_s` (the whole run, the drain included).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ ENDPOINTS = ("segment", "open", "select", "preview", "final")
 class Tally:
     latency_ms: dict = field(default_factory=lambda: {e: [] for e in ENDPOINTS})
     overhead_ms: dict = field(default_factory=lambda: {e: [] for e in ENDPOINTS})  # latency - pipeline
+    pipeline_ms: dict = field(default_factory=lambda: {e: [] for e in ENDPOINTS})  # the server's pipeline run
     server_overhead_ms: dict = field(default_factory=lambda: {e: [] for e in ENDPOINTS})  # server - pipeline - queue
     status: dict = field(default_factory=dict)
     errors_5xx: int = 0
@@ -62,6 +68,7 @@ class Tally:
         self.latency_ms[endpoint].append(ms)
         if timing:
             self.overhead_ms[endpoint].append(ms - timing["pipeline_ms"])
+            self.pipeline_ms[endpoint].append(timing["pipeline_ms"])
             self.server_overhead_ms[endpoint].append(timing["server_ms"] - timing["pipeline_ms"] - timing["queue_ms"])
 
     def status_of(self, endpoint: str, code: int, text: str = "") -> bool:
@@ -217,7 +224,7 @@ async def run_load(url: str, clients: int, duration: float, token: str | None = 
     elapsed = time.monotonic() - started
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
         metrics = (await client.get("/metrics")).text
-    return summarize(tally, rss, clients, elapsed, metrics)
+    return summarize(tally, rss, clients, elapsed, metrics, duration)
 
 
 def _pct(values, q):
@@ -231,12 +238,15 @@ def _stale_dropped(metrics: str) -> int:
     return 0
 
 
-def summarize(tally: Tally, rss, clients: int, elapsed: float, metrics: str) -> dict:
+def summarize(tally: Tally, rss, clients: int, elapsed: float, metrics: str, duration: float | None = None) -> dict:
+    """The report: a row per endpoint and the run's counts. `duration_s` is the load's duration (clients start
+    no new scenario after it), `elapsed_s` the whole run, the drain of the scenarios in flight included."""
     rows = []
     for e in ENDPOINTS:
         lat = tally.latency_ms[e]
-        rows.append({"name": f"serve-{e}", "clients": clients, "duration_s": round(elapsed, 2), "count": len(lat),
-                     "rate_per_s": round(len(lat) / elapsed, 2), "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+        rows.append({"name": f"serve-{e}", "clients": clients, "duration_s": duration, "elapsed_s": round(elapsed, 2),
+                     "count": len(lat), "rate_per_s": round(len(lat) / elapsed, 2), "p50_ms": _pct(lat, 50),
+                     "p99_ms": _pct(lat, 99), "pipeline_p50_ms": _pct(tally.pipeline_ms[e], 50),
                      "overhead_p50_ms": _pct(tally.overhead_ms[e], 50), "overhead_p99_ms": _pct(tally.overhead_ms[e], 99),
                      "server_overhead_p50_ms": _pct(tally.server_overhead_ms[e], 50),
                      "server_overhead_p99_ms": _pct(tally.server_overhead_ms[e], 99)})
@@ -264,8 +274,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(weights: str, clients: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """`python -m editrt.runtime.server` on a free loopback port; returns once /readyz says ready."""
+def start_server(weights: str, clients: int, extra: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+    """`python -m editrt.runtime.server` on a free loopback port; returns (process, url, its options) once
+    /readyz says ready."""
     import httpx
 
     port = free_port()
@@ -282,7 +293,7 @@ def start_server(weights: str, clients: int, extra: list[str]) -> tuple[subproce
         except httpx.TransportError:
             ready = False  # not listening yet
         if ready:
-            return proc, url
+            return proc, url, cmd[3:]
         time.sleep(0.2)
     proc.terminate()
     raise RuntimeError("the server did not become ready in 300 s")
@@ -300,6 +311,17 @@ def print_report(report: dict, out=sys.stdout) -> None:
           f"memory {report['memory']}", file=out)
     for p in report["problems"]:
         print(f"  problem: {p}", file=out)
+
+
+RUN_FIELDS = ("errors_5xx", "errors_4xx", "dropped", "unfinished", "previews_shed", "drags_sent",
+              "stale_previews_dropped", "scenarios")
+
+
+def jsonl_row(row: dict, report: dict, memory_flat: bool, server_args: list[str] | None) -> dict:
+    """One line of --out: the endpoint's row with the run's counts, memory and the server's options, so every
+    figure quoted from a run (previews shed, drags sent, the server flags, the duration) is in the file."""
+    return {**row, **{k: report[k] for k in RUN_FIELDS}, "status": report["status"], **report["memory"],
+            "memory_flat": memory_flat, "server_args": server_args}
 
 
 def main(argv=None) -> int:
@@ -321,10 +343,10 @@ def main(argv=None) -> int:
         p.error("--clients 1..256 and --duration in (0, 60] (the load test is bounded)")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         p.error("--url: loopback only")
-    proc = None
+    proc, server_args = None, None  # the options of a server started elsewhere (--url) are not known here
     url, pid = args.url, args.pid
     if url is None:
-        proc, url = start_server(args.weights, args.clients, args.server_args)
+        proc, url, server_args = start_server(args.weights, args.clients, args.server_args)
         pid = proc.pid
     try:
         report = asyncio.run(run_load(url, args.clients, args.duration, args.token, pid, args.positions,
@@ -341,9 +363,7 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             for row in report["rows"]:
-                f.write(json.dumps({**row, "errors_5xx": report["errors_5xx"], "dropped": report["dropped"],
-                                    "unfinished": report["unfinished"],
-                                    **report["memory"], "memory_flat": flat}) + "\n")
+                f.write(json.dumps(jsonl_row(row, report, flat, server_args)) + "\n")
     ok = report["errors_5xx"] == 0 and report["dropped"] == 0 and report["unfinished"] == 0 and flat
     print("PASS" if ok else "FAIL", file=sys.stderr)
     return 0 if ok else 1

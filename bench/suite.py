@@ -32,8 +32,10 @@ One row per (component, backend); every setting is a column, so a row stands alo
 | ratio | float or null | baseline p50 / this p50 (> 1: this row is faster); null for baselines and unmeasured pairs |
 | skipped | str or null | why there is no measurement: a missing backend ("tensorrt not installed"), a row that would repeat its baseline ("no editrt kernel launched ..."), or "failed: ..." |
 | cuda_graph | bool | a CUDA graph was replayed during the timed runs (every torch.cuda.CUDAGraph.replay is counted); false when skipped |
-| compiled | bool | what the row calls is torch.compile'd (engines' `compiled`, peers' modules) and dynamo compiled it; false when skipped |
-| kernels | list of str | editrt kernels that launched in the timed runs (editrt.kernels.launches; a replayed graph's: those recorded when it was captured, in the row's first run); [] when none or skipped |
+| compiled | bool | a torch.compile'd part of the row (engines' `compiled`, peers' modules) was called in its timed runs and inductor-compiled graphs ran there (counted per row, not process-wide); false when skipped |
+| kernels | list of str | editrt kernels that launched in the timed runs (editrt.kernels.launches; a replayed graph's: those recorded when it was captured, whichever row captured it); [] when none or skipped |
+| observed | dict or null | the work of one timed run, counted while it ran (bench/work.py): `networks` {name: calls} (our engines by spec name; a peer's modules under the same names), `denoising_steps`, `caches` {name: {hits, misses}} (e.g. "sam embeddings"), `compiled_graph_calls`; averages over the timed runs; null when skipped |
+| work_differs | str or null | why this row's networks or steps legitimately differ from its baseline's (declared by the case); null: they are equal, or the row fails |
 | versions | dict | python, editrt, git, torch, cuda (torch's build), diffusers, segment_anything, triton, onnxruntime, tensorrt (null: absent) |
 
 Times are rounded to 4 significant digits and ratios are computed from the rounded times.
@@ -43,6 +45,8 @@ rows run with editrt's kernels switched off and fail if one launched; torch-eage
 rows fail if a CUDA graph was replayed, torch+cudagraph rows if none was; `*+compile` rows fail unless
 compiled, every other row if compiled. A torch+kernels row where no editrt kernel launched (a CPU:
 the references run) is skipped with the reason instead of reporting a ratio of two equal things.
+Every row does the same work as its baseline (`check_work`): a row whose networks or denoising steps per
+run differ from its baseline row's fails, unless its case declares why (`work_differs`).
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from editrt.bench import work
 from editrt.bench.cases import (
     BACKENDS,
     NO_GRAPH_BACKENDS,
@@ -75,7 +80,7 @@ from editrt.bench.cases import (
 )
 from editrt.bench.elements_cases import elements_cases
 from editrt.bench.kernel_rows import kernel_cases
-from editrt.bench.observe import Observed, compiled_parts, dynamo_graphs, row_environment, watch
+from editrt.bench.observe import Observed, compiled_parts, row_environment, watch
 from editrt.bench.reposition_cases import reposition_cases
 from editrt.bench.runtime_cases import runtime_cases
 from editrt.bench.seele_cases import seele_cases
@@ -103,7 +108,7 @@ ROW_FIELDS = {  # field -> allowed types (the schema, checked by the tests)
     "memory": (str, type(None)), "flops": (int, type(None)), "tflop_s": (float, type(None)),
     "bytes": (int, type(None)), "gb_s": (float, type(None)), "baseline": (str, type(None)),
     "ratio": (float, type(None)), "skipped": (str, type(None)), "cuda_graph": (bool,), "compiled": (bool,),
-    "kernels": (list,), "versions": (dict,),
+    "kernels": (list,), "observed": (dict, type(None)), "work_differs": (str, type(None)), "versions": (dict,),
 }
 VERSION_KEYS = ("python", "editrt", "git", "torch", "cuda", "diffusers", "segment_anything", "triton",
                 "onnxruntime", "tensorrt")
@@ -242,7 +247,8 @@ def _row(case: Case, backend: str, settings: Settings, device: str, run: Run | N
         "baseline": None if backend == case.baseline else f"{case.component}/{case.baseline}",
         "ratio": None, "skipped": skipped,
         "cuda_graph": bool(ran and ran.cuda_graph), "compiled": bool(ran and ran.compiled),
-        "kernels": list(ran.kernels) if ran else [], "versions": {},
+        "kernels": list(ran.kernels) if ran else [], "observed": ran.observed if ran else None,
+        "work_differs": case.work_differs.get(backend), "versions": {},
     }
 
 
@@ -251,8 +257,10 @@ class Ran:
     """What a measured row really ran (bench/observe.py): the row's `cuda_graph`, `compiled`, `kernels`."""
 
     cuda_graph: bool  # a CUDA graph was replayed during the timed runs
-    compiled: bool  # the modules the call runs are torch.compile'd
+    compiled: bool  # a torch.compile'd part was called in the timed runs, and compiled graphs ran there
     kernels: list[str]  # editrt kernels launched by the timed runs (a replayed graph's: those it captured)
+    observed: dict = field(default_factory=dict)  # the work of one timed run (bench/work.py summary)
+    compiled_unused: list[str] = field(default_factory=list)  # compiled parts named but not run compiled
 
 
 class ClaimError(RuntimeError):
@@ -276,40 +284,94 @@ def check_claims(backend: str, ran: Ran) -> None:
     if backend in PLAIN_BACKENDS and ran.kernels:
         problems.append(f"launched editrt kernels {ran.kernels}")
     if backend.endswith("+compile") != ran.compiled:
-        problems.append("ran torch.compile'd modules" if ran.compiled else "ran no torch.compile'd module")
-    elif ran.compiled and dynamo_graphs() == 0:
-        problems.append("claims torch.compile'd modules but torch.compile compiled no graph")
+        if ran.compiled:
+            problems.append("ran torch.compile'd modules")
+        elif ran.compiled_unused:
+            problems.append(f"claims torch.compile'd {ran.compiled_unused} but no compiled graph of them ran in its "
+                            "timed runs")
+        else:
+            problems.append("ran no torch.compile'd module")
     if problems:
         raise ClaimError(f"{backend} row {' and '.join(problems)}")
+
+
+def _part_keys(parts: list) -> dict[tuple, object]:
+    """The work key under which each part's calls are counted: an engine's by its spec name (counted by
+    bench/work.py's engine wrapper), an nn.Module's by a forward hook the suite adds."""
+    return {work.network(part.spec.name) if hasattr(part, "spec") else ("part", i): part for i, part in enumerate(parts)}
+
+
+def _compiled(parts: dict[tuple, object], seen) -> tuple[bool, list[str]]:
+    """(whether a compiled part ran compiled graphs in the timed runs, the compiled parts that did not)."""
+    compiled = {key: names for key, part in parts.items() if (names := compiled_parts([part]))}
+    graphs_ran = seen[work.COMPILED] > 0
+    used = [key for key in compiled if seen[key] > 0 and graphs_ran]
+    unused = sorted({name for key, names in compiled.items() if key not in used for name in names})
+    return bool(used), unused
 
 
 def _time_one(case: Case, backend: str, settings: Settings, ctx: BenchContext) -> tuple[Run, object, Ran]:
     """(run, timing, what ran) for one row; raises Skip, ClaimError, or whatever the builder or the run raises."""
     builder = case.runners[backend]
     plain = backend in PLAIN_BACKENDS
-    with torch.no_grad(), row_environment(plain, ctx.device):
+    # observing from the builder on: a CUDA graph the builder captures (a session's first edit) is recorded
+    with torch.no_grad(), row_environment(plain, ctx.device), work.observing():
         run = builder()
+        parts = _part_keys(run.parts)
+        counted = {**{key: p for key, p in parts.items() if isinstance(p, torch.nn.Module)},
+                   **{work.network(name): module for name, module in run.networks.items()}}
         try:
-            # An untimed first run: proves the output is real (the last input: the timed loop starts at
-            # the first, so no cache hit), captures CUDA graphs, and shows which kernels launch.
-            with watch() as first:
-                out = run.call(run.inputs[-1])
-            if run.check is not None:
-                run.check(out)
-            del out
-            if backend == "torch+kernels" and not first.kernels:
-                raise Skip(no_kernel_reason(ctx.device))
-            timed = Observed()
-            timing = measure(run.call, run.inputs, ctx.device, settings.warmup_runs(case.heavy),
-                             around_timed=lambda: watch(timed), **settings.repeat_policy(case.heavy))
+            with work.hooked(counted):
+                # An untimed first run: proves the output is real (the last input: the timed loop starts at
+                # the first, so no cache hit), captures CUDA graphs, and shows which kernels launch.
+                with watch() as first:
+                    out = run.call(run.inputs[-1])
+                if run.check is not None:
+                    run.check(out)
+                del out
+                if backend == "torch+kernels" and not first.kernels:
+                    raise Skip(no_kernel_reason(ctx.device))
+                timed = Observed()
+                timing = measure(run.call, run.inputs, ctx.device, settings.warmup_runs(case.heavy),
+                                 around_timed=lambda: watch(timed), **settings.repeat_policy(case.heavy))
         finally:
             if run.close is not None:
                 run.close()
-    cuda_graph = timed.graph_replays > 0
-    kernels = sorted(set(timed.kernels) | (set(first.kernels) if cuda_graph else set()))
-    ran = Ran(cuda_graph=cuda_graph, compiled=bool(compiled_parts(run.parts)), kernels=kernels)
+    compiled, unused = _compiled(parts, timed.work)
+    ran = Ran(cuda_graph=timed.graph_replays > 0, compiled=compiled, kernels=sorted(timed.kernels),
+              observed=work.summary(timed.work, timing.repeats), compiled_unused=unused)
     check_claims(backend, ran)
     return run, timing, ran
+
+
+def check_work(rows: list[dict]) -> None:
+    """Fail every measured row whose networks or denoising steps per run differ from its baseline row's, unless
+    it declares why (`work_differs`); and a row that declares a difference its observations do not show."""
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        base = by_name.get(row["baseline"]) if row["baseline"] else None
+        if base is None or row["observed"] is None or base["observed"] is None:
+            continue
+        same = work.same_work(row["observed"], base["observed"])
+        if same == (row["work_differs"] is None):
+            continue
+        if same:
+            why = f"declares different work ({row['work_differs']}) but did the same work as {base['name']}"
+        else:
+            def shown(observed):
+                return f"networks {observed['networks']}, {observed['denoising_steps']} steps"
+            why = f"did other work than {base['name']}: {shown(row['observed'])} per run vs {shown(base['observed'])}"
+        _fail(row, f"failed: WorkMismatch: {why}")
+
+
+def _fail(row: dict, reason: str) -> None:
+    """Turn a measured row into a failed one: no figure is reported for it."""
+    for name in ("p50_ms", "p90_ms", "repeats", "warmup", "peak_mb", "memory", "flops", "tflop_s", "bytes", "gb_s",
+                 "ratio", "observed"):
+        row[name] = None
+    row["skipped"] = reason
+    row["cuda_graph"] = row["compiled"] = False
+    row["kernels"] = []
 
 
 def _fill_ratios(rows: list[dict]) -> None:
@@ -369,6 +431,7 @@ def run_suite(settings: Settings, progress: bool = True, log: Callable[[str], No
     note = shared_cpu_note(settings.device, load)
     if note:
         ctx.notes.append(note)
+    check_work(rows)
     _fill_ratios(rows)
     for row in rows:
         row["versions"] = env

@@ -5,9 +5,12 @@ The method (DESIGN.md "bench/ reports like a paper table"):
 * Warm-up runs first and are never counted: module loading, allocator growth, cuDNN/cuBLAS handle
   creation and lazy caches stay out of the numbers.
 * Each timed run gets the next of several pre-built inputs (round robin), so repeated runs over one
-  buffer do not measure a warm cache, and consecutive runs never see the same input (which also
-  defeats per-image caches such as SAM's embedding cache). Inputs are checked: an all-zero tensor is
-  refused, because zeros hide unwritten outputs and can run faster than real data.
+  buffer do not measure a warm hardware cache and consecutive runs never see the same input. That does
+  not defeat a per-image cache that holds every input (SAM's embedding cache keeps them all after the
+  warm-up): a row that claims uncached work empties such a cache inside its call, and its `observed`
+  column (bench/work.py) shows the cache misses and network calls each timed run really made. Inputs
+  are checked: an all-zero tensor is refused, because zeros hide unwritten outputs and can run faster
+  than real data.
 * CUDA: the device is synchronised before each run (the region starts from an idle GPU, as a user's
   call would), a pair of CUDA events brackets the region, and the end event is waited on. CPU:
   `time.perf_counter` around the call (CPU work is synchronous).

@@ -126,6 +126,29 @@ def test_each_peer_really_ran(bench_run):
         assert row["peer"] and row["baseline"] is None and row["p50_ms"] > 0
 
 
+def test_peers_do_the_same_work_as_ours(bench_run):
+    """The observed work of one timed run: the diffusers peer runs the UNet once per requested step (guidance 1)
+    and the VAE once each way, SamPredictor the image encoder and the mask decoder once per call; each of our
+    rows does exactly that too, and our segment computes its embedding every call (a cache miss, no hit)."""
+    rows, steps = bench_run["rows"], bench_run["doc"]["steps"]
+    measured = [r for r in rows.values() if r["skipped"] is None]
+    assert all(type(r["observed"]) is dict for r in measured)
+    assert all(r["observed"] is None for r in rows.values() if r["skipped"] is not None)
+    diffusers = rows["inpaint-pass/diffusers"]["observed"]
+    assert diffusers["networks"] == {"inpaint_unet": steps, "vae_encoder": 1, "vae_decoder": 1}
+    assert diffusers["denoising_steps"] == steps
+    sam = rows["sam-segment-1pt/segment-anything"]["observed"]
+    assert sam["networks"] == {"sam_image_encoder": 1, "sam_mask_decoder": 1}
+    for component, peer in (("inpaint-pass", diffusers), ("sam-segment-1pt", sam)):
+        ours = [r for r in measured if r["component"] == component and not r["peer"]]
+        assert ours, component
+        for row in ours:
+            assert row["observed"]["networks"] == peer["networks"], row["name"]
+            assert row["observed"]["denoising_steps"] == peer["denoising_steps"], row["name"]
+            assert row["work_differs"] is None, row["name"]
+    assert rows["sam-segment-1pt/torch-eager"]["observed"]["caches"]["sam embeddings"] == {"hits": 0, "misses": 1}
+
+
 def test_skipped_rows_carry_reasons(bench_run):
     skipped = [r for r in bench_run["rows"].values() if r["skipped"] is not None]
     assert skipped, "the TensorRT row of a network case is always listed"

@@ -48,6 +48,8 @@ def test_rows_and_what_ran(rows):
         assert not ours["peer"] and ours["baseline"] == f"{component}/transformers" and ours["p50_ms"] > 0
         assert ours["ratio"] is not None and not ours["compiled"] and not ours["cuda_graph"] and ours["kernels"] == []
         assert ours["flops"] and ours["flops"] > 0
+        network = {"depth-estimator": "depth_estimator", "matting": "matting"}[component]  # one call per photo
+        assert peer["observed"]["networks"] == ours["observed"]["networks"] == {network: 1}
         assert by_name[f"{component}/onnxruntime"]["skipped"] == "no export in this test"
         if graphs:
             assert by_name[f"{component}/torch+cudagraph"]["skipped"] == "CUDA graphs need CUDA"

@@ -198,6 +198,24 @@ def test_quick_rows_carry_what_ran(quick_rows):
             assert row["cuda_graph"] is False and row["kernels"] == [] and row["compiled"] is False, name
 
 
+def test_quick_rows_observe_their_work(quick_rows):
+    """Every measured row has its observed work; rows that claim a new photo's segment or partition run the image
+    encoder in every timed run, and each does the same work as its baseline."""
+    _, _, rows = quick_rows
+    measured = {name: row for name, row in rows.items() if row["skipped"] is None}
+    assert all(type(row["observed"]) is dict and row["work_differs"] is None for row in measured.values())
+    for name, row in measured.items():
+        if row["component"] in ("sam-segment-1pt", "elements-partition"):
+            assert row["observed"]["networks"]["sam_image_encoder"] == 1, name
+            if not row["peer"]:  # SamPredictor has no embedding cache
+                assert row["observed"]["caches"]["sam embeddings"] == {"hits": 0, "misses": 1}, name
+        base = rows.get(row["baseline"]) if row["baseline"] else None
+        if base is not None and base["skipped"] is None:
+            assert row["observed"]["networks"] == base["observed"]["networks"], name
+    render = measured["elements-render-e2e/torch-eager"]["observed"]
+    assert render["denoising_steps"] == 2 and render["networks"]["element_unet"] == 2  # CFG batched: one call a step
+
+
 def test_whole_passes_have_eager_and_cudagraph_rows(quick_rows):
     _, _, rows = quick_rows
     for component in ("inpaint-pass", "reposition-e2e", "elements-render-e2e"):
@@ -259,6 +277,10 @@ def test_session_first_edit_uses_the_embedding_it_times(tiny_weights, tmp_path, 
     measured = [r for r in json.loads((tmp_path / "s.json").read_text())["rows"] if r["skipped"] is None]
     assert measured and all("1 click" in r["shape"] and "SAM embedding" in r["about"] for r in measured)
     assert len(clicks) == sum(1 + r["warmup"] + r["repeats"] for r in measured) and all(clicks)
+    for row in measured:  # every timed run computed its photo's embedding: the encoder ran, the cache missed
+        observed = row["observed"]
+        assert observed["networks"]["sam_image_encoder"] == 1 and observed["networks"]["sam_mask_decoder"] == 1
+        assert observed["caches"]["sam embeddings"]["misses"] == 1, row["name"]
 
 
 # ---------------------------------------------------------------------- the dual-attention peer

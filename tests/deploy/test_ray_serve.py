@@ -15,6 +15,7 @@ import io
 import json
 import re
 import socket
+import threading
 import time
 from importlib import resources
 
@@ -251,6 +252,48 @@ def test_autoscaling_options_are_what_ray_serve_accepts():
     assert deployment.ray_actor_options["num_gpus"] == 0.5
     fixed = serve.deployment(**RayOptions(replicas=3).deployment_options())(EditrtReplica)
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+
+
+def test_autoscaling_adds_a_replica_within_seconds_of_demand(cluster, tiny_weights, photo):
+    """README: with autoscaling, a replica is added after 5 s above the target. A second app on the running cluster
+    (1 to 2 replicas, target 1 ongoing request) gets three clients sending inpainting passes back to back; the
+    replicas Ray reports for it (serve.status) reach 2 within 90 s, which an upscale delay beyond that bound cannot
+    give. The app is deleted at the end, also on failure."""
+    name = "editrt-scaling"
+    options = RayOptions(replicas=1, min_replicas=1, max_replicas=2, target_ongoing_requests=1, cpus_per_replica=0.5,
+                         sessions_per_replica=SESSIONS_PER_REPLICA, name=name)
+    serve.run(build_app(options, {"weights": str(tiny_weights)}, Settings(**SETTINGS)), name=name,
+              route_prefix="/scaling")
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[20:44, 30:66] = 255
+    body = {"image": b64png(photo), "mask": b64png(mask), "steps": 8}
+    stop, statuses = threading.Event(), []
+
+    def client_loop():
+        with httpx.Client(base_url=cluster, timeout=120) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/scaling/v1/inpaint", json=body).status_code)
+
+    def replicas() -> int:
+        deployment = serve.status().applications[name].deployments[name]
+        return sum(deployment.replica_states.values())
+
+    clients = [threading.Thread(target=client_loop, daemon=True) for _ in range(3)]
+    try:
+        assert replicas() == 1
+        started = time.monotonic()
+        for thread in clients:
+            thread.start()
+        while replicas() < 2 and time.monotonic() - started < 90:
+            time.sleep(0.5)
+        waited = time.monotonic() - started
+        assert replicas() == 2, f"still one replica {waited:.0f} s into three clients' load (target 1 each)"
+        assert statuses and set(statuses) == {200}, statuses
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=150)
+        serve.delete(name)
 
 
 def test_the_session_check_keeps_the_apps_token_rule():

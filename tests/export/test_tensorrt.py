@@ -129,6 +129,66 @@ def test_sam_decoder_profile_sets_orig_im_size_values_with_set_shape_input(full_
                                                                                    "encoder_hidden_states"}
 
 
+class DocumentedTensorRT:
+    """A stand-in for the `tensorrt` module as much as build_engine uses of it, answering as NVIDIA's Python API
+    documents: its ONNX parser reports a network input per spec input, `is_shape_tensor` for the ones TensorRT
+    reads on the host (SAM's orig_im_size, as the GPU test below checks on the real one). It records the
+    builder's profiles and config; nothing of TensorRT's own work is imitated."""
+
+    __version__ = "10.9.0"
+    class Logger:  # Logger(Logger.WARNING): an object build_engine only passes on
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    BuilderFlag = SimpleNamespace(__members__={name: name for name in FLAGS_10}, **{name: name for name in FLAGS_10})
+    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
+
+    def __init__(self, spec, shape_tensors: set[str]):
+        self.builder = RecordingBuilder()
+        self.config = RecordingConfig()
+        self.config.get_timing_cache = lambda: SimpleNamespace(serialize=lambda: b"timing")
+        self.config.create_timing_cache = lambda data: data
+        self.config.set_timing_cache = lambda cache, ignore_mismatch: None
+        self.config.set_flag = lambda flag: None
+        inputs = [SimpleNamespace(name=n, is_shape_tensor=n in shape_tensors) for n in spec.input_names]
+        network = SimpleNamespace(num_inputs=len(inputs), get_input=lambda i: inputs[i])
+        self.builder.create_network = lambda flags: network
+        self.builder.create_builder_config = lambda: self.config
+        self.builder.build_serialized_network = lambda net, config: b"plan" if config is self.config else None
+        self.OnnxParser = lambda net, logger: SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+    def Builder(self, logger):  # noqa: N802 (TensorRT's name)
+        return self.builder
+
+    def Runtime(self, logger):  # noqa: N802
+        return SimpleNamespace(deserialize_cuda_engine=lambda data: SimpleNamespace(plan=bytes(data)))
+
+
+def test_build_engine_gives_the_sam_decoder_shape_tensor_its_values(full_specs, tmp_path, monkeypatch):
+    """build_engine passes the parser's shape-tensor inputs to the profiles: orig_im_size gets set_shape_input with
+    the spec's value range (without it TensorRT refuses the build), every other input set_shape. Checked through the
+    stand-in above: TensorRT cannot be installed here (the real build is test_tensorrt_sam_decoder_builds_...)."""
+    from editrt.export import tensorrt
+
+    spec = full_specs["sam_mask_decoder"]
+    fake = DocumentedTensorRT(spec, {"orig_im_size"})
+    monkeypatch.setattr(tensorrt, "tensorrt_module", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="stand-in", major=9, minor=0))
+    onnx_path = tmp_path / "sam_mask_decoder.onnx"
+    onnx_path.write_bytes(b"not parsed by the stand-in")
+    engine = tensorrt.build_engine(spec, onnx_path, tmp_path, BuildOptions(precision="fp32"), graph_precision="fp32")
+    assert engine.plan == b"plan"
+    (profile,) = fake.builder.profiles
+    assert fake.config.added == [profile]
+    assert profile.values == {"orig_im_size": spec.value_ranges["orig_im_size"]}
+    assert profile.values["orig_im_size"] == ((1, 1), (768, 1024), (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    assert set(profile.shapes) == set(spec.input_names) - {"orig_im_size"}
+
+
 # ONNX operands that hold shapes (TensorRT's shape tensors): op type -> input positions
 _SHAPE_OPERANDS = {"Resize": (2, 3), "Slice": (1, 2, 3, 4), "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,),
                    "Range": (0, 1, 2), "Tile": (1,), "Pad": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "TopK": (1,)}
