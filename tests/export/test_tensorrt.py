@@ -150,7 +150,7 @@ class DocumentedTensorRT:
         self.config = RecordingConfig()
         self.config.get_timing_cache = lambda: SimpleNamespace(serialize=lambda: b"timing")
         self.config.create_timing_cache = lambda data: data
-        self.config.set_timing_cache = lambda cache, ignore_mismatch: None
+        self.config.set_timing_cache = lambda cache, ignore_mismatch: True  # documented: True when the cache was set
         self.config.set_flag = lambda flag: None
         inputs = [SimpleNamespace(name=n, is_shape_tensor=n in shape_tensors) for n in spec.input_names]
         network = SimpleNamespace(num_inputs=len(inputs), get_input=lambda i: inputs[i])
