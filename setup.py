@@ -169,6 +169,7 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "python-multipart>=0.0.9",  # multipart uploads
     "websockets>=12",  # uvicorn's WebSocket protocol
     "prometheus_client>=0.17",  # /metrics (multiprocess-safe under Ray Serve replicas)
+    "fastapi-offline>=1.7",  # Swagger UI's assets, served by the server itself for /docs (no CDN)
 ]
 DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
     *TRAIN,  # tests/train

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,7 +65,26 @@ def _json_error(status: int, field: str, message: str, headers=None) -> JSONResp
     return JSONResponse(error_body(status, field, message), status_code=status, headers=headers)
 
 
-PUBLIC = ("/", "/assets/photo.png")  # the page: static, no data and no compute (and /static/...)
+PUBLIC = ("/", "/assets/photo.png", "/docs")  # pages: static, no data and no compute (and /static/, /docs-assets/)
+DOCS_ASSETS = "/docs-assets"
+DOCS_PAGE = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>editrt API</title>
+<link rel="stylesheet" href="{DOCS_ASSETS}/swagger-ui.css"><link rel="icon" href="{DOCS_ASSETS}/favicon.png"></head>
+<body><div id="swagger-ui"></div>
+<script src="{DOCS_ASSETS}/swagger-ui-bundle.js"></script>
+<script>
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui",
+  requestInterceptor: (request) => {{ if (token) request.headers.Authorization = "Bearer " + token; return request; }}}});
+</script></body></html>
+"""
+
+
+def swagger_ui_assets() -> str:
+    """Swagger UI's bundle, stylesheet and icon as the fastapi-offline package ships them (only its files are used)."""
+    import fastapi_offline
+
+    return str(resources.files(fastapi_offline).joinpath("static"))
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
@@ -94,7 +112,7 @@ def refusal(settings: Settings, scope) -> tuple[int, str, str] | None:
         if origin.split("://", 1)[-1].lower() != host.lower() and origin not in settings.allowed_origins:
             return 403, "origin", f"origin: {origin[:80]!r} is not this server's page ({host[:80]})"
     path = scope["path"]
-    if scope["type"] == "http" and (path in PUBLIC or path.startswith("/static/") or path == "/docs"):
+    if scope["type"] == "http" and (path in PUBLIC or path.startswith(("/static/", DOCS_ASSETS + "/"))):
         return None
     if settings.token and scope["type"] == "http" and not token_matches(settings.token, headers.get(b"authorization")):
         return 401, "authorization", "authorization: expected the header 'Authorization: Bearer <token>'"
@@ -265,9 +283,13 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
     async def openapi():
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_token)])
+    # Swagger UI from the server itself (an air-gapped browser has no CDN); the page is public, the schema is not:
+    # like the editor page, it takes the token from #token=... and sends it as a header.
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_assets()), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="editrt API")
+        return HTMLResponse(DOCS_PAGE)
 
     app.include_router(ops.router)
     app.include_router(ops.page)

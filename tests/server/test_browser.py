@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from importlib import resources
 
+import httpx
 import numpy as np
 import pytest
 from needs import need, need_file
@@ -204,3 +205,34 @@ def test_a_token_never_reaches_a_log_line(reposition, tmp_path):
     assert any("/v1/sessions" in line for line in lines), lines[:5]  # the access log was on
     assert not [line for line in lines if token in line]
 
+
+
+def test_the_api_docs_render_offline_and_keep_the_schema_behind_the_token(reposition):
+    """/docs is public and served from the server's own copy of Swagger UI: with every request that leaves the
+    server refused (an air-gapped browser), the page given #token=... renders the API's operations, the schema
+    fetched with the token; /openapi.json itself stays behind the token."""
+    token = "docs-secret-token-7c1e"
+    with start_server(reposition, token=token) as server, sync_api.sync_playwright() as p:
+        assert httpx.get(server.url + "/openapi.json").status_code == 401
+        assert httpx.get(server.url + "/docs").status_code == 200
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            elsewhere: list[str] = []
+
+            def this_server_only(route):
+                if route.request.url.startswith(server.url + "/"):
+                    route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", this_server_only)
+            page.goto(f"{server.url}/docs#token={token}")
+            page.wait_for_selector(".opblock-summary-path")
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+        finally:
+            browser.close()
+    assert elsewhere == []
+    assert any(path.startswith("/v1/sessions") for path in paths), paths
