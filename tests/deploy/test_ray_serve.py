@@ -102,9 +102,13 @@ def metrics_of(client, session_id: str) -> str:
     return r.text
 
 
-def gauge(text: str, line_start: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
-    assert len(values) == 1, (line_start, values)
+def gauge(text: str, name: str, **labels: str) -> float:
+    """The one sample `name{labels}` of a Prometheus text page (parsed by prometheus_client: label order is free)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == name and sample.labels == labels]
+    assert len(values) == 1, (name, labels, values)
     return values[0]
 
 
@@ -129,7 +133,7 @@ def test_one_shot_requests_equal_the_single_process_server(client, reposition, e
                 ("/v1/inpaint", {"image": b64png(photo), "mask": b64png(mask), "steps": 2, "seed": 7,
                                  "task": "remove"})]
     app = create_app(reposition=reposition, elements=elements_pipe, settings=Settings(**SETTINGS))
-    with torch_threads(OPTIONS.cpu_threads), TestClient(app) as local:
+    with torch_threads(OPTIONS.cpu_threads), TestClient(app, base_url="http://127.0.0.1") as local:  # a loopback Host, as a no-token server asks
         for path, body in requests:
             expected = local.post(path, json=body)
             assert expected.status_code == 200, expected.text
@@ -182,8 +186,8 @@ def test_eviction_closes_the_least_recently_used_session(client, cluster, photo)
     first, home = open_session(client, photo)
     assert client.post(f"/v1/sessions/{first}/select", json={"points": [[48, 30]]}).status_code == 200
     assert client.post(f"/v1/sessions/{first}/preview", json={"dx": 6}).status_code == 200  # caches a REMOVE pass
-    remove_passes = 'editrt_cache_bytes{pipeline="reposition",cache="remove passes"}'
-    assert gauge(metrics_of(client, first), remove_passes) > 0
+    remove_passes = dict(name="editrt_cache_bytes", pipeline="reposition", cache="remove passes")
+    assert gauge(metrics_of(client, first), **remove_passes) > 0
     newer = []
     for _ in range(2 * SESSIONS_PER_REPLICA + 2):  # new sessions alternate between the two replicas
         sid, replica = open_session(client, photo)
@@ -206,12 +210,12 @@ def test_eviction_closes_the_least_recently_used_session(client, cluster, photo)
     deadline = time.monotonic() + 20
     while True:
         text = metrics_of(client, newer[-1])
-        if gauge(text, remove_passes) == 0 or time.monotonic() > deadline:
+        if gauge(text, **remove_passes) == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert gauge(text, remove_passes) == 0
+    assert gauge(text, **remove_passes) == 0
     assert gauge(text, "editrt_sessions_open") == SESSIONS_PER_REPLICA
-    assert gauge(text, 'editrt_sessions_evicted_total{reason="lru"}') >= 1
+    assert gauge(text, "editrt_sessions_evicted_total", reason="lru") >= 1
     # The drag WebSocket of an evicted session is refused with the same message.
     with pytest.raises(InvalidStatus) as refused:  # closed before the handshake: HTTP 403
         connect(f"{cluster.replace('http', 'ws', 1)}/v1/sessions/{first}/drag", open_timeout=60)
