@@ -40,11 +40,15 @@ def _torch_facts():
     """
     code = ("import torch; print(torch.utils.cmake_prefix_path); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); "
             "print(torch.__version__)")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    # pip's isolation puts its build environment on PYTHONPATH: that entry goes, the user's own stay.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "pip-build-env" not in p]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    lines = done.stdout.split()
+    lines = done.stdout.splitlines()[-3:]  # whatever torch itself prints on import comes first
     if done.returncode == 0 and len(lines) == 3:
-        return lines[0], int(lines[1]), lines[2]
+        return lines[0].strip(), int(lines[1]), lines[2].strip()
     try:
         import torch
     except ImportError:
@@ -70,6 +74,10 @@ class BuildExt(build_ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         if os.environ.get("EDITRT_NATIVE_BUILD", "1") == "0":
+            # Without the native ops means without them: a library left by an earlier build would still load.
+            target = Path(self.get_ext_fullpath(ext.name))
+            for stale in (target, _built_with_path(target)):
+                stale.unlink(missing_ok=True)
             print("editrt: native ops not built (EDITRT_NATIVE_BUILD=0); the Python (scipy) clean-up will run",
                   file=sys.stderr)
             return
@@ -117,9 +125,12 @@ class BuildExt(build_ext):
         build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:
             inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
-            if os.path.exists(regular_file):
-                _replace(Path(regular_file), Path(inplace_file))
-                _replace(_built_with_path(Path(regular_file)), _built_with_path(Path(inplace_file)))
+            for built, inplace in ((Path(regular_file), Path(inplace_file)),
+                                   (_built_with_path(Path(regular_file)), _built_with_path(Path(inplace_file)))):
+                if built.exists():
+                    _replace(built, inplace)
+                else:  # nothing built this time (EDITRT_NATIVE_BUILD=0): no older library stays to be loaded
+                    inplace.unlink(missing_ok=True)
 
     def get_outputs(self):
         """The library and its record (so wheels and editable installs carry both)."""

@@ -5,8 +5,8 @@
     editrt bench --only unet,sam --json b.json --markdown b.md --plot b.png
     editrt bench --config full --only unet-inpaint --stream rows.jsonl   # each row appended as it finishes
 
-`editrt/cli.py` registers the subcommand with `add_bench_parser(subparsers)`; `main(argv)` runs it
-stand-alone (`python -m editrt.bench.cli --quick`). Bad options raise `InputError` (one line on
+`editrt/cli.py` loads this module only when `bench` is asked for (its lazy-command table: `configure_parser`
+builds the options, `run` runs them); `main(argv)` runs it stand-alone (`python -m editrt.bench.cli --quick`). Bad options raise `InputError` (one line on
 stderr, exit 2). Rows that fail (an error, a contradicted claim, work other than the baseline's) are
 reported as failed in every output, --save then writes nothing, and the command exits 1.
 """
