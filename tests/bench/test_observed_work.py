@@ -4,31 +4,17 @@ order, and --save writes only a run without failed rows (issue 20).
 
 Toy cases (registered through suite.CASE_PROVIDERS) drive the suite's real counting with work whose calls are
 known; the real rows run on tiny weights in tests/bench/test_bench_suite.py and test_truthful_rows.py."""
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from bench_cli import FAST, run_cli
 
 from editrt.bench import report, suite, work
 from editrt.bench.cases import Case, Run
-from editrt.bench.cli import main
 from editrt.kernels import launches
-
-FAST = ["--repeats", "2", "--warmup", "1", "--steps", "2", "--quiet"]
-
-
-def run_cli(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
 
 
 def run_cases(tiny_weights, tmp_path, monkeypatch, cases: list[Case], *extra) -> tuple[int, str, dict]:

@@ -3,30 +3,17 @@ row whose observations contradict its backend is failed or skipped with the reas
 
 Toy cases (registered through suite.CASE_PROVIDERS) drive the suite's real observation and claim checks
 with work whose launches are known; the real cases run on tiny weights."""
-import contextlib
-import io
 import json
 
 import pytest
 import torch
+from bench_cli import FAST, run_cli
 
 from editrt.bench import suite
 from editrt.bench.cases import COMPILE_SKIPPED, GRAPHS_NEED_CUDA, Case, Run
-from editrt.bench.cli import main
 from editrt.kernels import launches
 
-FAST = ["--repeats", "2", "--warmup", "1", "--steps", "2", "--quiet"]
 CPU = not torch.cuda.is_available()
-
-
-def run_cli(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
 
 
 def run_toy(tiny_weights, tmp_path, monkeypatch, runners: dict, baseline: str, *extra) -> tuple[int, str, dict]:
