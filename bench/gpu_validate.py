@@ -18,6 +18,7 @@ Exit status: 0 when no stage failed, 1 when one did, 2 bad usage, 143 terminated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -348,10 +349,8 @@ def stop_tree(proc: subprocess.Popen) -> None:
     """SIGTERM to a stage's process tree, SIGKILL to what is left of it after the grace period."""
     tree = process_tree(proc.pid)
     signal_all(tree, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):  # whatever still runs after the grace gets SIGKILL
         proc.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
     signal_all(sorted(set(tree) | set(process_tree(proc.pid) if proc.poll() is None else [])), signal.SIGKILL)
     proc.wait()
 

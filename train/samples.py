@@ -8,6 +8,8 @@ one process with batch B (train/job.py assigns the indices).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 from PIL import Image
@@ -94,7 +96,7 @@ def noise_draws(rng: np.random.Generator, latent_shape: tuple[int, int, int], tr
     return {"timestep": torch.tensor(timestep), "noise": noise, "posterior_noise": posterior_noise}
 
 
-class IndexedSamples(torch.utils.data.Dataset):
+class IndexedSamples(torch.utils.data.Dataset, ABC):
     """Index -> sample: training stream g (a record by seeded permutation) or validation sample i (record i % n).
     Subclasses say how a record becomes a sample (`make`)."""
 
@@ -112,8 +114,9 @@ class IndexedSamples(torch.utils.data.Dataset):
         image = epoch_image(self.seed, index, n) if self.stream == TRAIN_STREAM else index % n
         return self.make(self.records[image], rng)
 
+    @abstractmethod
     def make(self, record, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One training sample from `record`, every random draw from `rng`."""
 
 
 class InversionSamples(IndexedSamples):
