@@ -308,7 +308,7 @@ class ElementsEdit:
 
     def apply(self, elements) -> list[int]:
         """Apply the ops to `elements` in place; returns every id deleted (sorted). An op the elements refuse
-        raises ElementsError with field 'ops'."""
+        raises ElementsError naming the op's field (ids, dx, dy, scale, at), or 'ops' where Elements names none."""
         from editrt.errors import ElementsError
 
         deleted: list[int] = []
@@ -316,5 +316,7 @@ class ElementsEdit:
             try:
                 deleted += op.apply(elements)
             except ElementsError as e:
+                if e.field is not None:
+                    raise
                 raise ElementsError(str(e), field="ops") from None
         return sorted(set(deleted))

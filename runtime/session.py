@@ -362,8 +362,8 @@ class RepositionSession(_Session):
         self._restore(np.asarray(result.image))
 
     def _restore(self, rgb: np.ndarray) -> None:
+        self._clear_selection()  # first: a snapshot taken meanwhile (another thread) finds no subject, not a stale one
         self._set_image(rgb)
-        self._clear_selection()
         self._warm()
 
     def _state_bytes(self, rgb) -> int:

@@ -154,7 +154,8 @@ async def mask(request: Request, text: str, name: str):
 # ---------------------------------------------------------------------- pipeline work
 _FIELD = re.compile(r"^-*([A-Za-z_][A-Za-z_ ]*?)(?=[\s:(\[]|$)")
 ALIASES = {"point": "points", "segment": "points", "harmonize region": "mask", "partition": "grid",
-           "select": "point", "preview/final": "selected", "resize": "ops", "delete": "ops", "insert": "ops"}
+           "select": "point", "preview/final": "selected", "resize": "ops", "delete": "ops", "insert": "ops",
+           "new_shadow_region": "shadow_region", "existing_shadow": "shadow_mask"}  # SeeleEdit's names (runtime/edits.py)
 
 
 # where a request spells a pipeline argument another way (tried when the pipeline's own name is not a field)
@@ -165,7 +166,7 @@ SEELE_FIELDS = ("occlusion", "matting", "trimap_band", "shadow_box")
 
 def field_of(message: str, fields) -> str:
     """The request field an EditError message is about: its leading name ('mask: ...', 'point (3, 4): ...')."""
-    if message.startswith("shadow_region box") and "shadow_box" in fields:  # the box form of the region
+    if message.startswith("new_shadow_region box") and "shadow_box" in fields:  # the box form of the region
         return "shadow_box"
     m = _FIELD.match(message)
     name = m.group(1).strip() if m else ""
