@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from abc import ABC, abstractmethod
 from concurrent.futures import CancelledError, Future
 from contextlib import suppress
 from dataclasses import dataclass
@@ -57,7 +58,14 @@ import numpy as np
 import torch
 
 from editrt.errors import InputError
-from editrt.runtime.edits import LEGACY_SEELE_KEYWORDS, QUALITY_KEYWORDS, ElementsEdit, Quality, SeeleEdit
+from editrt.runtime.edits import (
+    LEGACY_SEELE_KEYWORDS,
+    QUALITY_KEYWORDS,
+    ElementsEdit,
+    Quality,
+    SeeleEdit,
+    seele_request,
+)
 from editrt.runtime.images import as_mask, as_rgb
 from editrt.runtime.scheduler import overlap
 from editrt.runtime.segmenter import pixel_key
@@ -73,7 +81,7 @@ def _read_only(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-class _Session:
+class _Session(ABC):
     """What both editors share: qualities, the latest-wins preview, final / commit on the caller's thread,
     the undo history and close(). Subclasses say what a render reads (`_snapshot`), how it runs (`_render`)
     and what the session's state is (`_state` / `_restore`)."""
@@ -223,6 +231,7 @@ class _Session:
                 preview.future.exception(timeout=timeout)  # returns once it has stopped
         self._forget()
 
+    @abstractmethod
     def _forget(self) -> None:
         """Drop this session's entries from the pipeline's caches (close)."""
 
@@ -233,26 +242,32 @@ class _Session:
         self.close()
 
     # ------------------------------------------------------------------ per editor
+    @abstractmethod
     def _snapshot(self, quality: Quality, edit):
-        raise NotImplementedError  # abstract: each editor's class defines it
+        """Caller's thread: everything a render of `edit` reads, captured now."""
 
+    @abstractmethod
     def _render(self, request, step_callback):
-        raise NotImplementedError
+        """Inside a work-queue job: the render of a snapshot."""
 
+    @abstractmethod
     def _state(self):
-        raise NotImplementedError
+        """What undo restores (an image, an Elements)."""
 
+    @abstractmethod
     def _restore(self, state) -> None:
-        raise NotImplementedError
+        """Make `state` (one _state() returned) the session's again."""
+
+    @abstractmethod
+    def _adopt(self, request, result) -> None:
+        """Make a committed render's result the session's state."""
+
+    @abstractmethod
+    def _state_bytes(self, state) -> int:
+        """Host bytes one history entry holds."""
 
     def _changes_state(self, edit) -> bool:
         return True
-
-    def _adopt(self, request, result) -> None:
-        raise NotImplementedError
-
-    def _state_bytes(self, state) -> int:
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------- subject repositioning
@@ -293,8 +308,6 @@ class RepositionSession(_Session):
         names = {LEGACY_SEELE_KEYWORDS.get(k, k) for k in keywords}
         if "existing_shadow" in names:
             self._refuse_shadow()
-        from editrt.runtime.edits import seele_request
-
         return seele_request(None, None, dict(keywords))[0]
 
     @staticmethod
@@ -455,6 +468,9 @@ class ElementsSession(_Session):
 
     def nbytes(self) -> int:
         return super().nbytes() + elements_bytes(self.elements) + elements_bytes(self.original)
+
+    def _forget(self) -> None:
+        return None  # nothing per session: prompt embeddings and loops are shared, keyed by their content
 
 
 # ---------------------------------------------------------------------- by the pipeline's type
