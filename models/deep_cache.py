@@ -38,6 +38,22 @@ def valid_branches(unet) -> list[int]:
             for layer in range(min(LAYERS_PER_BRANCH_BLOCK, len(blocks[len(blocks) - 1 - b].resnets)))]
 
 
+def check_options(interval, branch) -> tuple[int, int] | None:
+    """(interval, branch) from the user's cache_interval / cache_branch (branch default 0), or None when
+    caching is off (no interval, or 1: every step full). InputError (field=) on a bad value."""
+    if interval is None:
+        if branch is not None:
+            raise InputError(f"cache_branch {branch!r}: only with cache_interval (caching is off without it)",
+                             field="cache_branch")
+        return None
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise InputError(f"cache_interval: expected a whole number of steps >= 1, got {interval!r}", field="cache_interval")
+    branch = 0 if branch is None else branch
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise InputError(f"cache_branch: expected a branch id >= 0 (block * 3 + layer), got {branch!r}", field="cache_branch")
+    return None if interval == 1 else (interval, branch)
+
+
 def check_branch(unet, branch) -> None:
     """InputError (field cache_branch) unless `branch` names a layer of this UNet's up path."""
     valid = valid_branches(unet)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from editrt.errors import InputError
 from editrt.models.common import resolve_dtype
-from editrt.models.deep_cache import DeepCacheUNet, check_branch
+from editrt.models.deep_cache import DeepCacheUNet, check_branch, check_options
 from editrt.models.files import write_atomic
 from editrt.models.inpaint import TASKS
 from editrt.runtime.backends import build_engines
@@ -287,19 +287,13 @@ class RepositionPipeline:
 
     def _feature_cache(self, interval: int | None, branch: int | None) -> tuple[int, int] | None:
         """(interval, branch) of DeepCache-style feature reuse, or None when off (no interval, or 1)."""
-        if interval is None:
-            if branch is not None:
-                raise InputError(f"cache_branch {branch!r}: only with cache_interval (caching is off without it)",
-                                 field="cache_branch")
-            return None
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise InputError(f"cache_interval: expected a whole number of steps >= 1, got {interval!r}", field="cache_interval")
-        branch = 0 if branch is None else branch
-        if self.components is None:
+        cache = check_options(interval, branch)
+        if cache is not None and self.components is None:
             raise InputError(f"cache_interval: needs the torch backend (the {self.engines['inpaint_unet'].backend} "
                              "UNet runs as one opaque engine)", field="cache_interval")
-        check_branch(self.components.unet, branch)
-        return None if interval == 1 else (interval, branch)
+        if cache is not None:
+            check_branch(self.components.unet, cache[1])
+        return cache
 
     def inpaint(self, image, mask, task: str = "remove", steps: int = 50, guidance: float = 1.0, seed: int = 0,
                 resolution: int | None = None, progress: bool = False, crop_padding: int | None = None,
