@@ -174,3 +174,23 @@ class DeepCacheUNet:
             h, _ = self._up(block, h, mine, emb, context, first, n)
             h = self._upsample(block, h, size)
         return self._head(h)
+
+
+@torch.no_grad()
+def step_flops(unet, branch: int, sample, timestep, encoder_hidden_states) -> dict[str, int]:
+    """UNet work of one step, counted by torch.utils.flop_counter (matmuls, convolutions, attention):
+    {"plain": unet(...), "full": a full step, "cached": a cached step}. Works on meta tensors, so the
+    full-size UNet is counted without its weights or the time to run it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner = DeepCacheUNet(unet, branch)
+    counts = {}
+    for name, step in (("plain", lambda: unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)),
+                       ("full", lambda: runner.full(sample, timestep, encoder_hidden_states))):
+        with FlopCounterMode(display=False) as counter:
+            result = step()
+        counts[name] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        runner.cached(sample, timestep, encoder_hidden_states, result[1])
+    counts["cached"] = counter.get_total_flops()
+    return counts
