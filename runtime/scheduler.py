@@ -215,7 +215,10 @@ class DenoiseLoop:
             for i in range(self.key.steps if callback is not None else 0):
                 callback(i)
         else:
+            grows = self.features is not None and self.deep_feature is None
             self._body(callback)
+            if grows and self.on_captured is not None:
+                self.on_captured()  # re-measure: the first full step allocated the feature buffer
         return self.latents.clone()
 
 

@@ -8,14 +8,14 @@ the result, the same ops in the same order, so fp32 results on the CPU are byte-
 import numpy as np
 import pytest
 import torch
-from DeepCache import DeepCacheSDHelper
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+from needs import need
 from PIL import Image
 
 from editrt.cli import main
 from editrt.errors import InputError
 from editrt.models.deep_cache import DeepCacheUNet, step_flops, valid_branches
-from editrt.runtime.scheduler import DenoiseLoop, LoopKey
+from editrt.runtime.scheduler import DenoiseLoop, LoopCache, LoopKey
 from editrt.weights import load_config
 
 SIZE = (64, 96)
@@ -44,7 +44,8 @@ def run_diffusers(pipe, prompts, image, mask, steps, guidance, seed, cache=None)
     """diffusers' output, with DeepCacheSDHelper(interval, branch) enabled around the call when `cache`."""
     helper = None
     if cache is not None:
-        helper = DeepCacheSDHelper(pipe)
+        deepcache = need("DeepCache", "the DeepCache oracle: pip install DeepCache==0.1.1 (the dev extra)")
+        helper = deepcache.DeepCacheSDHelper(pipe)
         helper.set_params(cache_interval=cache[0], cache_branch_id=cache[1])
         helper.enable()
     try:
@@ -113,6 +114,19 @@ def test_loop_with_interval_1_is_the_uncached_loop_bit_for_bit(reposition):
     uncached = loop(None, None)
     assert torch.equal(loop((1, 0), DeepCacheUNet(reposition.unet, 0)), uncached)
     assert not torch.equal(loop((2, 0), DeepCacheUNet(reposition.unet, 0)), uncached)
+
+
+def test_the_feature_buffer_counts_against_the_loop_budget(reposition):
+    engine = reposition.engines["inpaint_unet"]
+    cache = LoopCache(reposition.scheduler_config, "cpu")
+    key = LoopKey("t", (1, 4, 8, 12), (1, 5, 8, 12), (("encoder_hidden_states", (1, 50, 32)),), 3, False,
+                  torch.float32, (2, 0))
+    loop = cache.get(key, engine, DeepCacheUNet(reposition.unet, 0))
+    before = cache.cache.bytes
+    loop.run(torch.randn(1, 4, 8, 12), {"encoder_hidden_states": reposition.prompt_embeds("remove", False)},
+             torch.randn(1, 5, 8, 12))
+    feature = loop.deep_feature
+    assert cache.cache.bytes == before + feature.element_size() * feature.nelement() == loop.nbytes
 
 
 def test_cached_steps_count_less_unet_work():
