@@ -17,6 +17,12 @@ budget, least recently used evicted first; a loop's bytes are its static buffers
 captured, the memory its graph's private pool reserved (measured from an emptied cache), so the
 budget bounds graph pools too and an evicted loop's graph frees its pool.
 
+Cached denoising features (`LoopKey.feature_cache` = (interval, branch), models/deep_cache.py): step i is
+a full step when i % interval == 0, else a cached step on the feature the last full step kept in a static
+buffer (allocated by the first full step, counted in `nbytes`). Which kind each step is depends only on
+i, so the whole-loop graph holds each step's own body (full or cached) and a replay needs no Python;
+one graph per step kind would need a replay and a host round trip per step instead of one per loop.
+
 Weight switches under graphs: a captured graph reads parameters through their storage. The
 harmonizer's LoRA switch (models/lora.FusedLoRA) copies the new weights into that same storage,
 and `DenoiseLoop.run` calls the engine's `prepare()` before every run or replay, so a replay always
