@@ -118,3 +118,17 @@ def test_cli_crop_size_is_checked_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "crop_size: expected one of processing, native" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_crop_padding_32_processing_equals_diffusers(tiny_weights, diffusers_pipe, reposition, photo, tmp_path,
+                                                         capsys):
+    """The issue's done-when, through the command line: a real photo, --crop-padding 32 --crop-size processing."""
+    mask = boxed_mask(photo.shape[:2], (120, 180, 170, 260))
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    rc = main(["inpaint", str(tmp_path / "photo.png"), str(tmp_path / "mask.png"), "-o", str(tmp_path / "out.png"),
+               "--crop-padding", "32", "--crop-size", "processing", "--steps", "3", "--seed", "4", "--resolution", "64",
+               "--weights", str(tiny_weights), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    theirs = run_diffusers_cropped(diffusers_pipe, reposition.task_prompts, photo, mask, 3, 1.0, 4, 64, 32)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), theirs)

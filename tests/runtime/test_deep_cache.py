@@ -174,6 +174,20 @@ def test_cli_cache_interval_is_checked_before_anything_runs(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
 
 
+def test_cli_cache_interval_3_branch_0_equals_the_helper(tiny_weights, reposition, deepcache_pipe, tmp_path, capsys):
+    """The issue's done-when, through the command line: --cache-interval 3 --cache-branch 0 --steps 6."""
+    image, mask = case(6)
+    Image.fromarray(image).save(tmp_path / "i.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    rc = main(["inpaint", str(tmp_path / "i.png"), str(tmp_path / "m.png"), "-o", str(tmp_path / "o.png"),
+               "--cache-interval", "3", "--cache-branch", "0", "--steps", "6", "--seed", "8",
+               "--resolution", str(SIZE[0]), "--weights", str(tiny_weights), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    ours = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    theirs = run_diffusers(deepcache_pipe, reposition.task_prompts, image, mask, 6, 1.0, 8, (3, 0))
+    np.testing.assert_array_equal(ours[mask], theirs[mask])
+
+
 @pytest.mark.gpu
 def test_cached_loop_captured_in_a_cuda_graph_equals_eager(tiny_weights):
     from editrt.runtime.reposition import RepositionPipeline
