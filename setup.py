@@ -189,6 +189,7 @@ DEV = [  # tests, lint and the oracles the tests compare with (the dev extras ad
     "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
     "ruff>=0.6",
     "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
+    "DeepCache==0.1.1",  # oracle for cached denoising features (tests/runtime/test_deep_cache.py)
     "scikit-image>=0.22",  # real photographs for tests
     "invisible-watermark>=0.2",
     *SERVE,
