@@ -36,6 +36,20 @@ PHOTOS = 2  # partitioned photos the elements rows' batches are cut from (stage 
 PREFIX = "train"
 PROMPTS, HARMONIZER = "train-prompts-step", "train-harmonizer-step"
 STAGE1, STAGE2 = "train-elements-stage1-step", "train-elements-stage2-step"
+TINY_SIDE, TINY_RANK = 32, 4  # tiny weights: every code path at CPU-test size
+
+
+def _seele_resolution(ctx: BenchContext) -> int:
+    """The prompts / harmonizer jobs' --resolution: the inpainting UNet's native size (SD-2: 512)."""
+    return TINY_SIDE if ctx.config == "tiny" else ctx.resolution
+
+
+def _lora_rank(ctx: BenchContext) -> int:
+    from editrt.train.harmonizer import DEFAULT_RANK
+
+    return TINY_RANK if ctx.config == "tiny" else DEFAULT_RANK
+
+
 TEXT_DIFFERS = ("diffusers' script encodes a caption with the text encoder in every step (textual inversion: the "
                 "learned token goes through it); editrt trains the encoder's output directly and runs none")
 
@@ -117,7 +131,7 @@ def _prompts_ours(ctx: BenchContext) -> Run:
 
     frozen = _frozen_inpainter(ctx)
     prompt = TaskPrompt(_kept_prompt(ctx, "remove")).to(ctx.device)
-    batches = _inpaint_batches(ctx, ctx.resolution, frozen.latent_shape(ctx.resolution),
+    batches = _inpaint_batches(ctx, _seele_resolution(ctx), frozen.latent_shape(_seele_resolution(ctx)),
                                frozen.scheduler.config.num_train_timesteps)
     call, check = _step(prompt.parameters(), lambda b: frozen.per_sample_loss(prompt, b).mean(), lr=8e-5)
     return Run(call, batches, dtype_name(ctx.dtype), check, parts=[frozen.unet],
@@ -182,8 +196,9 @@ def _prompts_diffusers(ctx: BenchContext) -> Run:
     original = embeddings.weight.detach().clone()
     keep = torch.ones(len(tokenizer), dtype=torch.bool, device=ctx.device)
     keep[-1] = False
-    batches = _inpaint_batches(ctx, ctx.resolution, (vae.config.latent_channels, *(
-        [ctx.resolution // ctx.vae_scale_factor] * 2)), scheduler.config.num_train_timesteps)
+    side = _seele_resolution(ctx)
+    batches = _inpaint_batches(ctx, side, (vae.config.latent_channels, *([side // ctx.vae_scale_factor] * 2)),
+                               scheduler.config.num_train_timesteps)
 
     def loss_fn(batch):
         with torch.no_grad():
@@ -205,15 +220,15 @@ def _prompts_diffusers(ctx: BenchContext) -> Run:
 
 def _harmonizer_ours(ctx: BenchContext) -> Run:
     from editrt.models.inpaint import load_unet
-    from editrt.train.harmonizer import DEFAULT_RANK, DEFAULT_TARGETS, HarmonizerParams, harmonizer_loss
+    from editrt.train.harmonizer import DEFAULT_TARGETS, HarmonizerParams, harmonizer_loss
     from editrt.train.inversion import FrozenInpainter
 
     frozen = FrozenInpainter(_layout(ctx), ctx.device, ctx.dtype)  # its own UNet: the LoRA hooks stay on it
     frozen.unet = load_unet(_layout(ctx).unet, ctx.dtype).requires_grad_(False).to(ctx.device)
-    params = HarmonizerParams(_kept_prompt(ctx, "harmonize"), frozen.unet, DEFAULT_TARGETS, DEFAULT_RANK, 0)
+    params = HarmonizerParams(_kept_prompt(ctx, "harmonize"), frozen.unet, DEFAULT_TARGETS, _lora_rank(ctx), 0)
     params.to(ctx.device)
     params.attach(frozen.unet)
-    batches = _inpaint_batches(ctx, ctx.resolution, frozen.latent_shape(ctx.resolution),
+    batches = _inpaint_batches(ctx, _seele_resolution(ctx), frozen.latent_shape(_seele_resolution(ctx)),
                                frozen.scheduler.config.num_train_timesteps, real=True)
     call, check = _step(params.parameters(), lambda b: harmonizer_loss(frozen, params, b).mean(), lr=8e-5)
     return Run(call, batches, dtype_name(ctx.dtype), check, parts=[frozen.unet],
@@ -224,19 +239,21 @@ def _harmonizer_diffusers(ctx: BenchContext) -> Run:
     """One step of diffusers' train_text_to_image_lora.py on the inpainting UNet (peft LoRA, same rank/targets)."""
     from peft import LoraConfig
 
-    from editrt.train.harmonizer import DEFAULT_RANK, DEFAULT_TARGETS
+    from editrt.train.harmonizer import DEFAULT_TARGETS
 
     unet, vae, scheduler = _peer_unet_vae(ctx)
     _, text_encoder, ids = _peer_text_side(ctx, None)
     text_encoder.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=DEFAULT_RANK, lora_alpha=DEFAULT_RANK, init_lora_weights="gaussian",
+    rank = _lora_rank(ctx)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(DEFAULT_TARGETS)))
     for p in unet.parameters():  # the script's cast_training_params: the LoRA in fp32
         if p.requires_grad:
             p.data = p.data.float()
     lora = [p for p in unet.parameters() if p.requires_grad]
-    batches = _inpaint_batches(ctx, ctx.resolution, (vae.config.latent_channels, *(
-        [ctx.resolution // ctx.vae_scale_factor] * 2)), scheduler.config.num_train_timesteps, real=True)
+    side = _seele_resolution(ctx)
+    batches = _inpaint_batches(ctx, side, (vae.config.latent_channels, *([side // ctx.vae_scale_factor] * 2)),
+                               scheduler.config.num_train_timesteps, real=True)
 
     def loss_fn(batch):
         with torch.no_grad():
@@ -355,7 +372,7 @@ def _stage2_ours(ctx: BenchContext) -> Run:
 def train_cases(ctx: BenchContext) -> list[Case]:
     if not ctx.selection.may_want_family(PREFIX):
         return []
-    res = ctx.resolution
+    res = _seele_resolution(ctx)
     cases = []
     if ctx.selection.wants(PROMPTS):
         cases.append(Case(PROMPTS, f"B={BATCH}, {res}x{res}, prompt [L, {ctx.unet_config['cross_attention_dim']}]",
@@ -364,7 +381,7 @@ def train_cases(ctx: BenchContext) -> list[Case]:
                           about="one AdamW step of task inversion (Eq. 1) vs diffusers' textual-inversion step, "
                                 "same UNet, batch and dtype"))
     if ctx.selection.wants(HARMONIZER):
-        cases.append(Case(HARMONIZER, f"B={BATCH}, {res}x{res}, LoRA rank 51 on self-attention q/k/v/out",
+        cases.append(Case(HARMONIZER, f"B={BATCH}, {res}x{res}, LoRA rank {_lora_rank(ctx)} on self-attention q/k/v/out",
                           {"torch-eager": lambda: _harmonizer_ours(ctx),
                            "diffusers": lambda: _harmonizer_diffusers(ctx)},
                           heavy=True, work_differs={"diffusers": (
