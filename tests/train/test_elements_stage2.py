@@ -210,3 +210,31 @@ def test_the_cli_refuses_bad_stage_options(tiny_weights, plain_dataset, tmp_path
     assert main([*common, *STAGE2, "--element-dropout", "1.5"]) == 2
     assert "--element-dropout 1.5" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
+
+
+def test_the_loss_on_a_fixed_batch_falls(tiny_weights, stage2_images):
+    """Eq. (5) on one fixed batch (text and elements kept): 30 AdamW steps at a high rate fit it."""
+    from diffusers import UNet2DConditionModel
+
+    from editrt.models.element_unet import adapter_config, build_element_decoder
+    from editrt.models.files import load_diffusers
+    from editrt.train.elements_stage2 import FrozenParts, Stage2
+
+    folder = WeightsLayout(tiny_weights).elements
+    frozen = FrozenParts(folder, "cpu", torch.float32)
+    unet = load_diffusers(UNet2DConditionModel, folder / "unet", "element decoder UNet", torch.float32)
+    torch.manual_seed(0)
+    model = Stage2(build_element_decoder(unet, adapter_config(frozen.feature_dim, 8, 32))).train()
+    images, empty = stage2_images
+    samples = Stage2Samples(images, RESOLUTION, 0, TRAIN_STREAM, frozen.latent_shape(RESOLUTION), 1000, empty, 1.0, 0.0)
+    kept = [s for s in (samples[g] for g in range(40)) if s["alive"].any() and not torch.equal(s["input_ids"], empty)]
+    batch = {k: torch.stack([s[k] for s in kept[:2]]) for k in kept[0]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = frozen.per_sample_loss(model, batch).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
