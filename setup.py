@@ -173,6 +173,7 @@ DEPLOY = [  # tests/deploy and `editrt serve --ray`: Ray Serve, and tritonclient
 TRAIN = [  # editrt train
     "accelerate>=1.0",  # devices, mixed precision, accumulation, multi-process, checkpoints
     "pycocotools>=2.0.7",  # COCO polygons and RLE (--coco)
+    "peft>=0.13",  # editrt bench's training rows: diffusers' own LoRA step, the harmonizer's peer
 ]
 SERVE = [  # editrt serve: FastAPI on uvicorn
     "fastapi>=0.110",
