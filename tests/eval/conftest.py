@@ -1,0 +1,71 @@
+"""Synthetic datasets in each release's exact layout, written by the tests, and random metric backbones saved
+where the libraries' own loaders find them (torch.hub's cache under a temporary TORCH_HOME)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from eval_layouts import RES_SIZE, write_res_view
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def res_photo():
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize(RES_SIZE[::-1], Image.BICUBIC))
+
+
+@pytest.fixture
+def res_root(tmp_path, res_photo):
+    """Two pairs, no occluded view: 4 tasks."""
+    root = tmp_path / "ReS"
+    root.mkdir()
+    write_res_view(root, 1, 1, res_photo, (100, 200, 100, 180))
+    write_res_view(root, 1, 2, res_photo, (140, 240, 300, 380))
+    write_res_view(root, 2, 1, res_photo, (300, 400, 400, 480))
+    write_res_view(root, 2, 2, res_photo, (260, 360, 200, 280))
+    return root
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch.hub cache: whatever a test puts in hub/checkpoints is what the libraries load."""
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def alexnet_file(tmp_path_factory):
+    """A randomly initialised torchvision AlexNet, saved under the name torchvision downloads it as."""
+    from torchvision.models import alexnet
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
+    torch.save(alexnet(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """A randomly initialised torch-fidelity Inception (the module FID runs), saved as torch-fidelity names it.
+
+    Its constructor always loads weights (download or file): here it is built without loading any, once."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    class Fresh(tfi.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
+            return None
+
+    original = tfi.load_state_dict_from_url
+    tfi.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(4)
+        module = Fresh("inception-v3-compat", ["2048"])
+    finally:
+        tfi.load_state_dict_from_url = original
+    path = tmp_path_factory.mktemp("fid") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(module.state_dict(), path)
+    return path
