@@ -85,26 +85,34 @@ def pixel_metrics(pred: np.ndarray, target: np.ndarray, region: np.ndarray | Non
 def load_lpips(backbone_file: Path, device: str = "cpu"):
     """lpips.LPIPS (v0.1, AlexNet) with its linear layers from the wheel and the backbone from `backbone_file`
     (a torchvision AlexNet state dict): the same network `lpips.LPIPS()` builds after torchvision's download."""
+    import warnings
+
     import lpips
     import torch
-    from torchvision.models import alexnet
 
     try:
         state = torch.load(backbone_file, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise WeightsError(f"--lpips-weights {backbone_file}: cannot read it as a PyTorch state dict "
                            f"({type(e).__name__})", field="lpips_weights") from None
-    reference = alexnet(weights=None)
+    with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False` in the deprecated spelling
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(pretrained=True, net="alex", version="0.1", pnet_rand=True, verbose=False)
+    # lpips' AlexNet keeps torchvision's `features.{i}` layers under their own index i inside slice1..slice5
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")} \
+        if isinstance(state, dict) else {}
+    backbone = {}
+    for key in model.net.state_dict():
+        layer = key.split(".", 1)[1]  # "slice2.3.weight" -> "3.weight"
+        if layer not in features:
+            raise WeightsError(f"--lpips-weights {backbone_file}: not a torchvision AlexNet state dict (no "
+                               f"features.{layer})", field="lpips_weights")
+        backbone[key] = features[layer]
     try:
-        reference.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
+        model.net.load_state_dict(backbone)
+    except RuntimeError as e:
         raise WeightsError(f"--lpips-weights {backbone_file}: not a torchvision AlexNet state dict "
                            f"({' '.join(str(e).split())[:200]})", field="lpips_weights") from None
-    model = lpips.LPIPS(pretrained=True, net="alex", version="0.1", pnet_rand=True, verbose=False)
-    # lpips' AlexNet keeps torchvision's `features` layers under their own index inside slice1..slice5
-    for piece in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):
-        for index, layer in piece.named_children():
-            layer.load_state_dict(reference.features[int(index)].state_dict())
     return model.eval().to(device)
 
 
@@ -141,16 +149,17 @@ class ImageMetrics:
 
 class SetFid:
     """FID between the predictions and the targets of a whole run (torchmetrics; each image goes in alone, so
-    any sizes mix), accumulated sample by sample; `skipped` says why there is none."""
+    any sizes mix), accumulated sample by sample; `skipped` says why there is none. `features`: the Inception
+    layer (2048: the standard pool features; 64, 192, 768 are earlier, cheaper blocks)."""
 
-    def __init__(self, fid_weights: str | None = None, device: str = "cpu"):
+    def __init__(self, fid_weights: str | None = None, device: str = "cpu", features: int = 2048):
         path, self.skipped = resolve_weights(fid_weights, FID_INCEPTION_FILE, "--fid-weights")
         self.metric, self.device, self.pairs = None, device, 0
         if path is not None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 
             try:
-                self.metric = FrechetInceptionDistance(feature=2048, normalize=False, antialias=False,
+                self.metric = FrechetInceptionDistance(feature=features, normalize=False, antialias=False,
                                                        feature_extractor_weights_path=str(path)).to(device)
             except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
                 raise WeightsError(f"--fid-weights {path}: not torch-fidelity's Inception state dict "

@@ -21,10 +21,10 @@ def res_root(tmp_path, res_photo):
     """Two pairs, no occluded view: 4 tasks."""
     root = tmp_path / "ReS"
     root.mkdir()
-    write_res_view(root, 1, 1, res_photo, (100, 200, 100, 180))
-    write_res_view(root, 1, 2, res_photo, (140, 240, 300, 380))
-    write_res_view(root, 2, 1, res_photo, (300, 400, 400, 480))
-    write_res_view(root, 2, 2, res_photo, (260, 360, 200, 280))
+    write_res_view(root, 1, 1, res_photo, (24, 50, 24, 44))
+    write_res_view(root, 1, 2, res_photo, (34, 60, 74, 94))
+    write_res_view(root, 2, 1, res_photo, (74, 100, 100, 120))
+    write_res_view(root, 2, 2, res_photo, (64, 90, 50, 70))
     return root
 
 
@@ -39,12 +39,23 @@ def torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def alexnet_file(tmp_path_factory):
-    """A randomly initialised torchvision AlexNet, saved under the name torchvision downloads it as."""
+    """A random torchvision AlexNet state dict, saved under the name torchvision downloads it as: He-scaled
+    normal convolutions (what LPIPS reads), zero classifier (never read; zeros keep the fixture fast)."""
     from torchvision.models import alexnet
 
-    torch.manual_seed(3)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in alexnet(weights=None).state_dict().items()}
+    generator = torch.Generator().manual_seed(3)
+    state = {}
+    for key, shape in shapes.items():
+        if key.startswith("features.") and key.endswith(".weight"):
+            state[key] = torch.randn(shape, generator=generator) * (2.0 / shape[1:].numel()) ** 0.5
+        elif key.startswith("features."):
+            state[key] = torch.randn(shape, generator=generator) * 0.1
+        else:
+            state[key] = torch.zeros(shape)
     path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
-    torch.save(alexnet(weights=None).state_dict(), path)
+    torch.save(state, path)
     return path
 
 

@@ -13,45 +13,51 @@ from editrt.eval.datasets import center_box, iharmony_samples, inpaint_samples, 
 
 
 def test_res_both_directions_move_is_the_centre_difference(res_root):
-    tasks = list(res_tasks(res_root, short_side=512))
+    tasks = list(res_tasks(res_root, short_side=128))
     assert [(t.sample, t.direction) for t in tasks] == [("p1", "1to2"), ("p1", "2to1"), ("p2", "1to2"), ("p2", "2to1")]
-    # rectangle centres: ((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2); p1: (139.5, 149.5) -> (339.5, 189.5)
-    assert tasks[0].move == (200, 40) and tasks[1].move == (-200, -40)
-    assert tasks[2].move == (-200, -40) and tasks[3].move == (200, 40)
+    # rectangle centres: ((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2); p1: (33.5, 36.5) -> (83.5, 46.5)
+    assert tasks[0].move == (50, 10) and tasks[1].move == (-50, -10)
+    assert tasks[2].move == (-50, -10) and tasks[3].move == (50, 10)
     # masks stored at half size come back as the full-size rectangles
-    assert np.array_equal(tasks[0].subject, rect_mask(RES_SIZE, (100, 200, 100, 180)))
-    assert np.array_equal(tasks[1].subject, rect_mask(RES_SIZE, (140, 240, 300, 380)))
-    # the target is the other view as decoded (short side already 512: no resize)
+    assert np.array_equal(tasks[0].subject, rect_mask(RES_SIZE, (24, 50, 24, 44)))
+    assert np.array_equal(tasks[1].subject, rect_mask(RES_SIZE, (34, 60, 74, 94)))
+    # the target is the other view as decoded (short side already 128: no resize)
     assert np.array_equal(tasks[0].target, np.asarray(Image.open(res_root / "p1_2.jpg").convert("RGB")))
+    assert np.array_equal(tasks[1].source, tasks[0].target)
     assert not any(t.complete.any() for t in tasks)  # no amodal masks: nothing to complete
 
 
 def test_res_occluded_view_is_only_a_source_and_its_amodal_gives_the_completion_mask(tmp_path, res_photo):
     root = tmp_path / "ReS"
     root.mkdir()
-    # p1_1: the subject's lower 40 rows are hidden (visible 100..160, whole 100..200); p1_2 in full view
-    write_res_view(root, 1, 1, res_photo, (100, 160, 100, 180), amodal=(100, 200, 100, 180))
-    write_res_view(root, 1, 2, res_photo, (140, 240, 300, 380))
+    # p1_1: the subject's lower 10 rows are hidden (visible rows 24..40, whole 24..50); p1_2 in full view
+    write_res_view(root, 1, 1, res_photo, (24, 40, 24, 44), amodal=(24, 50, 24, 44))
+    write_res_view(root, 1, 2, res_photo, (34, 60, 74, 94))
     # p2_2 has an amodal file equal to its visible mask: not occluded, both directions stay
-    write_res_view(root, 2, 1, res_photo, (300, 400, 400, 480))
-    write_res_view(root, 2, 2, res_photo, (260, 360, 200, 280), amodal=(260, 360, 200, 280))
+    write_res_view(root, 2, 1, res_photo, (74, 100, 100, 120))
+    write_res_view(root, 2, 2, res_photo, (64, 90, 50, 70), amodal=(64, 90, 50, 70))
     heard = []
-    tasks = list(res_tasks(root, short_side=512, log=heard.append))
+    tasks = list(res_tasks(root, short_side=128, log=heard.append))
     assert [(t.sample, t.direction) for t in tasks] == [("p1", "1to2"), ("p2", "1to2"), ("p2", "2to1")]
     assert heard == ["p1_1: occluded subject; used only as a source (no 2to1 task)"]
     task = tasks[0]
-    # the source centre is the whole (amodal) subject's: (139.5, 149.5) -> (339.5, 189.5)
-    assert task.move == (200, 40)
-    # completion = the amodal moved by (200, 40) minus the visible moved: rows 200..240, cols 300..380
-    assert np.array_equal(task.complete, rect_mask(RES_SIZE, (200, 240, 300, 380)))
-    assert np.array_equal(task.subject, rect_mask(RES_SIZE, (100, 160, 100, 180)))
+    # the source centre is the whole (amodal) subject's: (33.5, 36.5) -> (83.5, 46.5)
+    assert task.move == (50, 10)
+    # completion = the amodal moved by (50, 10) minus the visible moved: rows 50..60, cols 74..94
+    assert np.array_equal(task.complete, rect_mask(RES_SIZE, (50, 60, 74, 94)))
+    assert np.array_equal(task.subject, rect_mask(RES_SIZE, (24, 40, 24, 44)))
 
 
 def test_res_short_side_resizes_images_and_masks_together(res_root):
-    task = next(res_tasks(res_root, short_side=256))
-    assert task.source.shape == (256, 320, 3) and task.subject.shape == (256, 320)
-    assert np.array_equal(task.subject, rect_mask((256, 320), (50, 100, 50, 90)))
-    assert task.move == (100, 20)
+    task = next(res_tasks(res_root, short_side=64))
+    assert task.source.shape == (64, 80, 3) and task.subject.shape == (64, 80)
+    assert np.array_equal(task.subject, rect_mask((64, 80), (12, 25, 12, 22)))  # the stored half-size mask
+    assert task.move == (25, 5)
+    # the paper's 512 by default: images bicubic, masks nearest from their stored size
+    task = next(res_tasks(res_root))
+    assert task.source.shape == (512, 640, 3)
+    assert np.array_equal(task.subject, rect_mask((512, 640), (96, 200, 96, 176)))
+    assert task.move == (200, 40)
 
 
 @pytest.mark.parametrize("breakage, named", [
@@ -59,7 +65,7 @@ def test_res_short_side_resizes_images_and_masks_together(res_root):
     (lambda root: (root / "p1_2_mask.png").unlink(), "p1_2_mask.png: missing"),
     (lambda root: Image.new("L", (100, 100), 255).save(root / "p1_1_mask.png"), "p1_1_mask.png: size 100x100 does "
      "not have the aspect"),
-    (lambda root: Image.new("L", (320, 256), 0).save(root / "p2_1_mask.png"), "p2_1_mask.png: is empty"),
+    (lambda root: Image.new("L", (80, 64), 0).save(root / "p2_1_mask.png"), "p2_1_mask.png: is empty"),
     (lambda root: (root / "p1_1.jpg").write_bytes(b"not a jpeg"), "p1_1.jpg: cannot read it as an image"),
 ])
 def test_res_bad_layout_names_the_file(res_root, breakage, named):
