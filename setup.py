@@ -186,7 +186,7 @@ EVAL = [  # editrt eval: the metrics from the well-kept libraries (SSIM/PSNR/MSE
     "scikit-image>=0.22",
     "lpips>=0.1.4",  # LPIPS (its linear layers ship in the wheel; the AlexNet backbone is a local file)
     "torchmetrics>=1.9",  # FID (feature_extractor_weights_path: a local Inception file)
-    "torch-fidelity>=0.4",  # the Inception torchmetrics' FID runs
+    "torch-fidelity>=0.3,!=0.4.0",  # the Inception torchmetrics' FID runs (0.4.0 also installs a top-level `tests` package)
 ]
 DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
     *TRAIN,  # tests/train
