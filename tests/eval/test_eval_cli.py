@@ -15,6 +15,9 @@ from skimage.metrics import structural_similarity
 
 from editrt.cli import main
 
+# the subjects' rectangles in conftest's res_root
+RECTS = {"p1_1": (24, 50, 24, 44), "p1_2": (34, 60, 74, 94), "p2_1": (74, 100, 100, 120), "p2_2": (64, 90, 50, 70)}
+
 
 def run(args, capsys):
     rc = main([str(a) for a in args])
@@ -55,6 +58,11 @@ def test_res_done_when_four_rows_each_psnr_from_the_saved_image(res_root, tiny_w
         target = rgb(res_root / f"{row['sample']}_{row['direction'][-1]}.jpg")
         assert pred.shape == target.shape == (128, 160, 3)
         assert row["metrics"]["psnr"] == pytest.approx(psnr(pred, target), rel=1e-9)
+        # the subject really moved: the source's subject pixels sit where the target has its subject
+        source = rgb(res_root / f"{row['sample']}_{row['direction'][0]}.jpg")
+        y0, y1, x0, x1 = RECTS[f"{row['sample']}_{row['direction'][0]}"]
+        ty0, ty1, tx0, tx1 = RECTS[f"{row['sample']}_{row['direction'][-1]}"]
+        assert np.array_equal(pred[ty0:ty1, tx0:tx1], source[y0:y1, x0:x1])
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["columns"] == ["editrt (paper)"] and table["n"] == {"editrt (paper)": 4}
     assert [r["metric"] for r in table["rows"]] == ["LPIPS", "PSNR", "SSIM", "MSE"]
