@@ -63,20 +63,21 @@ def _check_outputs(args) -> None:
 def cmd_res(args) -> int:
     from editrt.cli import _reposition_pipeline
     from editrt.eval import res
-    from editrt.eval.runner import run_eval
+    from editrt.eval.runner import prepare_scorer, run_eval
 
     _check_outputs(args)
     res.check_root(args.root)
     settings = res.settings_for(args.protocol, args.short_side, args.steps, args.guidance, args.seed, args.resolution)
+    scorer = prepare_scorer(args)
     pipe = _reposition_pipeline(args)
     label = args.label or f"editrt ({args.protocol})"
-    return run_eval(args, label, lambda scorer: res.evaluate(pipe, args.root, settings, scorer, args.limit,
+    return run_eval(args, scorer, label, lambda scorer: res.evaluate(pipe, args.root, settings, scorer, args.limit,
                                                              log=_say(args)))
 
 
 def cmd_metrics(args) -> int:
-    from editrt.eval.datasets import image_files, read_mask, read_rgb
-    from editrt.eval.runner import run_eval
+    from editrt.eval.datasets import image_files, read_mask, read_rgb, upright_size
+    from editrt.eval.runner import prepare_scorer, run_eval
 
     _check_outputs(args)
     preds, targets = image_files(Path(args.pred_dir), "predictions"), image_files(Path(args.gt_dir), "targets")
@@ -90,13 +91,11 @@ def cmd_metrics(args) -> int:
     if masks is not None:
         problems += [f"{args.gt_dir}/{targets[n].name}: no mask of that name in {args.masks}"
                      for n in targets if n not in masks]
-    pairs = []
-    for name in sorted(set(preds) & set(targets)):
-        pred, target = read_rgb(preds[name]), read_rgb(targets[name])
-        if pred.shape != target.shape:
-            problems.append(f"{preds[name]}: size {pred.shape[1]}x{pred.shape[0]} differs from its target "
-                            f"{targets[name]} ({target.shape[1]}x{target.shape[0]})")
-        pairs.append((name, pred, target))
+    names = sorted(set(preds) & set(targets))
+    for name in names:  # from the headers: the pixels are read one pair at a time when scored
+        (pw, ph), (tw, th) = upright_size(preds[name]), upright_size(targets[name])
+        if (pw, ph) != (tw, th):
+            problems.append(f"{preds[name]}: size {pw}x{ph} differs from its target {targets[name]} ({tw}x{th})")
     if problems:
         for line in problems:
             print(f"editrt: {line}", file=sys.stderr)
@@ -105,23 +104,25 @@ def cmd_metrics(args) -> int:
     args.save_images = None
 
     def body(scorer):
-        for name, pred, target in pairs:
+        for name in names:
+            pred, target = read_rgb(preds[name]), read_rgb(targets[name])
             region = read_mask(masks[name], target.shape[:2]) if args.region == "mask" else None
             scorer.score({"sample": name, "region": args.region}, pred, target, region)
 
-    return run_eval(args, Path(args.pred_dir).name or "predictions", body, log=print)
+    return run_eval(args, prepare_scorer(args), Path(args.pred_dir).name or "predictions", body, log=print)
 
 
 def cmd_harmonize(args) -> int:
     from editrt.cli import _reposition_pipeline
     from editrt.eval import harmonize
     from editrt.eval.datasets import iharmony_samples
-    from editrt.eval.runner import run_eval
+    from editrt.eval.runner import prepare_scorer, run_eval
 
     _check_outputs(args)
     samples = iharmony_samples(args.root)[: args.limit]
+    scorer = prepare_scorer(args)
     pipe = _reposition_pipeline(args)
-    return run_eval(args, "All", lambda scorer: harmonize.evaluate(
+    return run_eval(args, scorer, "All", lambda scorer: harmonize.evaluate(
         pipe, samples, args.size, args.steps, args.guidance, args.seed, args.resolution, scorer, log=_say(args)),
         columns=harmonize.columns)
 
@@ -130,13 +131,14 @@ def cmd_inpaint(args) -> int:
     from editrt.cli import _reposition_pipeline
     from editrt.eval import inpainting
     from editrt.eval.datasets import inpaint_samples
-    from editrt.eval.runner import run_eval
+    from editrt.eval.runner import prepare_scorer, run_eval
 
     _check_outputs(args)
     samples = inpaint_samples(args.root, args.mask_protocol)[: args.limit]
+    scorer = prepare_scorer(args)
     pipe = _reposition_pipeline(args)
     label = f"editrt ({args.task})"
-    return run_eval(args, label, lambda scorer: inpainting.evaluate(
+    return run_eval(args, scorer, label, lambda scorer: inpainting.evaluate(
         pipe, samples, args.mask_protocol, args.short_side, args.task, args.region, args.steps, args.guidance,
         args.seed, args.resolution, scorer, log=_say(args)))
 
@@ -145,15 +147,16 @@ def cmd_reconstruct(args) -> int:
     from editrt.cli import _elements_pipeline
     from editrt.eval import reconstruct
     from editrt.eval.datasets import image_files
-    from editrt.eval.runner import run_eval
+    from editrt.eval.runner import prepare_scorer, run_eval
 
     _check_outputs(args)
     if args.square < 0 or args.square % 8:
         raise InputError(f"--square {args.square}: expected 0 (keep the size) or a positive multiple of 8",
                          field="square")
     files = dict(list(image_files(Path(args.images)).items())[: args.limit])
+    scorer = prepare_scorer(args)
     pipe = _elements_pipeline(args)
-    return run_eval(args, "editrt (elements)", lambda scorer: reconstruct.evaluate(
+    return run_eval(args, scorer, "editrt (elements)", lambda scorer: reconstruct.evaluate(
         pipe, files, args.square, args.steps, args.guidance, args.seed, args.resolution, scorer, log=_say(args)))
 
 

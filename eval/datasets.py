@@ -45,6 +45,17 @@ def read_rgb(path: Path) -> np.ndarray:
         raise _bad(path, f"cannot read it as an image ({type(e).__name__})") from None
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(W, H) as `read_rgb` returns the image, from its header (EXIF orientations 5-8 swap the sides)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise _bad(path, f"cannot read it as an image ({type(e).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def read_mask(path: Path, size_hw: tuple[int, int]) -> np.ndarray:
     """bool [H, W] (> 127 inside), resized (nearest) to `size_hw` when stored at another size of the same shape."""
     try:

@@ -17,6 +17,7 @@ Without weights a metric is skipped, never guessed: `skipped` maps its name to t
 from __future__ import annotations
 
 import pickle
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,19 +83,24 @@ def pixel_metrics(pred: np.ndarray, target: np.ndarray, region: np.ndarray | Non
     return {"psnr": float(psnr), "ssim": float(ssim), "mse": float(mse)}
 
 
+def _read_state_dict(path: Path, option: str):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, struct.error) as e:
+        raise WeightsError(f"{option} {path}: cannot read it as a PyTorch state dict ({type(e).__name__})",
+                           field=option.lstrip("-").replace("-", "_")) from None
+
+
 def load_lpips(backbone_file: Path, device: str = "cpu"):
     """lpips.LPIPS (v0.1, AlexNet) with its linear layers from the wheel and the backbone from `backbone_file`
     (a torchvision AlexNet state dict): the same network `lpips.LPIPS()` builds after torchvision's download."""
     import warnings
 
     import lpips
-    import torch
 
-    try:
-        state = torch.load(backbone_file, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise WeightsError(f"--lpips-weights {backbone_file}: cannot read it as a PyTorch state dict "
-                           f"({type(e).__name__})", field="lpips_weights") from None
+    state = _read_state_dict(backbone_file, "--lpips-weights")
     with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False` in the deprecated spelling
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(pretrained=True, net="alex", version="0.1", pnet_rand=True, verbose=False)
@@ -158,10 +164,16 @@ class SetFid:
         if path is not None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 
+            # read here first: torch-fidelity's own loader reports junk with whatever its unpickler raises
+            state = _read_state_dict(path, "--fid-weights")
+            if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
+                raise WeightsError(f"--fid-weights {path}: not torch-fidelity's Inception state dict (no "
+                                   "Conv2d_1a_3x3.conv.weight)", field="fid_weights")
+            del state
             try:
                 self.metric = FrechetInceptionDistance(feature=features, normalize=False, antialias=False,
                                                        feature_extractor_weights_path=str(path)).to(device)
-            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            except RuntimeError as e:  # load_state_dict: missing or mis-shaped tensors
                 raise WeightsError(f"--fid-weights {path}: not torch-fidelity's Inception state dict "
                                    f"({' '.join(str(e).split())[:200]})", field="fid_weights") from None
 

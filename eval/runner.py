@@ -47,17 +47,21 @@ class Scorer:
         return row
 
 
-def run_eval(args, label: str, body: Callable[[Scorer], None], columns: Callable[[list], dict] | None = None,
-             log=print) -> int:
-    """Run `body(scorer)` and write args.output (JSONL), args.table_md, args.table_json and args.save_images.
-
-    `columns(rows)` groups the rows into table columns (default: one column, `label`). Returns the exit code.
-    """
+def prepare_scorer(args) -> Scorer:
+    """The metric networks (--lpips-weights, --fid-weights) loaded before any editor: a bad file fails first."""
     from editrt.cli import _device
 
-    metrics = ImageMetrics.create(args.lpips_weights, _device(args))
-    fid = SetFid(args.fid_weights, _device(args))
-    scorer = Scorer(metrics, fid)
+    return Scorer(ImageMetrics.create(args.lpips_weights, _device(args)), SetFid(args.fid_weights, _device(args)))
+
+
+def run_eval(args, scorer: Scorer, label: str, body: Callable[[Scorer], None],
+             columns: Callable[[list], dict] | None = None, log=print) -> int:
+    """Run `body(scorer)` and write args.output (JSONL), args.table_md, args.table_json and args.save_images.
+
+    `columns(rows)` groups the rows into table columns (default: one column, `label`; a custom grouping puts
+    every row in its first column, which gets the run's FID). Returns the exit code.
+    """
+    metrics, fid = scorer.metrics, scorer.fid
 
     def run(image_dir: Path | None):
         scorer.image_dir = image_dir

@@ -101,7 +101,10 @@ def test_bad_weights_files_are_one_line_naming_them(tmp_path, torch_home):
         ImageMetrics.create(str(tmp_path / "nothing.pth"))
     junk = tmp_path / "inception.pth"
     junk.write_bytes(b"junk")
-    with pytest.raises(EditError, match=r"--fid-weights .*inception.pth: not torch-fidelity's Inception"):
+    with pytest.raises(EditError, match=r"--fid-weights .*inception.pth: cannot read it as a PyTorch state dict"):
+        SetFid(str(junk))
+    torch.save({"fc.weight": torch.zeros(1)}, junk)
+    with pytest.raises(EditError, match=r"--fid-weights .*inception.pth: not torch-fidelity's Inception state dict"):
         SetFid(str(junk))
 
 
