@@ -195,3 +195,33 @@ def test_editrt_version_imports_no_torch_and_eval_help_lists_the_commands():
                           timeout=120)
     assert done.returncode == 0
     assert all(name in done.stdout for name in ("res", "metrics", "harmonize", "inpaint", "reconstruct"))
+
+
+def test_a_refused_sample_is_an_error_row_the_others_are_scored_and_the_exit_code_is_1(res_root, torch_home,
+                                                                                      tmp_path, capsys):
+    import argparse
+
+    from editrt.errors import InputError
+    from editrt.eval import res
+    from editrt.eval.runner import prepare_scorer, run_eval
+    from editrt.runtime.reposition import RepositionResult
+
+    class RefusesLeftwardMoves:
+        """An editor that returns its input unchanged and refuses moves to the left."""
+        def __call__(self, image, move, **options):
+            if move[0] < 0:
+                raise InputError(f"move {move}: refused", field="move")
+            return RepositionResult(Image.fromarray(image))
+
+    args = argparse.Namespace(lpips_weights=None, fid_weights=None, device="cpu", save_images=None,
+                              output=tmp_path / "runs.jsonl", table_md=None, table_json=None)
+    settings = res.settings_for("paper", 128, 2, 1.0, 0, None)
+    scorer = prepare_scorer(args)
+    rc = run_eval(args, scorer, "x", lambda s: res.evaluate(RefusesLeftwardMoves(), res_root, settings, s))
+    err = capsys.readouterr().err
+    assert rc == 1
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [("error" in r, "metrics" in r) for r in rows] == [(False, True), (True, False), (True, False),
+                                                             (False, True)]
+    assert rows[1]["error"] == "move (-50, -10): refused"
+    assert "editrt: p1 2to1: move (-50, -10): refused" in err
