@@ -5,6 +5,7 @@
     editrt eval harmonize iHarmony4/ --weights W --size 512
     editrt eval inpaint places/ --weights W --mask-protocol files
     editrt eval reconstruct images/ --weights W --square 512
+    editrt eval table "SD simple=sd-simple.jsonl" "SEELE=seele.jsonl" --table-md table1.md
 
 `editrt/cli.py` loads this module only when `eval` runs (its lazy-command table: `configure_parser` builds the
 options, `run` runs them): `editrt --version` imports no torch. Bad input is an EditError (one line, exit 2);
@@ -160,6 +161,28 @@ def cmd_reconstruct(args) -> int:
         pipe, files, args.square, args.steps, args.guidance, args.seed, args.resolution, scorer, log=_say(args)))
 
 
+def cmd_table(args) -> int:
+    from editrt.eval.report import markdown, means, read_rows, table, write_json, write_text
+
+    _check_outputs(args)
+    columns = {}
+    for item in args.runs:
+        label, sep, path = item.rpartition("=")
+        path = Path(path)
+        label = label if sep else path.stem
+        if label in columns:
+            raise InputError(f"{item}: a second column named {label!r}; name each run LABEL=FILE", field="runs")
+        columns[label] = means(read_rows(path))
+    data = {**table(columns), "note": "per-sample means; set-level metrics (FID) are in each run's own table"}
+    if args.table_json:
+        write_json(args.table_json, data)
+    text = markdown(data)
+    if args.table_md:
+        write_text(args.table_md, text)
+    print(text, end="")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from editrt.cli import _common
@@ -220,6 +243,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     _outputs(q)
     _common(q, guidance=3.0)
     q.set_defaults(eval_func=cmd_reconstruct)
+
+
+    q = sub.add_parser("table", help="one table, a column per run, from the RUNS.jsonl files of several evals")
+    q.add_argument("runs", nargs="+", metavar="[LABEL=]RUNS.jsonl", help="a run's rows (the column is named LABEL, "
+                   "default the file's stem)")
+    q.add_argument("--table-md", metavar="FILE.md", help="also write the Markdown here")
+    q.add_argument("--table-json", metavar="FILE.json", help="the table as JSON")
+    q.set_defaults(eval_func=cmd_table)
 
 
 def run(args) -> int:

@@ -18,16 +18,18 @@ METRICS = {
 
 
 def _json_value(value):
-    """inf (identical images' PSNR) as the string 'inf': JSON has no infinity."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
+    """inf (identical images' PSNR) as the string 'inf', nan as 'nan': JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, dict):
         return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
     return value
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    text = "".join(json.dumps(_json_value(row)) + "\n" for row in rows)
+    text = "".join(json.dumps(_json_value(row), allow_nan=False) + "\n" for row in rows)
     return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
@@ -37,6 +39,27 @@ def write_json(path: str | Path, data) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a RUNS.jsonl an eval command wrote ('inf' back to inf); a bad line is one error naming it."""
+    from editrt.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; expected a RUNS.jsonl written by `editrt eval ... -o`", field="runs")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("metrics", {}), dict):
+            raise InputError(f"{path}: line {number} is not an eval row (a JSON object with `metrics`)", field="runs")
+        if "metrics" in row:
+            row["metrics"] = {k: float(v) if v in ("inf", "nan") else v for k, v in row["metrics"].items()}
+        rows.append(row)
+    return rows
 
 
 def means(rows: list[dict]) -> dict:

@@ -93,6 +93,6 @@ def run_eval(args, scorer: Scorer, label: str, body: Callable[[Scorer], None],
     log(text)
     failed = [r for r in scorer.rows if "error" in r]
     for row in failed:
-        print(f"editrt: {row.get('sample')} {row.get('direction', '')}: {row['error']}".replace("  ", " "),
-              file=sys.stderr)
+        where = " ".join(filter(None, (row.get("sample"), row.get("direction"))))
+        print(f"editrt: {where}: {row['error']}", file=sys.stderr)
     return 1 if failed else 0

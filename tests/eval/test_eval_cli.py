@@ -225,3 +225,21 @@ def test_a_refused_sample_is_an_error_row_the_others_are_scored_and_the_exit_cod
                                                              (False, True)]
     assert rows[1]["error"] == "move (-50, -10): refused"
     assert "editrt: p1 2to1: move (-50, -10): refused" in err
+
+
+def test_table_puts_runs_side_by_side_as_table_1(tmp_path, capsys):
+    runs = {"a": [{"psnr": 20.0, "lpips": 0.2}, {"psnr": 22.0, "lpips": 0.1}], "b": [{"psnr": "inf", "lpips": 0.3}]}
+    for name, metrics in runs.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"sample": "p1", "metrics": m}) + "\n"
+                                                        for m in metrics) + json.dumps({"sample": "p9", "error": "x"}))
+    rc, stdout, err = run(["eval", "table", f"SD simple={tmp_path / 'a.jsonl'}", tmp_path / "b.jsonl",
+                           "--table-json", tmp_path / "t.json"], capsys)
+    assert rc == 0, err
+    assert stdout.splitlines()[:4] == ["| Model | SD simple | b |", "| --- | --- | --- |",
+                                       "| LPIPS(↓) | 0.150 | 0.300 |", "| PSNR(↑) | 21.000 | inf |"]
+    assert stdout.splitlines()[4] == "| n | 2 | 1 |"
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["rows"][1]["values"] == {"SD simple": 21.0, "b": "inf"}
+    (tmp_path / "c.jsonl").write_text('{"sample": "p1", "metrics": {"psnr": 1}}\nnot json\n')
+    rc, _, err = run(["eval", "table", tmp_path / "c.jsonl"], capsys)
+    assert rc == 2 and "c.jsonl: line 2 is not an eval row" in err and err.count("\n") == 1
