@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -58,8 +59,6 @@ def reposition(pipe, task: ResTask, settings: ResSettings) -> np.ndarray:
 
 def check_root(root) -> None:
     """The layout's file names, before any weights load."""
-    from pathlib import Path
-
     res_pair_numbers(Path(root))
 
 
