@@ -451,6 +451,7 @@ class _Parser(argparse.ArgumentParser):
 # name -> (module with configure_parser(parser) and run(args) -> exit code, help)
 _LAZY_COMMANDS = {
     "bench": ("editrt.bench.cli", "latency benchmark suite: components, passes, peers side by side"),
+    "eval": ("editrt.eval.cli", "the papers' evaluations: ReS, iHarmony4, inpainting, reconstruction, metrics"),
     "doctor": ("editrt.doctor", "check this machine: GPU, kernels (compiled ahead of time), backends"),
     "serve": ("editrt.runtime.server.cli", "serve both editors over HTTP (FastAPI) with a web editor page"),
 }
