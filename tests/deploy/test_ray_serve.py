@@ -35,6 +35,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from editrt.errors import InputError  # noqa: E402
 from editrt.runtime.server import Settings, create_app  # noqa: E402
+from editrt.runtime.server.loading import ServeConfig  # noqa: E402
 from editrt.runtime.server.ray_deployment import EditrtReplica, RayOptions, build_app  # noqa: E402
 
 SETTINGS = dict(final_steps=2, preview_steps=1, warmup=False, max_upload_bytes=2 << 20, max_pixels=1 << 20)
@@ -67,7 +68,7 @@ def cluster(tiny_weights):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(OPTIONS, {"weights": str(tiny_weights)}, Settings(**SETTINGS)), name="editrt",
+        serve.run(build_app(OPTIONS, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name="editrt",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -266,7 +267,7 @@ def test_autoscaling_adds_a_replica_within_seconds_of_demand(cluster, tiny_weigh
     name = "editrt-scaling"
     options = RayOptions(replicas=1, min_replicas=1, max_replicas=2, target_ongoing_requests=1, cpus_per_replica=0.5,
                          sessions_per_replica=SESSIONS_PER_REPLICA, name=name)
-    serve.run(build_app(options, {"weights": str(tiny_weights)}, Settings(**SETTINGS)), name=name,
+    serve.run(build_app(options, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name=name,
               route_prefix="/scaling")
     mask = np.zeros(photo.shape[:2], np.uint8)
     mask[20:44, 30:66] = 255
