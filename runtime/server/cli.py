@@ -14,9 +14,10 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 
-from editrt.errors import InputError
+from editrt.errors import EditError, InputError
 from editrt.models.common import DTYPE_ALIASES, DTYPES
 from editrt.runtime.server.limits import RedactQuery, Settings
 from editrt.runtime.server.loading import ServeConfig, load_pipelines, parse_editors
@@ -209,19 +210,53 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+# Ray (2.x, checked on 2.60) resolves a local node's IP to the machine's routable address, even when told
+# `_node_ip_address="127.0.0.1"` (services.resolve_ip_for_localhost replaces loopback names), and its GCS,
+# raylet and agents then listen on all interfaces. Only with clusters disabled (ray_constants.ENABLE_RAY_CLUSTER,
+# this variable, the default on macOS and Windows) is the node IP 127.0.0.1, and then every Ray process
+# (GCS, raylet, dashboard and runtime-env agents, workers, the driver) binds 127.0.0.1. Ray reads it when it
+# is first imported, in this process and in every process it starts.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _local_ray_on_loopback() -> bool:
+    """Make the local Ray this command starts listen on 127.0.0.1 only; False when it is too late (ray was
+    imported in this process before)."""
+    name, value = next(iter(LOCAL_RAY_ENV.items()))
+    took = "ray" not in sys.modules or os.environ.get(name) == value
+    os.environ.update(LOCAL_RAY_ENV)
+    return took
+
+
 def run_ray(args, settings: Settings) -> int:
     """Deploy on Ray Serve (a local Ray, or the cluster at --ray-address), serve until Ctrl-C / SIGTERM,
-    then shut Ray Serve down (a joined cluster keeps running: only this application is deleted)."""
+    then shut Ray Serve down (a joined cluster keeps running: only this application is deleted).
+    A local Ray's own processes listen on 127.0.0.1 only (its control plane has no authentication);
+    the HTTP proxy listens on --host. A cluster is started by its operator (`ray start`) and joined
+    with --ray-address."""
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    loopback = address is None and _local_ray_on_loopback()  # before anything imports ray
     options = ray_options(args)
     config = replica_config(args, settings, options)
+    if address is None and not loopback:
+        raise EditError("--ray: Ray was imported before `editrt serve` could bind its local Ray to 127.0.0.1; run "
+                        "`editrt serve --ray` in a fresh process, or start Ray yourself and pass --ray-address")
     import ray
     from ray import serve
 
     from editrt.runtime.server.ray_deployment import build_app
 
-    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO",
-             log_to_driver=not args.quiet)
+    ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+             logging_level="WARNING" if args.quiet else "INFO", log_to_driver=not args.quiet)
+    if address is None and ray.util.get_node_ip_address() != "127.0.0.1":  # never serve an open control plane
+        ray.shutdown()
+        raise EditError(f"--ray: the local Ray took node address {ray.util.get_node_ip_address()}, not 127.0.0.1; "
+                        "start Ray yourself and pass --ray-address")
+    # One directory for the replicas' Prometheus counters and histograms, so any replica's /metrics reports
+    # their sum (metrics.py); the operator's own PROMETHEUS_MULTIPROC_DIR wins.
+    metrics_dir = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else tempfile.TemporaryDirectory(
+        prefix="editrt-metrics-")
+    options.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or metrics_dir.name
     # After ray.init (it installs its own SIGTERM handler): both signals end the wait below, and the
     # `finally` shuts Serve down. SIGINT explicitly too: a shell starts background jobs with it ignored.
     for number in (signal.SIGINT, signal.SIGTERM):
@@ -246,12 +281,12 @@ def run_ray(args, settings: Settings) -> int:
                 serve.shutdown()
         finally:
             ray.shutdown()
+            if metrics_dir is not None:
+                metrics_dir.cleanup()
     return 0
 
 
 def main(argv=None) -> int:
-    from editrt.errors import EditError
-
     parser = argparse.ArgumentParser(prog="editrt serve", description="The editing server and its browser editor.")
     configure_parser(parser)
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import pickle
 import random
 import re
@@ -68,6 +69,9 @@ class RayOptions:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 600.0
     name: str = "editrt"
+    # PROMETHEUS_MULTIPROC_DIR of every replica: their counters and histograms are summed in any replica's
+    # /metrics (None: each replica reports only its own)
+    metrics_dir: str | None = None
 
     @property
     def cpu_threads(self) -> int:
@@ -110,6 +114,8 @@ class RayOptions:
     def deployment_options(self) -> dict:
         """Keyword arguments of serve.deployment."""
         actor = {"num_cpus": self.cpus_per_replica}
+        if self.metrics_dir:
+            actor["runtime_env"] = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}}
         if self.gpus_per_replica:
             actor["num_gpus"] = self.gpus_per_replica
         out = dict(name=self.name, ray_actor_options=actor, max_ongoing_requests=self.max_ongoing_requests,
@@ -291,6 +297,8 @@ class EditrtReplica:
         from editrt.runtime.server.app import create_app
 
         torch.set_num_threads(cpu_threads)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # RayOptions.metrics_dir; on another node it may not exist
+            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.settings = settings
