@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -62,13 +63,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    """The base url of the deployment on a local 2-CPU Ray cluster, shut down at the end."""
+def cluster(tiny_weights, tmp_path_factory):
+    """The base url of the deployment on a local 2-CPU Ray cluster (on loopback: conftest.py), its replicas'
+    metrics in one multiprocess directory; shut down at the end."""
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(OPTIONS, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name="editrt",
+        options = dataclasses.replace(OPTIONS, metrics_dir=str(tmp_path_factory.mktemp("metrics")))
+        serve.run(build_app(options, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name="editrt",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -181,6 +185,18 @@ def test_a_sessions_requests_all_reach_its_replica(client, cluster, photo):
             while m["type"] == "preview":
                 m = json.loads(ws.recv(timeout=120))
             assert m["type"] == "final" and m["seq"] == 2 and m["undo"] == 2, m
+
+
+def test_counters_add_up_over_the_replicas(client, photo):
+    """Both replicas write their counters to RayOptions.metrics_dir: either replica's /metrics reports the sum,
+    so the sessions opened on both (one each) count on each page."""
+    sessions = [open_session(client, photo) for _ in range(2)]
+    assert len({replica for _, replica in sessions}) == 2, sessions
+    opened = [gauge(metrics_of(client, sid), "editrt_requests_total", endpoint="/v1/sessions", method="POST",
+                    status="200") for sid, _ in sessions]
+    assert opened[0] == opened[1] >= 2, opened
+    for sid, _ in sessions:
+        client.delete(f"/v1/sessions/{sid}")
 
 
 def test_eviction_closes_the_least_recently_used_session(client, cluster, photo):

@@ -21,6 +21,7 @@ need("ray.serve", "the deploy extra is not installed (pip install editrt[deploy]
 import httpx  # noqa: E402
 
 from editrt.cli import main  # noqa: E402
+from editrt.runtime.server.cli import LOCAL_RAY_ENV  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -73,7 +74,8 @@ def test_serve_ray_runs_until_interrupted_and_leaves_no_ray_process(tiny_weights
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_tmp = tempfile.mkdtemp(prefix="ert", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # without the variable this folder's conftest sets for in-process clusters: `editrt serve` must set it itself
+    env = {**{k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV}, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen([sys.executable, "-m", "editrt.cli", "serve", "--ray", "--weights", str(tiny_weights),
                              "--editors", "reposition", "--replicas", "1", "--cpus-per-replica", "1",
                              "--port", str(port), "--no-warmup", "--quiet"],
