@@ -187,9 +187,10 @@ class WorkQueue:
 
     @property
     def waiting(self) -> int:
-        """Jobs and callers waiting for the turn (not the one holding it)."""
+        """Jobs and callers waiting for the turn (not the one holding it; not jobs cancelled while waiting,
+        which never run)."""
         with self._lock:
-            return len(self._heap)
+            return sum(1 for _, _, entry in self._heap if not (isinstance(entry, Job) and entry.future.cancelled()))
 
     # ------------------------------------------------------------------ submitted jobs
     def submit(self, fn, priority: int = PREVIEW) -> Job:

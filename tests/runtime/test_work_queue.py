@@ -195,6 +195,7 @@ def test_cancelled_waiting_jobs_do_not_count_toward_the_bound():
     live = queue.submit(lambda job: "live")
     for _ in range(10):  # each superseded at once, never run
         queue.submit(lambda job: "stale").cancel()
+    assert queue.waiting == 1  # the live one: cancelled jobs are not waiting for anything
     newest = queue.submit(lambda job: "newest")  # would be the 12th waiting if cancelled ones counted
     release.set()
     holder.join(10)
