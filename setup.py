@@ -173,6 +173,7 @@ DEPLOY = [  # tests/deploy and `editrt serve --ray`: Ray Serve, and tritonclient
 TRAIN = [  # editrt train
     "accelerate>=1.0",  # devices, mixed precision, accumulation, multi-process, checkpoints
     "pycocotools>=2.0.7",  # COCO polygons and RLE (--coco)
+    "peft>=0.13",  # editrt bench's training rows: diffusers' own LoRA step, the harmonizer's peer
 ]
 SERVE = [  # editrt serve: FastAPI on uvicorn
     "fastapi>=0.110",
@@ -182,13 +183,21 @@ SERVE = [  # editrt serve: FastAPI on uvicorn
     "prometheus_client>=0.17",  # /metrics (multiprocess-safe under Ray Serve replicas)
     "fastapi-offline>=1.7",  # Swagger UI's assets, served by the server itself for /docs (no CDN)
 ]
+EVAL = [  # editrt eval: the metrics from the well-kept libraries (SSIM/PSNR/MSE come from scikit-image)
+    "scikit-image>=0.22",
+    "lpips>=0.1.4",  # LPIPS (its linear layers ship in the wheel; the AlexNet backbone is a local file)
+    "torchmetrics>=1.9",  # FID (feature_extractor_weights_path: a local Inception file)
+    "torch-fidelity>=0.3,!=0.4.0",  # the Inception torchmetrics' FID runs (0.4.0 also installs a top-level `tests` package)
+]
 DEV = [  # tests, lint and the oracles the tests compare with (the dev extras add ONNX Runtime)
     *TRAIN,  # tests/train
+    *EVAL,  # tests/eval
     "pytest>=8,<9.2",  # schemathesis 4.32 (tests/server/test_fuzz.py) reads Function._nodeid, gone in pytest 9.2
     "pytest-timeout>=2.3",  # bench/gpu_validate.sh: a per-test time limit on the lent GPU
     "setuptools>=70.1",  # tests/test_packaging.py builds a wheel against this environment's torch
     "ruff>=0.6",
     "peft>=0.13",  # oracle for LoRA fusion (diffusers' load_lora_weights needs it)
+    "DeepCache==0.1.1",  # oracle for cached denoising features (tests/runtime/test_deep_cache.py)
     "scikit-image>=0.22",  # real photographs for tests
     "invisible-watermark>=0.2",
     *SERVE,
@@ -215,6 +224,7 @@ setup(
         "editrt.runtime.server.routers",
         "editrt.bench",
         "editrt.train",
+        "editrt.eval",
     ],
     package_data={
         "editrt": ["configs/*.json", "assets/*"],
@@ -248,6 +258,7 @@ setup(
         # provider when both are installed, so an install takes exactly one of them
         "onnxruntime": ["onnxruntime>=1.18"],
         "train": TRAIN,
+        "eval": EVAL,
         "gpu": ["onnxruntime-gpu>=1.18"],  # instead of [onnxruntime], never beside it
         "dev": ["onnxruntime>=1.18", *DEV],  # pip install -e ".[dev]" (CPU machines, CI)
         "dev-gpu": ["onnxruntime-gpu>=1.18", *DEV],  # the GPU machine

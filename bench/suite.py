@@ -85,13 +85,14 @@ from editrt.bench.reposition_cases import reposition_cases
 from editrt.bench.runtime_cases import runtime_cases
 from editrt.bench.seele_cases import seele_cases
 from editrt.bench.timing import measure
+from editrt.bench.train_cases import train_cases
 from editrt.errors import InputError
 
 SCHEMA = "editrt-bench/1"
 
 # Each area adds its cases here (engine backends and new components add theirs as they land).
 CASE_PROVIDERS: list[Callable[[BenchContext], list[Case]]] = [reposition_cases, elements_cases, runtime_cases,
-                                                              kernel_cases, seele_cases]
+                                                              kernel_cases, seele_cases, train_cases]
 try:  # the partition clean-up rows (scipy vs the native ops), written beside the native library
     from editrt.bench.cleanup_cases import cleanup_cases
 except ModuleNotFoundError as e:  # not there yet: the other rows run without them

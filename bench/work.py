@@ -34,6 +34,7 @@ from editrt.kernels import launches
 
 STEPS = ("steps",)
 COMPILED = ("compiled graph calls",)
+TRAIN_STEPS, TRAIN_SAMPLES = ("training steps",), ("training samples",)  # bench/train_cases.py's optimizer steps
 
 _lock = threading.RLock()
 _tallies: list[Counter] = []  # open tallies: a row's watches
@@ -61,6 +62,12 @@ def count(key: tuple, n: int = 1) -> None:
 def count_step() -> None:
     """One denoising step (a peer's scheduler.step wrapper calls this)."""
     count(STEPS)
+
+
+def count_training_step(samples: int) -> None:
+    """One optimizer step over `samples` samples (a training-step row calls this after its step ran)."""
+    count(TRAIN_STEPS)
+    count(TRAIN_SAMPLES, samples)
 
 
 @contextmanager
@@ -236,11 +243,16 @@ def summary(seen: Counter, runs: int) -> dict:
     for key, n in sorted(seen.items()):
         if key[0] == "cache":
             caches.setdefault(key[1], {"hits": 0, "misses": 0})[key[2]] = _per_run(n, runs)
-    return {"networks": networks, "denoising_steps": _per_run(seen[STEPS], runs), "caches": caches,
-            "compiled_graph_calls": _per_run(seen[COMPILED], runs)}
+    out = {"networks": networks, "denoising_steps": _per_run(seen[STEPS], runs), "caches": caches,
+           "compiled_graph_calls": _per_run(seen[COMPILED], runs)}
+    if seen[TRAIN_STEPS]:  # training-step rows only (the other rows' column is unchanged)
+        out["training_steps"] = _per_run(seen[TRAIN_STEPS], runs)
+        out["training_samples"] = _per_run(seen[TRAIN_SAMPLES], runs)
+    return out
 
 
 def same_work(a: dict, b: dict) -> bool:
     """Whether two rows' `observed` ran the same networks the same number of times, and the same steps
     (caches and compiled-graph calls are how a row runs its work, not which work: not compared)."""
-    return a["networks"] == b["networks"] and a["denoising_steps"] == b["denoising_steps"]
+    return a["networks"] == b["networks"] and a["denoising_steps"] == b["denoising_steps"] and \
+        a.get("training_samples") == b.get("training_samples")  # a training step: over the same batch

@@ -191,14 +191,19 @@ def cmd_segment(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
+    from editrt.models.deep_cache import check_options
+    from editrt.runtime.crop import check_crop
     from editrt.runtime.images import save_png
 
     out = _check_output(args.output)
     image, mask = load_image(args.image), load_mask(args.mask, "mask")
     _check_canvas(args, image.shape[:2])
+    check_crop(args.crop_padding, args.crop_size)  # both before any weights load
+    check_options(args.cache_interval, args.cache_branch)
     result = _reposition_pipeline(args).inpaint(
         image, mask, task=args.task, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        resolution=args.resolution, progress=_progress(args),
+        resolution=args.resolution, progress=_progress(args), crop_padding=args.crop_padding,
+        crop_size=args.crop_size, cache_interval=args.cache_interval, cache_branch=args.cache_branch,
     )
     save_png(result, out, watermark=args.watermark)
     _log(args)(f"{args.task} -> {out}")
@@ -466,6 +471,7 @@ class _Parser(argparse.ArgumentParser):
 # name -> (module with configure_parser(parser) and run(args) -> exit code, help)
 _LAZY_COMMANDS = {
     "bench": ("editrt.bench.cli", "latency benchmark suite: components, passes, peers side by side"),
+    "eval": ("editrt.eval.cli", "the papers' evaluations: ReS, iHarmony4, inpainting, reconstruction, metrics"),
     "doctor": ("editrt.doctor", "check this machine: GPU, kernels (compiled ahead of time), backends"),
     "serve": ("editrt.runtime.server.cli", "serve both editors over HTTP (FastAPI) with a web editor page"),
 }
@@ -565,6 +571,15 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("mask")
     p.add_argument("--task", default="remove", help="remove (default) or complete")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    p.add_argument("--crop-padding", type=int, metavar="PX",
+                   help="regenerate only the box around the mask, padded by PX pixels (diffusers' padding_mask_crop)")
+    p.add_argument("--crop-size", metavar="processing|native",
+                   help="with --crop-padding: 'native' (default) works on the crop at its own resolution (a multiple "
+                   "of 8, at most the processing size); 'processing' resizes it to the processing size (diffusers)")
+    p.add_argument("--cache-interval", type=int, metavar="N",
+                   help="DeepCache: compute the UNet's deep features every N-th step, reuse them between (default off)")
+    p.add_argument("--cache-branch", type=int, metavar="B",
+                   help="DeepCache branch id (block * 3 + layer, from the output side; default 0, the shallowest)")
     _common(p)
     p.set_defaults(func=cmd_inpaint)
 

@@ -24,13 +24,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from editrt.errors import InputError, WeightsError
+from editrt.errors import InputError
 from editrt.models.components import WeightsLayout
-from editrt.models.files import read_json, write_atomic
+from editrt.models.files import write_atomic
 from editrt.models.inpaint import PROMPT_KEYS, TASKS, load_task_prompts, save_task_prompts
-from editrt.models.text import encode_prompt, load_text_encoder, load_tokenizer, token_count
+from editrt.models.text_prompts import TextPromptEncoder
 
 NULL_TEXT = ""  # the unconditional prompt: diffusers' default negative prompt
 
@@ -65,31 +63,6 @@ def _check_tokens(tokens, max_length: int) -> int:
         raise InputError(f"--tokens {tokens}: the text encoder gives {max_length} positions; expected at most that "
                          "(the paper uses 50)")
     return tokens
-
-
-class TextPromptEncoder:
-    """The SD-2 inpainting folder's tokenizer + text encoder, giving [L, C] prompts (float32)."""
-
-    def __init__(self, layout: WeightsLayout, device="cpu"):
-        self.tokenizer = load_tokenizer(layout.tokenizer)
-        self.text_encoder = load_text_encoder(layout.text_encoder, torch.float32).to(device)
-        config = self.text_encoder.config
-        self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
-        if len(self.tokenizer) > config.vocab_size:
-            raise WeightsError(f"{layout.tokenizer}: {len(self.tokenizer)} tokens but {layout.text_encoder} embeds "
-                               f"{config.vocab_size}; expected the tokenizer of that text encoder")
-        width = read_json(layout.unet / "config.json", "the inpainting UNet config").get("cross_attention_dim")
-        if config.hidden_size != width:
-            raise WeightsError(f"{layout.text_encoder}: hidden_size {config.hidden_size}, but the UNet's "
-                               f"cross_attention_dim is {width}; expected the text encoder of this inpainting model")
-
-    def encode(self, text: str, tokens: int) -> torch.Tensor:
-        """[tokens, C]: the first `tokens` positions of diffusers' 77-position encoding of `text`."""
-        hidden = encode_prompt(self.tokenizer, self.text_encoder, text)  # (1, 77, C)
-        return hidden[0, :tokens].float().cpu().clone()  # a tensor of its own (safetensors refuses shared storage)
-
-    def count(self, text: str) -> int:
-        return token_count(self.tokenizer, text)
 
 
 def _kept_prompts(path: Path, missing: list[str], tokens: int, width: int) -> tuple[dict, dict]:

@@ -1,6 +1,6 @@
 """CLIP text encoders and tokenizers (transformers), from local files: the element decoder's text
 side (SD-1.5) and the SD-2 inpainting folder's, which initialises task prompts from text
-(editrt/prompts.py; paper 000 App. A.2).
+(models/text_prompts.py; paper 000 App. A.2).
 
 `weights init` cannot download CLIP's 49k-token BPE vocabulary, so it writes a small but valid
 CLIP BPE tokenizer (the 512 byte-level base tokens, a few merges, the two special tokens) in

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from editrt.errors import InputError
 from editrt.models.common import resolve_dtype
+from editrt.models.deep_cache import DeepCacheUNet, check_branch, check_options
 from editrt.models.files import write_atomic
 from editrt.models.inpaint import TASKS
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
+from editrt.runtime.crop import check_crop, crop_inputs, paste_back, plan_crop
 from editrt.runtime.edits import Quality, SeeleEdit, seele_request
 from editrt.runtime.estimators import estimators_from_engines, trimap_from_mask
 from editrt.runtime.images import (
@@ -199,12 +201,13 @@ class RepositionPipeline:
         return self.work.run(make)
 
     def _denoise(self, rgb: np.ndarray, mask: np.ndarray, task: str, steps: int, guidance: float, seed: int,
-                 progress: bool, step_callback=None) -> np.ndarray:
+                 progress: bool, step_callback=None, feature_cache: tuple[int, int] | None = None) -> np.ndarray:
         """One prompt-guided inpainting pass at the given (processing) size; returns decoded uint8 RGB.
 
         Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet. The
         harmonize task runs the harmonizer UNet, and its unmasked condition is the whole image
-        (paper Eq. 2) instead of the image with the mask cut out.
+        (paper Eq. 2) instead of the image with the mask cut out. `feature_cache` (interval, branch): reuse
+        the UNet's deep features between steps (DeepCacheSDHelper's semantics; models/deep_cache.py).
         """
         device, dtype = self.device, self.dtype
         harmonize = task == "harmonize"
@@ -242,9 +245,10 @@ class RepositionPipeline:
         unet = self.engines["harmonizer_unet" if harmonize else "inpaint_unet"]
         extra = torch.cat([mask_latent, condition_latents], dim=1)  # (B, 5, h, w): mask | condition latents
         key = LoopKey("harmonize" if harmonize else "inpaint", tuple(latents.shape), tuple(extra.shape),
-                      (("encoder_hidden_states", tuple(embeds.shape)),), steps, do_cfg, dtype)
+                      (("encoder_hidden_states", tuple(embeds.shape)),), steps, do_cfg, dtype, feature_cache)
+        features = None if feature_cache is None else DeepCacheUNet(self.components.unet, feature_cache[1])
         with tqdm(total=steps, disable=not progress, desc="denoising", leave=False) as bar:
-            latents = self.loops.get(key, unet).run(latents, {"encoder_hidden_states": embeds}, extra, guidance,
+            latents = self.loops.get(key, unet, features).run(latents, {"encoder_hidden_states": embeds}, extra, guidance,
                                                     callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
         # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
@@ -254,27 +258,60 @@ class RepositionPipeline:
         return (decoded[0] * 255).round().astype(np.uint8)
 
     def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
-                    progress: bool, mask_name: str = "mask", step_callback=None) -> tuple[np.ndarray, np.ndarray]:
-        """Run one pass at the processing resolution; paste the result back inside `mask` only."""
+                    progress: bool, mask_name: str = "mask", step_callback=None, crop_padding: int | None = None,
+                    crop_size: str | None = None, cache_interval: int | None = None,
+                    cache_branch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Run one pass at the processing resolution; paste the result back inside `mask` only.
+
+        `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py).
+        `cache_interval` / `cache_branch`: reuse the UNet's deep features between steps (models/deep_cache.py).
+        """
         if task not in TASKS:
             raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}", field="task")
         check_steps(steps, guidance)
+        crop_size = check_crop(crop_padding, crop_size)
+        cache = self._feature_cache(cache_interval, cache_branch)
         rgb = as_rgb(image)
         mask = as_mask(mask, rgb.shape[:2], name=mask_name)
         size = processing_size(rgb.shape[:2], resolution or self.default_resolution)
+        if crop_size is not None:
+            plan = plan_crop(mask, size, crop_padding, crop_size)
+            work_rgb, work_mask = crop_inputs(rgb, mask, plan)
+            decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache)
+            return paste_back(rgb, mask, decoded, plan), mask
         work_rgb, work_mask = resize_rgb(rgb, size), resize_mask_covering(mask, size)
-        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback)
+        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache)
         decoded = resize_rgb(decoded, rgb.shape[:2])
         out = rgb.copy()
         out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
         return out, mask
 
+    def _feature_cache(self, interval: int | None, branch: int | None) -> tuple[int, int] | None:
+        """(interval, branch) of DeepCache-style feature reuse, or None when off (no interval, or 1)."""
+        cache = check_options(interval, branch)
+        if cache is not None and self.components is None:
+            raise InputError(f"cache_interval: needs the torch backend (the {self.engines['inpaint_unet'].backend} "
+                             "UNet runs as one opaque engine)", field="cache_interval")
+        if cache is not None:
+            check_branch(self.components.unet, cache[1])
+        return cache
+
     def inpaint(self, image, mask, task: str = "remove", steps: int = 50, guidance: float = 1.0, seed: int = 0,
-                resolution: int | None = None, progress: bool = False) -> Image.Image:
-        """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation."""
+                resolution: int | None = None, progress: bool = False, crop_padding: int | None = None,
+                crop_size: str | None = None, cache_interval: int | None = None,
+                cache_branch: int | None = None) -> Image.Image:
+        """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation.
+
+        `crop_padding` (px): regenerate only the padded box around the mask (diffusers' padding_mask_crop);
+        `crop_size`: "native" (default with a crop: the box at its own resolution, at most the processing
+        size) or "processing" (resized to the processing size, as diffusers does). `cache_interval` N,
+        `cache_branch` B: DeepCache's feature reuse (the deep UNet features computed every N-th step).
+        """
         if task not in ("remove", "complete"):
             raise InputError(f"task: expected 'remove' or 'complete', got {task!r}", field="task")
-        out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress))
+        out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress,
+                                                        crop_padding=crop_padding, crop_size=crop_size,
+                                                        cache_interval=cache_interval, cache_branch=cache_branch))
         return Image.fromarray(out)
 
     def harmonize(self, image, mask, steps: int = 50, seed: int = 0, guidance: float = 1.0, resolution: int | None = None,

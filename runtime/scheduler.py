@@ -17,6 +17,12 @@ budget, least recently used evicted first; a loop's bytes are its static buffers
 captured, the memory its graph's private pool reserved (measured from an emptied cache), so the
 budget bounds graph pools too and an evicted loop's graph frees its pool.
 
+Cached denoising features (`LoopKey.feature_cache` = (interval, branch), models/deep_cache.py): step i is
+a full step when i % interval == 0, else a cached step on the feature the last full step kept in a static
+buffer (allocated by the first full step, counted in `nbytes`). Which kind each step is depends only on
+i, so the whole-loop graph holds each step's own body (full or cached) and a replay needs no Python;
+one graph per step kind would need a replay and a host round trip per step instead of one per loop.
+
 Weight switches under graphs: a captured graph reads parameters through their storage. The
 harmonizer's LoRA switch (models/lora.FusedLoRA) copies the new weights into that same storage,
 and `DenoiseLoop.run` calls the engine's `prepare()` before every run or replay, so a replay always
@@ -52,6 +58,7 @@ class LoopKey:
     steps: int
     cfg: bool
     dtype: torch.dtype
+    feature_cache: tuple | None = None  # (interval, branch): DeepCache-style reuse; None: every step is full
 
 
 def ddim_coefficients(scheduler_config, steps: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -78,8 +85,13 @@ def ddim_coefficients(scheduler_config, steps: int, device) -> tuple[torch.Tenso
 class DenoiseLoop:
     """One stage's denoising loop on static buffers (see the module docstring)."""
 
-    def __init__(self, key: LoopKey, unet, scheduler_config, device, use_graph: bool):
-        self.key, self.unet, self.device = key, unet, torch.device(device)
+    def __init__(self, key: LoopKey, unet, scheduler_config, device, use_graph: bool, features=None):
+        """`features` (with key.feature_cache): the engine's UNet as full and cached steps
+        (models/deep_cache.DeepCacheUNet, over the same module, so `unet.prepare()` still switches its weights)."""
+        if (key.feature_cache is None) != (features is None):
+            raise ValueError("DenoiseLoop: feature_cache in the key and `features` go together")
+        self.key, self.unet, self.device, self.features = key, unet, torch.device(device), features
+        self.deep_feature = None  # the feature the last full step kept (allocated by the first one)
         batch = 2 if key.cfg else 1
         dtype = key.dtype
         # 1. Static buffers: what a request copies in, and the latents the loop updates in place.
@@ -100,6 +112,7 @@ class DenoiseLoop:
     def nbytes(self) -> int:
         buffers = [self.latents, self.guidance, *self.context.values(), *self.coef.values()]
         buffers += [] if self.extra is None else [self.extra]
+        buffers += [] if self.deep_feature is None else [self.deep_feature]
         return sum(t.element_size() * t.nelement() for t in buffers) + self.graph_bytes
 
     def _step(self, i: int) -> None:
@@ -107,10 +120,26 @@ class DenoiseLoop:
         model_input = torch.cat([latents] * 2) if self.key.cfg else latents
         if self.extra is not None:
             model_input = torch.cat([model_input, self.extra], dim=1)
-        noise = self.guided(self.unet(sample=model_input, timestep=self.timestep_inputs[i], **self.context)["noise_pred"])
+        noise = self.guided(self._predict(model_input, i))
         c = {k: v[i] for k, v in self.coef.items()}
         pred_original = (latents - c["beta_sqrt"] * noise) / c["alpha_sqrt"]
         self.latents.copy_(c["prev_alpha_sqrt"] * pred_original + c["direction"] * noise)
+
+    def _predict(self, model_input: torch.Tensor, i: int) -> torch.Tensor:
+        """The UNet's noise prediction at step i. With feature caching, step i is a full step when
+        i % interval == 0 (DeepCacheSDHelper refreshes on the first step and every interval-th after) and keeps
+        its deep feature in a static buffer; the steps between run the shallow path on that buffer. The
+        step kinds are fixed by i, so a captured loop holds each step's own kind of body."""
+        timestep = self.timestep_inputs[i]
+        if self.key.feature_cache is None:
+            return self.unet(sample=model_input, timestep=timestep, **self.context)["noise_pred"]
+        if i % self.key.feature_cache[0] == 0:
+            noise, feature = self.features.full(model_input, timestep, **self.context)
+            if self.deep_feature is None:
+                self.deep_feature = torch.empty_like(feature)
+            self.deep_feature.copy_(feature)
+            return noise
+        return self.features.cached(model_input, timestep, feature=self.deep_feature, **self.context)
 
     def guided(self, noise: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance: eps(∅) + w·[eps(cond) − eps(∅)], the ∅ half batched first."""
@@ -192,7 +221,10 @@ class DenoiseLoop:
             for i in range(self.key.steps if callback is not None else 0):
                 callback(i)
         else:
+            grows = self.features is not None and self.deep_feature is None
             self._body(callback)
+            if grows and self.on_captured is not None:
+                self.on_captured()  # re-measure: the first full step allocated the feature buffer
         return self.latents.clone()
 
 
@@ -207,10 +239,11 @@ class LoopCache:
         self.scheduler_config, self.device, self.use_graphs = scheduler_config, torch.device(device), bool(use_graphs)
         self.cache = ByteLRU("denoising loops", budget_bytes)
 
-    def get(self, key: LoopKey, unet) -> DenoiseLoop:
+    def get(self, key: LoopKey, unet, features=None) -> DenoiseLoop:
+        """The loop for `key` on `unet`; `features` only with key.feature_cache (see DenoiseLoop)."""
         loop = self.cache.get((key, id(unet)))
         if loop is None or loop.unet is not unet:
-            loop = DenoiseLoop(key, unet, self.scheduler_config, self.device, self.use_graphs)
+            loop = DenoiseLoop(key, unet, self.scheduler_config, self.device, self.use_graphs, features)
             loop.on_captured = lambda loop=loop: self.account(loop)
             self.cache.put((key, id(unet)), loop, loop.nbytes)
         return loop

@@ -33,7 +33,23 @@ def pixel_key(rgb: np.ndarray) -> tuple:
 
 
 _TF32_LOCK = threading.Lock()
-_tf32 = {"users": 0, "saved": None}  # threads inside tf32_matmuls, and the flags the first of them found
+_tf32 = {"users": 0, "saved": None}  # threads inside tf32_matmuls, and the precision the first of them found
+def _fp32_precision() -> tuple:
+    """The fp32 precision of CUDA matmuls and cuDNN convolutions, as `_restore` puts it back exactly: through
+    the legacy allow_tf32 flags, or, on torch >= 2.9 after the process chose it with the `fp32_precision` API
+    (the legacy getters then raise rather than answer), through that API."""
+    try:
+        return "allow_tf32", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # "you have used mix of the legacy and new APIs": the process is on the new API
+        return "fp32_precision", torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def _restore(saved: tuple) -> None:
+    api, matmul, conv = saved
+    if api == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+    else:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
 
 
 @contextlib.contextmanager
@@ -42,21 +58,23 @@ def tf32_matmuls(device: torch.device):
 
     SAM runs in fp32 on every backend (its published checkpoints are fp32). On Ampere and later,
     TF32 runs those matmuls on tensor cores with a 10-bit mantissa: ~1e-3 relative error in the
-    embedding, which the mask threshold tolerates. The flags are process-global, so while the
-    encoder runs they also apply to other threads' fp32 CUDA matmuls; the pipeline's own work is
-    serialized by its work queue. No effect on the CPU.
+    embedding, which the mask threshold tolerates. No effect on the CPU.
 
-    Two editors' queues may run their encoders at once: a per-call save/restore would then let the
-    first to leave turn TF32 off under the second, and the second restore the first's True for good.
-    One process-wide count under a lock instead: the first to enter saves and sets, the last to leave
-    restores.
+    The flags are process-global, also in torch 2.14's `fp32_precision` API (there is no per-thread
+    form), so while an encoder runs they also apply to other threads' fp32 CUDA matmuls (the pipelines'
+    UNets run in fp16 on CUDA by default; `Segmenter(tf32=False)` keeps SAM exact). Two editors' queues may
+    run their encoders at once: a per-call save/restore would then let the first to leave turn TF32 off
+    under the second, and the second restore the first's True for good. One process-wide count under a
+    lock instead: the first to enter saves and sets, the last to leave restores what it found, through
+    whichever precision API the process uses.
     """
     if device.type != "cuda":
         yield
         return
     with _TF32_LOCK:
         if _tf32["users"] == 0:
-            _tf32["saved"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            _tf32["saved"] = _fp32_precision()
+            # the legacy setters work under either API, and leave the legacy getters readable inside
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         _tf32["users"] += 1
     try:
@@ -65,7 +83,7 @@ def tf32_matmuls(device: torch.device):
         with _TF32_LOCK:
             _tf32["users"] -= 1
             if _tf32["users"] == 0:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _tf32["saved"]
+                _restore(_tf32["saved"])
 
 
 class Segmenter:

@@ -3,21 +3,26 @@
 A pipeline owns one `WorkQueue`. Every public method that runs an engine (segment, inpaint,
 harmonize, __call__, partition, decode, ...) runs as one *job* holding the queue's turn, so at
 most one job touches the pipeline's engines, static loop buffers, CUDA graphs and caches at a time.
-Jobs waiting for the turn are served by priority (FINAL before PREVIEW), then in arrival order;
-the number waiting is bounded, and a request beyond the bound raises `BusyError` at once (a
-server answers 503) instead of queueing without limit.
+Everything that waits for the turn — submitted jobs and blocking `run` callers alike — waits in ONE
+heap, served by priority (FINAL before PREVIEW), then in arrival order; the number waiting is
+bounded, and a request beyond the bound raises `BusyError` at once (a server answers 503) instead
+of queueing without limit.
 
-    pipe.work.run(fn, priority=FINAL)       # blocks; fn() runs on the CALLER's thread, holding the turn
     job = pipe.work.submit(fn, priority=PREVIEW)   # returns at once; fn(job) runs on the queue's worker thread
-    job.future.result()                     # a plain concurrent.futures.Future
+    job.future.result()                     # a JobFuture (a concurrent.futures.Future) with queued/started/ended times
     job.cancel()                            # waiting: never runs; running: job.cancel_requested becomes True
+    pipe.work.run(fn, priority=FINAL)       # library callers: blocks; fn() runs on the CALLER's thread
+
+Submitted jobs need no thread while they wait: the queue's one worker thread is handed the turn
+with the best job when it is that job's turn, so a server awaits futures instead of parking a
+thread per request. A job records when it was queued, started and ended on its future
+(`JobFuture.started_at` ...), so nobody polls to learn that it started.
 
 Re-entrant: a job that calls another public method of the same pipeline (``__call__`` calls
-``segment``) runs it inline on the same turn. Why a turn and not one thread for everything:
-finals run on the caller's thread, so exceptions and step callbacks stay on the thread that asked,
-and CPU inference does not start a second OpenMP thread team; only submitted jobs (previews) use
-the worker thread. A running job is never pre-empted: a final waits for the running job to
-finish or, for a preview whose owner cancels it, for its next denoising step.
+``segment``; a server's job calls ``session.final``) runs it inline on the same turn: the nested
+call's own `priority` is not used (it already holds the turn the outer job's priority won), and it
+never queues behind anyone. A running job is never pre-empted: a final waits for the running job
+to finish or, for a preview whose owner cancels it, for its next denoising step.
 """
 from __future__ import annotations
 
@@ -39,14 +44,44 @@ class Cancelled(Exception):
     """Raised inside a job whose owner cancelled it (e.g. a preview superseded by a final)."""
 
 
+class JobFuture(Future):
+    """A job's Future that records its own times (time.perf_counter): `queued_at` when the job was submitted,
+    `started_at` when the worker started it (None if it never ran), `ended_at` when its result or error
+    was set. Whoever holds only the future (a server route) reads how long the job waited and ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.queued_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+
+    def set_running_or_notify_cancel(self) -> bool:
+        running = super().set_running_or_notify_cancel()
+        if running:
+            self.started_at = time.perf_counter()
+        return running
+
+    def set_result(self, result) -> None:
+        self.ended_at = time.perf_counter()
+        super().set_result(result)
+
+    def set_exception(self, exception) -> None:
+        self.ended_at = time.perf_counter()
+        super().set_exception(exception)
+
+
 class Job:
     """A submitted job: its Future, and the cancellation its function can check between steps."""
 
     def __init__(self, fn, priority: int):
         self.fn, self.priority = fn, priority
-        self.future: Future = Future()
-        self.started_at: float | None = None  # time.perf_counter() when the worker started it
+        self.future = JobFuture()
         self._cancel = threading.Event()
+
+    @property
+    def started_at(self) -> float | None:
+        """time.perf_counter() when the worker started it; None while it waits (or if it never ran)."""
+        return self.future.started_at
 
     @property
     def cancel_requested(self) -> bool:
@@ -64,10 +99,14 @@ class Job:
 
 
 class _Ticket:
+    """A blocking `run` caller's place in the heap."""
     __slots__ = ("granted",)
 
     def __init__(self):
         self.granted = False
+
+
+_RESERVED = -1  # the turn is handed to a granted waiter that has not woken yet
 
 
 class WorkQueue:
@@ -77,30 +116,49 @@ class WorkQueue:
         if max_waiting < 1:
             raise ValueError("max_waiting: expected >= 1")
         self.max_waiting, self.name = max_waiting, name
-        self._lock = threading.Condition()
-        self._waiting: list[tuple[int, int, _Ticket]] = []  # heap of (priority, arrival, ticket)
+        self._lock = threading.Condition(threading.Lock())
+        self._heap: list[tuple[int, int, _Ticket | Job]] = []  # everything waiting for the turn
         self._arrival = itertools.count()
-        self._owner: int | None = None  # thread id holding the turn
+        self._owner: int | None = None  # thread id holding the turn, _RESERVED, or None
         self._depth = 0  # re-entrant holds by the owner
-        self._jobs: list[tuple[int, int, Job]] = []  # submitted jobs not started (heap)
+        self._next_job: Job | None = None  # the job the worker has been handed the turn for
         self._worker: threading.Thread | None = None
         self.jobs_run = 0
 
     # ------------------------------------------------------------------ the turn
+    def _admit(self) -> None:
+        """Holds _lock: refuse a new waiter when max_waiting already wait (cancelled jobs do not count)."""
+        if len(self._heap) >= self.max_waiting:
+            self._drop_cancelled()
+        if len(self._heap) >= self.max_waiting:
+            raise BusyError(f"{self.name}: {len(self._heap)} requests already waiting (max_waiting="
+                            f"{self.max_waiting}); retry later")
+
+    def _hand_over(self) -> None:
+        """Holds _lock, the turn is free: give it to the best waiter (a ticket's thread or the worker)."""
+        if self._owner is not None or not self._heap:
+            return
+        entry = heapq.heappop(self._heap)[2]
+        if isinstance(entry, Job):
+            self._next_job = entry
+            self._ensure_worker()
+        else:
+            entry.granted = True
+        self._owner = _RESERVED
+        self._lock.notify_all()
+
     def _acquire(self, priority: int) -> None:
         me = threading.get_ident()
         with self._lock:
-            if self._owner == me:
+            if self._owner == me:  # nested inside a job: inline, on the turn the outer job won
                 self._depth += 1
                 return
-            if self._owner is None and not self._waiting:
+            if self._owner is None and not self._heap:
                 self._owner, self._depth = me, 1
                 return
-            if len(self._waiting) >= self.max_waiting:
-                raise BusyError(f"{self.name}: {len(self._waiting)} requests already waiting (max_waiting="
-                                f"{self.max_waiting}); retry later")
+            self._admit()
             ticket = _Ticket()
-            heapq.heappush(self._waiting, (priority, next(self._arrival), ticket))
+            heapq.heappush(self._heap, (priority, next(self._arrival), ticket))
             while not ticket.granted:
                 self._lock.wait()
             self._owner, self._depth = me, 1
@@ -111,13 +169,11 @@ class WorkQueue:
             if self._depth:
                 return
             self._owner = None
-            if self._waiting:  # hand the turn to the best waiting ticket
-                heapq.heappop(self._waiting)[2].granted = True
-                self._owner = -1  # reserved until the granted thread takes it
-            self._lock.notify_all()
+            self._hand_over()
 
     def run(self, fn, priority: int = FINAL):
-        """Run fn() on this thread holding the turn; returns its result (or raises its exception)."""
+        """Run fn() on this thread holding the turn; returns its result (or raises its exception).
+        Called inside a job (this thread holds the turn): runs fn() at once, `priority` unused."""
         self._acquire(priority)
         try:
             return fn()
@@ -131,49 +187,54 @@ class WorkQueue:
 
     @property
     def waiting(self) -> int:
+        """Jobs and callers waiting for the turn (not the one holding it; not jobs cancelled while waiting,
+        which never run)."""
         with self._lock:
-            return len(self._waiting) + len(self._jobs)
+            return sum(1 for _, _, entry in self._heap if not (isinstance(entry, Job) and entry.future.cancelled()))
 
-    # ------------------------------------------------------------------ background jobs
+    # ------------------------------------------------------------------ submitted jobs
     def submit(self, fn, priority: int = PREVIEW) -> Job:
         """Queue fn(job) for the worker thread; raises BusyError when max_waiting jobs already wait."""
         job = Job(fn, priority)
         with self._lock:
-            if len(self._waiting) + len(self._jobs) >= self.max_waiting:
-                self._drop_cancelled()
-            if len(self._waiting) + len(self._jobs) >= self.max_waiting:
-                raise BusyError(f"{self.name}: {len(self._waiting) + len(self._jobs)} requests already waiting "
-                                f"(max_waiting={self.max_waiting}); retry later")
-            heapq.heappush(self._jobs, (priority, next(self._arrival), job))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
-                self._worker.start()
-            self._lock.notify_all()
+            self._admit()
+            heapq.heappush(self._heap, (priority, next(self._arrival), job))
+            self._hand_over()
         return job
 
     def _drop_cancelled(self) -> None:
         """Forget submitted jobs cancelled while waiting (they would count toward max_waiting). Holds _lock."""
-        live = [entry for entry in self._jobs if not entry[2].future.cancelled()]
-        if len(live) != len(self._jobs):
+        live = [entry for entry in self._heap if not (isinstance(entry[2], Job) and entry[2].future.cancelled())]
+        if len(live) != len(self._heap):
             heapq.heapify(live)
-            self._jobs = live
+            self._heap = live
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
+            self._worker.start()
 
     def _work(self) -> None:
-        """The worker thread: takes the best submitted job, then waits for the turn like any caller."""
+        """The worker thread: sleeps until it is handed the turn with a job, runs it, passes the turn on."""
+        me = threading.get_ident()
         while True:
             with self._lock:
-                while not self._jobs:
+                while self._next_job is None:
                     self._lock.wait()
-                _, _, job = heapq.heappop(self._jobs)
-            if job.future.set_running_or_notify_cancel():
-                job.started_at = time.perf_counter()
-                self._execute(job)
-            job.fn = None  # the function's closure (e.g. a session) is not kept alive by a finished job
-            del job  # nor by this loop's variable while it waits for the next one
+                job, self._next_job = self._next_job, None
+                self._owner, self._depth = me, 1
+            try:
+                if job.future.set_running_or_notify_cancel():  # a job cancelled while waiting never runs
+                    self._execute(job)
+            finally:
+                job.fn = None  # the function's closure (e.g. a session) is not kept alive by a finished job
+                del job  # nor by this loop's variable while it waits for the next one
+                self._release()
 
     def _execute(self, job: Job) -> None:
         try:
-            result = self.run(lambda: (job.raise_if_cancelled(), job.fn(job))[1], job.priority)
+            job.raise_if_cancelled()
+            result = job.fn(job)
         except Cancelled as e:  # stopped by its owner: the future reads as cancelled work
             job.future.set_exception(CancelledError(str(e)))
         except BaseException as e:  # delivered to whoever waits on the future

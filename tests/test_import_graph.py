@@ -17,12 +17,7 @@ SKIP = {"__pycache__", "assets", "configs", "static", "results", "csrc"}
 # Empty: every module-level cycle fails the test.
 KNOWN_MODULE_LEVEL_CYCLES: set[tuple[str, ...]] = set()
 # Cycles counting function-level imports too (a lazy import inside a function still ties two modules together).
-KNOWN_CYCLES = {
-    # issue 23: each Ray replica builds its pipelines by faking `editrt serve` arguments (server/cli.py), and
-    # server/cli.py starts the Ray deployment; one typed pipeline config module is to replace both directions.
-    # The server's rewrite owns these files: delete this entry when the cycle is gone.
-    ("editrt.runtime.server.cli", "editrt.runtime.server.ray_deployment"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def package_modules() -> dict[str, Path]:

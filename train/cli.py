@@ -16,16 +16,18 @@ from pathlib import Path
 from editrt.errors import InputError
 
 
-def _loop_options(p: argparse.ArgumentParser, steps: int | None = 9000, batch: int = 32, lr: float = 8e-5,
-                  paper: str = "paper 000 App. A.2") -> None:
+def _loop_options(p: argparse.ArgumentParser, steps: int | None = 9000, batch: int | None = 32,
+                  lr: float | None = 8e-5, paper: str = "paper 000 App. A.2") -> None:
+    """Shared optimisation options; a None default is resolved by the job (per stage, see ELEMENTS_DEFAULTS)."""
     g = p.add_argument_group(f"optimisation (defaults: {paper})")
     g.add_argument("--steps", type=int, default=steps,
-                   help=f"optimizer steps (default {steps if steps else '30 passes over the training images'})")
+                   help=f"optimizer steps (default {steps if steps else 'per stage; stage 1: 30 passes over the images'})")
     g.add_argument("--batch-size", type=int, default=batch,
-                   help=f"global batch: processes x --micro-batch x accumulation (default {batch})")
+                   help=f"global batch: processes x --micro-batch x accumulation (default {batch or 'per stage'})")
     g.add_argument("--micro-batch", type=int, default=4,
                    help="samples per process and forward pass; the rest of the batch is accumulated (default 4)")
-    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--lr", type=float, default=lr,
+                   help=f"AdamW learning rate (default {'per stage' if lr is None else format(lr, 'g')})")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then constant (default 0)")
     g.add_argument("--seed", type=int, default=0, help="every draw derives from (seed, sample index)")
@@ -111,21 +113,45 @@ def cmd_train_harmonizer(args) -> None:
         _say(args)(f"harmonize prompt -> {run.output}, LoRA -> {run.lora_output}")
 
 
+# Per-stage defaults (paper 001's supplementary): stage 1 AdamW lr 1e-4, betas (0.9, 0.95), batch 128, 30 epochs;
+# stage 2 lr 6.4e-5, betas (0.9, 0.999), batch 64, "around 180k iterations". Resolution: stage 1 editrt's 256,
+# stage 2 SD-1.5's 512.
+ELEMENTS_DEFAULTS = {1: {"steps": None, "batch_size": 128, "lr": 1e-4, "betas": (0.9, 0.95), "resolution": 256},
+                     2: {"steps": 180_000, "batch_size": 64, "lr": 6.4e-5, "betas": (0.9, 0.999), "resolution": 512}}
+
+
 def cmd_train_elements(args) -> None:
-    from editrt.train.elements import ElementsSettings, train_content_encoder
     from editrt.weights import resolve_weights
 
+    if args.stage not in ELEMENTS_DEFAULTS:
+        raise InputError(f"--stage {args.stage}: expected 1 (content encoder) or 2 (the diffusion decoder)")
     _needs("accelerate")
-    if args.stage != 1:
-        raise InputError(f"--stage {args.stage}: only stage 1 (content encoder + light decoder) is built")
+    defaults = ELEMENTS_DEFAULTS[args.stage]
+    for name in ("steps", "batch_size", "lr", "resolution"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     weights = resolve_weights(args.weights, log=_say(args))
-    settings = ElementsSettings(weights=Path(weights), data=Path(args.data),
-                                output=Path(args.output) if args.output else None, resolution=args.resolution,
-                                grid=args.grid, val_fraction=args.val_fraction)
-    loop = _loop_settings(args, "elements")
-    loop.betas = (0.9, 0.95)
-    out, _, _ = train_content_encoder(settings, loop, log=_say(args))
-    _say(args)(f"content encoder -> {out}")
+    loop = _loop_settings(args, f"elements-stage{args.stage}")
+    loop.betas = defaults["betas"]
+    if args.stage == 1:
+        from editrt.train.elements import ElementsSettings, train_content_encoder
+
+        settings = ElementsSettings(weights=Path(weights), data=Path(args.data),
+                                    output=Path(args.output) if args.output else None, resolution=args.resolution,
+                                    grid=args.grid, val_fraction=args.val_fraction)
+        out, _, _ = train_content_encoder(settings, loop, log=_say(args))
+        _say(args)(f"content encoder -> {out}")
+        return
+    from editrt.train.elements_stage2 import Stage2Settings, train_decoder
+
+    settings = Stage2Settings(weights=Path(weights), data=Path(args.data),
+                              output=Path(args.output) if args.output else None, resolution=args.resolution,
+                              grid=args.grid, val_fraction=args.val_fraction, random_partition=args.random_partition,
+                              element_dropout=args.element_dropout,
+                              gradient_checkpointing=args.gradient_checkpointing)
+    run = train_decoder(settings, loop, log=_say(args))
+    if run.main:
+        _say(args)(f"element decoder -> {run.unet}, {run.adapter}")
 
 
 def add_train_parser(sub) -> None:
@@ -166,12 +192,24 @@ def add_train_parser(sub) -> None:
     _loop_options(p)
     p.set_defaults(func=cmd_train_harmonizer)
 
-    p = jobs.add_parser("elements", help="EIE stage 1: the content encoder through a light MAE-style decoder")
+    p = jobs.add_parser("elements", help="EIE: stage 1 the content encoder (light MAE-style decoder), stage 2 the "
+                        "SD-1.5 decoder with the element cross-attentions (Eq. 5)")
     p.add_argument("--weights", help="weights directory with sam/ and elements/ (default: $EDITRT_WEIGHTS)")
-    p.add_argument("--data", required=True, metavar="DIR", help="DIR/images/NAME.jpg|png (masks are not used)")
-    p.add_argument("--stage", type=int, default=1, help="1 (the only one built)")
-    p.add_argument("-o", "--output", metavar="DIR", help="default: the weights folder's elements/content_encoder")
-    p.add_argument("--resolution", type=int, default=256, help="images resized to this square (default 256)")
+    p.add_argument("--data", required=True, metavar="DIR", help="DIR/images/NAME.jpg|png; stage 2 also "
+                   "DIR/masks/NAME_K.png (element dropout) and optional DIR/captions/NAME.txt")
+    p.add_argument("--stage", type=int, default=1, help="1: content encoder (default); 2: the diffusion decoder "
+                   "(elements/unet + elements/element_adapter), content and text encoders frozen")
+    p.add_argument("-o", "--output", metavar="DIR", help="stage 1: the content encoder folder (default: the weights "
+                   "folder's elements/content_encoder); stage 2: the folder receiving unet/ and element_adapter/ "
+                   "(default: the weights folder's elements/)")
+    p.add_argument("--resolution", type=int, help="images resized to this square (default: stage 1 256, stage 2 512)")
     p.add_argument("--grid", type=int, default=16, help="partition query grid (16 -> 256 elements)")
-    _loop_options(p, steps=None, batch=128, lr=1e-4, paper="paper 001's supplementary: AdamW betas (0.9, 0.95)")
+    p.add_argument("--random-partition", type=float, default=1.0,
+                   help="stage 2: share of samples whose elements are another image's partition (default 1)")
+    p.add_argument("--element-dropout", type=float, default=0.5,
+                   help="stage 2: share of samples with the elements under a random object mask dropped (default "
+                   "0.5; the paper gives no rate)")
+    _loop_options(p, steps=None, batch=None, lr=None,
+                  paper="paper 001's supplementary; stage 1: lr 1e-4, betas (0.9, 0.95), batch 128, 30 epochs; "
+                  "stage 2: lr 6.4e-5, betas (0.9, 0.999), batch 64, 180,000 steps")
     p.set_defaults(func=cmd_train_elements)

@@ -187,7 +187,9 @@ def train_content_encoder(settings: ElementsSettings, loop: LoopSettings, log=la
     out = layout.elements / "content_encoder" if settings.output is None else Path(settings.output)
     paths = check_images(settings.data)
     encoder = ContentEncoder.from_pretrained(layout.elements / "content_encoder").float().train()
-    decoder = LightDecoder(encoder.config["feature_dim"], settings.resolution)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(loop.seed)  # the light decoder's random start: from the seed, the same on every process
+        decoder = LightDecoder(encoder.config["feature_dim"], settings.resolution)
     log(f"elements stage 1: partitioning {len(paths)} images at {settings.resolution}x{settings.resolution}")
     images = partition_images(paths, layout.root, settings.resolution, settings.grid, accelerator.device)
     train_images, val_images = split_train_val(images, settings.val_fraction, loop.seed)

@@ -146,8 +146,8 @@ def kept_prompts(settings: InversionSettings, width: int) -> tuple[Path, dict[st
 
 
 def initial_prompt(layout: WeightsLayout, text: str, tokens: int) -> torch.Tensor:
-    """[L, C] from text, exactly as `editrt weights prompts --from-text` (editrt/prompts.py) encodes it."""
-    from editrt.prompts import TextPromptEncoder
+    """[L, C] from text, exactly as `editrt weights prompts --from-text` encodes it (models/text_prompts.TextPromptEncoder)."""
+    from editrt.models.text_prompts import TextPromptEncoder
 
     encoder = TextPromptEncoder(layout)
     encoder.text_encoder.requires_grad_(False)

@@ -8,17 +8,19 @@ this machine, or joins the cluster at --ray-address / $RAY_ADDRESS, serves until
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import logging
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
 
-from editrt.errors import InputError
+from editrt.errors import EditError, InputError
 from editrt.models.common import DTYPE_ALIASES, DTYPES
 from editrt.runtime.server.limits import RedactQuery, Settings
+from editrt.runtime.server.loading import ServeConfig, load_pipelines, parse_editors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -50,6 +52,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--allowed-host", action="append", metavar="NAME", help="a Host name requests may use "
                    "(repeatable; default: loopback names without --token, the --host name too, any with --token)")
+    p.add_argument("--allowed-origin", action="append", metavar="ORIGIN", help="a web page origin, "
+                   "scheme://host[:port], whose pages may call this server from a browser besides its own (repeatable; "
+                   "default: only pages this server serves)")
     p.add_argument("--max-resolution", type=int, default=2048, help="largest processing short side a request may "
                    "ask for (default 2048)")
     p.add_argument("--max-work-pixels", type=int, default=2048 * 2048, help="largest processing canvas, H x W, "
@@ -103,7 +108,7 @@ def settings_from(args) -> Settings:
                              preview_steps=args.preview_steps, queue_size=args.queue_size, resolution=args.resolution,
                              warmup=not args.no_warmup, weights=str(args.weights or os.environ.get("EDITRT_WEIGHTS", "")),
                              ws_per_session=args.ws_per_session, read_timeout_s=args.read_timeout,
-                             allowed_hosts=_allowed_hosts(args), **{name: getattr(args, name) for name in COST_OPTIONS})
+                             allowed_hosts=_allowed_hosts(args), allowed_origins=_allowed_origins(args), **{name: getattr(args, name) for name in COST_OPTIONS})
 
 
 def _allowed_hosts(args) -> tuple[str, ...] | None:
@@ -118,47 +123,29 @@ def _allowed_hosts(args) -> tuple[str, ...] | None:
     return LOOPBACK_NAMES + (() if args.host in ("0.0.0.0", "::") else (args.host.lower(),))
 
 
-def _editors(args) -> list[str]:
-    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
-    unknown = set(editors) - {"reposition", "elements"}
-    if unknown or not editors:
-        raise InputError(f"--editors {args.editors!r}: expected reposition, elements or both (comma-separated)")
-    return editors
+ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)")
 
 
-def _weights(args, settings: Settings):
-    from editrt.runtime.backends import check_backend
-    from editrt.weights import resolve_weights
+def _allowed_origins(args) -> tuple[str, ...]:
+    """--allowed-origin values as a browser sends its Origin header: lower-case scheme://host[:port], no path."""
+    origins = []
+    for given in args.allowed_origin or ():
+        match = ORIGIN.fullmatch(given.strip().rstrip("/").lower())
+        if match is None:
+            raise InputError(f"--allowed-origin {given!r}: expected scheme://host[:port] with scheme http or https "
+                             "and no path (e.g. https://editor.example.com)", field="allowed_origin")
+        origins.append(match.group(0))
+    return tuple(origins)
 
-    check_backend(args.backend, args.engines)
-    weights = resolve_weights(args.weights, log=lambda what: None if args.quiet else print(f"editrt: {what}",
-                                                                                           file=sys.stderr))
-    settings.weights = str(weights)
-    return weights
 
-
-def load_pipelines(args, settings: Settings) -> dict:
-    """The pipelines to serve, loaded the way the other commands load them (a Ray Serve replica
-    calls this too, with the options `ray_load` checked)."""
-    import torch
-
-    editors = _editors(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    weights = _weights(args, settings)
-    pipelines = {}
-    for editor in editors:
-        if editor == "reposition":
-            from editrt.runtime.reposition import RepositionPipeline as cls
-        else:
-            from editrt.runtime.elements_pipeline import ElementsPipeline as cls
-        kwargs = dict(device=device, dtype=dtype, backend=args.backend, engines=args.engines)
-        if "max_waiting" in inspect.signature(cls.from_pretrained).parameters:
-            kwargs["max_waiting"] = settings.queue_size
-        pipelines[editor] = cls.from_pretrained(weights, **kwargs)
-    return pipelines
+def serve_config(args, settings: Settings) -> ServeConfig:
+    """The pipelines `editrt serve` loads, from its options, resolved (cached random weights made once);
+    the weights directory is shown by /readyz."""
+    config = ServeConfig(weights=args.weights, editors=parse_editors(args.editors), device=args.device,
+                         dtype=args.dtype, backend=args.backend, engines=args.engines, queue_size=settings.queue_size,
+                         quiet=args.quiet).resolved()
+    settings.weights = config.weights
+    return config
 
 
 def run(args) -> int:
@@ -176,7 +163,7 @@ def run(args) -> int:
 
     from editrt.runtime.server.app import create_app
 
-    app = create_app(**load_pipelines(args, settings), settings=settings)
+    app = create_app(**load_pipelines(serve_config(args, settings)), settings=settings)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, args.quiet, settings)).run()
     return 0
 
@@ -208,44 +195,75 @@ def ray_options(args):
     return RayOptions(**values).check()
 
 
-def ray_load(args, settings: Settings, options) -> dict:
-    """What each replica loads, checked here first. A replica sees only the GPUs Ray gives it: its
+def replica_config(args, settings: Settings, options) -> ServeConfig:
+    """What each replica loads, checked and resolved here first. A replica sees only the GPUs Ray gives it: its
     device is `cuda` (= cuda:0, its own GPU) or `cpu`."""
-    editors = _editors(args)
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:0)?", args.device):
         raise InputError(f"--device {args.device}: with --ray, expected cpu or cuda (each replica sees only the GPUs "
                          "Ray gives it, as cuda:0)")
     if (args.device or "").startswith("cuda") and not options.gpus_per_replica:
         raise InputError(f"--device {args.device}: a replica sees no GPU with --gpus-per-replica 0")
-    weights = _weights(args, settings)
-    return dict(weights=str(weights), editors=",".join(editors), device=args.device, dtype=args.dtype,
-                backend=args.backend, engines=args.engines, quiet=True)
+    return dataclasses.replace(serve_config(args, settings), quiet=True)
 
 
 def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+# Ray (2.x, checked on 2.60) resolves a local node's IP to the machine's routable address, even when told
+# `_node_ip_address="127.0.0.1"` (services.resolve_ip_for_localhost replaces loopback names), and its GCS,
+# raylet and agents then listen on all interfaces. Only with clusters disabled (ray_constants.ENABLE_RAY_CLUSTER,
+# this variable, the default on macOS and Windows) is the node IP 127.0.0.1, and then every Ray process
+# (GCS, raylet, dashboard and runtime-env agents, workers, the driver) binds 127.0.0.1. Ray reads it when it
+# is first imported, in this process and in every process it starts.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _local_ray_on_loopback() -> bool:
+    """Make the local Ray this command starts listen on 127.0.0.1 only; False when it is too late (ray was
+    imported in this process before)."""
+    name, value = next(iter(LOCAL_RAY_ENV.items()))
+    took = "ray" not in sys.modules or os.environ.get(name) == value
+    os.environ.update(LOCAL_RAY_ENV)
+    return took
+
+
 def run_ray(args, settings: Settings) -> int:
     """Deploy on Ray Serve (a local Ray, or the cluster at --ray-address), serve until Ctrl-C / SIGTERM,
-    then shut Ray Serve down (a joined cluster keeps running: only this application is deleted)."""
+    then shut Ray Serve down (a joined cluster keeps running: only this application is deleted).
+    A local Ray's own processes listen on 127.0.0.1 only (its control plane has no authentication);
+    the HTTP proxy listens on --host. A cluster is started by its operator (`ray start`) and joined
+    with --ray-address."""
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    loopback = address is None and _local_ray_on_loopback()  # before anything imports ray
     options = ray_options(args)
-    load = ray_load(args, settings, options)
+    config = replica_config(args, settings, options)
+    if address is None and not loopback:
+        raise EditError("--ray: Ray was imported before `editrt serve` could bind its local Ray to 127.0.0.1; run "
+                        "`editrt serve --ray` in a fresh process, or start Ray yourself and pass --ray-address")
     import ray
     from ray import serve
 
     from editrt.runtime.server.ray_deployment import build_app
 
-    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO",
-             log_to_driver=not args.quiet)
+    ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+             logging_level="WARNING" if args.quiet else "INFO", log_to_driver=not args.quiet)
+    if address is None and ray.util.get_node_ip_address() != "127.0.0.1":  # never serve an open control plane
+        ray.shutdown()
+        raise EditError(f"--ray: the local Ray took node address {ray.util.get_node_ip_address()}, not 127.0.0.1; "
+                        "start Ray yourself and pass --ray-address")
+    # One directory for the replicas' Prometheus counters and histograms, so any replica's /metrics reports
+    # their sum (metrics.py); the operator's own PROMETHEUS_MULTIPROC_DIR wins.
+    metrics_dir = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else tempfile.TemporaryDirectory(
+        prefix="editrt-metrics-")
+    options.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or metrics_dir.name
     # After ray.init (it installs its own SIGTERM handler): both signals end the wait below, and the
     # `finally` shuts Serve down. SIGINT explicitly too: a shell starts background jobs with it ignored.
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _interrupted)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(options, load, settings), name=options.name, route_prefix="/")
+        serve.run(build_app(options, config, settings), name=options.name, route_prefix="/")
         scaling = (f"{options.replicas} replicas, autoscaling {options.low}-"
                    f"{options.max_replicas or options.replicas}" if options.autoscaling else f"{options.replicas} replicas")
         print(f"editrt: serving on http://{args.host}:{args.port} with Ray Serve ({scaling}); Ctrl-C stops",
@@ -263,12 +281,12 @@ def run_ray(args, settings: Settings) -> int:
                 serve.shutdown()
         finally:
             ray.shutdown()
+            if metrics_dir is not None:
+                metrics_dir.cleanup()
     return 0
 
 
 def main(argv=None) -> int:
-    from editrt.errors import EditError
-
     parser = argparse.ArgumentParser(prog="editrt serve", description="The editing server and its browser editor.")
     configure_parser(parser)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """`editrt serve --ray`: the same FastAPI app as a Ray Serve deployment, one pipeline pair per replica.
 
-    app = build_app(RayOptions(replicas=2, sessions_per_replica=8), load={"weights": "/w"}, settings=Settings())
+    app = build_app(RayOptions(replicas=2, sessions_per_replica=8), ServeConfig(weights="/w"), settings=Settings())
     serve.run(app, name="editrt", route_prefix="/")
 
 Sessions are state that lives in one replica (its EditSession, the pipeline cache entries keyed
@@ -26,9 +26,9 @@ Every response carries `X-Editrt-Replica` (the replica id, the prefix of the ids
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
+import os
 import pickle
 import random
 import re
@@ -42,6 +42,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from editrt.errors import InputError
 from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.loading import ServeConfig, load_pipelines
 from editrt.runtime.server.sessions import SessionStore
 
 REPLICA_HEADER = "x-editrt-replica"
@@ -68,6 +69,9 @@ class RayOptions:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 600.0
     name: str = "editrt"
+    # PROMETHEUS_MULTIPROC_DIR of every replica: their counters and histograms are summed in any replica's
+    # /metrics (None: each replica reports only its own)
+    metrics_dir: str | None = None
 
     @property
     def cpu_threads(self) -> int:
@@ -110,6 +114,8 @@ class RayOptions:
     def deployment_options(self) -> dict:
         """Keyword arguments of serve.deployment."""
         actor = {"num_cpus": self.cpus_per_replica}
+        if self.metrics_dir:
+            actor["runtime_env"] = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}}
         if self.gpus_per_replica:
             actor["num_gpus"] = self.gpus_per_replica
         out = dict(name=self.name, ray_actor_options=actor, max_ongoing_requests=self.max_ongoing_requests,
@@ -126,12 +132,13 @@ class RayOptions:
         return out
 
 
-def build_app(options: RayOptions, load: dict, settings: Settings):
-    """The Serve application: `load` says what each replica loads (cli.load_pipelines' options:
-    weights, editors, device, dtype, backend, engines); `settings` are the app's limits."""
+def build_app(options: RayOptions, config: ServeConfig, settings: Settings):
+    """The Serve application: `config` is what each replica loads (loading.load_pipelines; resolve it first,
+    in the driver: `config.resolved()`, so replicas do not each make cached weights); `settings` are the
+    app's limits."""
     options.check()
     deployment = serve.deployment(**options.deployment_options())(EditrtReplica)
-    return deployment.bind(load, settings, options.sessions_per_replica, options.cpu_threads)
+    return deployment.bind(config, settings, options.sessions_per_replica, options.cpu_threads)
 
 
 # ---------------------------------------------------------------------- routing (runs in the proxy)
@@ -281,22 +288,24 @@ class SessionRouting:
 
 @serve.ingress()  # late-bound app: __serve_build_asgi_app__ returns the app this replica built
 class EditrtReplica:
-    """One replica: its own pipelines (cli.load_pipelines, as `editrt serve` loads them), the app
+    """One replica: its own pipelines (loading.load_pipelines, as `editrt serve` loads them), the app
     over them, and its sessions as multiplexed models."""
 
-    def __init__(self, load: dict, settings: Settings, sessions_per_replica: int, cpu_threads: int = 1):
+    def __init__(self, config: ServeConfig, settings: Settings, sessions_per_replica: int, cpu_threads: int = 1):
         import torch
 
         from editrt.runtime.server.app import create_app
-        from editrt.runtime.server.cli import load_pipelines
 
         torch.set_num_threads(cpu_threads)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # RayOptions.metrics_dir; on another node it may not exist
+            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.settings = settings
-        options = dict(weights=None, editors="reposition,elements", device=None, dtype=None, backend="torch",
-                       engines=None, quiet=True)
-        pipelines = load_pipelines(argparse.Namespace(**{**options, **load}), settings)
+        config = config.resolved()
+        if not settings.weights:  # shown by /readyz
+            settings.weights = config.weights
+        pipelines = load_pipelines(config)
         self.sessions = ReplicaSessions(settings, self.replica_id, on_close=self._unload)
 
         async def load_session(session_id: str) -> SessionLease:

@@ -1,15 +1,15 @@
 """How routes run pipeline work: as jobs of the pipeline's one work queue (runtime/work_queue.py).
 
-The event loop never runs pipeline code. A route hands its job to a small thread pool whose
-thread calls `pipeline.work.run(fn, priority)`: it waits for the pipeline's turn there, in the
-queue's priority order (FINAL, then a session's clicks, then previews and stateless requests, by
-arrival), so HTTP
-requests, sessions and anything else using the same pipeline are ordered in one place. (Finals
-must wait as `run` callers, not as submitted jobs: the queue's one worker thread serves submitted
-previews, and a final submitted behind a preview could not overtake it.) The queue is bounded:
-beyond its bound — or beyond this pool's threads — a job is refused at once with `Busy` and the
-route answers 503 with Retry-After. A job that raises delivers the exception to its awaiting
-route; the pool and the queue keep running.
+The event loop never runs pipeline code. A route submits its job to the pipeline's work queue
+(`PipelineWork.run`) and awaits the job's future: the job runs on the queue's one worker thread,
+holding the turn, in the queue's priority order (FINAL, then a session's clicks, then previews and
+stateless requests, by arrival), so HTTP requests, sessions and anything else using the same pipeline
+are ordered in one place, and a waiting request costs no thread. Pipeline methods the job calls
+(`session.final`, `pipeline(...)`) run inline on its turn: the route's priority is the one that
+counts. The queue is bounded: beyond its bound a job is refused at once with `Busy` and the route
+answers 503 with Retry-After. A job that raises delivers the exception to its awaiting route; the
+queue keeps running. The job's future records when it started and ended, so the queue wait and the
+run time reported to /metrics are exact.
 
 Previews of an EditSession are the session's own submitted jobs (`session.preview()` returns a
 future at once); routes await those futures. A preview that a newer preview or a final of the
@@ -20,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from editrt.runtime.work_queue import FINAL as _FINAL
 from editrt.runtime.work_queue import PREVIEW as _PREVIEW
-from editrt.runtime.work_queue import BusyError, Cancelled, WorkQueue
+from editrt.runtime.work_queue import BusyError, Cancelled, Job, JobFuture, WorkQueue
 
 FINAL, PREVIEW = _FINAL, _PREVIEW
 INTERACTIVE = (FINAL + PREVIEW) // 2  # a session's clicks (open, select, undo): after finals, before previews
@@ -62,7 +61,11 @@ class Stop:
 
 
 class PipelineWork:
-    """The server's handle on one pipeline's work queue, with per-stage timing for /metrics."""
+    """The server's handle on one pipeline's work queue, with per-stage timing for /metrics.
+
+    A route's job is submitted to the queue (it runs on the queue's worker thread, holding the turn) and
+    the route awaits its future: no thread waits for a request. The job's future records when it
+    started and ended (work_queue.JobFuture), so the queue wait and run time are exact."""
 
     def __init__(self, name: str, pipeline, retry_after: int = 1, max_waiting: int = 64, observe=None):
         self.name, self.retry_after = name, retry_after
@@ -72,12 +75,10 @@ class PipelineWork:
             pipeline.work = queue
         self.queue = queue
         self.observe = observe or (lambda stage, wait_s, run_s: None)
-        # one thread per job that may wait for the turn, plus the one holding it
-        self.threads = queue.max_waiting + 1
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"editrt-serve-{name}")
+        self.max_in_flight = queue.max_waiting + 1  # the jobs that may wait for the turn, plus the one holding it
         self.in_flight = 0
         self.closed = asyncio.Event()  # set at shutdown: every waiting request answers 503 at once
-        self.stops: set[Stop] = set()  # the running jobs' stop flags, set at shutdown
+        self.running: dict[Job, Stop] = {}  # this server's jobs (waiting or running) and their stop flags
 
     @property
     def depth(self) -> int:
@@ -85,55 +86,50 @@ class PipelineWork:
 
     async def run(self, fn, priority: int, stage: str, stop: Stop | None = None):
         """Await fn() run holding the pipeline's turn: returns (result, run seconds, queue-wait seconds).
+        fn runs on the queue's worker thread; pipeline methods it calls run inline on its turn.
         `stop`: fn's own stop flag (it passes stop.check to the pipeline); set when this await is cancelled
         (the client went away) or the server shuts down, so the job stops at its next step."""
         if self.closed.is_set():
             raise Busy(f"{self.name}: the server is shutting down", self.retry_after)
-        if self.in_flight >= self.threads:
+        if self.in_flight >= self.max_in_flight:
             raise Busy(f"{self.name}: {self.in_flight} requests in flight; retry later", self.retry_after)
-        queued = time.perf_counter()
-        started = {}
-
         stop = stop or Stop()
 
-        def job():
-            started["t"] = time.perf_counter()
+        def job(_job):
             stop.check()  # nobody waits for it any more: it never starts
             return fn()
 
-        def blocking():
-            try:
-                return self.queue.run(job, priority)
-            except BusyError as e:
-                raise Busy(str(e), self.retry_after) from None
-
-        self.in_flight += 1
-        self.stops.add(stop)
         try:
-            future = self.pool.submit(blocking)
-            return await self._wait(future, lambda: (stop.set(), future.cancel()), queued, started, stage)
+            submitted = self.queue.submit(job, priority)
+        except BusyError as e:
+            raise Busy(str(e), self.retry_after) from None
+        self.in_flight += 1
+        self.running[submitted] = stop
+        try:
+            return await self._wait(submitted.future, lambda: (stop.set(), submitted.cancel()), stage, stop=stop)
         finally:
             self.in_flight -= 1
-            self.stops.discard(stop)
+            self.running.pop(submitted, None)
 
     def close(self) -> None:
-        """Shutdown: waiting requests answer 503 at once, running jobs stop at their next step."""
+        """Shutdown: waiting requests answer 503 at once (their jobs never start), running jobs stop at their
+        next step."""
         self.closed.set()
-        for stop in list(self.stops):
+        for job, stop in list(self.running.items()):
             stop.set()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+            job.cancel()
 
     async def wait(self, future, cancel, stage: str, queued: float | None = None):
-        """Await a future some session method returned (its own job on this queue). The queue does not
-        report when that job starts, so a watcher notes when the future turns running (5 ms resolution)."""
-        started: dict = {}
-        watcher = asyncio.create_task(_watch_start(future, started))
-        try:
-            return await self._wait(future, cancel, queued or time.perf_counter(), started, stage)
-        finally:
-            watcher.cancel()
+        """Await a job's future (one a session method returned): returns (result, run s, wait s).
+        A work_queue.JobFuture carries its own queued/started/ended times; for any other future the wait
+        counts from `queued` (default: now) and the run is the whole await."""
+        return await self._wait(future, cancel, stage, queued)
 
-    async def _wait(self, future, cancel, queued: float, started: dict, stage: str):
+    async def _wait(self, future, cancel, stage: str, queued: float | None = None, stop: Stop | None = None):
+        if isinstance(future, JobFuture):
+            queued = future.queued_at
+        elif queued is None:
+            queued = time.perf_counter()
         wrapped = asyncio.wrap_future(future)
         closing = asyncio.ensure_future(self.closed.wait())
         try:
@@ -145,20 +141,18 @@ class PipelineWork:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and not task.cancelling():  # the job was cancelled, not this await:
+                if self.closed.is_set():
+                    raise Busy(f"{self.name}: the server is shutting down", self.retry_after) from None
+                if stop is not None and stop.is_set():  # its own stop flag (the client went away)
+                    raise Cancelled("its client went away") from None
                 raise Superseded(f"{self.name}: superseded by a newer request of the same session") from None
             cancel()  # the client went away: a waiting job never runs, a running one is asked to stop
             raise
         finally:
             closing.cancel()
-        end = time.perf_counter()
-        start = started.get("t", queued)
+        if isinstance(future, JobFuture):
+            start, end = future.started_at, future.ended_at
+        else:
+            start, end = queued, time.perf_counter()
         self.observe(stage, start - queued, end - start)
         return result, end - start, start - queued
-
-
-async def _watch_start(future, started: dict) -> None:
-    while not future.done():
-        if future.running():
-            started["t"] = time.perf_counter()
-            return
-        await asyncio.sleep(0.005)

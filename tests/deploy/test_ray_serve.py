@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -35,6 +36,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from editrt.errors import InputError  # noqa: E402
 from editrt.runtime.server import Settings, create_app  # noqa: E402
+from editrt.runtime.server.loading import ServeConfig  # noqa: E402
 from editrt.runtime.server.ray_deployment import EditrtReplica, RayOptions, build_app  # noqa: E402
 
 SETTINGS = dict(final_steps=2, preview_steps=1, warmup=False, max_upload_bytes=2 << 20, max_pixels=1 << 20)
@@ -61,13 +63,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_weights):
-    """The base url of the deployment on a local 2-CPU Ray cluster, shut down at the end."""
+def cluster(tiny_weights, tmp_path_factory):
+    """The base url of the deployment on a local 2-CPU Ray cluster (on loopback: conftest.py), its replicas'
+    metrics in one multiprocess directory; shut down at the end."""
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(OPTIONS, {"weights": str(tiny_weights)}, Settings(**SETTINGS)), name="editrt",
+        options = dataclasses.replace(OPTIONS, metrics_dir=str(tmp_path_factory.mktemp("metrics")))
+        serve.run(build_app(options, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name="editrt",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -182,6 +187,18 @@ def test_a_sessions_requests_all_reach_its_replica(client, cluster, photo):
             assert m["type"] == "final" and m["seq"] == 2 and m["undo"] == 2, m
 
 
+def test_counters_add_up_over_the_replicas(client, photo):
+    """Both replicas write their counters to RayOptions.metrics_dir: either replica's /metrics reports the sum,
+    so the sessions opened on both (one each) count on each page."""
+    sessions = [open_session(client, photo) for _ in range(2)]
+    assert len({replica for _, replica in sessions}) == 2, sessions
+    opened = [gauge(metrics_of(client, sid), "editrt_requests_total", endpoint="/v1/sessions", method="POST",
+                    status="200") for sid, _ in sessions]
+    assert opened[0] == opened[1] >= 2, opened
+    for sid, _ in sessions:
+        client.delete(f"/v1/sessions/{sid}")
+
+
 def test_eviction_closes_the_least_recently_used_session(client, cluster, photo):
     first, home = open_session(client, photo)
     assert client.post(f"/v1/sessions/{first}/select", json={"points": [[48, 30]]}).status_code == 200
@@ -266,7 +283,7 @@ def test_autoscaling_adds_a_replica_within_seconds_of_demand(cluster, tiny_weigh
     name = "editrt-scaling"
     options = RayOptions(replicas=1, min_replicas=1, max_replicas=2, target_ongoing_requests=1, cpus_per_replica=0.5,
                          sessions_per_replica=SESSIONS_PER_REPLICA, name=name)
-    serve.run(build_app(options, {"weights": str(tiny_weights)}, Settings(**SETTINGS)), name=name,
+    serve.run(build_app(options, ServeConfig(weights=str(tiny_weights)), Settings(**SETTINGS)), name=name,
               route_prefix="/scaling")
     mask = np.zeros(photo.shape[:2], np.uint8)
     mask[20:44, 30:66] = 255

@@ -19,6 +19,7 @@ from ray import serve  # noqa: E402
 from test_ray_serve import SETTINGS, b64png, small_photo  # noqa: E402
 
 from editrt.runtime.server import Settings  # noqa: E402
+from editrt.runtime.server.loading import ServeConfig  # noqa: E402
 from editrt.runtime.server.ray_deployment import RayOptions, build_app  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def gpu_cluster(tiny_weights):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = RayOptions(replicas=1, gpus_per_replica=1, cpus_per_replica=1)
-        serve.run(build_app(options, {"weights": str(tiny_weights), "editors": "reposition"}, Settings(**SETTINGS)),
+        serve.run(build_app(options, ServeConfig(weights=str(tiny_weights), editors=("reposition",)), Settings(**SETTINGS)),
                   name="editrt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -81,7 +81,8 @@ def test_previews_are_latest_wins_and_the_final_cancels_them(tiny_weights, photo
         newest = session.preview(move=(7, 0))
         assert queued.cancelled()  # superseded before it ran
         # release the running preview only once the final below is waiting for the turn
-        releaser = _when(lambda: len(pipe.work._waiting) == 1, gate.release.set)
+        # (the final cancels `newest`, then waits: the one waiter left; cancelled jobs are not waiting)
+        releaser = _when(lambda: newest.cancelled() and pipe.work.waiting == 1, gate.release.set)
         result = session.final(move=(8, 0))
         releaser.join(10)
         assert newest.cancelled()  # the final dropped it before it ran

@@ -61,3 +61,21 @@ def test_interleaved_scopes_restore_the_flags_once_both_leave(tf32_off):
 def test_cpu_scope_changes_nothing(tf32_off):
     with tf32_matmuls(torch.device("cpu")):
         assert flags() == (False, False)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no fp32_precision")
+@pytest.mark.parametrize("chosen", ["ieee", "tf32", "none"])
+def test_a_process_on_the_new_precision_api_keeps_its_choice(chosen):
+    """torch >= 2.9: the process chose its fp32 precision with `fp32_precision` (after which reading the legacy
+    allow_tf32 raises); the scope still turns TF32 on inside (the legacy getters readable there) and puts
+    that choice back exactly."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = conv.fp32_precision = chosen
+        with tf32_matmuls(CUDA):
+            assert flags() == (True, True)
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert (matmul.fp32_precision, conv.fp32_precision) == (chosen, chosen)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
