@@ -28,11 +28,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editrt.errors import EditError
-from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.metrics import Metrics
 from editrt.runtime.server.routers import ops, sessions, stateless
 from editrt.runtime.server.routers.common import require_token
 from editrt.runtime.server.sessions import SessionStore
+from editrt.runtime.server.settings import Settings
 from editrt.runtime.server.work import INTERACTIVE, PipelineWork
 
 log = logging.getLogger("editrt.serve")
@@ -256,10 +257,8 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
         return _json_error(e.status, e.field, e.message, e.headers)
 
     @app.exception_handler(EditError)
-    async def edit_error(request, e: EditError):
-        from editrt.runtime.server.routers.common import field_of
-
-        return _json_error(422, field_of(str(e), ["body"]), str(e))
+    async def edit_error(request, e: EditError):  # bad input outside common.run, which knows the route's field names
+        return _json_error(422, "body", str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -355,19 +354,9 @@ def _metrics_gauges(state: ServerState) -> None:
                          (("kind",), ("reserved",)): torch.cuda.memory_reserved(state.device)})
 
 
-def _caches(pipe):
-    """The pipeline's ByteLRU caches: its own, its segmenter's and its loop cache's."""
-    from editrt.runtime.caches import ByteLRU
-
-    for owner in (pipe, getattr(pipe, "segmenter", None), getattr(pipe, "loops", None)):
-        for value in vars(owner).values() if owner is not None else ():
-            if isinstance(value, ByteLRU):
-                yield value
-
-
 def _cache_bytes(state: ServerState) -> dict:
     out = {}
     for name, pipe in (("reposition", state.reposition), ("elements", state.elements)):
-        for cache in _caches(pipe) if pipe is not None else ():
+        for cache in pipe.caches() if pipe is not None else ():
             out[(("pipeline", "cache"), (name, cache.name))] = cache.stats()["bytes"]
     return out

@@ -11,7 +11,8 @@ import torch
 from fastapi import APIRouter, Depends, Request
 
 from editrt.runtime.server import cost
-from editrt.runtime.server.limits import APIError, png_b64
+from editrt.runtime.server.errors import APIError
+from editrt.runtime.server.image_codecs import png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, from_blob, items, to_blob
 from editrt.runtime.server.schemas import (
@@ -47,6 +48,16 @@ def _prompt(req, h: int, w: int) -> dict:
     return dict(points=req.points, labels=labels, box=req.box)
 
 
+# each route's field map: the pipeline call's keyword (EditError.field) -> the request field that carried it
+SEGMENT_FIELDS = common.same_names("image", "points", "labels", "box")
+INPAINT_FIELDS = common.same_names("image", "mask", "task", "steps", "guidance", "seed", "resolution")
+REPOSITION_FIELDS = common.same_names("image", "mask", "points", "labels", "box", "move", "harmonize", "steps",
+                                      "guidance", "seed", "resolution", "complete_mask", "occluder_mask",
+                                      "shadow_mask")
+PARTITION_FIELDS = common.same_names("image", "resolution", "grid", "beta", "iterations")
+RENDER_FIELDS = common.same_names("elements", "prompt", "guidance", "steps", "seed")
+
+
 @router.post("/segment", responses=PNG, openapi_extra=body(SegmentRequest, "image"))
 async def segment(request: Request):
     """The subject mask (PNG, 255 inside) from points and/or a box."""
@@ -56,8 +67,8 @@ async def segment(request: Request):
     prompt = _prompt(req, *rgb.shape[:2])
     pipe = common.pipeline(request, "reposition")
     mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), ONE_SHOT,
-                                           "segment", ("points", "labels", "box"))
-    return common.png_response(mask, t0, run_s, wait_s)
+                                           "segment", SEGMENT_FIELDS)
+    return await common.png_response(mask, t0, run_s, wait_s)
 
 
 @router.post("/inpaint", responses=PNG, openapi_extra=body(InpaintRequest, "image", "mask"))
@@ -75,9 +86,8 @@ async def inpaint(request: Request):
         with torch.no_grad():
             return pipe.inpaint(rgb, mask, task=req.task, steps=steps, guidance=req.guidance, seed=req.seed,
                                 resolution=req.resolution)
-    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint",
-                                          ("mask", "task", "steps", "guidance", "resolution"))
-    return common.png_response(out, t0, run_s, wait_s)
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint", INPAINT_FIELDS)
+    return await common.png_response(out, t0, run_s, wait_s)
 
 
 REPOSITION_MASKS = ("mask", "complete_mask", "occluder_mask", "shadow_mask", "shadow_region")
@@ -102,9 +112,8 @@ async def reposition(request: Request):
     region = masks.pop("shadow_region", None)
     pipe = common.pipeline(request, "reposition")
     cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
-    options = common.seele_options(req)
-    if region is not None:
-        options["shadow_region"] = region
+    options = common.seele_options(req, shadow_region_mask=region)
+    fields = {**REPOSITION_FIELDS, **common.seele_fields("shadow_region" if region is not None else "shadow_box")}
 
     stop = Stop()  # set when the client goes away: the job stops at its next denoising step
 
@@ -113,10 +122,8 @@ async def reposition(request: Request):
             return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), harmonize=req.harmonize, steps=steps,
                         guidance=req.guidance, seed=req.seed, resolution=req.resolution, step_callback=stop.check,
                         **masks, **options).image
-    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition",
-                                          ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution",
-                                           *common.SEELE_FIELDS, *REPOSITION_MASKS[1:]), stop=stop)
-    return common.png_response(out, t0, run_s, wait_s)
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition", fields, stop=stop)
+    return await common.png_response(out, t0, run_s, wait_s)
 
 
 @router.post("/elements/partition", response_model=ElementsResponse, openapi_extra=body(PartitionRequest, "image"))
@@ -132,9 +139,9 @@ async def partition(request: Request):
         with torch.no_grad():
             el = pipe.partition(rgb, resolution=req.resolution, grid=req.grid, beta=req.beta, iterations=req.iterations)
         return el, png_b64(pipe.render_overlay(el, rgb))
-    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, ONE_SHOT, "partition",
-                                                    ("grid", "beta", "iterations", "resolution"))
-    return ElementsResponse(elements=to_blob(el), items=items(el), overlay=overlay,
+    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, ONE_SHOT, "partition", PARTITION_FIELDS)
+    blob = await anyio.to_thread.run_sync(to_blob, el)  # compressing the npz: off the event loop
+    return ElementsResponse(elements=blob, items=items(el), overlay=overlay,
                             canvas=list(el.image_size), timing=common.timing(request, t0, run_s, wait_s))
 
 
@@ -169,5 +176,5 @@ async def render(request: Request):
     out, run_s, wait_s = await common.run(
         request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
                                                  seed=req.seed, step_callback=stop.check), ONE_SHOT, "render",
-        ("elements", "prompt", "steps"), stop=stop)
-    return common.png_response(out, t0, run_s, wait_s)
+        RENDER_FIELDS, stop=stop)
+    return await common.png_response(out, t0, run_s, wait_s)
