@@ -219,7 +219,7 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
     `session_store`: the session store (default: one from the settings' limits; the Ray Serve deployment
     passes its replica's store, whose ids name the replica)."""
     if reposition is None and elements is None:
-        raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")
+        raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")  # neither alone: no field
     settings = settings or Settings.from_env()
     state = ServerState(settings, reposition, elements)
     state.sessions = session_store if session_store is not None else SessionStore(  # (an empty store is falsy: len 0)
