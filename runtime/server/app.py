@@ -151,7 +151,12 @@ class Edge:
                        f"content-length: the body is larger than the limit ({limit} bytes)"
                        if length.isdigit() else "content-length: expected a number")
         if refused is not None:  # answered without reading the body
-            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else {}
+            if length not in (None, b"0") or b"chunked" in dict(scope["headers"]).get(b"transfer-encoding", b""):
+                # a body we will not read: close the connection, so the event loop does not go on receiving it
+                # (uvicorn would read and drop it to parse the next request; with 4 senders of 12 MB bodies that
+                # doubled /healthz's median on the 2-core dev machine, tests/server/test_edge_load.py)
+                headers["Connection"] = "close"
             response = _json_error(*refused, headers=headers)
             await response(scope, receive, send)
             self._record(scope, response.status_code, t0)
