@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editrt.errors import EditError
@@ -208,8 +209,8 @@ class Edge:
 
 def _warm_up(state: ServerState) -> None:
     """One small request through each pipeline (and their loops), so the first user does not pay for it."""
-    rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
-        resources.files("editrt").joinpath("assets", "chelsea.png")).convert("RGB").resize((64, 48)))
+    with Image.open(resources.files("editrt").joinpath("assets", "chelsea.png")) as photo:
+        rgb = np.asarray(photo.convert("RGB").resize((64, 48)))
     with torch.no_grad():
         if state.reposition is not None:
             mask = state.reposition.segment(rgb, points=[[32, 24]])
