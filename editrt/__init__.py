@@ -4,7 +4,11 @@ Public API (imported lazily, so `import editrt` and the CLI start fast):
     editrt.RepositionPipeline   subject repositioning (SEELE)
     editrt.ElementsPipeline     editable image elements (partition, edit, render)
     editrt.Elements             the editable elements of one image (coordinates in its pixels)
-    editrt.EditSession          interactive editing: cached work, previews while dragging, final on release
+    editrt.SeeleEdit            one subject repositioning (move, scale, occlusion, matting, shadows), validated once
+    editrt.ElementsEdit         element edits (MoveElements, ResizeElements, DeleteElements, InsertElements) + prompt
+    editrt.Quality              how a result is rendered: steps, guidance, seed, resolution
+    editrt.open_session         interactive editing: a RepositionSession or an ElementsSession (preview, commit, undo)
+    editrt.EditSession          the older name of open_session
     editrt.errors               the exception family for bad input
 """
 __version__ = "0.1.0"
@@ -15,6 +19,16 @@ _LAZY = {
     "ElementsPipeline": ("editrt.runtime.elements_pipeline", "ElementsPipeline"),
     "Elements": ("editrt.runtime.elements", "Elements"),
     "EditSession": ("editrt.runtime.session", "EditSession"),
+    "open_session": ("editrt.runtime.session", "open_session"),
+    "RepositionSession": ("editrt.runtime.session", "RepositionSession"),
+    "ElementsSession": ("editrt.runtime.session", "ElementsSession"),
+    "SeeleEdit": ("editrt.runtime.edits", "SeeleEdit"),
+    "ElementsEdit": ("editrt.runtime.edits", "ElementsEdit"),
+    "MoveElements": ("editrt.runtime.edits", "MoveElements"),
+    "ResizeElements": ("editrt.runtime.edits", "ResizeElements"),
+    "DeleteElements": ("editrt.runtime.edits", "DeleteElements"),
+    "InsertElements": ("editrt.runtime.edits", "InsertElements"),
+    "Quality": ("editrt.runtime.edits", "Quality"),
     "init_weights": ("editrt.weights", "init_weights"),
 }
 

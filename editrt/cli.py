@@ -23,6 +23,11 @@ EXIT_BAD_INPUT = 2
 
 
 # ---------------------------------------------------------------------- argument helpers
+def _field_of(option: str) -> str:
+    """The keyword an option names: --complete-mask -> complete_mask, -o -> output (InputError.field)."""
+    return {"-o": "output"}.get(option, option.lstrip("-").replace("-", "_"))
+
+
 def _numbers(text: str, name: str, count: tuple[int, ...]) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -30,7 +35,7 @@ def _numbers(text: str, name: str, count: tuple[int, ...]) -> list[float]:
         values = []
     if len(values) not in count:
         forms = {2: "X,Y", 3: "X,Y,LABEL", 4: "X0,Y0,X1,Y1"}
-        raise InputError(f"{name} {text!r}: expected {' or '.join(forms[c] for c in count)} (numbers)")
+        raise InputError(f"{name} {text!r}: expected {' or '.join(forms[c] for c in count)} (numbers)", field=_field_of(name))
     return values
 
 
@@ -41,9 +46,9 @@ def load_image(path: str, name: str = "image", mode: str = "RGB") -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode))
     except FileNotFoundError:
-        raise InputError(f"{name} {path}: no such file") from None
+        raise InputError(f"{name} {path}: no such file", field=_field_of(name)) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{name} {path}: cannot read it as an image ({type(e).__name__})") from None
+        raise InputError(f"{name} {path}: cannot read it as an image ({type(e).__name__})", field=_field_of(name)) from None
 
 
 def load_mask(path: str, name: str) -> np.ndarray:
@@ -97,7 +102,7 @@ def _check_canvas(args, size_hw) -> None:
     h, w = processing_size(tuple(size_hw), args.resolution)
     if h * w > CLI_MAX_CANVAS:
         raise InputError(f"--resolution {args.resolution}: a {w}x{h} processing canvas for this {size_hw[1]}x"
-                         f"{size_hw[0]} image; expected at most {CLI_MAX_CANVAS} pixels (a lower --resolution)")
+                         f"{size_hw[0]} image; expected at most {CLI_MAX_CANVAS} pixels (a lower --resolution)", field="resolution")
 
 
 def _reposition_pipeline(args):
@@ -123,9 +128,9 @@ def _prompt_args(args) -> dict:
 def _check_output(path: str, name: str = "-o") -> Path:
     out = Path(path)
     if out.suffix.lower() != ".png":
-        raise InputError(f"{name} {path}: expected a .png file name")
+        raise InputError(f"{name} {path}: expected a .png file name", field=_field_of(name))
     if out.is_dir():
-        raise InputError(f"{name} {path}: is a directory; expected a .png file name")
+        raise InputError(f"{name} {path}: is a directory; expected a .png file name", field=_field_of(name))
     return out
 
 
@@ -145,7 +150,7 @@ def cmd_weights_prompts(args) -> None:
     for item in args.from_text:  # the first '=' ends the task name: the text may hold more
         task, sep, text = item.partition("=")
         if not sep:
-            raise InputError(f"--from-text {item!r}: expected TASK=TEXT")
+            raise InputError(f"--from-text {item!r}: expected TASK=TEXT", field="from_text")
         texts[task] = text
     path = write_prompts_from_text(args.dir, texts, output=args.output, tokens=args.tokens, log=_log(args))
     _log(args)(f"task prompts from text -> {path}")
@@ -163,7 +168,7 @@ def cmd_outpaint(args) -> None:
     except ValueError:
         extend = []
     if len(extend) != 4:
-        raise InputError(f"--extend {args.extend!r}: expected L,T,R,B (pixels to add on each side)")
+        raise InputError(f"--extend {args.extend!r}: expected L,T,R,B (pixels to add on each side)", field="extend")
     extend = [int(v) if v.is_integer() else v for v in extend]
     check_extend(extend, image.shape[:2])  # before any weights load
     check_fill(args.fill)
@@ -206,7 +211,7 @@ def _scale_option(text: str):
     try:
         return float(text)
     except ValueError:
-        raise InputError(f"--scale {text!r}: expected a number or 'auto'") from None
+        raise InputError(f"--scale {text!r}: expected a number or 'auto'", field="scale") from None
 
 
 def _region_option(text: str, name: str):
@@ -217,38 +222,53 @@ def _region_option(text: str, name: str):
     return load_mask(text, name)
 
 
+def _seele_edit(args):
+    """The command line's SEELE options as a SeeleEdit (runtime/edits.py), before any weights load.
+    The existing shadow given as a box is a second SAM selection: made later, on the pipeline."""
+    from editrt.runtime.edits import SeeleEdit
+
+    occlusion = args.occlusion if args.occlusion in ("auto", "none") else load_mask(args.occlusion, "--occlusion")
+    if args.occluder_mask:
+        if not isinstance(occlusion, str) or occlusion == "auto":
+            raise InputError("--occluder-mask: the same as --occlusion MASK (and not with --occlusion auto); give "
+                             "one of them", field="occlusion")
+        occlusion = load_mask(args.occluder_mask, "--occluder-mask")
+    if args.existing_shadow_mask and args.existing_shadow_box:
+        raise InputError("--existing-shadow-mask, --existing-shadow-box: give the existing shadow one way",
+                         field="existing_shadow")
+    return SeeleEdit(
+        move=_numbers(args.move, "--move", (2,)), scale=args.scale, occlusion=occlusion,
+        matting=args.matting == "on", trimap_band=args.trimap_band, harmonize=not args.no_harmonize,
+        complete_mask=load_mask(args.complete_mask, "--complete-mask") if args.complete_mask else None,
+        existing_shadow=load_mask(args.existing_shadow_mask, "--existing-shadow-mask")
+        if args.existing_shadow_mask else None,
+        new_shadow_region=_region_option(args.new_shadow_region, "--new-shadow-region")
+        if args.new_shadow_region else None)
+
+
 def cmd_reposition(args) -> None:
+    import dataclasses
+
+    from editrt.runtime.edits import Quality
     from editrt.runtime.images import save_png
 
     out = _check_output(args.output)
     image = load_image(args.image)
     if args.mask is None and not args.point and not args.box:
-        raise InputError("reposition: expected the subject as --mask M, --point X,Y or --box X0,Y0,X1,Y1")
+        raise InputError("reposition: expected the subject as --mask M, --point X,Y or --box X0,Y0,X1,Y1", field="mask")
     mask = load_mask(args.mask, "--mask") if args.mask else None
-    complete = load_mask(args.complete_mask, "--complete-mask") if args.complete_mask else None
-    occluder = load_mask(args.occluder_mask, "--occluder-mask") if args.occluder_mask else None
-    occlusion = args.occlusion if args.occlusion in ("auto", "none") else load_mask(args.occlusion, "--occlusion")
-    if occluder is not None and not isinstance(occlusion, str):
-        raise InputError("--occlusion MASK: the same as --occluder-mask; give one of them")
-    if args.shadow_mask and args.shadow_box:
-        raise InputError("--shadow-mask, --shadow-box: give the existing shadow one way")
-    shadow = load_mask(args.shadow_mask, "--shadow-mask") if args.shadow_mask else None
-    shadow_box = _numbers(args.shadow_box, "--shadow-box", (4,)) if args.shadow_box else None
-    region = _region_option(args.shadow_region, "--shadow-region") if args.shadow_region else None
+    edit = _seele_edit(args)
+    quality = Quality(steps=args.steps, guidance=args.guidance, seed=args.seed, resolution=args.resolution)
+    shadow_box = _numbers(args.existing_shadow_box, "--existing-shadow-box", (4,)) if args.existing_shadow_box \
+        else None
     stages_dir = Path(args.save_stages) if args.save_stages else None
     if stages_dir is not None and stages_dir.exists() and (not stages_dir.is_dir() or any(stages_dir.iterdir())):
-        raise InputError(f"--save-stages {stages_dir}: exists and is not an empty directory")
+        raise InputError(f"--save-stages {stages_dir}: exists and is not an empty directory", field="save_stages")
     _check_canvas(args, image.shape[:2])
     pipe = _reposition_pipeline(args)
     if shadow_box is not None:  # a second selection: SAM on the shadow's box
-        shadow = pipe.segment(image, box=shadow_box)
-    result = pipe(
-        image, mask=mask, **_prompt_args(args), move=_numbers(args.move, "--move", (2,)), scale=args.scale,
-        complete_mask=complete, occluder_mask=occluder, harmonize=not args.no_harmonize, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args),
-        occlusion=occlusion,
-        matting=args.matting == "on", trimap_band=args.trimap_band, shadow_mask=shadow, shadow_region=region,
-    )
+        edit = dataclasses.replace(edit, existing_shadow=pipe.segment(image, box=shadow_box))
+    result = pipe(image, edit, mask=mask, **_prompt_args(args), quality=quality, progress=_progress(args))
     if stages_dir is not None:  # into a temporary sibling, renamed when complete
         from editrt.models.files import write_dir_atomic
 
@@ -270,7 +290,7 @@ def _elements_pipeline(args):
 def _check_elements_output(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() != ".json":
-        raise InputError(f"-o {path}: expected a .json file name (the .npz is written beside it)")
+        raise InputError(f"-o {path}: expected a .json file name (the .npz is written beside it)", field="output")
     return out
 
 
@@ -308,12 +328,12 @@ def _ids(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split("+")]
     except ValueError:
-        raise InputError(f"{option} {text!r}: expected element ids like 12 or 12+13") from None
+        raise InputError(f"{option} {text!r}: expected element ids like 12 or 12+13", field=_field_of(option)) from None
 
 
 def _split(text: str, sep: str, option: str, form: str) -> tuple[str, str]:
     if sep not in text:
-        raise InputError(f"{option} {text!r}: expected {form}")
+        raise InputError(f"{option} {text!r}: expected {form}", field=_field_of(option))
     return tuple(text.rsplit(sep, 1))
 
 
@@ -323,7 +343,7 @@ def cmd_elements_edit(args) -> None:
     out = _check_elements_output(args.output)
     elements = Elements.load(args.elements)
     if not getattr(args, "ops", None):
-        raise InputError("edit: expected at least one --move, --resize, --delete or --insert")
+        raise InputError("edit: expected at least one --move, --resize, --delete or --insert", field="ops")
     for option, value in args.ops:
         if option == "--move":
             ids, delta = _split(value, ":", option, "ID:DX,DY")
@@ -382,15 +402,15 @@ def cmd_export(args) -> None:
 
         out = Path(args.output)
         if out.exists() and not out.is_dir():
-            raise InputError(f"-o {out}: exists and is not a directory")
+            raise InputError(f"-o {out}: exists and is not a directory", field="output")
         weights = resolve_weights(args.weights, log=_log(args))
         write_model_repository(weights, out, engines=args.engines, components=args.component, log=_log(args))
         return
     if args.engines:
-        raise InputError("--engines: only with --format triton (the engines a model repository serves)")
+        raise InputError("--engines: only with --format triton (the engines a model repository serves)", field="engines")
 
     if args.format not in FORMATS:
-        raise InputError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+        raise InputError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}", field="format")
     names = resolve_components(args.component.split(",") if args.component != "all" else "all")
     precision = args.precision or ("fp16" if args.format == "tensorrt" else "fp32")
     # bf16 / fp8 TensorRT engines build from the fp32 graph; fp16 engines from the fp16 graph (strongly typed)
@@ -401,12 +421,12 @@ def cmd_export(args) -> None:
         tensorrt_module()
         BuildOptions(precision=precision, optimization_level=args.optimization_level)
         if not __import__("torch").cuda.is_available():
-            raise InputError("--format tensorrt: needs a CUDA GPU")
+            raise InputError("--format tensorrt: needs a CUDA GPU", field="format")
     elif precision not in ("fp32", "fp16"):
-        raise InputError(f"--precision {precision}: ONNX graphs are fp32 or fp16 (bf16 and fp8 are TensorRT's)")
+        raise InputError(f"--precision {precision}: ONNX graphs are fp32 or fp16 (bf16 and fp8 are TensorRT's)", field="precision")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
-        raise InputError(f"-o {out}: exists and is not a directory")
+        raise InputError(f"-o {out}: exists and is not a directory", field="output")
     weights = resolve_weights(args.weights, log=_log(args))
     if args.component == "all":  # leaves out the estimators (depth/, matting/) a published folder lacks
         names = resolve_components("all", weights)
@@ -475,7 +495,7 @@ def _add_lazy_command(sub, name: str, selected: str | None) -> None:
 
 
 def _unavailable(name: str, e: ModuleNotFoundError) -> InputError:
-    return InputError(f"{name}: unavailable; it needs the module {e.name!r}, which is not installed")
+    return InputError(f"{name}: unavailable; it needs the module {e.name!r}, which is not installed", field=name)
 
 
 def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.0) -> None:
@@ -565,11 +585,16 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    help="on: composite the subject with its ViTMatte alpha; the removed void follows alpha > 0")
     p.add_argument("--trimap-band", type=int, metavar="PX",
                    help="matting: unknown band on each side of the mask edge (default 2%% of the short side)")
-    p.add_argument("--shadow-mask", metavar="M", help="the subject's existing shadow: moved with it, regenerated "
-                   "with the complete prompt")
-    p.add_argument("--shadow-box", metavar="X0,Y0,X1,Y1", help="the existing shadow as a second SAM selection")
-    p.add_argument("--shadow-region", metavar="M|X0,Y0,X1,Y1", help="where a shadow should appear (output "
+    p.add_argument("--existing-shadow-mask", metavar="M", help="the subject's existing shadow: moved and removed with "
+                   "it, regenerated at its new place with the complete prompt")
+    p.add_argument("--existing-shadow-box", metavar="X0,Y0,X1,Y1",
+                   help="the subject's existing shadow as a second SAM selection (instead of --existing-shadow-mask)")
+    p.add_argument("--new-shadow-region", metavar="M|X0,Y0,X1,Y1", help="where a new shadow is cast (output "
                    "coordinates; a mask or a box): harmonized with the LoRA harmonizer")
+    # the older spellings (--shadow-* named both concepts): kept, hidden, for existing scripts
+    p.add_argument("--shadow-mask", dest="existing_shadow_mask", help=argparse.SUPPRESS)
+    p.add_argument("--shadow-box", dest="existing_shadow_box", help=argparse.SUPPRESS)
+    p.add_argument("--shadow-region", dest="new_shadow_region", help=argparse.SUPPRESS)
     p.add_argument("--no-harmonize", action="store_true")
     p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here (depth and alpha "
                    "as 16-bit greyscale PNGs)")

@@ -86,7 +86,7 @@ def _instance_group(kind: str) -> str:
 def engine_config(spec: NetworkSpec, kind: str, instance_kind: str = "KIND_GPU") -> str:
     """config.pbtxt of an engine model: `kind` 'onnx' or 'plan'."""
     if kind not in PLATFORMS:
-        raise InputError(f"engine kind {kind!r}: expected one of {', '.join(PLATFORMS)}")
+        raise InputError(f"engine kind {kind!r}: expected one of {', '.join(PLATFORMS)}", field="kind")
     batch = max_batch_size(spec, kind)
     batched = batch > 0
     # TensorRT takes SAM's orig_im_size as a shape tensor (its values set the masks' size)
@@ -166,13 +166,14 @@ PIPELINE_MODELS = {m.name: m for m in (
                    _scalar("SCALE", "float32", 1.0, "resize the subject about its box centre (default 1); the request "
                            "parameter scale=\"auto\" instead scales by the depths at the footpoints (`--scale auto`)"),
                    Port("COMPLETE_MASK", "uint8", (-1, -1), "region to complete (occluded part), nonzero = inside", optional=True),
-                   Port("OCCLUDER_MASK", "uint8", (-1, -1), "region in front of the moved subject, nonzero = inside", optional=True),
+                   Port("OCCLUDER_MASK", "uint8", (-1, -1), "region in front of the moved subject (SeeleEdit.occlusion as "
+                        "a mask), nonzero = inside", optional=True),
                    _scalar("MATTING", "uint8", 0, "composite the subject with ViTMatte's alpha: 1 or 0 (default)"),
                    _scalar("TRIMAP_BAND", "int32", None, "matting trimap band in pixels (default 2% of the short side)"),
-                   Port("SHADOW_MASK", "uint8", (-1, -1), "the subject's existing shadow (moves with it, completed), "
-                        "nonzero = inside", optional=True),
-                   Port("SHADOW_REGION", "uint8", (-1, -1), "where a shadow should appear (harmonized), nonzero = inside",
-                        optional=True),
+                   Port("EXISTING_SHADOW_MASK", "uint8", (-1, -1), "the subject's existing shadow (moves with it, "
+                        "completed at its new place), nonzero = inside", optional=True),
+                   Port("NEW_SHADOW_REGION", "uint8", (-1, -1), "where a new shadow is cast (harmonized), nonzero = "
+                        "inside", optional=True),
                    _scalar("HARMONIZE", "uint8", 1, "harmonize the pasted subject: 1 (default) or 0"), _STEPS,
                    _scalar("GUIDANCE", "float32", 1.0, "classifier-free guidance (default 1 = none)"), _SEED,
                    _RESOLUTION),

@@ -24,6 +24,7 @@ from editrt.models.files import write_atomic
 from editrt.models.inpaint import TASKS
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
+from editrt.runtime.edits import Quality, SeeleEdit, seele_request
 from editrt.runtime.estimators import estimators_from_engines, trimap_from_mask
 from editrt.runtime.images import (
     as_mask,
@@ -328,183 +329,216 @@ class RepositionPipeline:
         return cached
 
     # ------------------------------------------------------------------ the SEELE flow
-    def __call__(self, image, mask=None, points=None, labels=None, box=None, move=(0, 0), scale: float | str = 1.0,
-                 complete_mask=None, occluder_mask=None, harmonize: bool = True, steps: int = 50,
-                 guidance: float = 1.0, seed: int = 0, resolution: int | None = None, dilation: int | None = None,
-                 progress: bool = False, cache_key=None, step_callback=None, priority: int = FINAL,
-                 occlusion="none", matting: bool = False, trimap_band: int | None = None, shadow_mask=None,
-                 shadow_region=None, image_key=None) -> RepositionResult:
-        """The SEELE flow, as one job of the pipeline's work queue.
+    def __call__(self, image, edit: SeeleEdit | None = None, *, mask=None, points=None, labels=None, box=None,
+                 quality: Quality | None = None, progress: bool = False, cache_key=None, image_key=None,
+                 step_callback=None, priority: int = FINAL, **keywords) -> RepositionResult:
+        """The SEELE flow (`edit`, runtime/edits.py) on the subject `mask` (or SAM from points / box), as one job
+        of the pipeline's work queue.
 
-        `cache_key`: a hashable the caller chooses to name (image, subject mask, shadow mask), e.g. an
-        EditSession's token and selection number; it must change when any of them changes. With it, the
+        Keyword form: the SeeleEdit and Quality attributes may be given as keywords instead (`move=(dx, dy),
+        scale="auto", steps=20, ...`; runtime/edits.seele_request maps them, and the older spellings
+        occluder_mask / shadow_mask / shadow_region, in one place).
+
+        `cache_key`: a hashable the caller chooses to name (image, subject mask, existing shadow), e.g. a
+        session's token and selection number; it must change when any of them changes. With it, the
         REMOVE pass and the subject's alpha matte, which depend on the image and subject but not on the
         move, are memoized in the pipeline's bounded caches: a new drag position then costs only paste +
         harmonize, and no image is hashed. `image_key` names the image alone (its depth map is memoized
         under it; default: under `cache_key`). `step_callback(i)` runs after each eager denoising step.
-
-        SEELE's pre/post-processing (runtime/seele_stages.py states each rule):
-        `occlusion`: "none"; "auto" (depth: destination pixels nearer than the subject hide it); or a mask
-        of the pixels in front of the moved subject (`occluder_mask` is the older spelling of the same).
-        The hidden part is neither pasted, completed nor harmonized: the occluder keeps its pixels.
-        `scale`: a number, or "auto" (perspective: the ratio of inverse depth at the new and old footpoint,
-        clamped to [0.25, 4]; the footpoint stays where the move puts it).
-        `matting`: composite the subject with its ViTMatte alpha (trimap band `trimap_band` px, default 2%
-        of the short side); the REMOVE void follows alpha > 0.
-        `shadow_mask`: the subject's existing shadow (input coordinates): moved and removed with the subject,
-        regenerated at its new place with the complete prompt. `shadow_region`: a mask or box (output
-        coordinates) where a shadow should appear: harmonized with the LoRA harmonizer.
         """
-        options = dict(image=image, mask=mask, points=points, labels=labels, box=box, move=move, scale=scale,
-                       complete_mask=complete_mask, occluder_mask=occluder_mask, harmonize=harmonize, steps=steps,
-                       guidance=guidance, seed=seed, resolution=resolution, dilation=dilation, progress=progress,
-                       cache_key=cache_key, step_callback=step_callback, occlusion=occlusion, matting=matting,
-                       trimap_band=trimap_band, shadow_mask=shadow_mask, shadow_region=shadow_region,
-                       image_key=image_key)
-        return self.work.run(lambda: self._reposition(**options), priority)
+        edit, quality = seele_request(edit, quality, keywords)
+        flow = _Flow(as_rgb(image), edit, quality, cache_key, image_key, progress, step_callback)
+        return self.work.run(lambda: self._reposition(flow, mask, points, labels, box), priority)
 
-    def _reposition(self, image, mask, points, labels, box, move, scale, complete_mask, occluder_mask, harmonize,
-                    steps, guidance, seed, resolution, dilation, progress, cache_key, step_callback, occlusion,
-                    matting, trimap_band, shadow_mask, shadow_region, image_key) -> RepositionResult:
-        # 1. Check inputs (all of them, before any network runs).
-        rgb = as_rgb(image)
-        size = rgb.shape[:2]
-        check_steps(steps, guidance)
-        auto_scale = isinstance(scale, str) and scale == "auto"
-        if not auto_scale and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                   and 0.05 <= scale <= 20):
-            raise InputError(f"scale: expected a number in [0.05, 20] or 'auto', got {scale!r}", field="scale")
-        try:
-            dx, dy = (float(v) for v in move)
-        except (TypeError, ValueError):
-            raise InputError(f"move: expected (dx, dy) in pixels, got {move!r}", field="move") from None
-        complete = None if complete_mask is None else as_mask(complete_mask, size, "complete_mask")
-        if isinstance(occlusion, str):
-            if occlusion not in ("none", "auto"):
-                raise InputError(f"occlusion: expected 'none', 'auto' or a mask, got {occlusion!r}", field="occlusion")
-        elif occlusion is not None:
-            if occluder_mask is not None:
-                raise InputError("occlusion: give the occluder as occlusion=MASK or occluder_mask=, not both", field="occlusion")
-            occluder_mask, occlusion = occlusion, "mask"
-        auto_occlusion = occlusion == "auto"
-        if auto_occlusion and occluder_mask is not None:
-            raise InputError("occlusion 'auto': computes the occluder from depth; do not also give occluder_mask", field="occluder_mask")
-        occluder = None if occluder_mask is None else as_mask(occluder_mask, size, "occluder_mask")
-        shadow = None if shadow_mask is None else as_mask(shadow_mask, size, "shadow_mask")
-        shadow_area = None if shadow_region is None else as_region(shadow_region, size, "shadow_region")
-        if shadow_area is not None and not harmonize:
-            raise InputError("shadow_region: the shadow is generated by the harmonizer; it needs harmonize on", field="shadow_region")
-        if trimap_band is not None and not matting:
-            raise InputError("trimap_band: only with matting on", field="trimap_band")
-        if (auto_scale or auto_occlusion) and self.depth_estimator is None:
-            raise InputError(f"{'scale' if auto_scale else 'occlusion'} auto: needs depth weights (the weights "
-                             "folder's depth/, DPT); none are loaded", field="scale" if auto_scale else "occlusion")
-        if matting and self.matter is None:
+    def _reposition(self, flow: _Flow, mask, points, labels, box) -> RepositionResult:
+        self._bind(flow)
+        self._select_subject(flow, mask, points, labels, box)
+        self._perspective(flow)
+        self._matte(flow)
+        self._place(flow)
+        self._remove(flow)
+        self._paste(flow)
+        self._complete(flow)
+        self._harmonize(flow)
+        return flow.result()
+
+    def _bind(self, flow: _Flow) -> None:
+        """1. The edit's masks against the image (all checks before any network runs)."""
+        edit, size = flow.edit, flow.size
+        flow.complete = None if edit.complete_mask is None else as_mask(edit.complete_mask, size, "complete_mask")
+        flow.occluder = None if edit.occluder_mask is None else as_mask(edit.occluder_mask, size, "occlusion")
+        flow.shadow = None if edit.existing_shadow is None else as_mask(edit.existing_shadow, size, "existing_shadow")
+        flow.new_shadow = None if edit.new_shadow_region is None else \
+            as_region(edit.new_shadow_region, size, "new_shadow_region")
+        if (edit.auto_scale or edit.auto_occlusion) and self.depth_estimator is None:
+            name = "scale" if edit.auto_scale else "occlusion"
+            raise InputError(f"{name} auto: needs depth weights (the weights folder's depth/, DPT); none are loaded",
+                             field=name)
+        if edit.matting and self.matter is None:
             raise InputError("matting: needs matting weights (the weights folder's matting/, ViTMatte); none are loaded", field="matting")
-        radius = max(1, round(0.01 * min(size))) if dilation is None else int(dilation)
-        stages: dict[str, Stage] = {"input": Stage(image=Image.fromarray(rgb))}
+        flow.radius = max(1, round(0.01 * min(size))) if edit.dilation is None else int(edit.dilation)
 
-        # 2. Subject mask: given, or SAM from points / box. Its shadow moves with it (App. A.3 iv).
+    def _select_subject(self, flow: _Flow, mask, points, labels, box) -> None:
+        """2. Subject mask: given, or SAM from points / box. Its existing shadow moves with it (App. A.3 iv)."""
         if mask is not None:
-            subject = as_mask(mask, size, "mask")
+            subject = as_mask(mask, flow.size, "mask")
         else:
-            subject = self.segment(rgb, points=points, labels=labels, box=box)
-        stages["subject"] = Stage(mask=subject)
-        carried = subject if shadow is None else subject | shadow
-        if shadow is not None:
-            stages["shadow"] = Stage(mask=shadow)
+            subject = self.segment(flow.rgb, points=points, labels=labels, box=box)
+        flow.stages["subject"] = Stage(mask=subject)
+        flow.subject = subject
+        flow.carried = subject if flow.shadow is None else subject | flow.shadow
+        if flow.shadow is not None:
+            flow.stages["existing_shadow"] = Stage(mask=flow.shadow)
 
-        # 3. Depth (occlusion, perspective), once per image.
-        depth = None
-        if auto_scale or auto_occlusion:
-            depth_key = None if (image_key if image_key is not None else cache_key) is None else \
-                (image_key if image_key is not None else cache_key, "depth", self.dtype)
-            depth = self._depth_map(rgb, depth_key, "scale auto" if auto_scale else "occlusion auto")
-            stages["depth"] = Stage(values=normalized_depth(depth))
-        if auto_scale:  # perspective: the footpoint's inverse-depth ratio; the feet stay where dropped
-            scale = perspective_scale(depth, subject, dx, dy, carried=carried)
-            dy += footpoint_anchor_dy(subject, scale, centre_of=carried)
+    def _perspective(self, flow: _Flow) -> None:
+        """3. Depth (occlusion, perspective), once per image; scale "auto": the footpoint's inverse-depth ratio,
+        the feet stay where dropped."""
+        edit = flow.edit
+        if not (edit.auto_scale or edit.auto_occlusion):
+            return
+        owner = flow.image_key if flow.image_key is not None else flow.cache_key
+        depth_key = None if owner is None else (owner, "depth", self.dtype)
+        flow.depth = self._depth_map(flow.rgb, depth_key, "scale auto" if edit.auto_scale else "occlusion auto")
+        flow.stages["depth"] = Stage(values=normalized_depth(flow.depth))
+        if edit.auto_scale:
+            flow.scale = perspective_scale(flow.depth, flow.subject, flow.dx, flow.dy, carried=flow.carried)
+            flow.dy += footpoint_anchor_dy(flow.subject, flow.scale, centre_of=flow.carried)
 
-        # 4. Matting: trimap from the mask, alpha out (once per subject).
-        if matting:
-            band = default_trimap_band(size, carried) if trimap_band is None else trimap_band
-            alpha_key = None if cache_key is None else (cache_key, "alpha", band, self.dtype)
-            trimap, alpha = self._alpha(rgb, carried, band, alpha_key)
-            stages["trimap"] = Stage(image=Image.fromarray(trimap))
-            stages["alpha"] = Stage(values=alpha)
-            source = alpha > 0
-        else:
-            band, alpha, source = None, None, carried
+    def _matte(self, flow: _Flow) -> None:
+        """4. Matting: trimap from the mask, alpha out (once per subject)."""
+        if not flow.edit.matting:
+            flow.source = flow.carried
+            return
+        band = flow.edit.trimap_band
+        flow.band = default_trimap_band(flow.size, flow.carried) if band is None else band
+        alpha_key = None if flow.cache_key is None else (flow.cache_key, "alpha", flow.band, self.dtype)
+        trimap, flow.alpha = self._alpha(flow.rgb, flow.carried, flow.band, alpha_key)
+        flow.stages["trimap"] = Stage(image=Image.fromarray(trimap))
+        flow.stages["alpha"] = Stage(values=flow.alpha)
+        flow.source = flow.alpha > 0
 
-        # 5. Move / scale the subject; the occluders hide part of it.
-        moved_rgb, moved_mask = shift_or_warp(rgb, carried, dx, dy, scale)
-        moved_alpha = None if alpha is None else move_values(alpha, carried, dx, dy, scale)
-        support = moved_mask if moved_alpha is None else moved_alpha > 0
+    def _place(self, flow: _Flow) -> None:
+        """5. Move / scale the subject; the occluders hide part of it."""
+        dx, dy, scale, size = flow.dx, flow.dy, flow.scale, flow.size
+        flow.moved_rgb, moved_mask = shift_or_warp(flow.rgb, flow.carried, dx, dy, scale)
+        flow.moved_alpha = None if flow.alpha is None else move_values(flow.alpha, flow.carried, dx, dy, scale)
+        support = moved_mask if flow.moved_alpha is None else flow.moved_alpha > 0
         if not support.any():
             raise InputError(f"move ({dx:g}, {dy:g}) x{scale:g}: puts the whole subject outside the image ({size[1]}x{size[0]})", field="move")
-        if auto_occlusion:  # (a given occluder mask is the caller's own: not repeated as a stage)
+        if flow.edit.auto_occlusion:  # (a given occluder mask is the caller's own: not repeated as a stage)
             # what REMOVE regenerates (the subject's dilated reach) is inpainted away: it cannot be in front
-            occluder = occluder_from_depth(depth, subject, moves_with=shadow) & ~dilate(source, radius)
-            stages["occluder"] = Stage(mask=occluder)
-        visible = support & ~occluder if occluder is not None else support
-        if not visible.any():
+            flow.occluder = occluder_from_depth(flow.depth, flow.subject, moves_with=flow.shadow) & \
+                ~dilate(flow.source, flow.radius)
+            flow.stages["occluder"] = Stage(mask=flow.occluder)
+        flow.visible = support & ~flow.occluder if flow.occluder is not None else support
+        if not flow.visible.any():
             raise InputError(f"occlusion: the occluder hides the whole subject moved by ({dx:g}, {dy:g}); "
                              "nothing would be pasted", field="occlusion")
 
-        # 6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
-        void = dilate(source, radius)
-        remove_key = (cache_key, radius, steps, guidance, seed, resolution, self.dtype, band)
-        current = None if cache_key is None else self.remove_passes.get(remove_key)
+    def _remove(self, flow: _Flow) -> None:
+        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated; memoized
+        per (subject, quality) under the caller's cache_key: it does not depend on the move."""
+        q = flow.quality
+        void = dilate(flow.source, flow.radius)
+        remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band)
+        current = None if flow.cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
-            current, _ = self._regenerate(rgb, void, "remove", steps, guidance, seed, resolution, progress, "mask",
-                                          step_callback)
-            if cache_key is not None:
+            current, _ = self._regenerate(flow.rgb, void, "remove", q.steps, flow.guidance, q.seed, q.resolution,
+                                          flow.progress, "mask", flow.step_callback)
+            if flow.cache_key is not None:
                 current.setflags(write=False)  # shared by later calls: nobody may write into it
                 self.remove_passes.put(remove_key, current)
-        stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
+        flow.stages["removed"] = Stage(image=Image.fromarray(current), mask=void)
+        flow.current, flow.regenerated = current, void
 
-        # 7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0).
-        if moved_alpha is None:
-            current = current.copy()
-            current[visible] = moved_rgb[visible]
+    def _paste(self, flow: _Flow) -> None:
+        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0)."""
+        visible = flow.visible
+        if flow.moved_alpha is None:
+            flow.current = flow.current.copy()
+            flow.current[visible] = flow.moved_rgb[visible]
         else:
-            current = composite(moved_rgb, current, np.where(visible, moved_alpha, 0.0))
-        stages["moved"] = Stage(image=Image.fromarray(current), mask=visible)
-        regenerated = void | visible
+            flow.current = composite(flow.moved_rgb, flow.current, np.where(visible, flow.moved_alpha, 0.0))
+        flow.stages["moved"] = Stage(image=Image.fromarray(flow.current), mask=visible)
+        flow.regenerated = flow.regenerated | visible
 
-        # 8. COMPLETE the occluded / cut-off part (user mask, output coordinates) and the moved shadow,
-        #    never over the occluders.
-        region = complete
-        if shadow is not None:
-            moved_shadow = move_values(shadow, carried, dx, dy, scale) >= 0.5
+    def _complete(self, flow: _Flow) -> None:
+        """8. COMPLETE the occluded / cut-off part (user mask, output coordinates) and the moved existing shadow,
+        never over the occluders."""
+        region = flow.complete
+        if flow.shadow is not None:
+            moved_shadow = move_values(flow.shadow, flow.carried, flow.dx, flow.dy, flow.scale) >= 0.5
             region = moved_shadow if region is None else region | moved_shadow
-        if region is not None and occluder is not None:
-            region = region & ~occluder
-        if region is not None and region.any():
-            current, _ = self._regenerate(current, region, "complete", steps, guidance, seed + 1, resolution,
-                                          progress, "complete_mask", step_callback)
-            stages["completed"] = Stage(image=Image.fromarray(current), mask=region)
-            regenerated |= region
-        else:
-            region = None
+        if region is not None and flow.occluder is not None:
+            region = region & ~flow.occluder
+        if region is None or not region.any():
+            return
+        q = flow.quality
+        flow.current, _ = self._regenerate(flow.current, region, "complete", q.steps, flow.guidance, q.seed + 1,
+                                           q.resolution, flow.progress, "complete_mask", flow.step_callback)
+        flow.stages["completed"] = Stage(image=Image.fromarray(flow.current), mask=region)
+        flow.regenerated |= region
+        flow.completed = region
 
-        # 9. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1), and the region where a
-        #    shadow should appear (App. A.3 iv); the occluders stay as they are.
-        if harmonize:
-            area = dilate(visible if region is None else visible | region, radius)
-            if shadow_area is not None:
-                stages["shadow_region"] = Stage(mask=shadow_area)
-                area |= shadow_area
-            if occluder is not None:  # last: not even a shadow region paints over what is in front
-                area &= ~occluder
-            current, _ = self._regenerate(current, area, "harmonize", steps, 1.0, seed + 2, resolution, progress,
-                                          "harmonize region", step_callback)
-            stages["harmonized"] = Stage(image=Image.fromarray(current), mask=area)
-            regenerated |= area
+    def _harmonize(self, flow: _Flow) -> None:
+        """9. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1), and the region where a new
+        shadow is cast (App. A.3 iv); the occluders stay as they are."""
+        if not flow.edit.harmonize:
+            return
+        area = dilate(flow.visible if flow.completed is None else flow.visible | flow.completed, flow.radius)
+        if flow.new_shadow is not None:
+            flow.stages["new_shadow_region"] = Stage(mask=flow.new_shadow)
+            area |= flow.new_shadow
+        if flow.occluder is not None:  # last: not even a new shadow paints over what is in front
+            area &= ~flow.occluder
+        q = flow.quality
+        flow.current, _ = self._regenerate(flow.current, area, "harmonize", q.steps, 1.0, q.seed + 2, q.resolution,
+                                           flow.progress, "harmonize region", flow.step_callback)
+        flow.stages["harmonized"] = Stage(image=Image.fromarray(flow.current), mask=area)
+        flow.regenerated |= area
 
-        # 10. Paste only the regenerated regions back into the original image.
-        out = rgb.copy()
-        out[regenerated] = current[regenerated]
-        result = Image.fromarray(out)
-        stages["output"] = Stage(image=result, mask=regenerated)
-        return RepositionResult(image=result, stages=stages, scale=float(scale))
+
+@dataclass
+class _Flow:
+    """One SEELE call's inputs and what its steps produce, in the order they produce it."""
+
+    rgb: np.ndarray
+    edit: SeeleEdit
+    quality: Quality
+    cache_key: object
+    image_key: object
+    progress: bool
+    step_callback: object
+    stages: dict = field(default_factory=dict)
+    complete: np.ndarray | None = None  # the bound masks (_bind)
+    occluder: np.ndarray | None = None
+    shadow: np.ndarray | None = None
+    new_shadow: np.ndarray | None = None
+    radius: int = 1
+    subject: np.ndarray | None = None  # _select_subject
+    carried: np.ndarray | None = None  # the subject and its existing shadow: what moves
+    depth: np.ndarray | None = None  # _perspective
+    band: int | None = None  # _matte
+    alpha: np.ndarray | None = None
+    source: np.ndarray | None = None  # what leaves its place (alpha > 0 with matting)
+    moved_rgb: np.ndarray | None = None  # _place
+    moved_alpha: np.ndarray | None = None
+    visible: np.ndarray | None = None
+    current: np.ndarray | None = None  # the image being regenerated, stage after stage
+    regenerated: np.ndarray | None = None  # what is pasted back into the input
+    completed: np.ndarray | None = None  # _complete's region (None: nothing completed)
+
+    def __post_init__(self):
+        self.size = self.rgb.shape[:2]
+        self.dx, self.dy = self.edit.move
+        self.scale = self.edit.scale  # "auto": replaced by _perspective
+        self.guidance = self.quality.guidance_or(1.0)
+        self.stages["input"] = Stage(image=Image.fromarray(self.rgb))
+
+    def result(self) -> RepositionResult:
+        """10. Paste only the regenerated regions back into the original image."""
+        out = self.rgb.copy()
+        out[self.regenerated] = self.current[self.regenerated]
+        image = Image.fromarray(out)
+        self.stages["output"] = Stage(image=image, mask=self.regenerated)
+        return RepositionResult(image=image, stages=self.stages, scale=float(self.scale))

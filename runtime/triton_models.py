@@ -34,7 +34,7 @@ from editrt.export.triton import PIPELINE_MODELS, PipelineModel
 LIMITS = {"max_pixels": 4096 * 4096, "max_side": 8192, "max_points": 64, "max_grid": 32, "max_iterations": 10,
           "max_steps": 100, "max_resolution": 2048, "max_work_pixels": 2048 * 2048,
           "max_pixel_steps": 1024 * 1024 * 50, "max_elements": 4096}
-IMAGE_INPUTS = ("IMAGE", "MASK", "COMPLETE_MASK", "OCCLUDER_MASK", "SHADOW_MASK", "SHADOW_REGION")
+IMAGE_INPUTS = ("IMAGE", "MASK", "COMPLETE_MASK", "OCCLUDER_MASK", "EXISTING_SHADOW_MASK", "NEW_SHADOW_REGION")
 
 
 def check_image_shape(name: str, shape, limits: dict) -> None:
@@ -43,7 +43,7 @@ def check_image_shape(name: str, shape, limits: dict) -> None:
         h, w = int(shape[0]), int(shape[1])
         if h > limits["max_side"] or w > limits["max_side"] or h * w > limits["max_pixels"]:
             raise InputError(f"{name}: {w}x{h} is larger than the limit ({limits['max_pixels']} pixels, "
-                             f"{limits['max_side']} per side)")
+                             f"{limits['max_side']} per side)", field=name)
 
 
 def check_work(limits: dict, image_hw, resolution: int | None, default_resolution: int, steps: int | None,
@@ -54,17 +54,17 @@ def check_work(limits: dict, image_hw, resolution: int | None, default_resolutio
     from editrt.runtime.images import processing_size
 
     if steps is not None and steps > limits["max_steps"]:
-        raise InputError(f"STEPS: at most {limits['max_steps']}, got {steps}")
+        raise InputError(f"STEPS: at most {limits['max_steps']}, got {steps}", field="STEPS")
     if resolution is not None and resolution > limits["max_resolution"]:
-        raise InputError(f"RESOLUTION: at most {limits['max_resolution']}, got {resolution}")
+        raise InputError(f"RESOLUTION: at most {limits['max_resolution']}, got {resolution}", field="RESOLUTION")
     h, w = canvas_hw if canvas_hw is not None else processing_size(tuple(image_hw), resolution or default_resolution)
     field = "WORKING_SIZE" if canvas_hw is not None else ("RESOLUTION" if resolution is not None else "IMAGE")
     if h * w > limits["max_work_pixels"]:
         raise InputError(f"{field}: a {w}x{h} processing canvas is more than the limit "
-                         f"({limits['max_work_pixels']} pixels)")
+                         f"({limits['max_work_pixels']} pixels)", field=field)
     if steps is not None and h * w * steps > limits["max_pixel_steps"]:
         raise InputError(f"STEPS: {steps} steps on a {w}x{h} canvas is more work than the limit "
-                         f"({limits['max_pixel_steps']} pixel-steps)")
+                         f"({limits['max_pixel_steps']} pixel-steps)", field="STEPS")
 
 
 def _pb_utils():
@@ -168,7 +168,7 @@ def bls_engines(parameter: str, pipe, pb_utils) -> dict[str, str]:
         network, _, model_name = item.partition("=")
         if network not in pipe.engines:
             raise InputError(f"bls: {network!r} is not an engine of this pipeline; expected one of "
-                             f"{', '.join(sorted(pipe.engines))}")
+                             f"{', '.join(sorted(pipe.engines))}", field="bls")
         routes[network] = model_name or network
     for network, model_name in routes.items():
         pipe.engines[network] = BlsEngine(pipe.engines[network].spec, model_name, pipe.device, pb_utils)
@@ -191,7 +191,7 @@ class Request:
         unknown = sorted(set(self.parameters) - known)
         if unknown:
             raise InputError(f"{model.name}: unknown request parameter {unknown[0]!r}; expected one of "
-                             f"{', '.join(sorted(known))}")
+                             f"{', '.join(sorted(known))}", field="parameters")
 
     def array(self, name: str):
         """The input's array; None for an absent optional input (Triton leaves required ones to the model)."""
@@ -199,13 +199,13 @@ class Request:
         if tensor is None:
             if not self.model.input(name).optional:
                 raise InputError(f"{self.model.name}: missing input {name!r}; expected "
-                                 f"{', '.join(p.name for p in self.model.inputs if not p.optional)}")
+                                 f"{', '.join(p.name for p in self.model.inputs if not p.optional)}", field=name)
             return None
         if name in IMAGE_INPUTS:
             check_image_shape(name, tensor.shape(), self.model_limits)
         arr = tensor_to_numpy(tensor)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise InputError(f"{name}: expected finite numbers (no NaN or infinity)")
+            raise InputError(f"{name}: expected finite numbers (no NaN or infinity)", field=name)
         return arr
 
     def value(self, name: str):
@@ -215,16 +215,16 @@ class Request:
         if arr is None:
             return self.parameters.get(name.lower(), port.default)
         if name.lower() in self.parameters:
-            raise InputError(f"{name}: given both as an input tensor and as a request parameter")
+            raise InputError(f"{name}: given both as an input tensor and as a request parameter", field=name)
         if arr.size != 1:
-            raise InputError(f"{name}: expected one value, got shape {list(arr.shape)}")
+            raise InputError(f"{name}: expected one value, got shape {list(arr.shape)}", field=name)
         value = arr.reshape(-1)[0]
         return decimal(value) if arr.dtype == np.float32 else value.item()
 
     def text(self, name: str) -> str:
         value = self.parameters.get(name, next(q.default for q in self.model.parameters if q.name == name))
         if not isinstance(value, str):
-            raise InputError(f"request parameter {name!r}: expected a string, got {value!r}")
+            raise InputError(f"request parameter {name!r}: expected a string, got {value!r}", field=name)
         return value
 
     def integer(self, name: str):
@@ -236,26 +236,26 @@ class Request:
         except (TypeError, ValueError):  # e.g. a request parameter "abc"
             whole = False
         if not whole:
-            raise InputError(f"{name}: expected an integer, got {value!r}")
+            raise InputError(f"{name}: expected an integer, got {value!r}", field=name)
         return int(float(value))
 
     def number(self, name: str) -> float:
         value = self.value(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise InputError(f"{name}: expected a finite number, got {value!r}")
+            raise InputError(f"{name}: expected a finite number, got {value!r}", field=name)
         return float(value)
 
     def prompt(self) -> dict:
         """points / labels / box as the CLI passes them: labels default to 1 (foreground)."""
         points, labels, box = self.array("POINTS"), self.array("LABELS"), self.array("BOX")
         if points is not None and len(points) > self.model_limits["max_points"]:
-            raise InputError(f"POINTS: at most {self.model_limits['max_points']} points, got {len(points)}")
+            raise InputError(f"POINTS: at most {self.model_limits['max_points']} points, got {len(points)}", field="POINTS")
         if labels is not None and points is None:
-            raise InputError("LABELS: given without POINTS")
+            raise InputError("LABELS: given without POINTS", field="LABELS")
         if points is not None:
             labels = [1] * len(points) if labels is None else [int(v) for v in labels]
             if len(labels) != len(points):
-                raise InputError(f"LABELS: expected one label per point ({len(points)}), got {len(labels)}")
+                raise InputError(f"LABELS: expected one label per point ({len(points)}), got {len(labels)}", field="LABELS")
             points = [[decimal(x), decimal(y)] for x, y in points]
         return dict(points=points, labels=labels, box=None if box is None else [decimal(v) for v in box])
 
@@ -281,7 +281,7 @@ class PipelineModelBase(ABC):
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.limits = {k: int(params.get(k, v)) for k, v in LIMITS.items()}
         if "weights" not in params:
-            raise InputError(f"{self.name}: config.pbtxt has no 'weights' parameter (the weights directory)")
+            raise InputError(f"{self.name}: config.pbtxt has no 'weights' parameter (the weights directory)", field="weights")
         device = _device(params.get("device", "auto"), args)
         dtype = params.get("dtype", "auto")
         if dtype == "auto":
@@ -334,7 +334,7 @@ class SegmentModel(PipelineModelBase):
     def run(self, r: Request) -> dict:
         prompt = r.prompt()
         if prompt["points"] is None and prompt["box"] is None:
-            raise InputError("segment: expected POINTS and/or BOX")
+            raise InputError("segment: expected POINTS and/or BOX", field="POINTS")
         return {"MASK": _mask_bytes(self.pipe.segment(r.array("IMAGE"), **prompt))}
 
 
@@ -353,26 +353,55 @@ class InpaintModel(PipelineModelBase):
 
 class RepositionModel(PipelineModelBase):
     name = "reposition"
+    # the library's field names (EditError.field: SeeleEdit / Quality attributes, the call's keywords) -> this
+    # model's input names; "occlusion" is the OCCLUDER_MASK input or the `occlusion` request parameter
+    PORTS = {"mask": "MASK", "points": "POINTS", "labels": "LABELS", "box": "BOX", "move": "MOVE", "scale": "SCALE",
+             "complete_mask": "COMPLETE_MASK", "matting": "MATTING", "trimap_band": "TRIMAP_BAND",
+             "existing_shadow": "EXISTING_SHADOW_MASK", "new_shadow_region": "NEW_SHADOW_REGION",
+             "harmonize": "HARMONIZE", "steps": "STEPS", "guidance": "GUIDANCE", "seed": "SEED",
+             "resolution": "RESOLUTION"}
 
     def run(self, r: Request) -> dict:
         mask, prompt = r.mask("MASK"), r.prompt()
         if mask is None and prompt["points"] is None and prompt["box"] is None:
-            raise InputError("reposition: expected the subject as MASK, POINTS or BOX")
-        move = r.array("MOVE")
+            raise InputError("reposition: expected the subject as MASK, POINTS or BOX", field="MASK")
         image = r.array("IMAGE")
         check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution,
                    r.integer("STEPS"))
+        try:
+            edit, quality = self.edit(r)
+            result = self.pipe(image, edit, mask=mask, **prompt, quality=quality)
+        except EditError as e:  # named as this model's input, then editrt's message
+            port = self.port(e.field, r)
+            raise type(e)(f"{port}: {e}" if port else str(e), field=port or e.field) from None
+        return {"IMAGE": np.asarray(result.image), "REGION": _mask_bytes(result.stages["output"].mask)}
+
+    @staticmethod
+    def edit(r: Request):
+        """The request's inputs as a SeeleEdit and a Quality (runtime/edits.py)."""
+        from editrt.runtime.edits import Quality, SeeleEdit
+
+        occluder = r.mask("OCCLUDER_MASK")
+        occlusion = r.text("occlusion")
+        if occluder is not None:
+            if occlusion != "none":
+                raise InputError("OCCLUDER_MASK: give the occluder as OCCLUDER_MASK or occlusion=auto, not both",
+                                 field="occlusion")
+            occlusion = occluder
         # scale="auto" (a request parameter, as the CLI's `--scale auto`): the depths at the footpoints decide
         scale = "auto" if r.parameters.get("scale") == "auto" else r.number("SCALE")
-        result = self.pipe(image, mask=mask, **prompt, move=[decimal(v) for v in move],
-                           scale=scale, complete_mask=r.mask("COMPLETE_MASK"),
-                           occluder_mask=r.mask("OCCLUDER_MASK"), occlusion=r.text("occlusion"),
-                           matting=bool(r.integer("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
-                           shadow_mask=r.mask("SHADOW_MASK"), shadow_region=r.mask("SHADOW_REGION"),
-                           harmonize=bool(r.integer("HARMONIZE")),
-                           steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
-                           resolution=r.integer("RESOLUTION"))
-        return {"IMAGE": np.asarray(result.image), "REGION": _mask_bytes(result.stages["output"].mask)}
+        edit = SeeleEdit(move=[decimal(v) for v in r.array("MOVE")], scale=scale, occlusion=occlusion,
+                         matting=bool(r.integer("MATTING")), trimap_band=r.integer("TRIMAP_BAND"),
+                         harmonize=bool(r.integer("HARMONIZE")), complete_mask=r.mask("COMPLETE_MASK"),
+                         existing_shadow=r.mask("EXISTING_SHADOW_MASK"), new_shadow_region=r.mask("NEW_SHADOW_REGION"))
+        quality = Quality(steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
+                          resolution=r.integer("RESOLUTION"))
+        return edit, quality
+
+    def port(self, field: str | None, r: Request) -> str | None:
+        if field == "occlusion":
+            return "OCCLUDER_MASK" if r.mask("OCCLUDER_MASK") is not None else "occlusion"
+        return self.PORTS.get(field)
 
 
 class ElementsPartitionModel(PipelineModelBase):
@@ -381,9 +410,9 @@ class ElementsPartitionModel(PipelineModelBase):
     def run(self, r: Request) -> dict:
         image, grid, iterations = r.array("IMAGE"), r.integer("GRID"), r.integer("ITERATIONS")
         if grid is not None and grid > self.limits["max_grid"]:
-            raise InputError(f"GRID: at most {self.limits['max_grid']}, got {grid}")
+            raise InputError(f"GRID: at most {self.limits['max_grid']}, got {grid}", field="GRID")
         if iterations is not None and iterations > self.limits["max_iterations"]:
-            raise InputError(f"ITERATIONS: at most {self.limits['max_iterations']}, got {iterations}")
+            raise InputError(f"ITERATIONS: at most {self.limits['max_iterations']}, got {iterations}", field="ITERATIONS")
         check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution, None)
         elements = self.pipe.partition(image, resolution=r.integer("RESOLUTION"), grid=grid,
                                        beta=r.number("BETA"), iterations=iterations)
@@ -402,13 +431,13 @@ class ElementsRenderModel(PipelineModelBase):
         features, centroids, sizes, alive = (r.array(n) for n in ("FEATURES", "CENTROIDS", "SIZES", "ALIVE"))
         n = len(features)
         if n > self.limits["max_elements"]:
-            raise InputError(f"FEATURES: at most {self.limits['max_elements']} elements, got {n}")
+            raise InputError(f"FEATURES: at most {self.limits['max_elements']} elements, got {n}", field="FEATURES")
         for name, arr in (("CENTROIDS", centroids), ("SIZES", sizes), ("ALIVE", alive)):
             if len(arr) != n:
-                raise InputError(f"{name}: expected {n} rows (one per element of FEATURES), got {len(arr)}")
+                raise InputError(f"{name}: expected {n} rows (one per element of FEATURES), got {len(arr)}", field=name)
         image_size = tuple(int(v) for v in r.array("IMAGE_SIZE"))
         if min(image_size) < 1:
-            raise InputError(f"IMAGE_SIZE: expected (H, W) >= 1, got {list(image_size)}")
+            raise InputError(f"IMAGE_SIZE: expected (H, W) >= 1, got {list(image_size)}", field="IMAGE_SIZE")
         check_image_shape("IMAGE_SIZE", image_size, self.limits)
         working = r.array("WORKING_SIZE")
         # the decoder reads features, positions, sizes and alive only; regions matter for edits, not here
@@ -417,7 +446,7 @@ class ElementsRenderModel(PipelineModelBase):
                             np.zeros((n, 2), np.float32),
                             working_size=None if working is None else tuple(int(v) for v in working))
         if min(elements.working_size) < 8 or any(v % 8 for v in elements.working_size):
-            raise InputError(f"WORKING_SIZE: expected multiples of 8, got {list(elements.working_size)}")
+            raise InputError(f"WORKING_SIZE: expected multiples of 8, got {list(elements.working_size)}", field="WORKING_SIZE")
         resolution, steps = r.integer("RESOLUTION"), r.integer("STEPS")
         canvas = None if resolution is not None else elements.working_size
         check_work(self.limits, image_size, resolution, self.pipe.default_resolution, steps, canvas)

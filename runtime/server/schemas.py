@@ -215,9 +215,19 @@ class MaskResponse(Body):
     timing: Timing
 
 
-class MoveRequest(SeeleOptions):
+class MoveRequest(Body):
+    """A drag position or its release (runtime/edits.py: a SeeleEdit for a repositioning session, a move and
+    resize of `ids` for an elements session, which refuses the SEELE-only options)."""
+
     dx: Coord = 0.0
     dy: Coord = 0.0
+    scale: ScaleOrAuto = 1.0
+    occlusion: Occlusion = "none"
+    matting: bool = Field(False, description="composite the subject with its ViTMatte alpha")
+    trimap_band: TrimapBand | None = None
+    new_shadow_box: Box | None = Field(None, description="where a new shadow is cast (x0, y0, x1, y1), output "
+                                                         "pixels: harmonized (the subject's existing shadow is a "
+                                                         "selection: select target 'shadow')")
     ids: Ids | None = Field(None, description="elements sessions: the elements to move")
 
 

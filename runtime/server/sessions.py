@@ -1,9 +1,9 @@
-"""Open edit sessions: ids, undo history, TTL, an LRU cap and a byte budget.
+"""Open edit sessions: ids, TTL, an LRU cap and a byte budget.
 
-A `Live` wraps one EditSession and what the server keeps beside it: the image history (undo),
-for elements sessions the elements before the current drag. All its pipeline work runs on the
-pipeline's work queue; `lock` orders a session's state changes (select, final, undo) between
-its REST calls and its WebSocket.
+A `Live` wraps one editor session (runtime/session.py: a RepositionSession or an ElementsSession, which own
+their selection, drag state, commit and undo history) and what only the server keeps beside it: its id,
+last use, the lock that orders its state changes (select, final, undo) between its REST calls and its
+WebSocket, and the drag sockets open on it. All its pipeline work runs on the pipeline's work queue.
 """
 from __future__ import annotations
 
@@ -14,47 +14,33 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from editrt.runtime.server.limits import APIError
-from editrt.runtime.session import EditSession
+from editrt.runtime.session import ElementsSession, RepositionSession
 from editrt.runtime.work_queue import BusyError
+
+KINDS = {RepositionSession: "reposition", ElementsSession: "elements"}  # the wire's `kind` of each session class
 
 
 @dataclass
 class Live:
     id: str
-    kind: str
-    session: EditSession
+    session: RepositionSession | ElementsSession
     steps: int
     preview_steps: int
-    seed: int
-    history: list = field(default_factory=list)  # previous images (reposition) / Elements (elements)
-    drag_base: object = None  # elements: the elements when the current drag started
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
     sockets: int = 0  # drag WebSockets open on it (capped by Settings.ws_per_session)
 
     @property
-    def image(self) -> np.ndarray:
-        return self.session.rgb
+    def kind(self) -> str:
+        """The editor's name on the wire ('reposition' | 'elements')."""
+        return KINDS[type(self.session)]
 
     def nbytes(self) -> int:
-        """What this session holds in host memory: image, mask, history, elements (the pipeline's caches have
-        their own byte budgets and show in /metrics)."""
-        s = self.session
-        total = s.rgb.nbytes + (s.subject.nbytes if s.subject is not None else 0)
-        total += sum(v.nbytes for v in getattr(s, "cache", {}).values() if isinstance(v, np.ndarray))
-        for item in self.history:
-            total += item.nbytes if isinstance(item, np.ndarray) else elements_bytes(item)
-        if s.elements is not None:
-            total += elements_bytes(s.elements) + elements_bytes(s.original)
-        return total
-
-
-def elements_bytes(el) -> int:
-    return int(el.features.nbytes + sum(m.nbytes for m in el.masks) + el.centroids.nbytes * 4)
+        """What this session holds in host memory (image, selection, elements, undo history; the pipeline's
+        caches have their own byte budgets and show in /metrics)."""
+        return self.session.nbytes()
 
 
 class SessionStore:
@@ -86,8 +72,8 @@ class SessionStore:
         self._live[sid] = self._live.pop(sid)  # most recently used last
         return live
 
-    def add(self, kind: str, session: EditSession, steps: int, preview_steps: int, seed: int) -> Live:
-        live = Live(self.id_prefix + secrets.token_urlsafe(16), kind, session, steps, preview_steps, seed)
+    def add(self, session: RepositionSession | ElementsSession, steps: int, preview_steps: int) -> Live:
+        live = Live(self.id_prefix + secrets.token_urlsafe(16), session, steps, preview_steps)
         if live.nbytes() > self.budget:  # refused before it makes room: no other session is evicted for it
             threading.Thread(target=session.close, name="editrt-session-close", daemon=True).start()
             raise APIError(413, "image", "image: this session alone is larger than the server's session budget")
@@ -114,7 +100,7 @@ class SessionStore:
         live.closed = True
         if why:
             self.evicted[why] += 1
-        # EditSession.close joins its preview thread (at most one short preview): off the event loop
+        # the session's close joins its preview thread (at most one short preview): off the event loop
         threading.Thread(target=live.session.close, name="editrt-session-close", daemon=True).start()
 
     def close_all(self) -> None:

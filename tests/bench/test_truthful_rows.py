@@ -249,15 +249,15 @@ def test_compile_peers_are_present(quick_rows):
 def test_session_first_edit_uses_the_embedding_it_times(tiny_weights, tmp_path, monkeypatch):
     """The first edit times a new photo's SAM embedding: every run selects its subject with a click, which
     needs that embedding (a given mask would time an embedding nothing uses)."""
-    from editrt.runtime.session import EditSession
+    from editrt.runtime.session import RepositionSession
 
     clicks = []
-    select = EditSession.select
+    select = RepositionSession.select
 
     def counting(self, points=None, labels=None, box=None, mask=None):
         clicks.append(points is not None and mask is None)
         return select(self, points=points, labels=labels, box=box, mask=mask)
-    monkeypatch.setattr(EditSession, "select", counting)
+    monkeypatch.setattr(RepositionSession, "select", counting)
     rc, err = run_cli(["--weights", tiny_weights, "--quick", "--only", "session-first-edit", *FAST,
                        "--json", tmp_path / "s.json"])
     assert rc == 0, err

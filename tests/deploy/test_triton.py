@@ -252,7 +252,7 @@ def test_reposition_seele_stages_equal_cli(clients, photo_small, tiny_weights, t
         "--weights", str(tiny_weights))
     out = infer(clients, "http", "reposition", {
         "IMAGE": rgb, "MASK": subject, "MOVE": np.array([30, 8], np.float32), "MATTING": scalar(1, np.uint8),
-        "TRIMAP_BAND": scalar(3, np.int32), "SHADOW_REGION": region, "STEPS": scalar(2, np.int32),
+        "TRIMAP_BAND": scalar(3, np.int32), "NEW_SHADOW_REGION": region, "STEPS": scalar(2, np.int32),
         "SEED": scalar(3, np.int64)}, parameters={"scale": "auto", "occlusion": "auto"})
     np.testing.assert_array_equal(out["IMAGE"], png_pixels(tmp_path / "out.png"))
     np.testing.assert_array_equal(out["REGION"], png_pixels(next((tmp_path / "stages").glob("*_output_mask.png")), "L"))

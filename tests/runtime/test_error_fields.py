@@ -28,8 +28,8 @@ REPOSITION_CASES = {
     "move": dict(mask=mask(), move="left"),
     "scale": dict(mask=mask(), scale=0.0),
     "occlusion": dict(mask=mask(), occlusion="sometimes"),
-    "occluder_mask": dict(mask=mask(), occlusion="auto", occluder_mask=mask()),
-    "shadow_region": dict(mask=mask(), harmonize=False, shadow_region=(0, 0, 4, 4)),
+    "existing_shadow": dict(mask=mask(), existing_shadow=np.zeros((H, W), bool)),
+    "new_shadow_region": dict(mask=mask(), harmonize=False, new_shadow_region=(0, 0, 4, 4)),
     "trimap_band": dict(mask=mask(), trimap_band=3),
     "steps": dict(mask=mask(), steps=0),
     "guidance": dict(mask=mask(), guidance=0.5),
@@ -47,10 +47,13 @@ def test_reposition_errors_name_their_field(reposition, field):
     assert e.value.field == field, str(e.value)
 
 
-def test_shadow_region_box_outside_the_image_names_shadow_region(reposition):
+def test_new_shadow_region_box_outside_the_image_names_new_shadow_region(reposition):
     with pytest.raises(InputError) as e:
-        reposition(rgb(), mask=mask(), steps=1, shadow_region=(W + 1, 0, W + 9, 8))
-    assert e.value.field == "shadow_region"
+        reposition(rgb(), mask=mask(), steps=1, new_shadow_region=(W + 1, 0, W + 9, 8))
+    assert e.value.field == "new_shadow_region"
+    with pytest.raises(InputError) as e:  # the older keyword names the same attribute
+        reposition(rgb(), mask=mask(), steps=1, occlusion="auto", occluder_mask=mask())
+    assert e.value.field == "occlusion"
 
 
 def test_inpaint_task_and_partition_options(reposition, elements_pipe):

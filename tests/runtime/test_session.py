@@ -163,8 +163,7 @@ def test_elements_session(tiny_weights, photo):
         assert final.size == preview.size == (photo.shape[1], photo.shape[0])  # both in the user's image
         session.reset()
         assert session.elements.alive[alive[-1]]
-        with pytest.raises(InputError, match="only a repositioning session"):
-            session.select(points=[[1, 1]])
+        assert not hasattr(session, "select")  # an elements session has no subject
 
 
 def test_depth_per_image_and_alpha_per_subject_are_computed_once(tiny_weights, photo):
@@ -190,8 +189,8 @@ def test_depth_per_image_and_alpha_per_subject_are_computed_once(tiny_weights, p
         calls.clear()
         session.select_shadow(mask=shadow)  # part of the subject: a new alpha, the same depth
         shadowed = session.final(move=(30, 5), **edit)
-        assert calls == ["matting"] and shadowed.stages["shadow"].mask.sum() == shadow.sum()
-        with pytest.raises(InputError, match="shadow_mask: select the shadow with select_shadow"):
+        assert calls == ["matting"] and shadowed.stages["existing_shadow"].mask.sum() == shadow.sum()
+        with pytest.raises(InputError, match="existing_shadow: select the shadow with select_shadow"):
             session.final(move=(1, 1), shadow_mask=shadow)
         n_alphas = len(pipe.alphas)
     assert len(pipe.alphas) == 0 < n_alphas  # close() dropped this session's alphas

@@ -258,7 +258,7 @@ def test_session_shadow_selection_and_seele_drag_options(client, photo_small):
     r = client.post(f"/v1/sessions/{sid}/select", json={"target": "shadow", "mask": b64png(shadow)})
     assert r.status_code == 200 and r.json()["area"] == 6 * 50
     assert client.get(f"/v1/sessions/{sid}").json()["shadow"]
-    move = {"dx": 10, "dy": 2, "scale": "auto", "matting": True, "trimap_band": 3, "shadow_box": [70, 60, 110, 70]}
+    move = {"dx": 10, "dy": 2, "scale": "auto", "matting": True, "trimap_band": 3, "new_shadow_box": [70, 60, 110, 70]}
     r = client.post(f"/v1/sessions/{sid}/preview", json=move)
     assert r.status_code == 200, r.text
     r = client.post(f"/v1/sessions/{sid}/final", json={**move, "trimap_band": 50})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import time
@@ -157,32 +158,19 @@ def request_field(e: EditError, fields: Mapping[str, str]) -> str:
     return fields.get(e.field, "body") if e.field is not None else "body"
 
 
+@contextlib.contextmanager
+def edit_errors_as_422(fields: Mapping[str, str]):
+    """Inside the block, an EditError (a typed edit refusing a value where it is built) is answered 422 on the
+    request field `fields` maps its field to (request_field), as common.run does for a pipeline's."""
+    try:
+        yield
+    except EditError as e:
+        raise APIError(422, request_field(e, fields), str(e)) from None
+
+
 def same_names(*names: str) -> dict[str, str]:
     """A route's field map where the request spells each library keyword the same way."""
     return {name: name for name in names}
-
-
-# SeeleOptions (schemas.py) -> the pipeline's keywords, and back for errors: the request's `shadow_box` is the box
-# form of the pipeline's `shadow_region` (where a new shadow is generated); a route that also takes the mask form
-# (a `shadow_region` image field) passes it to seele_options and names it with seele_fields.
-SEELE_FIELDS = {"scale": "scale", "occlusion": "occlusion", "matting": "matting", "trimap_band": "trimap_band",
-                "shadow_region": "shadow_box"}
-
-
-def seele_options(req, shadow_region_mask=None) -> dict:
-    """The pipeline keywords of a request's SeeleOptions: scale, occlusion, matting, trimap band and the region
-    where a new shadow should appear (`shadow_region_mask`, else the request's shadow_box, else none)."""
-    options = dict(scale=req.scale, occlusion=req.occlusion, matting=req.matting, trimap_band=req.trimap_band)
-    if shadow_region_mask is not None:
-        options["shadow_region"] = shadow_region_mask
-    elif req.shadow_box is not None:
-        options["shadow_region"] = tuple(req.shadow_box)
-    return options
-
-
-def seele_fields(shadow_region_field: str = "shadow_box") -> dict[str, str]:
-    """SEELE_FIELDS for a request whose shadow region came as `shadow_region_field`."""
-    return {**SEELE_FIELDS, "shadow_region": shadow_region_field}
 
 
 async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str,

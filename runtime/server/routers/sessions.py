@@ -1,9 +1,15 @@
 """Interactive sessions: create from an image, select the subject, drag (WebSocket), release, undo.
 
-Reposition: select (points / box / mask) -> mask; the drag loop sends previews; release runs the
-final, which becomes the session's image (the previous one goes on the undo stack).
+This router only translates HTTP / WebSocket into the session's own calls (runtime/session.py):
+a move request becomes the editor's typed edit (a SeeleEdit or an ElementsEdit, one translator per
+editor in EDITORS), and preview / commit / undo run on the session, which owns its selection, its
+history and what a drag changes.
+
+Reposition: select (points / box / mask) -> mask; the drag loop sends previews; release commits
+the final, which becomes the session's image (undo restores the previous one).
 Elements: the partition on create (overlay + boxes in image pixels); edits, element drags with
-previews, render. Moves are in image pixels.
+previews (of the committed elements moved: a drag changes nothing until released), render. Moves
+are in image pixels.
 
 The WebSocket `/v1/sessions/{id}/drag` is latest-wins: positions that arrive while a preview
 runs replace each other in one slot, so a stale position is dropped, never queued; `release`
@@ -13,20 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
-import numpy as np
-import torch
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from editrt.errors import EditError
+from editrt.runtime.edits import ElementsEdit, MoveElements, ResizeElements, SeeleEdit
 from editrt.runtime.server import cost
 from editrt.runtime.server.limits import APIError, png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, items
 from editrt.runtime.server.schemas import (
+    EditOp,
     ElementsSelect,
     ElementsSessionEdit,
     ErrorBody,
@@ -40,36 +48,106 @@ from editrt.runtime.server.schemas import (
     SessionRender,
 )
 from editrt.runtime.server.sessions import Live
-from editrt.runtime.server.work import FINAL, INTERACTIVE, PREVIEW  # noqa: F401
-from editrt.runtime.session import EditSession
+from editrt.runtime.server.work import FINAL, INTERACTIVE, PREVIEW, Stop
+from editrt.runtime.session import ElementsSession, RepositionSession, open_session
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 404, 409, 413, 415, 422, 503)}
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(common.require_token)],
                    responses=ERRORS)
-MOVE_FIELDS = ("dx", "dy", "scale", "ids", "selected", *common.SEELE_FIELDS)
 
 
-def _new_session(st, kind: str, rgb, steps: int, preview_steps: int, seed: int) -> EditSession:
-    pipe = st.reposition if kind == "reposition" else st.elements
-    with torch.no_grad():
-        return EditSession(rgb, pipe, steps=steps, preview_steps=preview_steps, resolution=st.settings.resolution,
-                           preview_resolution=st.settings.preview_resolution, seed=seed)
+# ---------------------------------------------------------------------- move requests -> typed edits, per editor
+# The library's field names (EditError.field: SeeleEdit / ElementsEdit attributes, session keywords) as a
+# MoveRequest spells them.
+SEELE_MOVE_FIELDS = {"move": "dx", "scale": "scale", "occlusion": "occlusion", "matting": "matting",
+                     "trimap_band": "trimap_band", "new_shadow_region": "new_shadow_box", "selected": "selected",
+                     "mask": "selected", "existing_shadow": "selected"}
+ELEMENTS_MOVE_FIELDS = {"ids": "ids", "move": "dx", "dx": "dx", "dy": "dy", "scale": "scale", "ops": "ids",
+                        "prompt": "prompt", "elements": "ids"}
+SEELE_ONLY = ("occlusion", "matting", "trimap_band", "new_shadow_box")  # MoveRequest fields an elements session refuses
+
+
+def _edit_error(e: EditError, fields: dict) -> APIError:
+    return APIError(422, fields.get(e.field, "body"), str(e))
+
+
+def _translating(fn, fields: dict):
+    """fn, with the library's EditError answered as 422 on the request field `fields` maps its field to."""
+    def run():
+        try:
+            return fn()
+        except EditError as e:
+            raise _edit_error(e, fields) from None
+    return run
+
+
+def _seele_edit(live: Live, move: MoveRequest, settings, render_without_ids: bool) -> SeeleEdit:
+    if live.session.subject is None:
+        raise APIError(409, "selected", "selected: select the subject first (POST .../select)")
+    box = None if move.new_shadow_box is None else tuple(move.new_shadow_box)
+    return _translating(lambda: SeeleEdit(move=(move.dx, move.dy), scale=move.scale, occlusion=move.occlusion,
+                                          matting=move.matting, trimap_band=move.trimap_band,
+                                          new_shadow_region=box), SEELE_MOVE_FIELDS)()
+
+
+def _elements_edit(live: Live, move: MoveRequest, settings, render_without_ids: bool) -> ElementsEdit:
+    """A move (and resize) of `ids` (without ids and `render_without_ids`: a render of the committed elements).
+    Bounded like an edit: the ops' region pixels (cost.py)."""
+    given = [name for name in SEELE_ONLY if getattr(move, name) not in (None, False, "none")]
+    if move.scale == "auto":
+        given.insert(0, "scale")
+    if given:
+        raise APIError(422, given[0], f"{given[0]}: {getattr(move, given[0])!r} is a repositioning option; an "
+                       "elements session takes dx, dy, a numeric scale and ids")
+    if not move.ids:
+        if render_without_ids:
+            return ElementsEdit()
+        raise APIError(422, "ids", "ids: expected the elements to move")
+
+    def build():
+        ops = [MoveElements(ids=move.ids, dx=move.dx, dy=move.dy)]
+        if move.scale != 1.0:
+            ops.append(ResizeElements(ids=move.ids, scale=move.scale))
+        elements = live.session.elements
+        drawn = elements.region_pixels() + (elements.region_pixels(move.ids, move.scale) if len(ops) > 1 else 0)
+        cost.check_region_pixels(settings, drawn, "ids")
+        return ElementsEdit(ops=tuple(ops))
+    return _translating(build, ELEMENTS_MOVE_FIELDS)()
+
+
+@dataclass(frozen=True)
+class Editor:
+    """How the server speaks to one editor's sessions."""
+
+    pipeline: str  # the pipeline (and work queue) name: st.reposition / st.elements
+    edit_of: Callable  # (live, MoveRequest, settings, render_without_ids) -> the editor's edit; raises APIError
+    move_fields: dict  # library field -> MoveRequest field
+
+
+EDITORS = {RepositionSession: Editor("reposition", _seele_edit, SEELE_MOVE_FIELDS),
+           ElementsSession: Editor("elements", _elements_edit, ELEMENTS_MOVE_FIELDS)}
+
+
+def editor(live: Live) -> Editor:
+    return EDITORS[type(live.session)]
 
 
 def info(live: Live, st, image: bool = False, t=None) -> SessionInfo:
     s = live.session
-    h, w = live.image.shape[:2]
+    h, w = s.image.shape[:2]
+    reposition = isinstance(s, RepositionSession)
     out = SessionInfo(id=live.id, kind=live.kind, width=w, height=h, steps=live.steps, preview_steps=live.preview_steps,
-                      selected=s.subject is not None, shadow=getattr(s, "shadow", None) is not None,
-                      undo=len(live.history), image=png_b64(live.image) if image else None, timing=t)
-    if live.kind == "elements":
+                      selected=reposition and s.subject is not None, shadow=reposition and s.shadow is not None,
+                      undo=s.undo_depth, image=png_b64(s.image) if image else None, timing=t)
+    if isinstance(s, ElementsSession):
         out.items = items(s.elements)
-        out.overlay = png_b64(st.elements.render_overlay(s.elements, live.image))
+        out.overlay = png_b64(st.elements.render_overlay(s.elements, s.image))
     return out
 
 
-def _kind(live: Live, kind: str, what: str) -> None:
-    if live.kind != kind:
+def _require(live: Live, session_type: type, what: str) -> None:
+    if not isinstance(live.session, session_type):
+        kind = EDITORS[session_type].pipeline
         raise APIError(409, "session_id", f"session_id: {what} needs a {kind} session; this one is {live.kind}")
 
 
@@ -89,9 +167,13 @@ async def create(request: Request):
     cost.check_pass(st.settings, rgb.shape[:2], None, resolution, steps)
     cost.check_pass(st.settings, rgb.shape[:2], None, st.settings.preview_resolution or resolution, preview,
                     "preview_steps")
-    session, run_s, wait_s = await common.run(request, req.kind, lambda: _new_session(st, req.kind, rgb, steps, preview,
-                                                                                      req.seed), INTERACTIVE, "open")
-    live = st.sessions.add(req.kind, session, steps, preview, req.seed)
+
+    def open_():
+        return open_session(rgb, pipe, steps=steps, preview_steps=preview, resolution=st.settings.resolution,
+                            preview_resolution=st.settings.preview_resolution, seed=req.seed,
+                            max_undo=st.settings.history)
+    session, run_s, wait_s = await common.run(request, req.kind, open_, INTERACTIVE, "open", {"image": "image"})
+    live = st.sessions.add(session, steps, preview)
     return await anyio.to_thread.run_sync(lambda: info(live, st, t=common.timing(request, t0, run_s, wait_s)))
 
 
@@ -110,6 +192,10 @@ async def close(request: Request, session_id: str):
     return Response(status_code=204)
 
 
+SELECT_FIELDS = {"points": "points", "labels": "labels", "box": "box", "mask": "mask", "existing_shadow": "mask",
+                 "selected": "selected"}
+
+
 @router.post("/{session_id}/select", response_model=MaskResponse, openapi_extra=common.body_schema(SelectRequest))
 async def select(request: Request, session_id: str):
     """The subject from points / box (SAM on the cached embedding) or a mask; target 'shadow': the selected
@@ -118,7 +204,7 @@ async def select(request: Request, session_id: str):
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    _kind(live, "reposition", "select")
+    _require(live, RepositionSession, "select")
     mask = await common.mask(request, req.mask, "mask") if req.mask is not None else None
     if mask is None and req.points is None and req.box is None:
         raise APIError(422, "points", "points: expected at least one point, a box or a mask")
@@ -130,48 +216,11 @@ async def select(request: Request, session_id: str):
     async with live.lock:
         subject, run_s, wait_s = await common.run(
             request, "reposition", lambda: select(points=req.points, labels=req.labels, box=req.box, mask=mask),
-            INTERACTIVE, "select", ("points", "labels", "box", "mask"))
+            INTERACTIVE, "select", SELECT_FIELDS)
     return MaskResponse(mask=png_b64(subject), area=int(subject.sum()), timing=common.timing(request, t0, run_s, wait_s))
 
 
-# ---------------------------------------------------------------------- previews and finals (shared with the WebSocket)
-def _check_move(live: Live, move: MoveRequest) -> None:
-    if live.kind == "reposition":
-        if live.session.subject is None:
-            raise APIError(409, "selected", "selected: select the subject first (POST .../select)")
-        return
-    if not move.ids:
-        raise APIError(422, "ids", "ids: expected the elements to move")
-    _check_elements_move(move)
-
-
-def _check_elements_move(move: MoveRequest) -> None:
-    """An elements session refuses the repositioning options (they would mean nothing there)."""
-    reposition_only = {"scale": move.scale == "auto", "occlusion": move.occlusion != "none", "matting": move.matting,
-                       "trimap_band": move.trimap_band is not None, "shadow_box": move.shadow_box is not None}
-    for name, given in reposition_only.items():
-        if given:
-            raise APIError(422, name, f"{name}: {getattr(move, name)!r} is a repositioning option; an elements "
-                           "session takes dx, dy, a numeric scale and ids")
-
-
-def _reposition_edit(move: MoveRequest) -> dict:
-    return dict(move=(move.dx, move.dy), **common.seele_options(move))
-
-
-def _moved_elements(live: Live, move: MoveRequest, settings):
-    """A copy of the drag's base elements with the move (image pixels) applied."""
-    from editrt.runtime.server.schemas import EditOp
-
-    base = live.drag_base if live.drag_base is not None else live.session.elements
-    el = base.copy()
-    ops = [EditOp(op="move", ids=move.ids, dx=move.dx, dy=move.dy)]
-    if move.scale != 1.0:
-        ops.append(EditOp(op="resize", ids=move.ids, scale=move.scale))
-    apply_ops(el, ops, settings, field="ids")
-    return base, el
-
-
+# ---------------------------------------------------------------------- previews and commits (shared with the WebSocket)
 def _result_image(result):
     return getattr(result, "image", result)  # reposition: a RepositionResult; elements: the image
 
@@ -186,70 +235,37 @@ def _future_of(session, future):
     return future, future.cancel
 
 
-def preview_future(live: Live, move: MoveRequest, settings):
-    """Start the session's own preview job (on the event loop: it only enqueues); returns (future, cancel)."""
-    s = live.session
-    if live.kind == "reposition":
-        return _future_of(s, s.preview(**_reposition_edit(move)))
-    base, el = _moved_elements(live, move, settings)  # bad ids / moves raise here, before anything is queued
-    live.drag_base, s.elements = base, el
-    return _future_of(s, s.preview())
-
-
 async def run_preview(conn, live: Live, move: MoveRequest, handle: dict | None = None):
-    """`handle` gets the preview's cancel function while it is queued or running (the drag loop's release uses it)."""
+    """The session's own preview of `move` (started on the event loop: it only enqueues). `handle` gets the
+    preview's cancel function while it is queued or running (the drag loop's release uses it)."""
+    ed = editor(live)
+    edit = ed.edit_of(live, move, common.state(conn).settings, False)  # bad input raises here, before anything is queued
+
     def start():
-        future, cancel = preview_future(live, move, common.state(conn).settings)
+        future, cancel = _future_of(live.session, _translating(lambda: live.session.preview(edit), ed.move_fields)())
         if handle is not None:
             handle["cancel"] = cancel
         return future, cancel
     try:
-        image, run_s, wait_s = await common.run(conn, live.kind, None, PREVIEW, "preview", MOVE_FIELDS, future=start)
+        image, run_s, wait_s = await common.run(conn, ed.pipeline, None, PREVIEW, "preview", ed.move_fields,
+                                                future=start)
     finally:
         if handle is not None:
             handle.pop("cancel", None)
     return _result_image(image), run_s, wait_s
 
 
-def final_job(live: Live, st, move: MoveRequest):
-    """The full-quality result; it becomes the session's state (previous state on the undo stack).
-    Returns (image, the replaced EditSession to close outside the job, or None)."""
-    s = live.session
-
-    def job():
-        with torch.no_grad():
-            if live.kind == "reposition":
-                result = _result_image(s.final(**_reposition_edit(move)))
-                live.session = _new_session(st, "reposition", np.asarray(result), live.steps, live.preview_steps,
-                                            live.seed)
-                _push(live, st, s.rgb)
-                return result, s
-            base, el = _moved_elements(live, move, st.settings) if move.ids else (s.elements, s.elements)
-            s.elements = el
-            live.drag_base = None
-            if el is not base:
-                _push(live, st, base)
-            return _result_image(s.final()), None
-    return job
-
-
-async def run_final(conn, live: Live, st, move: MoveRequest):
+async def run_final(conn, live: Live, st, move: MoveRequest, render_without_ids: bool = True):
+    """Commit `move`: its final becomes the session's state (undo restores the previous one). A client that goes
+    away stops it at its next denoising step, and the session keeps its state."""
+    ed = editor(live)
+    edit = ed.edit_of(live, move, st.settings, render_without_ids)
+    stop = Stop()
+    commit = _translating(lambda: live.session.commit(edit, step_callback=stop.check), ed.move_fields)
     async with live.lock:
-        (image, old), run_s, wait_s = await common.run(conn, live.kind, final_job(live, st, move), FINAL, "final",
-                                                       MOVE_FIELDS)
-    if old is not None:  # closing waits for the pipeline's turn (it drops cache entries): not on the response's path
-        _close_later(old)
+        result, run_s, wait_s = await common.run(conn, ed.pipeline, commit, FINAL, "final", ed.move_fields, stop=stop)
     st.sessions.sweep(keep=live.id)
-    return image, run_s, wait_s
-
-
-def _close_later(session: EditSession) -> None:
-    threading.Thread(target=session.close, name="editrt-session-close", daemon=True).start()
-
-
-def _push(live: Live, st, item) -> None:
-    live.history.append(item)
-    del live.history[:-st.settings.history]
+    return _result_image(result), run_s, wait_s
 
 
 def _image_response(request_or_ws, t0, image, run_s, wait_s) -> ImageResponse:
@@ -264,7 +280,6 @@ async def preview(request: Request, session_id: str):
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    _check_move(live, req)
     image, run_s, wait_s = await run_preview(request, live, req)
     return await anyio.to_thread.run_sync(lambda: _image_response(request, t0, image, run_s, wait_s))
 
@@ -276,10 +291,6 @@ async def final(request: Request, session_id: str):
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    if live.kind == "reposition":
-        _check_move(live, req)
-    else:
-        _check_elements_move(req)
     image, run_s, wait_s = await run_final(request, live, st, req)
     return await anyio.to_thread.run_sync(lambda: _image_response(request, t0, image, run_s, wait_s))
 
@@ -290,21 +301,13 @@ async def undo(request: Request, session_id: str):
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    if not live.history:
+    if not live.session.undo_depth:
         raise APIError(409, "undo", "undo: nothing to undo")
     async with live.lock:
-        if not live.history:  # another request undid the last one while this waited for the lock
+        if not live.session.undo_depth:  # another request undid the last one while this waited for the lock
             raise APIError(409, "undo", "undo: nothing to undo")
-        previous = live.history[-1]  # popped only once the undo happened: a refused one (503) keeps it
-        if live.kind == "reposition":
-            old = live.session
-            live.session, run_s, wait_s = await common.run(
-                request, "reposition", lambda: _new_session(st, "reposition", previous, live.steps, live.preview_steps,
-                                                            live.seed), INTERACTIVE, "open")
-            _close_later(old)
-        else:
-            live.session.elements, live.drag_base, run_s, wait_s = previous, None, 0.0, 0.0
-        live.history.pop()
+        _, run_s, wait_s = await common.run(request, editor(live).pipeline, live.session.undo, INTERACTIVE, "undo",
+                                            {"undo": "undo"})
     return await anyio.to_thread.run_sync(lambda: info(live, st, image=True, t=common.timing(request, t0, run_s, wait_s)))
 
 
@@ -314,7 +317,7 @@ async def elements_select(request: Request, session_id: str):
     """The element under a point, or those centred in a box (image pixels)."""
     req = await common.parse_body(request, ElementsSelect)
     live = common.state(request).sessions.get(session_id)
-    _kind(live, "elements", "elements/select")
+    _require(live, ElementsSession, "elements/select")
     if (req.point is None) == (req.box is None):
         raise APIError(422, "point", "point: expected a point or a box (one of them)")
     el = live.session.elements
@@ -324,18 +327,30 @@ async def elements_select(request: Request, session_id: str):
     return IdsResponse(ids=el.select(point=req.point, box=req.box))
 
 
+def _typed_ops(ops: list[EditOp]) -> tuple:
+    """The request's ops as the library's typed element ops (already validated by the schema and apply_ops)."""
+    typed = {"move": lambda op: MoveElements(ids=op.ids, dx=op.dx, dy=op.dy),
+             "resize": lambda op: ResizeElements(ids=op.ids, scale=op.scale)}
+    from editrt.runtime.edits import DeleteElements
+
+    return tuple(typed.get(op.op, lambda op: DeleteElements(ids=op.ids))(op) for op in ops)
+
+
 @router.post("/{session_id}/elements/edit", response_model=SessionInfo, openapi_extra=common.body_schema(ElementsSessionEdit))
 async def elements_edit(request: Request, session_id: str):
-    """Move (image pixels) / resize / delete elements; the overlay after the edit."""
+    """Move (image pixels) / resize / delete elements; the overlay after the edit (undo takes it back)."""
     req = await common.parse_body(request, ElementsSessionEdit)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    _kind(live, "elements", "elements/edit")
+    _require(live, ElementsSession, "elements/edit")
+    session = live.session
+
+    def edit():
+        # a dry run on a copy first: each op's region pixels bounded and its errors named `ops.K` (elements_io)
+        apply_ops(session.elements.copy(), req.ops, st.settings)
+        _translating(lambda: session.apply(ElementsEdit(ops=_typed_ops(req.ops))), {})()
     async with live.lock:
-        el = live.session.elements.copy()
-        await anyio.to_thread.run_sync(lambda: apply_ops(el, req.ops, st.settings))
-        _push(live, st, live.session.elements)
-        live.session.elements, live.drag_base = el, None
+        await anyio.to_thread.run_sync(edit)
     return await anyio.to_thread.run_sync(lambda: info(live, st))
 
 
@@ -346,13 +361,129 @@ async def render(request: Request, session_id: str):
     t0 = common.t0_of(request)
     st = common.state(request)
     live = st.sessions.get(session_id)
-    _kind(live, "elements", "render")
-    image, run_s, wait_s = await common.run(request, "elements", lambda: _result_image(live.session.final(
-        prompt=req.prompt)), FINAL, "render", ("prompt",))
+    _require(live, ElementsSession, "render")
+    stop = Stop()
+    image, run_s, wait_s = await common.run(
+        request, "elements", lambda: live.session.final(ElementsEdit(prompt=req.prompt), step_callback=stop.check),
+        FINAL, "render", {"prompt": "prompt"}, stop=stop)
     return await anyio.to_thread.run_sync(lambda: _image_response(request, t0, image, run_s, wait_s))
 
 
 # ---------------------------------------------------------------------- the drag loop
+@dataclass
+class _Pending:
+    """The one message waiting in a drag socket's slot: the newest drag, or a release (which replaces it)."""
+
+    kind: str  # "drag" | "release" | "cancel"
+    seq: int | None
+    move: MoveRequest
+    received: float  # time.perf_counter() when it arrived
+
+
+class _DragSocket:
+    """One drag WebSocket on one session: `receive` parses messages into the one-message slot, `process` runs
+    what is in it (a preview, a commit, a cancel) and answers; errors keep the socket open."""
+
+    def __init__(self, ws: WebSocket, st, session_id: str):
+        self.ws, self.st, self.session_id = ws, st, session_id
+        self.pending: _Pending | None = None
+        self.running: dict = {}  # "cancel": stops the preview in flight (queued: never runs; running: at its next step)
+        self.wake = asyncio.Event()
+        self.metrics = st.metrics
+
+    async def send_error(self, seq, e: APIError):
+        await self.ws.send_json({"type": "error", "seq": seq, "status": e.status, "field": e.field,
+                                 "message": e.message})
+
+    # ------------------------------------------------------------------ in
+    async def receive(self):
+        while True:
+            frame = await self.ws.receive()
+            if frame["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(frame.get("code", 1000))
+            received = time.perf_counter()
+            self.metrics.count("ws_messages", ("received",))
+            message = await self.parse(frame)
+            if message is None:
+                continue
+            if self.pending is not None:
+                self.metrics.count("ws_messages", ("dropped",))  # superseded before it started: never run
+            if message.kind == "release" and "cancel" in self.running:
+                self.running["cancel"]()  # the final must not wait for this socket's preview
+            message.received = received
+            self.pending = message
+            self.wake.set()
+
+    async def parse(self, frame) -> _Pending | None:
+        """The frame as a message, or None after answering an error."""
+        try:
+            if frame.get("text") is None:
+                raise ValueError("a binary frame")
+            msg = json.loads(frame["text"])
+            if not isinstance(msg, dict):
+                raise ValueError
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for json's parser
+            await self.send_error(None, APIError(422, "message", "message: expected a JSON object"))
+            return None
+        kind, seq = msg.pop("type", None), msg.pop("seq", None)
+        if kind not in ("drag", "release", "cancel") or not (seq is None or isinstance(seq, int)):
+            await self.send_error(seq, APIError(422, "type", "type: expected 'drag', 'release' or 'cancel' "
+                                                             "(and seq an integer)"))
+            return None
+        try:
+            return _Pending(kind, seq, MoveRequest.model_validate(msg), 0.0)
+        except ValidationError as e:
+            await self.send_error(seq, common.validation_error(e))
+            return None
+
+    # ------------------------------------------------------------------ out
+    async def process(self):
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            message, self.pending = self.pending, None
+            if message is None:
+                continue
+            try:
+                await self.answer(message)
+            except APIError as e:
+                if not await self.answer_error(message, e):
+                    return
+
+    async def answer(self, message: _Pending) -> None:
+        behind = time.perf_counter() - message.received  # waited for this socket's previous job: queueing too
+        live = self.st.sessions.get(self.session_id)
+        if message.kind == "cancel":  # previews change nothing: the one in flight is superseded by the next
+            return
+        if message.kind == "drag":
+            image, run_s, wait_s = await run_preview(self.ws, live, message.move, self.running)
+        else:
+            image, run_s, wait_s = await run_final(self.ws, live, self.st, message.move, render_without_ids=False)
+        out = await anyio.to_thread.run_sync(_image_response, self.ws, message.received, image, run_s, wait_s + behind)
+        kind_out = "preview" if message.kind == "drag" else "final"
+        await self.ws.send_json({"type": kind_out, "seq": message.seq, "image": out.image, "width": out.width,
+                                 "height": out.height, "timing": out.timing.model_dump(),
+                                 "undo": live.session.undo_depth})
+        self.metrics.count("ws_messages", (kind_out,))
+        self.metrics.request(f"{self.ws.scope['path_template']}#{kind_out}", "WS", 200,
+                             time.perf_counter() - message.received)
+
+    async def answer_error(self, message: _Pending, e: APIError) -> bool:
+        """Answer a refused message; False when the socket closed (its session is gone)."""
+        if e.status == 409 and e.field == "session_id":
+            self.metrics.count("ws_messages", ("dropped",))  # a newer request of this session took over
+            return True
+        if e.status == 503 and message.kind == "drag":  # previews are shed first when the queue is full:
+            self.metrics.count("ws_messages", ("shed",))  # the next position tries again
+            await self.ws.send_json({"type": "busy", "seq": message.seq, "retry_after": int(e.headers["Retry-After"])})
+            return True
+        if e.status == 404:
+            await self.ws.close(code=1008, reason=e.message[:120])
+            return False
+        await self.send_error(message.seq, e)
+        return True
+
+
 @router.websocket("/{session_id}/drag")
 async def drag(ws: WebSocket, session_id: str):
     """Messages in: {"type": "drag" | "release" | "cancel", "dx", "dy", "scale", "ids", "seq"}.
@@ -373,90 +504,9 @@ async def drag(ws: WebSocket, session_id: str):
     offered = ws.scope.get("subprotocols", [])
     await ws.accept(subprotocol=common.WS_PROTOCOL if common.WS_PROTOCOL in offered else None)
     live.sockets += 1
-    slot: dict = {}  # the one pending message: the newest drag, or a release (which replaces it)
-    running: dict = {}  # "cancel": stops the preview in flight (queued: never runs; running: at its next step)
-    wake = asyncio.Event()
-    metrics = st.metrics
-
-    async def send_error(seq, e: APIError):
-        await ws.send_json({"type": "error", "seq": seq, "status": e.status, "field": e.field, "message": e.message})
-
-    async def receive():
-        while True:
-            frame = await ws.receive()
-            if frame["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(frame.get("code", 1000))
-            received = time.perf_counter()
-            metrics.count("ws_messages", ("received",))
-            try:
-                if frame.get("text") is None:
-                    raise ValueError("a binary frame")
-                msg = json.loads(frame["text"])
-                if not isinstance(msg, dict):
-                    raise ValueError
-            except (ValueError, RecursionError):  # RecursionError: nested too deeply for json's parser
-                await send_error(None, APIError(422, "message", "message: expected a JSON object"))
-                continue
-            kind, seq = msg.pop("type", None), msg.pop("seq", None)
-            if kind not in ("drag", "release", "cancel") or not (seq is None or isinstance(seq, int)):
-                await send_error(seq, APIError(422, "type", "type: expected 'drag', 'release' or 'cancel' "
-                                                                 "(and seq an integer)"))
-                continue
-            try:
-                move = MoveRequest.model_validate(msg)
-            except ValidationError as e:
-                await send_error(seq, common.validation_error(e))
-                continue
-            if "kind" in slot:
-                metrics.count("ws_messages", ("dropped",))  # superseded before it started: never run
-            if kind == "release" and "cancel" in running:
-                running["cancel"]()  # the final must not wait for this socket's preview
-            slot.update(kind=kind, seq=seq, move=move, received=received)
-            wake.set()
-
-    async def process():
-        while True:
-            await wake.wait()
-            wake.clear()
-            if "kind" not in slot:
-                continue
-            kind, seq, move, received = slot.pop("kind"), slot.pop("seq"), slot.pop("move"), slot.pop("received")
-            behind = time.perf_counter() - received  # waited for this socket's previous job: queueing too
-            try:
-                live_ = st.sessions.get(session_id)
-                if kind == "cancel":
-                    if live_.drag_base is not None:
-                        live_.session.elements, live_.drag_base = live_.drag_base, None
-                    continue
-                if kind == "release" and live_.kind == "elements" and not move.ids:
-                    raise APIError(422, "ids", "ids: expected the elements to move")
-                _check_move(live_, move)
-                if kind == "drag":
-                    image, run_s, wait_s = await run_preview(ws, live_, move, running)
-                else:
-                    image, run_s, wait_s = await run_final(ws, live_, st, move)
-                out = await anyio.to_thread.run_sync(_image_response, ws, received, image, run_s, wait_s + behind)
-                kind_out = "preview" if kind == "drag" else "final"
-                await ws.send_json({"type": kind_out, "seq": seq, "image": out.image, "width": out.width,
-                                    "height": out.height, "timing": out.timing.model_dump(),
-                                    "undo": len(live_.history)})
-                metrics.count("ws_messages", (kind_out,))
-                metrics.request(f"{ws.scope['path_template']}#{kind_out}", "WS", 200, time.perf_counter() - received)
-            except APIError as e:
-                if e.status == 409 and "superseded" in e.message:
-                    metrics.count("ws_messages", ("dropped",))  # a newer request of this session took over
-                    continue
-                if e.status == 503 and kind == "drag":  # previews are shed first when the queue is full:
-                    metrics.count("ws_messages", ("shed",))  # the next position tries again
-                    await ws.send_json({"type": "busy", "seq": seq, "retry_after": int(e.headers["Retry-After"])})
-                    continue
-                if e.status == 404:
-                    await ws.close(code=1008, reason=e.message[:120])
-                    return
-                await send_error(seq, e)
-
     ws.scope["path_template"] = "/v1/sessions/{session_id}/drag"
-    receiver, processor = asyncio.create_task(receive()), asyncio.create_task(process())
+    socket = _DragSocket(ws, st, session_id)
+    receiver, processor = asyncio.create_task(socket.receive()), asyncio.create_task(socket.process())
     try:
         done, _ = await asyncio.wait({receiver, processor}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -466,7 +516,5 @@ async def drag(ws: WebSocket, session_id: str):
         for task in (receiver, processor):
             task.cancel()
         await asyncio.gather(receiver, processor, return_exceptions=True)
-        if live.drag_base is not None:  # a drag the client abandoned: the elements go back to where it started
-            live.session.elements, live.drag_base = live.drag_base, None
         live.last_used = time.monotonic()
         live.sockets -= 1

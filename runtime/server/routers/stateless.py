@@ -10,6 +10,7 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, Request
 
+from editrt.runtime.edits import Quality, SeeleEdit
 from editrt.runtime.server import cost
 from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.image_codecs import png_b64
@@ -51,9 +52,9 @@ def _prompt(req, h: int, w: int) -> dict:
 # each route's field map: the pipeline call's keyword (EditError.field) -> the request field that carried it
 SEGMENT_FIELDS = common.same_names("image", "points", "labels", "box")
 INPAINT_FIELDS = common.same_names("image", "mask", "task", "steps", "guidance", "seed", "resolution")
-REPOSITION_FIELDS = common.same_names("image", "mask", "points", "labels", "box", "move", "harmonize", "steps",
-                                      "guidance", "seed", "resolution", "complete_mask", "occluder_mask",
-                                      "shadow_mask")
+REPOSITION_FIELDS = common.same_names("image", "mask", "points", "labels", "box", "move", "scale", "matting",
+                                      "trimap_band", "harmonize", "complete_mask", "steps", "guidance", "seed",
+                                      "resolution")  # + the SeeleEdit attributes the request spells otherwise
 PARTITION_FIELDS = common.same_names("image", "resolution", "grid", "beta", "iterations")
 RENDER_FIELDS = common.same_names("elements", "prompt", "guidance", "steps", "seed")
 
@@ -107,21 +108,30 @@ async def reposition(request: Request):
             masks[name] = await common.mask(request, getattr(req, name), name)
     if req.shadow_region is not None and req.shadow_box is not None:
         raise APIError(422, "shadow_box", "shadow_box: give the shadow region as shadow_region or shadow_box, not both")
+    if req.occluder_mask is not None and req.occlusion == "auto":
+        raise APIError(422, "occluder_mask", "occluder_mask: occlusion 'auto' computes the occluder from depth; "
+                       "give one or the other")
     subject = masks.pop("mask", None)
     prompt = {} if subject is not None else _prompt(req, *rgb.shape[:2])
-    region = masks.pop("shadow_region", None)
     pipe = common.pipeline(request, "reposition")
     cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
-    options = common.seele_options(req, shadow_region_mask=region)
-    fields = {**REPOSITION_FIELDS, **common.seele_fields("shadow_region" if region is not None else "shadow_box")}
+    region = masks.get("shadow_region", tuple(req.shadow_box) if req.shadow_box is not None else None)
+    occlusion = masks.get("occluder_mask", req.occlusion)
+    # the request's spelling of each SeeleEdit attribute, where it differs (the mask or box form: whichever came)
+    fields = {**REPOSITION_FIELDS, "occlusion": "occluder_mask" if "occluder_mask" in masks else "occlusion",
+              "existing_shadow": "shadow_mask", "new_shadow_region": "shadow_region" if "shadow_region" in masks
+              else "shadow_box"}
 
+    with common.edit_errors_as_422(fields):  # validated once, before the job takes a place in the queue
+        edit = SeeleEdit(move=tuple(req.move), scale=req.scale, occlusion=occlusion, matting=req.matting,
+                         trimap_band=req.trimap_band, harmonize=req.harmonize, complete_mask=masks.get("complete_mask"),
+                         existing_shadow=masks.get("shadow_mask"), new_shadow_region=region)
+        quality = Quality(steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution)
     stop = Stop()  # set when the client goes away: the job stops at its next denoising step
 
     def job():
         with torch.no_grad():
-            return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), harmonize=req.harmonize, steps=steps,
-                        guidance=req.guidance, seed=req.seed, resolution=req.resolution, step_callback=stop.check,
-                        **masks, **options).image
+            return pipe(rgb, edit, mask=subject, **prompt, quality=quality, step_callback=stop.check).image
     out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition", fields, stop=stop)
     return await common.png_response(out, t0, run_s, wait_s)
 
