@@ -36,32 +36,32 @@ NULL_TEXT = ""  # the unconditional prompt: diffusers' default negative prompt
 def check_texts(texts: dict) -> dict[str, str]:
     """{task: description} with known task names and string descriptions (an empty one is allowed: SD with no prompt)."""
     if not isinstance(texts, dict) or not texts:
-        raise InputError(f"--from-text: expected TASK=TEXT for some of {', '.join(TASKS)}")
+        raise InputError(f"--from-text: expected TASK=TEXT for some of {', '.join(TASKS)}", field='texts')
     for task, text in texts.items():
         if task == "null":
-            raise InputError("--from-text null=...: null is always the empty prompt's encoding (classifier-free guidance)")
+            raise InputError("--from-text null=...: null is always the empty prompt's encoding (classifier-free guidance)", field='texts')
         if task not in TASKS:
-            raise InputError(f"--from-text: unknown task {task!r}; expected {', '.join(TASKS)}")
+            raise InputError(f"--from-text: unknown task {task!r}; expected {', '.join(TASKS)}", field='texts')
         if not isinstance(text, str):
-            raise InputError(f"--from-text {task}: expected a text, got {type(text).__name__}")
+            raise InputError(f"--from-text {task}: expected a text, got {type(text).__name__}", field='texts')
     return dict(texts)
 
 
 def _output_path(layout: WeightsLayout, output: str | Path | None) -> Path:
     path = layout.task_prompts if output is None else Path(output)
     if path.suffix != ".safetensors":
-        raise InputError(f"-o {path}: expected a .safetensors file name")
+        raise InputError(f"-o {path}: expected a .safetensors file name", field='output')
     if path.is_dir():
-        raise InputError(f"-o {path}: is a directory; expected a .safetensors file name")
+        raise InputError(f"-o {path}: is a directory; expected a .safetensors file name", field='output')
     return path
 
 
 def _check_tokens(tokens, max_length: int) -> int:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise InputError(f"--tokens {tokens!r}: expected a positive integer (the paper uses 50)")
+        raise InputError(f"--tokens {tokens!r}: expected a positive integer (the paper uses 50)", field='tokens')
     if tokens > max_length:
         raise InputError(f"--tokens {tokens}: the text encoder gives {max_length} positions; expected at most that "
-                         "(the paper uses 50)")
+                         "(the paper uses 50)", field='tokens')
     return tokens
 
 
@@ -69,12 +69,12 @@ def _kept_prompts(path: Path, missing: list[str], tokens: int, width: int) -> tu
     """The existing file's tensors for the tasks not given, and its recorded texts for them."""
     if not path.is_file():
         raise InputError(f"--from-text: no text for {', '.join(missing)} and {path} does not exist to keep "
-                         f"{'it' if len(missing) == 1 else 'them'} from; give all of {', '.join(TASKS)}")
+                         f"{'it' if len(missing) == 1 else 'them'} from; give all of {', '.join(TASKS)}", field='texts')
     existing = load_task_prompts(path, width)
     length = existing["remove"].shape[0]
     if length != tokens:
         raise InputError(f"--tokens {tokens}: {path} holds {length}-token prompts, kept for "
-                         f"{', '.join(missing)}; all four must have one length (use --tokens {length})")
+                         f"{', '.join(missing)}; all four must have one length (use --tokens {length})", field='tokens')
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:

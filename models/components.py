@@ -48,7 +48,7 @@ class WeightsLayout:
 
     def check_root(self) -> None:
         if not self.root.is_dir():
-            raise WeightsError(f"{self.root}: no such weights directory; create one with `editrt weights init {self.root}`")
+            raise WeightsError(f"{self.root}: no such weights directory; create one with `editrt weights init {self.root}`", field="weights")
 
     def read_info(self) -> dict:
         if not self.info.is_file():
@@ -56,7 +56,7 @@ class WeightsLayout:
         try:
             return json.loads(self.info.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{self.info}: not valid JSON ({e})") from None
+            raise WeightsError(f"{self.info}: not valid JSON ({e})", field="weights") from None
 
     def network_config(self) -> dict:
         """The sizes the network specs need, read from the folder's own configs (published weights too)."""
@@ -85,14 +85,14 @@ def _prompt_tokens(path: Path) -> int:
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected the task prompts (keys remove, complete, harmonize, null)")
+        raise WeightsError(f"{path}: missing; expected the task prompts (keys remove, complete, harmonize, null)", field="weights")
     try:
         with safe_open(str(path), "pt") as f:
             if "remove" not in f.keys():
-                raise WeightsError(f"{path}: missing keys ['remove']; expected remove, complete, harmonize, null")
+                raise WeightsError(f"{path}: missing keys ['remove']; expected remove, complete, harmonize, null", field="weights")
             return f.get_slice("remove").get_shape()[0]
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})", field="weights") from None
 
 
 @dataclass
@@ -147,7 +147,7 @@ def load_elements_components(root: str | Path, device="cpu", dtype=torch.float32
     layout.check_root()
     folder = layout.elements
     if not folder.is_dir():
-        raise WeightsError(f"{folder}: missing; expected the element decoder folder (editrt weights init writes it)")
+        raise WeightsError(f"{folder}: missing; expected the element decoder folder (editrt weights init writes it)", field="weights")
     return ElementsComponents(
         decoder=load_element_decoder(folder / "unet", folder / "element_adapter", dtype).to(device),
         vae=load_diffusers(AutoencoderKL, folder / "vae", "element decoder VAE", dtype).eval().to(device),

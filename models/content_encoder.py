@@ -55,10 +55,10 @@ class ContentEncoder(nn.Module):
         try:
             model = cls(**config)
         except TypeError as e:
-            raise WeightsError(f"{folder / 'config.json'}: unexpected content encoder config ({e})") from None
+            raise WeightsError(f"{folder / 'config.json'}: unexpected content encoder config ({e})", field="weights") from None
         path = folder / "model.safetensors"
         try:
             model.load_state_dict(read_safetensors(path, "the content encoder weights"))
         except RuntimeError as e:
-            raise WeightsError(f"{path}: does not match {folder / 'config.json'} ({str(e).splitlines()[0]})") from None
+            raise WeightsError(f"{path}: does not match {folder / 'config.json'} ({str(e).splitlines()[0]})", field="weights") from None
         return model.to(dtype).eval()

@@ -29,10 +29,10 @@ def depth_image_size(folder: str | Path) -> int:
     size = config.get("image_size", 384)
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            raise WeightsError(f"{Path(folder) / 'config.json'}: image_size {size}: expected a square input size")
+            raise WeightsError(f"{Path(folder) / 'config.json'}: image_size {size}: expected a square input size", field="weights")
         size = size[0]
     if not isinstance(size, int) or size < 16:
-        raise WeightsError(f"{Path(folder) / 'config.json'}: image_size {size!r}: expected an int >= 16")
+        raise WeightsError(f"{Path(folder) / 'config.json'}: image_size {size!r}: expected an int >= 16", field="weights")
     return size
 
 
@@ -44,12 +44,12 @@ def load_transformers_model(cls, folder: str | Path, what: str, dtype: torch.dty
     read_json(folder / "config.json", f"the {what} config ({cls.__name__})")
     names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not any((folder / n).is_file() for n in names):
-        raise WeightsError(f"{folder}: no model.safetensors; expected the {what} weights ({cls.__name__})")
+        raise WeightsError(f"{folder}: no model.safetensors; expected the {what} weights ({cls.__name__})", field="weights")
     try:
         model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{folder}: cannot load the {what} ({first})") from None
+        raise WeightsError(f"{folder}: cannot load the {what} ({first})", field="weights") from None
     return model.eval()
 
 

@@ -154,11 +154,11 @@ class ElementDecoder(nn.Module):
         if missing or unexpected:
             raise WeightsError(f"{path}: does not match the UNet (missing {missing[:2]}..., unexpected {unexpected[:2]}...)"
                                if missing and unexpected else
-                               f"{path}: {'missing' if missing else 'unexpected'} keys {(missing or unexpected)[:3]}")
+                               f"{path}: {'missing' if missing else 'unexpected'} keys {(missing or unexpected)[:3]}", field="weights")
         with torch.no_grad():
             for k, v in state.items():
                 if v.shape != expected[k].shape:
-                    raise WeightsError(f"{path}: '{k}' has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+                    raise WeightsError(f"{path}: '{k}' has shape {list(v.shape)}, expected {list(expected[k].shape)}", field="weights")
                 expected[k].copy_(v)
 
 
@@ -177,7 +177,7 @@ def load_element_decoder(unet_folder: Path, adapter_folder: Path, dtype: torch.d
     config = read_json(config_path, "the element adapter config")
     if config.get("token_dim") != unet.config.cross_attention_dim:
         raise WeightsError(f"{config_path}: token_dim {config.get('token_dim')} differs from the UNet's "
-                           f"cross_attention_dim {unet.config.cross_attention_dim}")
+                           f"cross_attention_dim {unet.config.cross_attention_dim}", field="weights")
     decoder = build_element_decoder(unet, config)
     decoder.load_adapter(adapter_folder / "model.safetensors")
     return decoder.eval()
@@ -192,5 +192,5 @@ def load_element_embedder(adapter_folder: Path, dtype: torch.dtype = torch.float
         embedder.load_state_dict({k[len("embedder."):]: v for k, v in state.items() if k.startswith("embedder.")})
     except RuntimeError as e:
         raise WeightsError(f"{adapter_folder / 'model.safetensors'}: embedder weights do not match its config "
-                           f"({str(e).splitlines()[0]})") from None
+                           f"({str(e).splitlines()[0]})", field="weights") from None
     return embedder.to(dtype).eval()

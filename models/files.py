@@ -22,23 +22,23 @@ from editrt.errors import InputError, WeightsError
 
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected {what}")
+        raise WeightsError(f"{path}: missing; expected {what}", field="weights")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+        raise WeightsError(f"{path}: not valid JSON ({e})", field="weights") from None
     if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object ({what})")
+        raise WeightsError(f"{path}: expected a JSON object ({what})", field="weights")
     return data
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise WeightsError(f"{path}: missing; expected {what}")
+        raise WeightsError(f"{path}: missing; expected {what}", field="weights")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})", field="weights") from None
 
 
 def load_diffusers(cls, folder: Path, what: str, dtype: torch.dtype = torch.float32):
@@ -46,12 +46,12 @@ def load_diffusers(cls, folder: Path, what: str, dtype: torch.dtype = torch.floa
     folder = Path(folder)
     read_json(folder / "config.json", f"the diffusers config of the {what}")
     if not any(folder.glob("diffusion_pytorch_model*.safetensors")) and not any(folder.glob("diffusion_pytorch_model*.bin")):
-        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors; expected the {what} weights")
+        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors; expected the {what} weights", field="weights")
     try:
         return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{folder}: cannot load the {what} ({first})") from None
+        raise WeightsError(f"{folder}: cannot load the {what} ({first})", field="weights") from None
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -82,7 +82,7 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise InputError(f"{path}: already exists and is not empty; choose a new directory")
+        raise InputError(f"{path}: already exists and is not empty; choose a new directory", field="path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

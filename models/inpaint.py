@@ -26,7 +26,7 @@ def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DC
     unet = load_diffusers(UNet2DConditionModel, Path(folder), "inpainting UNet", dtype)
     if unet.config.in_channels != 9:
         raise WeightsError(f"{Path(folder) / 'config.json'}: in_channels is {unet.config.in_channels}; "
-                           "an inpainting UNet takes 9 (latents | mask | masked-image latents)")
+                           "an inpainting UNet takes 9 (latents | mask | masked-image latents)", field="weights")
     return unet.eval()
 
 
@@ -61,14 +61,14 @@ def load_task_prompts(path: str | Path, cross_attention_dim: int) -> dict[str, t
     prompts = read_safetensors(path, f"the task prompts (keys {', '.join(PROMPT_KEYS)})")
     missing = [k for k in PROMPT_KEYS if k not in prompts]
     if missing:
-        raise WeightsError(f"{path}: missing keys {missing}; expected {', '.join(PROMPT_KEYS)}")
+        raise WeightsError(f"{path}: missing keys {missing}; expected {', '.join(PROMPT_KEYS)}", field="weights")
     lengths = set()
     for k in PROMPT_KEYS:
         t = prompts[k]
         if t.ndim != 2 or t.shape[1] != cross_attention_dim:
             raise WeightsError(f"{path}: '{k}' has shape {list(t.shape)}; expected [L, {cross_attention_dim}] "
-                               "(the UNet's cross_attention_dim)")
+                               "(the UNet's cross_attention_dim)", field="weights")
         lengths.add(t.shape[0])
     if len(lengths) != 1:
-        raise WeightsError(f"{path}: prompts have different lengths {sorted(lengths)}; CFG batches them, so all must match")
+        raise WeightsError(f"{path}: prompts have different lengths {sorted(lengths)}; CFG batches them, so all must match", field="weights")
     return {k: prompts[k].float() for k in PROMPT_KEYS}

@@ -64,19 +64,19 @@ def load_lora(path: str | Path) -> dict[str, LoRALayer]:
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith("unet."):
             raise WeightsError(f"{path}: unexpected key {key!r}; expected 'unet.<module>.lora_A.weight' / "
-                               "'.lora_B.weight' (or '.lora.down.weight' / '.lora.up.weight', '.alpha')")
+                               "'.lora_B.weight' (or '.lora.down.weight' / '.lora.up.weight', '.alpha')", field="weights")
         module = key[len("unet."):-len(suffix)]
         parts.setdefault(module, {})[_SUFFIXES[suffix]] = value
     if not parts:
-        raise WeightsError(f"{path}: holds no LoRA weights")
+        raise WeightsError(f"{path}: holds no LoRA weights", field="weights")
     layers = {}
     for module, p in parts.items():
         if "down" not in p or "up" not in p:
-            raise WeightsError(f"{path}: module {module!r} lacks its {'up (B)' if 'up' not in p else 'down (A)'} matrix")
+            raise WeightsError(f"{path}: module {module!r} lacks its {'up (B)' if 'up' not in p else 'down (A)'} matrix", field="weights")
         down, up = p["down"], p["up"]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise WeightsError(f"{path}: module {module!r} has A {list(down.shape)} and B {list(up.shape)}; "
-                               "expected A [r, in] and B [out, r]")
+                               "expected A [r, in] and B [out, r]", field="weights")
         alpha = float(p["alpha"]) if "alpha" in p else float(down.shape[0])
         layers[module] = LoRALayer(down=down, up=up, alpha=alpha)
     return layers
@@ -143,10 +143,10 @@ class FusedLoRA:
         for name, layer in layers.items():
             module = modules.get(name)
             if not isinstance(module, torch.nn.Linear):
-                raise WeightsError(f"{source}: module {name!r} is not a linear layer of the UNet")
+                raise WeightsError(f"{source}: module {name!r} is not a linear layer of the UNet", field="weights")
             if tuple(module.weight.shape) != (layer.up.shape[0], layer.down.shape[1]):
                 raise WeightsError(f"{source}: module {name!r} has weight {list(module.weight.shape)} but the LoRA "
-                                   f"gives [{layer.up.shape[0]}, {layer.down.shape[1]}]")
+                                   f"gives [{layer.up.shape[0]}, {layer.down.shape[1]}]", field="weights")
             self.params[name] = module.weight
             self.base[name] = module.weight.detach().clone()
             self.deltas[name] = layer.delta().to(module.weight.device)

@@ -47,9 +47,9 @@ def sam_architecture(config: dict) -> dict:
     if arch == "custom":
         missing = [k for k in CUSTOM_KEYS if k not in config]
         if missing:
-            raise WeightsError(f"sam config: architecture 'custom' needs the keys {missing}")
+            raise WeightsError(f"sam config: architecture 'custom' needs the keys {missing}", field="weights")
         return {k: config[k] for k in CUSTOM_KEYS}
-    raise WeightsError(f"sam config: 'architecture' must be one of {sorted(PUBLISHED)} or 'custom', got {arch!r}")
+    raise WeightsError(f"sam config: 'architecture' must be one of {sorted(PUBLISHED)} or 'custom', got {arch!r}", field="weights")
 
 
 def build_sam(config: dict) -> Sam:
@@ -107,20 +107,20 @@ def load_sam(folder: str | Path, device: str | torch.device = "cpu") -> Sam:
     config_path = folder / "config.json"
     config = read_json(config_path, "a JSON naming the SAM architecture and checkpoint")
     if "checkpoint" not in config:
-        raise WeightsError(f"{config_path}: expected an object with 'architecture' and 'checkpoint'")
+        raise WeightsError(f"{config_path}: expected an object with 'architecture' and 'checkpoint'", field="weights")
     sam = build_sam(config)
     checkpoint = folder / config["checkpoint"]
     if not checkpoint.is_file():
-        raise WeightsError(f"{checkpoint}: missing; expected the segment-anything checkpoint named in {config_path.name}")
+        raise WeightsError(f"{checkpoint}: missing; expected the segment-anything checkpoint named in {config_path.name}", field="weights")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise WeightsError(f"{checkpoint}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{checkpoint}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})", field="weights") from None
     if not isinstance(state, dict):
-        raise WeightsError(f"{checkpoint}: expected a state dict, got {type(state).__name__}")
+        raise WeightsError(f"{checkpoint}: expected a state dict, got {type(state).__name__}", field="weights")
     try:
         sam.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise WeightsError(f"{checkpoint}: does not match architecture {config['architecture']!r} ({first})") from None
+        raise WeightsError(f"{checkpoint}: does not match architecture {config['architecture']!r} ({first})", field="weights") from None
     return sam.to(device)

@@ -62,20 +62,20 @@ def random_text_encoder(config: dict, tokenizer_vocab: int) -> CLIPTextModel:
 
 def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
     if not (folder / "config.json").is_file():
-        raise WeightsError(f"{folder / 'config.json'}: missing; expected a transformers CLIPTextModel folder")
+        raise WeightsError(f"{folder / 'config.json'}: missing; expected a transformers CLIPTextModel folder", field="weights")
     try:
         return CLIPTextModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype).eval()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise WeightsError(f"{folder}: cannot load the CLIP text encoder ({str(e).strip().splitlines()[0]})") from None
+        raise WeightsError(f"{folder}: cannot load the CLIP text encoder ({str(e).strip().splitlines()[0]})", field="weights") from None
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
     if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
-        raise WeightsError(f"{folder}: no vocab.json or tokenizer.json; expected a CLIP tokenizer folder")
+        raise WeightsError(f"{folder}: no vocab.json or tokenizer.json; expected a CLIP tokenizer folder", field="weights")
     try:
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({str(e).strip().splitlines()[0]})") from None
+        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({str(e).strip().splitlines()[0]})", field="weights") from None
 
 
 @torch.no_grad()

@@ -23,11 +23,13 @@ class TextPromptEncoder:
         self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
         if len(self.tokenizer) > config.vocab_size:
             raise WeightsError(f"{layout.tokenizer}: {len(self.tokenizer)} tokens but {layout.text_encoder} embeds "
-                               f"{config.vocab_size}; expected the tokenizer of that text encoder")
+                               f"{config.vocab_size}; expected the tokenizer of that text encoder",
+                               field="weights")
         width = read_json(layout.unet / "config.json", "the inpainting UNet config").get("cross_attention_dim")
         if config.hidden_size != width:
             raise WeightsError(f"{layout.text_encoder}: hidden_size {config.hidden_size}, but the UNet's "
-                               f"cross_attention_dim is {width}; expected the text encoder of this inpainting model")
+                               f"cross_attention_dim is {width}; expected the text encoder of this inpainting model",
+                               field="weights")
 
     def encode(self, text: str, tokens: int) -> torch.Tensor:
         """[tokens, C]: the first `tokens` positions of diffusers' 77-position encoding of `text`."""

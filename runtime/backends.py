@@ -46,7 +46,7 @@ def editor_settings(weights: str | Path, editor: str) -> EditorSettings:
     # depth/ and matting/ where the folder has them (models/estimators.py): their specs, for every editor
     config = {**layout.network_config(), **estimator_network_config(layout)}
     if editor not in config:
-        raise WeightsError(f"{layout.elements}: missing; expected the element decoder folder (editrt weights init writes it)")
+        raise WeightsError(f"{layout.elements}: missing; expected the element decoder folder (editrt weights init writes it)", field="weights")
     vae_scale_factor = 2 ** (len(config[editor]["vae"]["block_out_channels"]) - 1)
     return EditorSettings(layout, config, network_specs(config), vae_scale_factor,
                           config[editor]["unet"]["sample_size"] * vae_scale_factor,
@@ -192,7 +192,7 @@ def file_engines(specs: dict, names, backend: str, engines_dir: str | Path, devi
     """Engines from an `editrt export` folder: ONNX files (onnxruntime) or TensorRT plans built from them."""
     engines_dir = Path(engines_dir)
     if not engines_dir.is_dir():
-        raise EngineError(f"{engines_dir}: no such engines folder; write it with `editrt export -o {engines_dir}`")
+        raise EngineError(f"{engines_dir}: no such engines folder; write it with `editrt export -o {engines_dir}`", field="engines")
     if backend == "onnxruntime":
         from editrt.runtime.engines import OrtEngine
 
@@ -211,6 +211,6 @@ def read_manifest(engines_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise EngineError(f"{path}: missing; expected the manifest `editrt export` writes") from None
+        raise EngineError(f"{path}: missing; expected the manifest `editrt export` writes", field="engines") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path}: not valid JSON ({e})") from None
+        raise EngineError(f"{path}: not valid JSON ({e})", field="engines") from None

@@ -137,12 +137,12 @@ class Elements:
     def _check_ids(self, ids, op: str) -> list[int]:
         ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
         if not ids:
-            raise ElementsError(f"{op}: expected at least one element id")
+            raise ElementsError(f"{op}: expected at least one element id", field="ids")
         for i in ids:
             if not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
-                raise ElementsError(f"{op}: no element {i!r}; ids are 0..{len(self) - 1}")
+                raise ElementsError(f"{op}: no element {i!r}; ids are 0..{len(self) - 1}", field="ids")
             if not self.alive[i]:
-                raise ElementsError(f"{op}: element {i} was deleted")
+                raise ElementsError(f"{op}: element {i} was deleted", field="ids")
         return [int(i) for i in ids]
 
     # ------------------------------------------------------------------ regions
@@ -219,7 +219,8 @@ class Elements:
         new = self.centroids[ids] + np.array([dx, dy], np.float32)
         bad = [i for i, c in zip(ids, new) if not (0 <= c[0] <= W and 0 <= c[1] <= H)]
         if bad:
-            raise ElementsError(f"move ({dx:g}, {dy:g}): puts the centre of element {bad[0]} outside the image ({W}x{H})")
+            raise ElementsError(f"move ({dx:g}, {dy:g}): puts the centre of element {bad[0]} outside the image ({W}x{H})",
+                                field="dx" if not 0 <= new[ids.index(bad[0]), 0] <= W else "dy")
         self.centroids[ids] = new
         return self._delete_covered(ids)
 
@@ -227,7 +228,7 @@ class Elements:
         """Scale elements' regions (and their w, h, at most the image's) about their centroids."""
         ids = self._check_ids(ids, "resize")
         if not (isinstance(scale, (int, float)) and 0.05 <= scale <= 20):
-            raise ElementsError(f"resize: scale expected in [0.05, 20], got {scale!r}")
+            raise ElementsError(f"resize: scale expected in [0.05, 20], got {scale!r}", field="scale")
         H, W = self.image_size
         self.scales[ids] = [self.fit_scale(i, self.scales[i] * scale) for i in ids]  # never beyond the image
         self.sizes[ids] = np.minimum(self.sizes[ids] * scale, np.array([W, H], np.float32))
@@ -245,10 +246,11 @@ class Elements:
         """
         ids = other._check_ids(ids, "insert")
         if other.features.shape[1] != self.features.shape[1]:
-            raise ElementsError(f"insert: feature size {other.features.shape[1]} differs from {self.features.shape[1]}")
+            raise ElementsError(f"insert: feature size {other.features.shape[1]} differs from {self.features.shape[1]}",
+                                field="other")
         H, W = self.image_size
         if not (0 <= at[0] < W and 0 <= at[1] < H):
-            raise ElementsError(f"insert: position ({at[0]:g}, {at[1]:g}) is outside the image ({W}x{H})")
+            raise ElementsError(f"insert: position ({at[0]:g}, {at[1]:g}) is outside the image ({W}x{H})", field="at")
         offsets = other.centroids[ids] - other.centroids[ids].mean(axis=0)  # (k, 2) pixels
         limit = np.array([W, H], np.float32)
         free = [i for i in range(len(self)) if not self.alive[i]]
@@ -281,7 +283,7 @@ class Elements:
         if point is not None:
             x, y = point
             if not (0 <= x < W and 0 <= y < H):
-                raise ElementsError(f"select: point ({x:g}, {y:g}) is outside the image ({W}x{H})")
+                raise ElementsError(f"select: point ({x:g}, {y:g}) is outside the image ({W}x{H})", field="point")
             row, col = int(y), int(x)
             for i in reversed(self.alive_ids):  # the topmost: later ids paint over earlier
                 visible = self._visible(i)
@@ -296,7 +298,7 @@ class Elements:
             c = self.centroids
             inside = (c[:, 0] >= x0) & (c[:, 0] <= x1) & (c[:, 1] >= y0) & (c[:, 1] <= y1) & self.alive
             return [int(i) for i in np.flatnonzero(inside)]
-        raise ElementsError("select: expected a point or a box")
+        raise ElementsError("select: expected a point or a box", field="point")
 
     # ------------------------------------------------------------------ files
     def _npz_bytes(self) -> bytes:
@@ -307,17 +309,13 @@ class Elements:
                             mask_shapes=shapes, mask_bits=np.packbits(bits))
         return buffer.getvalue()
 
-    def save(self, path: str | Path) -> Path:
-        """Write NAME.json + NAME.npz, each atomically (temp file + rename; the JSON last)."""
-        path = Path(path)
-        if path.suffix != ".json":
-            raise ElementsError(f"{path}: expected a .json file name for the elements")
-        npz_path = path.with_suffix(".npz")
+    def to_document(self, data_name: str = "elements.npz") -> tuple[dict, bytes]:
+        """The file pair in memory: the JSON document (naming its data file `data_name`) and the npz bytes."""
         data = self._npz_bytes()
         doc = {
             "format": FORMAT, "version": VERSION, "image_size": list(self.image_size), "units": UNITS,
             "working_size": list(self.working_size), "num_elements": len(self),
-            "feature_dim": int(self.features.shape[1]), "data": npz_path.name,
+            "feature_dim": int(self.features.shape[1]), "data": data_name,
             "data_sha256": hashlib.sha256(data).hexdigest(), "info": self.info,
             "elements": [
                 {"id": i, "alive": bool(self.alive[i]), "x": float(self.centroids[i, 0]), "y": float(self.centroids[i, 1]),
@@ -325,37 +323,62 @@ class Elements:
                 for i in range(len(self))
             ],
         }
+        return doc, data
+
+    def save(self, path: str | Path) -> Path:
+        """Write NAME.json + NAME.npz, each atomically (temp file + rename; the JSON last)."""
+        path = Path(path)
+        if path.suffix != ".json":
+            raise ElementsError(f"{path}: expected a .json file name for the elements", field="path")
+        npz_path = path.with_suffix(".npz")
+        doc, data = self.to_document(npz_path.name)
         write_bytes_atomic(npz_path, data)
         write_bytes_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
         return path
 
     @classmethod
     def load(cls, path: str | Path, max_data_bytes: int = MAX_DATA_BYTES) -> Elements:
-        """Read NAME.json + NAME.npz. The npz's members are checked from their declared sizes (zip and .npy
-        headers) before any is read: together at most `max_data_bytes` uncompressed, each exactly as large
-        as its header says, so a small file cannot expand into a large allocation."""
+        """Read NAME.json + NAME.npz (see from_document). Every error names `path` (field "path")."""
         path = Path(path)
         try:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ElementsError(f"{path}: no such elements file") from None
+            raise ElementsError(f"{path}: no such elements file", field="path") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ElementsError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
-            raise ElementsError(f"{path}: not an editrt elements file (expected format {FORMAT!r} version 1 or {VERSION})")
+            raise ElementsError(f"{path}: not valid JSON ({e})", field="path") from None
+        _check_format(doc, str(path), "path")
         npz_path = path.parent / str(doc.get("data", ""))
         try:
             data = npz_path.read_bytes()
         except OSError:
-            raise ElementsError(f"{path}: its data file {npz_path} is missing") from None
+            raise ElementsError(f"{path}: its data file {npz_path} is missing", field="path") from None
+        return cls._parse(doc, data, max_data_bytes, str(path), "path", "path")
+
+    @classmethod
+    def from_document(cls, doc: dict, data: bytes, max_data_bytes: int = MAX_DATA_BYTES,
+                      source: str = "elements") -> Elements:
+        """The file pair from memory: the JSON document and the npz bytes (the document's own `data` name is not
+        used). The npz must match the document's SHA-256; its members are checked from their declared sizes (zip
+        and .npy headers) before any is read: together at most `max_data_bytes` uncompressed, each exactly as
+        large as its header says, so a small file cannot expand into a large allocation. Messages start with
+        `source`; the error's field is "doc" or "data", whichever is at fault."""
+        _check_format(doc, source, "doc")
+        return cls._parse(doc, data, max_data_bytes, source, "doc", "data")
+
+    @classmethod
+    def _parse(cls, doc: dict, data: bytes, max_data_bytes: int, source: str, doc_field: str,
+               data_field: str) -> Elements:
         if hashlib.sha256(data).hexdigest() != doc.get("data_sha256"):
-            raise ElementsError(f"{path}: its data file {npz_path.name} does not match it (SHA-256 differs); "
-                                "keep each .json with the .npz written beside it")
+            raise ElementsError(f"{source}: its data file does not match it (SHA-256 differs); "
+                                "keep each .json with the .npz written beside it", field=data_field)
         try:
             _check_npz(data, max_data_bytes)
             arrays = np.load(io.BytesIO(data), allow_pickle=False)
             features, anchors = arrays["features"], arrays["anchors"]
             shapes, bits = arrays["mask_shapes"], np.unpackbits(arrays["mask_bits"]).astype(bool)
+        except (KeyError, ValueError, TypeError, OSError, IndexError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ElementsError(f"{source}: malformed elements data ({e})", field=data_field) from None
+        try:
             rows = doc["elements"]
             n = int(doc["num_elements"])
             H, W = (int(v) for v in doc["image_size"])
@@ -382,9 +405,15 @@ class Elements:
             geometry = np.concatenate([elements.centroids.ravel(), elements.sizes.ravel(), elements.anchors.ravel()])
             if not np.isfinite(geometry).all() or not (np.isfinite(elements.scales) & (elements.scales > 0)).all():
                 raise ValueError("x, y, w, h, anchors must be finite and scale finite and > 0")
-        except (KeyError, ValueError, TypeError, OSError, IndexError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ElementsError(f"{path}: malformed elements file ({e})") from None
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ElementsError(f"{source}: malformed elements file ({e})", field=doc_field) from None
         return elements
+
+
+def _check_format(doc, source: str, field: str) -> None:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
+        raise ElementsError(f"{source}: not an editrt elements file (expected format {FORMAT!r} version 1 or {VERSION})",
+                            field=field)
 
 
 def _check_npz(data: bytes, max_bytes: int) -> None:
@@ -424,7 +453,8 @@ def render_overlay(elements: Elements, image=None, ids: bool = False) -> Image.I
     H, W = elements.image_size
     canvas = np.full((H, W, 3), 128, np.uint8) if image is None else np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
     if canvas.shape[:2] != (H, W):
-        raise ElementsError(f"overlay: image is {canvas.shape[1]}x{canvas.shape[0]}, the elements' image is {W}x{H}")
+        raise ElementsError(f"overlay: image is {canvas.shape[1]}x{canvas.shape[0]}, the elements' image is {W}x{H}",
+                            field="image")
     labels = elements.paint()
     edge = np.zeros((H, W), bool)
     edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]

@@ -69,8 +69,8 @@ def _centroids_or_grid(labels, grid_q):
 def _cleanup(labels: torch.Tensor, num_elements: int, opening: int) -> cleanup.Cleaned:
     try:
         return cleanup.cleanup(labels, num_elements, opening)
-    except ValueError as e:  # the kernels' input errors, at the API edge
-        raise InputError(f"partition clean-up: {e}") from e
+    except ValueError as e:  # the kernels' input errors, at the API edge; field None: the label map, element
+        raise InputError(f"partition clean-up: {e}") from e  # count and opening are checked together there
 
 
 def clean_labels(labels: np.ndarray, num_elements: int, opening: int = 1) -> np.ndarray:

@@ -178,5 +178,6 @@ class Segmenter:
             image_embeddings=features, point_coords=torch.as_tensor(coords, dtype=torch.float32, device=self.device),
         )["low_res_logits"]  # (N, 4e, 4e) over the padded square
         scale = logits.shape[-1] / self.image_size
-        valid_h, valid_w = round(input_size[0] * scale), round(input_size[1] * scale)
+        # at least one row and column: a very thin image (a 400x2 strip) spans less than one low-res logit
+        valid_h, valid_w = max(1, round(input_size[0] * scale)), max(1, round(input_size[1] * scale))
         return logits[:, :valid_h, :valid_w].float()

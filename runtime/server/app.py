@@ -25,14 +25,16 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editrt.errors import EditError
-from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.metrics import Metrics
 from editrt.runtime.server.routers import ops, sessions, stateless
 from editrt.runtime.server.routers.common import require_token
 from editrt.runtime.server.sessions import SessionStore
+from editrt.runtime.server.settings import Settings
 from editrt.runtime.server.work import INTERACTIVE, PipelineWork
 
 log = logging.getLogger("editrt.serve")
@@ -150,7 +152,12 @@ class Edge:
                        f"content-length: the body is larger than the limit ({limit} bytes)"
                        if length.isdigit() else "content-length: expected a number")
         if refused is not None:  # answered without reading the body
-            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else {}
+            if length not in (None, b"0") or b"chunked" in dict(scope["headers"]).get(b"transfer-encoding", b""):
+                # a body we will not read: close the connection, so the event loop does not go on receiving it
+                # (uvicorn would read and drop it to parse the next request; with 4 senders of 12 MB bodies that
+                # doubled /healthz's median on the 2-core dev machine, tests/server/test_edge_load.py)
+                headers["Connection"] = "close"
             response = _json_error(*refused, headers=headers)
             await response(scope, receive, send)
             self._record(scope, response.status_code, t0)
@@ -202,8 +209,8 @@ class Edge:
 
 def _warm_up(state: ServerState) -> None:
     """One small request through each pipeline (and their loops), so the first user does not pay for it."""
-    rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
-        resources.files("editrt").joinpath("assets", "chelsea.png")).convert("RGB").resize((64, 48)))
+    with Image.open(resources.files("editrt").joinpath("assets", "chelsea.png")) as photo:
+        rgb = np.asarray(photo.convert("RGB").resize((64, 48)))
     with torch.no_grad():
         if state.reposition is not None:
             mask = state.reposition.segment(rgb, points=[[32, 24]])
@@ -218,7 +225,7 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
     `session_store`: the session store (default: one from the settings' limits; the Ray Serve deployment
     passes its replica's store, whose ids name the replica)."""
     if reposition is None and elements is None:
-        raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")
+        raise EditError("create_app: expected at least one pipeline (reposition= or elements=)")  # neither alone: no field
     settings = settings or Settings.from_env()
     state = ServerState(settings, reposition, elements)
     state.sessions = session_store if session_store is not None else SessionStore(  # (an empty store is falsy: len 0)
@@ -256,10 +263,8 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
         return _json_error(e.status, e.field, e.message, e.headers)
 
     @app.exception_handler(EditError)
-    async def edit_error(request, e: EditError):
-        from editrt.runtime.server.routers.common import field_of
-
-        return _json_error(422, field_of(str(e), ["body"]), str(e))
+    async def edit_error(request, e: EditError):  # bad input outside common.run, which knows the route's field names
+        return _json_error(422, "body", str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -355,19 +360,9 @@ def _metrics_gauges(state: ServerState) -> None:
                          (("kind",), ("reserved",)): torch.cuda.memory_reserved(state.device)})
 
 
-def _caches(pipe):
-    """The pipeline's ByteLRU caches: its own, its segmenter's and its loop cache's."""
-    from editrt.runtime.caches import ByteLRU
-
-    for owner in (pipe, getattr(pipe, "segmenter", None), getattr(pipe, "loops", None)):
-        for value in vars(owner).values() if owner is not None else ():
-            if isinstance(value, ByteLRU):
-                yield value
-
-
 def _cache_bytes(state: ServerState) -> dict:
     out = {}
     for name, pipe in (("reposition", state.reposition), ("elements", state.elements)):
-        for cache in _caches(pipe) if pipe is not None else ():
+        for cache in pipe.caches() if pipe is not None else ():
             out[(("pipeline", "cache"), (name, cache.name))] = cache.stats()["bytes"]
     return out

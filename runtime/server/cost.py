@@ -1,6 +1,6 @@
 """The cost model at the edge: a request's worst-case work and memory, from its declared sizes, before any work.
 
-Every bound is a Settings field (limits.py; docs/limits.md lists them with their `editrt serve`
+Every bound is a Settings field (settings.py; docs/limits.md lists them with their `editrt serve`
 options). A denoising pass costs its processing canvas (H x W, from the image and `resolution`)
 times its steps; a partition its canvas; an elements edit the pixels of the regions it draws (every
 op draws every alive element's region to find collisions, runtime/elements.py); an elements blob
@@ -13,7 +13,9 @@ from __future__ import annotations
 from editrt.errors import EditError
 from editrt.runtime.elements import FORMAT
 from editrt.runtime.images import processing_size
-from editrt.runtime.server.limits import APIError, Settings, check_size
+from editrt.runtime.server.errors import APIError
+from editrt.runtime.server.image_codecs import check_size
+from editrt.runtime.server.settings import Settings
 
 
 def check_resolution(settings: Settings, resolution: int | None, field: str = "resolution") -> None:

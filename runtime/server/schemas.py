@@ -1,7 +1,7 @@
 """Pydantic models for every request and response body, and the one error body.
 
 Static bounds live here (they show in the OpenAPI schema); limits that depend on the server's
-settings (pixel counts, upload bytes, step caps) are checked in limits.py and the routers.
+settings (pixel counts, upload bytes, step caps) are checked in cost.py, image_codecs.py and the routers.
 Images travel as base64 text (a `data:image/png;base64,` prefix is allowed); a multipart upload
 of the same field is turned into the same text before validation (routers/common.py).
 """

@@ -186,20 +186,20 @@ def test_npz_bombs_and_damage_are_refused(client, blob):
             for _ in range(256):
                 f.write(zeros)
     assert len(bomb.getvalue()) < 400_000
-    body = attack(client, "POST", "/v1/elements/edit", 422, "elements",
+    body = attack(client, "POST", "/v1/elements/edit", 422, "elements.data",
                   json={"elements": with_npz(blob, bomb.getvalue()), "ops": [{"op": "delete", "ids": [0]}]})
     assert "larger than" in body["message"]
     huge = io.BytesIO()
     with zipfile.ZipFile(huge, "w") as z:  # a header declaring 4 TB over 16 bytes of data
         z.writestr("features.npy", npy_header((1 << 40,)) + bytes(16))
-    body = attack(client, "POST", "/v1/elements/edit", 422, "elements",
+    body = attack(client, "POST", "/v1/elements/edit", 422, "elements.data",
                   json={"elements": with_npz(blob, huge.getvalue()), "ops": [{"op": "delete", "ids": [0]}]})
     assert "declares" in body["message"]
     damaged = bytearray(base64.b64decode(blob["elements"]["data"]))
     damaged[len(damaged) // 2:] = bytes(len(damaged) - len(damaged) // 2)
-    attack(client, "POST", "/v1/elements/edit", 422, "elements",
+    attack(client, "POST", "/v1/elements/edit", 422, "elements.data",
            json={"elements": with_npz(blob, bytes(damaged)), "ops": [{"op": "delete", "ids": [0]}]})
-    attack(client, "POST", "/v1/elements/render", 422, "elements",
+    attack(client, "POST", "/v1/elements/render", 422, "elements.data",
            json={"elements": with_npz(blob, b"PK\x03\x04 not a zip"), "steps": 1})
 
 

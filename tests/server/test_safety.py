@@ -140,7 +140,7 @@ def test_bad_fields_elsewhere_are_named(auth):
     error(auth.post("/v1/reposition", content=b'{"image": "a", "move": [NaN, 1]}',
                     headers={"content-type": "application/json"}), 422, "move.0")
     error(auth.post("/v1/elements/edit", json={"elements": {"doc": {}, "data": "AAAA"},
-                                               "ops": [{"op": "delete", "ids": [0]}]}), 422, "elements")
+                                               "ops": [{"op": "delete", "ids": [0]}]}), 422, "elements.doc")
     error(auth.post("/v1/sessions/nope/select", json={"points": [[1, 1]]}), 404, "session_id")
     error(auth.post("/v1/sessions", json={"image": img, "kind": "video"}), 422, "kind")
     error(auth.get("/v1/nothing"), 404, "path")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
-import re
 import time
+from collections.abc import Iterable, Mapping
 
 import anyio
 from fastapi import HTTPException, Request, Response
@@ -16,7 +17,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import HTTPConnection
 
 from editrt.errors import EditError
-from editrt.runtime.server.limits import APIError, b64decode, decode_image, png_bytes
+from editrt.runtime.server.errors import APIError
+from editrt.runtime.server.image_codecs import b64decode, decode_image, png_bytes, sniff_format
 from editrt.runtime.server.schemas import Timing
 from editrt.runtime.server.work import Busy, Stop, Superseded
 from editrt.runtime.work_queue import BusyError, Cancelled
@@ -105,8 +107,6 @@ async def parse_body(request: Request, model: type[BaseModel], image_fields: tup
                     raise APIError(422, key, f"{key}: a file was uploaded, but this field is not an image")
                 raw = await value.read()
                 if raw:
-                    from editrt.runtime.server.limits import sniff_format
-
                     sniff_format(raw, key, (value.content_type or "").lower() or None)
                 data[key] = base64.b64encode(raw).decode()
             elif key in image_fields:
@@ -152,47 +152,38 @@ async def mask(request: Request, text: str, name: str):
 
 
 # ---------------------------------------------------------------------- pipeline work
-_FIELD = re.compile(r"^-*([A-Za-z_][A-Za-z_ ]*?)(?=[\s:(\[]|$)")
-ALIASES = {"point": "points", "segment": "points", "harmonize region": "mask", "partition": "grid",
-           "select": "point", "preview/final": "selected", "resize": "ops", "delete": "ops", "insert": "ops",
-           "new_shadow_region": "shadow_region", "existing_shadow": "shadow_mask"}  # SeeleEdit's names (runtime/edits.py)
+def request_field(e: EditError, fields: Mapping[str, str]) -> str:
+    """The request field an EditError is about: its `field` (the library's keyword) as this route spells it,
+    or "body" when it names none or one this route does not take. The message is never read."""
+    return fields.get(e.field, "body") if e.field is not None else "body"
 
 
-# where a request spells a pipeline argument another way (tried when the pipeline's own name is not a field)
-FALLBACK_ALIASES = {"shadow_region": "shadow_box", "occluder_mask": "occlusion", "trimap": "trimap_band",
-                    "shadow_mask": "mask"}
-SEELE_FIELDS = ("occlusion", "matting", "trimap_band", "shadow_box")
+@contextlib.contextmanager
+def edit_errors_as_422(fields: Mapping[str, str]):
+    """Inside the block, an EditError (a typed edit refusing a value where it is built) is answered 422 on the
+    request field `fields` maps its field to (request_field), as common.run does for a pipeline's."""
+    try:
+        yield
+    except EditError as e:
+        raise APIError(422, request_field(e, fields), str(e)) from None
 
 
-def field_of(message: str, fields) -> str:
-    """The request field an EditError message is about: its leading name ('mask: ...', 'point (3, 4): ...')."""
-    if message.startswith("new_shadow_region box") and "shadow_box" in fields:  # the box form of the region
-        return "shadow_box"
-    m = _FIELD.match(message)
-    name = m.group(1).strip() if m else ""
-    name = ALIASES.get(name, name)
-    if name not in fields:
-        name = FALLBACK_ALIASES.get(name, name)
-    return name if name in fields else (fields[0] if fields else "body")
+def same_names(*names: str) -> dict[str, str]:
+    """A route's field map where the request spells each library keyword the same way."""
+    return {name: name for name in names}
 
 
-def seele_options(req) -> dict:
-    """The pipeline keywords of a request's SeeleOptions (schemas.py): scale, occlusion, matting, trimap band and
-    a shadow box (where a shadow should appear)."""
-    options = dict(scale=req.scale, occlusion=req.occlusion, matting=req.matting, trimap_band=req.trimap_band)
-    if req.shadow_box is not None:
-        options["shadow_region"] = tuple(req.shadow_box)
-    return options
-
-
-async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fields=("body",), future=None,
-              stop: Stop | None = None):
+async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str,
+              fields: Mapping[str, str] | Iterable[str] = (), future=None, stop: Stop | None = None):
     """Run `fn` as a job of the pipeline's work queue (or await `future`, a session's own job: a
-    callable returning (future, cancel)); bad input becomes 422 naming the field, a full queue 503.
+    callable returning (future, cancel)); a full queue becomes 503, bad input (EditError) 422 naming the
+    request field: `fields` maps the library's field names (EditError.field) to this route's (an iterable of
+    names: each spelled the same way); one it does not map is "body".
     `stop`: the flag fn's pipeline call checks after each step (step_callback=stop.check); an HTTP
     client that disconnects sets it, so its job never starts or stops at its next step."""
     st = state(request_or_ws)
     pipeline(request_or_ws, queue_name)
+    fields = fields if isinstance(fields, Mapping) else same_names(*fields)
     work = st.queues[queue_name]
     stop = stop or Stop()
     watcher = asyncio.create_task(_watch_disconnect(request_or_ws, stop)) if isinstance(request_or_ws, Request) \
@@ -213,7 +204,7 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str, fie
     except Superseded as e:
         raise APIError(409, "session_id", f"session_id: {e}") from None
     except EditError as e:
-        raise APIError(422, field_of(str(e), list(fields)), str(e)) from None
+        raise APIError(422, request_field(e, fields), str(e)) from None
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -231,24 +222,30 @@ def timing(request_or_ws, t0: float, run_s: float, queue_s: float = 0.0) -> Timi
                   queue_ms=round(queue_s * 1e3, 3))
 
 
-def png_response(image, t0: float, run_s: float, wait_s: float) -> Response:
-    """A PNG body with the server-side timing in headers (the edge adds X-Server-Ms)."""
-    return Response(png_bytes(image), media_type="image/png",
+async def png_response(image, t0: float, run_s: float, wait_s: float) -> Response:
+    """A PNG body with the server-side timing in headers (the edge adds X-Server-Ms); encoded on a worker thread,
+    so the event loop keeps serving while a large image is compressed."""
+    data = await anyio.to_thread.run_sync(png_bytes, image)
+    return Response(data, media_type="image/png",
                     headers={"X-Pipeline-Ms": f"{run_s * 1e3:.3f}", "X-Queue-Ms": f"{wait_s * 1e3:.3f}"})
 
 
-def check_steps(request, *values) -> None:
+def check_steps_cap(request, *values) -> None:
+    """Each (field, steps) within the server's max_steps (the pipelines check that steps are positive)."""
     cap = state(request).settings.max_steps
     for name, v in values:
         if v is not None and v > cap:
             raise APIError(422, name, f"{name}: at most {cap} on this server, got {v}")
 
 
+check_steps = check_steps_cap  # routers/sessions.py's spelling (typed-edits branch renames it there)
+
+
 def steps_of(request, steps: int | None, name: str = "steps") -> int:
     """The request's steps, or the server's default; refused above the server's cap."""
     settings = state(request).settings
     steps = settings.final_steps if steps is None else steps
-    check_steps(request, (name, steps))
+    check_steps_cap(request, (name, steps))
     return steps
 
 

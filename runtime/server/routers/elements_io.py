@@ -3,45 +3,35 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import tempfile
-from pathlib import Path
 
 from editrt.errors import ElementsError
 from editrt.runtime.elements import Elements
 from editrt.runtime.server.cost import check_elements_doc, check_region_pixels
-from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.schemas import EditOp, ElementInfo, ElementsBlob
+from editrt.runtime.server.settings import Settings
 
-NPZ = "elements.npz"
+NPZ = "elements.npz"  # the data file a blob's document names (the CLI's pair: NAME.json beside NAME.npz)
 
 
 def to_blob(elements: Elements) -> ElementsBlob:
-    """Through Elements.save, so the blob is exactly the file pair the CLI writes."""
-    with tempfile.TemporaryDirectory(prefix="editrt-serve-") as tmp:
-        path = elements.save(Path(tmp) / "elements.json")
-        doc = json.loads(path.read_text())
-        data = path.with_suffix(".npz").read_bytes()
+    """Through Elements.to_document, in memory: the blob is exactly the file pair the CLI writes."""
+    doc, data = elements.to_document(NPZ)
     return ElementsBlob(doc=doc, data=base64.b64encode(data).decode())
 
 
 def from_blob(blob: ElementsBlob, settings: Settings, field: str = "elements") -> Elements:
-    """Through Elements.load (its format, version and SHA-256 checks); the npz name is ours, never the doc's.
-    The declared sizes (image, working canvas, element count, the npz members') are bounded first (cost.py)."""
+    """Through Elements.from_document, in memory (its format, version and SHA-256 checks). The declared sizes
+    (image, working canvas, element count, the npz members') are bounded first (cost.py)."""
     check_elements_doc(settings, blob.doc, field)
     try:
         data = base64.b64decode(blob.data, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(422, f"{field}.data", f"{field}.data: not valid base64") from None
-    doc = dict(blob.doc, data=NPZ)
-    with tempfile.TemporaryDirectory(prefix="editrt-serve-") as tmp:
-        (Path(tmp) / NPZ).write_bytes(data)
-        (Path(tmp) / "elements.json").write_text(json.dumps(doc))
-        try:
-            elements = Elements.load(Path(tmp) / "elements.json", max_data_bytes=settings.max_elements_bytes)
-        except ElementsError as e:
-            message = str(e).replace(str(Path(tmp) / "elements.json"), field).replace(tmp, field)
-            raise APIError(422, field, message) from None
+    try:
+        elements = Elements.from_document(blob.doc, data, max_data_bytes=settings.max_elements_bytes, source=field)
+    except ElementsError as e:  # e.field is "doc" or "data": the blob's own field names
+        raise APIError(422, f"{field}.{e.field}" if e.field in ("doc", "data") else field, str(e)) from None
     check_region_pixels(settings, elements.region_pixels(), field)
     return elements
 
@@ -72,6 +62,7 @@ def apply_ops(elements: Elements, ops: list[EditOp], settings: Settings, field: 
                 deleted += elements.resize(op.ids, op.scale)
             else:
                 deleted += elements.delete(op.ids)
-        except ElementsError as e:
-            raise APIError(422, f"{field}.{k}", f"{field}.{k}: {e}") from None
+        except ElementsError as e:  # e.field names the op's own field (ids, dx, dy, scale)
+            where = f"{field}.{k}.{e.field}" if e.field in EditOp.model_fields else f"{field}.{k}"
+            raise APIError(422, where, f"{field}.{k}: {e}") from None
     return sorted(set(deleted))

@@ -10,8 +10,10 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, Request
 
+from editrt.runtime.edits import Quality, SeeleEdit
 from editrt.runtime.server import cost
-from editrt.runtime.server.limits import APIError, png_b64
+from editrt.runtime.server.errors import APIError
+from editrt.runtime.server.image_codecs import png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, from_blob, items, to_blob
 from editrt.runtime.server.schemas import (
@@ -47,6 +49,16 @@ def _prompt(req, h: int, w: int) -> dict:
     return dict(points=req.points, labels=labels, box=req.box)
 
 
+# each route's field map: the pipeline call's keyword (EditError.field) -> the request field that carried it
+SEGMENT_FIELDS = common.same_names("image", "points", "labels", "box")
+INPAINT_FIELDS = common.same_names("image", "mask", "task", "steps", "guidance", "seed", "resolution")
+REPOSITION_FIELDS = common.same_names("image", "mask", "points", "labels", "box", "move", "scale", "matting",
+                                      "trimap_band", "harmonize", "complete_mask", "steps", "guidance", "seed",
+                                      "resolution")  # + the SeeleEdit attributes the request spells otherwise
+PARTITION_FIELDS = common.same_names("image", "resolution", "grid", "beta", "iterations")
+RENDER_FIELDS = common.same_names("elements", "prompt", "guidance", "steps", "seed")
+
+
 @router.post("/segment", responses=PNG, openapi_extra=body(SegmentRequest, "image"))
 async def segment(request: Request):
     """The subject mask (PNG, 255 inside) from points and/or a box."""
@@ -56,8 +68,8 @@ async def segment(request: Request):
     prompt = _prompt(req, *rgb.shape[:2])
     pipe = common.pipeline(request, "reposition")
     mask, run_s, wait_s = await common.run(request, "reposition", lambda: pipe.segment(rgb, **prompt), ONE_SHOT,
-                                           "segment", ("points", "labels", "box"))
-    return common.png_response(mask, t0, run_s, wait_s)
+                                           "segment", SEGMENT_FIELDS)
+    return await common.png_response(mask, t0, run_s, wait_s)
 
 
 @router.post("/inpaint", responses=PNG, openapi_extra=body(InpaintRequest, "image", "mask"))
@@ -75,9 +87,8 @@ async def inpaint(request: Request):
         with torch.no_grad():
             return pipe.inpaint(rgb, mask, task=req.task, steps=steps, guidance=req.guidance, seed=req.seed,
                                 resolution=req.resolution)
-    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint",
-                                          ("mask", "task", "steps", "guidance", "resolution"))
-    return common.png_response(out, t0, run_s, wait_s)
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint", INPAINT_FIELDS)
+    return await common.png_response(out, t0, run_s, wait_s)
 
 
 REPOSITION_MASKS = ("mask", "complete_mask", "occluder_mask", "shadow_mask", "shadow_region")
@@ -97,26 +108,32 @@ async def reposition(request: Request):
             masks[name] = await common.mask(request, getattr(req, name), name)
     if req.shadow_region is not None and req.shadow_box is not None:
         raise APIError(422, "shadow_box", "shadow_box: give the shadow region as shadow_region or shadow_box, not both")
+    if req.occluder_mask is not None and req.occlusion == "auto":
+        raise APIError(422, "occluder_mask", "occluder_mask: occlusion 'auto' computes the occluder from depth; "
+                       "give one or the other")
     subject = masks.pop("mask", None)
     prompt = {} if subject is not None else _prompt(req, *rgb.shape[:2])
-    region = masks.pop("shadow_region", None)
     pipe = common.pipeline(request, "reposition")
     cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
-    options = common.seele_options(req)
-    if region is not None:
-        options["shadow_region"] = region
+    region = masks.get("shadow_region", tuple(req.shadow_box) if req.shadow_box is not None else None)
+    occlusion = masks.get("occluder_mask", req.occlusion)
+    # the request's spelling of each SeeleEdit attribute, where it differs (the mask or box form: whichever came)
+    fields = {**REPOSITION_FIELDS, "occlusion": "occluder_mask" if "occluder_mask" in masks else "occlusion",
+              "existing_shadow": "shadow_mask", "new_shadow_region": "shadow_region" if "shadow_region" in masks
+              else "shadow_box"}
 
+    with common.edit_errors_as_422(fields):  # validated once, before the job takes a place in the queue
+        edit = SeeleEdit(move=tuple(req.move), scale=req.scale, occlusion=occlusion, matting=req.matting,
+                         trimap_band=req.trimap_band, harmonize=req.harmonize, complete_mask=masks.get("complete_mask"),
+                         existing_shadow=masks.get("shadow_mask"), new_shadow_region=region)
+        quality = Quality(steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution)
     stop = Stop()  # set when the client goes away: the job stops at its next denoising step
 
     def job():
         with torch.no_grad():
-            return pipe(rgb, mask=subject, **prompt, move=tuple(req.move), harmonize=req.harmonize, steps=steps,
-                        guidance=req.guidance, seed=req.seed, resolution=req.resolution, step_callback=stop.check,
-                        **masks, **options).image
-    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition",
-                                          ("mask", "points", "labels", "box", "move", "scale", "steps", "resolution",
-                                           *common.SEELE_FIELDS, *REPOSITION_MASKS[1:]), stop=stop)
-    return common.png_response(out, t0, run_s, wait_s)
+            return pipe(rgb, edit, mask=subject, **prompt, quality=quality, step_callback=stop.check).image
+    out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "reposition", fields, stop=stop)
+    return await common.png_response(out, t0, run_s, wait_s)
 
 
 @router.post("/elements/partition", response_model=ElementsResponse, openapi_extra=body(PartitionRequest, "image"))
@@ -132,9 +149,9 @@ async def partition(request: Request):
         with torch.no_grad():
             el = pipe.partition(rgb, resolution=req.resolution, grid=req.grid, beta=req.beta, iterations=req.iterations)
         return el, png_b64(pipe.render_overlay(el, rgb))
-    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, ONE_SHOT, "partition",
-                                                    ("grid", "beta", "iterations", "resolution"))
-    return ElementsResponse(elements=to_blob(el), items=items(el), overlay=overlay,
+    (el, overlay), run_s, wait_s = await common.run(request, "elements", job, ONE_SHOT, "partition", PARTITION_FIELDS)
+    blob = await anyio.to_thread.run_sync(to_blob, el)  # compressing the npz: off the event loop
+    return ElementsResponse(elements=blob, items=items(el), overlay=overlay,
                             canvas=list(el.image_size), timing=common.timing(request, t0, run_s, wait_s))
 
 
@@ -169,5 +186,5 @@ async def render(request: Request):
     out, run_s, wait_s = await common.run(
         request, "elements", lambda: pipe.decode(el, prompt=req.prompt, guidance=req.guidance, steps=steps,
                                                  seed=req.seed, step_callback=stop.check), ONE_SHOT, "render",
-        ("elements", "prompt", "steps"), stop=stop)
-    return common.png_response(out, t0, run_s, wait_s)
+        RENDER_FIELDS, stop=stop)
+    return await common.png_response(out, t0, run_s, wait_s)
