@@ -19,8 +19,9 @@ import time
 
 from editrt.errors import EditError, InputError
 from editrt.models.common import DTYPE_ALIASES, DTYPES
-from editrt.runtime.server.limits import RedactQuery, Settings
+from editrt.runtime.server.access_log import RedactQuery
 from editrt.runtime.server.loading import ServeConfig, load_pipelines, parse_editors
+from editrt.runtime.server.settings import Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -41,9 +41,10 @@ from ray import serve
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from editrt.errors import InputError
-from editrt.runtime.server.limits import APIError, Settings
+from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.loading import ServeConfig, load_pipelines
 from editrt.runtime.server.sessions import SessionStore
+from editrt.runtime.server.settings import Settings
 
 REPLICA_HEADER = "x-editrt-replica"
 SESSION_PATH = re.compile(r"/v1/sessions/([^/?#]+)")

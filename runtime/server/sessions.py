@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from editrt.runtime.server.limits import APIError
+from editrt.runtime.server.errors import APIError
 from editrt.runtime.session import ElementsSession, RepositionSession
 from editrt.runtime.work_queue import BusyError
 

@@ -238,7 +238,6 @@ def check_steps_cap(request, *values) -> None:
             raise APIError(422, name, f"{name}: at most {cap} on this server, got {v}")
 
 
-check_steps = check_steps_cap  # routers/sessions.py's spelling (typed-edits branch renames it there)
 
 
 def steps_of(request, steps: int | None, name: str = "steps") -> int:

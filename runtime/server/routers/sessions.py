@@ -30,7 +30,8 @@ from pydantic import ValidationError
 from editrt.errors import EditError
 from editrt.runtime.edits import ElementsEdit, MoveElements, ResizeElements, SeeleEdit
 from editrt.runtime.server import cost
-from editrt.runtime.server.limits import APIError, png_b64
+from editrt.runtime.server.errors import APIError
+from editrt.runtime.server.image_codecs import png_b64
 from editrt.runtime.server.routers import common
 from editrt.runtime.server.routers.elements_io import apply_ops, items
 from editrt.runtime.server.schemas import (
@@ -157,7 +158,7 @@ async def create(request: Request):
     t0 = common.t0_of(request)
     st = common.state(request)
     req = await common.parse_body(request, SessionCreate, ("image",))
-    common.check_steps(request, ("steps", req.steps), ("preview_steps", req.preview_steps))
+    common.check_steps_cap(request, ("steps", req.steps), ("preview_steps", req.preview_steps))
     if req.kind not in st.queues:
         raise APIError(422, "kind", f"kind: this server has no {req.kind} pipeline loaded")
     rgb = await common.image(request, req.image, "image")
