@@ -70,3 +70,14 @@ def test_a_cached_run_counts_fewer_flops(rows):
         assert ours["unet_flops_per_step"] < plain["unet_flops_per_step"]
         # ours equals the helper's output (tests/runtime/test_deep_cache.py), so the deviation is the same
         assert 0 < ours["output_psnr_db"] == peer["output_psnr_db"] < float("inf")
+
+
+def test_without_deepcache_the_peer_row_is_skipped_with_the_reason(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "DeepCache", None)  # import DeepCache raises ImportError
+    out = tmp_path / "b.json"
+    rc, err = run_cli(["--weights", tiny_weights, "--quick", "--only", "deepcache-i3-b0", *FAST, "--json", out])
+    assert rc == 0, err[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["deepcache-i3-b0/diffusers"]["skipped"].startswith("DeepCache not installed")
+    assert rows["deepcache-i3-b0/torch-eager"]["skipped"] is None  # ours still runs, with no ratio
+    assert rows["deepcache-i3-b0/torch-eager"]["ratio"] is None
