@@ -35,6 +35,10 @@ from editrt.kernels import launches
 STEPS = ("steps",)
 COMPILED = ("compiled graph calls",)
 TRAIN_STEPS, TRAIN_SAMPLES = ("training steps",), ("training samples",)  # bench/train_cases.py's optimizer steps
+# bench/less_work_cases.py: what the UNet really processed (its hooks count them as the UNet runs)
+UNET_STEPS, UNET_FULL_STEPS = ("unet steps",), ("unet full steps",)  # every step / those that ran the deep path
+UNET_LATENT_PIXELS, UNET_FLOPS = ("unet latent pixels",), ("unet flops",)  # per UNet call: H x W of its input; FLOPs
+OUTPUT_PSNR = ("output psnr db",)  # a cached run's output against the uncached one's
 
 _lock = threading.RLock()
 _tallies: list[Counter] = []  # open tallies: a row's watches
@@ -248,6 +252,15 @@ def summary(seen: Counter, runs: int) -> dict:
     if seen[TRAIN_STEPS]:  # training-step rows only (the other rows' column is unchanged)
         out["training_steps"] = _per_run(seen[TRAIN_STEPS], runs)
         out["training_samples"] = _per_run(seen[TRAIN_SAMPLES], runs)
+    if seen[UNET_STEPS]:  # less-work rows only: UNet steps by kind, the latent pixels and FLOPs they processed
+        out["unet_full_steps"] = _per_run(seen[UNET_FULL_STEPS], runs)
+        out["unet_cached_steps"] = _per_run(seen[UNET_STEPS] - seen[UNET_FULL_STEPS], runs)
+        out["unet_latent_pixels"] = _per_run(seen[UNET_LATENT_PIXELS], runs)
+        if seen[UNET_FLOPS]:
+            out["unet_flops"] = _per_run(seen[UNET_FLOPS], runs)
+            out["unet_flops_per_step"] = _per_run(seen[UNET_FLOPS], seen[UNET_STEPS])
+        if seen[OUTPUT_PSNR]:
+            out["output_psnr_db"] = round(seen[OUTPUT_PSNR] / runs, 2)
     return out
 
 
@@ -255,4 +268,5 @@ def same_work(a: dict, b: dict) -> bool:
     """Whether two rows' `observed` ran the same networks the same number of times, and the same steps
     (caches and compiled-graph calls are how a row runs its work, not which work: not compared)."""
     return a["networks"] == b["networks"] and a["denoising_steps"] == b["denoising_steps"] and \
-        a.get("training_samples") == b.get("training_samples")  # a training step: over the same batch
+        a.get("training_samples") == b.get("training_samples") and \
+        all(a.get(key) == b.get(key) for key in ("unet_full_steps", "unet_latent_pixels", "unet_flops"))

@@ -119,6 +119,9 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
     from editrt.models.attention import prepare_unet
     from editrt.runtime.engines import TorchEngine
 
+    # K/V caching stays the default on every device: it is bit-equal and only removes work (cProfile of a 20-step
+    # tiny pass: 160 fewer linear calls, the to_k / to_v of every cross-attention at every step, the rest identical).
+    # Quick-bench rows where it lost to eager were CPU-sharing noise (docs/benchmarks.md, "Is the default slower").
     cache_kv = optimize and not compile
 
     def engine(name, module, **lora):
