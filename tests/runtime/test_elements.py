@@ -145,6 +145,27 @@ def test_resize_and_insert_in_image_pixels(elements):
     assert (e.paint()[src[inside, 0], src[inside, 1]] == 0).all()
 
 
+def test_insert_reuses_freed_slots_and_never_grows_n(elements, elements_pipe):
+    """Paper 001 keeps N fixed: k deletions make room for k insertions, no more."""
+    e, other = elements.copy(), elements.copy()
+    n = len(e)
+    free = [i for i in range(n) if not e.alive[i]]  # elements the clean-up left without pixels
+    deleted = e.alive_ids[:3]
+    e.delete(deleted)
+    new, _ = e.insert(other, other.alive_ids[-3 - len(free):], at=(200, 150))
+    assert len(e) == n and sorted(new) == sorted(free + deleted)
+    assert elements_pipe.element_tokens(e).shape[1] == n  # the decoder still sees N tokens
+    free = [i for i in range(n) if not e.alive[i]]  # the slots of the elements the insert covered
+    before = e.copy()
+    want = other.alive_ids[:len(free) + 1]
+    with pytest.raises(ElementsError, match=rf"insert: {len(want)} element\(s\) need free slots, {len(free)} of {n} "
+                       "are free") as caught:
+        e.insert(other, want, at=(30, 30))
+    assert caught.value.field == "ids"
+    assert len(e) == n and (e.alive == before.alive).all()  # refused before anything changed
+    assert elements_pipe.element_tokens(e).shape[1] == n
+
+
 def test_select_box_in_image_pixels(elements):
     x, y = elements.centroids[33]
     assert 33 in elements.select(box=(x - 1, y - 1, x + 1, y + 1))
