@@ -317,7 +317,8 @@ def cmd_elements_partition(args) -> None:
     elements.save(out)
     (h, w), (wh, ww) = elements.image_size, elements.working_size
     _log(args)(f"{len(elements.alive_ids)} elements on the {w}x{h} image (working size {ww}x{wh}), "
-               f"{100 * elements.info['dropped_fraction']:.2f}% of pixels dropped -> {out}")
+               f"{100 * elements.info['working_dropped_fraction']:.2f}% of pixels dropped by the clean-up and given to "
+               f"neighbouring elements -> {out}")
 
 
 class _EditOp(argparse.Action):

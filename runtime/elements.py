@@ -84,15 +84,16 @@ class Elements:
 
         The label map is resized to the image (nearest, pixel centres); regions, centroids and sizes
         are measured there. Where the image is smaller than the working canvas, each element keeps
-        its largest 4-connected piece of the resized map (downsampling can split thin elements), and
-        an element left without pixels is not alive.
+        its largest 4-connected piece of the resized map (downsampling can split thin elements), the
+        other pieces go to a neighbouring element (no pixel that had an element loses it), and an
+        element left without pixels is not alive.
         """
         from editrt.runtime.partition import clean_labels
 
         working_size, n = tuple(labels.shape), len(features)
         labels = resize_labels(labels, image_size)
         if image_size[0] < working_size[0] or image_size[1] < working_size[1]:
-            labels = clean_labels(labels, n, opening=0)
+            labels = clean_labels(labels, n, opening=0, fill=True)
         H, W = labels.shape
         flat = labels.reshape(-1)
         where = np.flatnonzero(flat >= 0)
