@@ -307,9 +307,17 @@ def cmd_elements_partition(args) -> None:
     labels = _check_output(args.labels, "--labels") if args.labels else None
     image = load_image(args.image)
     _check_canvas(args, image.shape[:2])
+    if args.square is not None:  # before any weights load
+        from editrt.runtime.elements_pipeline import check_square
+
+        if args.resolution is not None:
+            raise InputError("--square and --resolution: expected one of them, not both", field="square")
+        if check_square(args.square) ** 2 > CLI_MAX_CANVAS:
+            raise InputError(f"--square {args.square}: expected a canvas of at most {CLI_MAX_CANVAS} pixels",
+                             field="square")
     pipe = _elements_pipeline(args)
     elements = pipe.partition(image, resolution=args.resolution, grid=args.grid, beta=args.beta,
-                              iterations=args.iterations)
+                              iterations=args.iterations, square=args.square)
     if overlay:
         save_png(pipe.render_overlay(elements, image, ids=args.ids), overlay)
     if labels:
@@ -317,7 +325,8 @@ def cmd_elements_partition(args) -> None:
     elements.save(out)
     (h, w), (wh, ww) = elements.image_size, elements.working_size
     _log(args)(f"{len(elements.alive_ids)} elements on the {w}x{h} image (working size {ww}x{wh}), "
-               f"{100 * elements.info['dropped_fraction']:.2f}% of pixels dropped -> {out}")
+               f"{100 * elements.info['working_dropped_fraction']:.2f}% of pixels dropped by the clean-up and given to "
+               f"neighbouring elements -> {out}")
 
 
 class _EditOp(argparse.Action):
@@ -638,6 +647,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    "of element id + 1 (0 = no element)")
     p.add_argument("--resolution", type=int, help="working short side, multiple of 8 (default: the model's); "
                    "the elements, their label map and the overlay stay at the image's size")
+    p.add_argument("--square", type=int, metavar="N", help="partition the image resized to N x N (the paper's 512; "
+                   "multiple of 8; instead of --resolution); the elements are mapped back to the image's pixels")
     p.add_argument("--grid", type=int, default=16, help="query grid (16 -> 256 elements)")
     p.add_argument("--beta", type=float, default=64.0, help="distance weight (Eq. 1)")
     p.add_argument("--iterations", type=int, default=1, help="SLIC iterations T")

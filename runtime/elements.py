@@ -84,15 +84,16 @@ class Elements:
 
         The label map is resized to the image (nearest, pixel centres); regions, centroids and sizes
         are measured there. Where the image is smaller than the working canvas, each element keeps
-        its largest 4-connected piece of the resized map (downsampling can split thin elements), and
-        an element left without pixels is not alive.
+        its largest 4-connected piece of the resized map (downsampling can split thin elements), the
+        other pieces go to a neighbouring element (no pixel that had an element loses it), and an
+        element left without pixels is not alive.
         """
         from editrt.runtime.partition import clean_labels
 
         working_size, n = tuple(labels.shape), len(features)
         labels = resize_labels(labels, image_size)
         if image_size[0] < working_size[0] or image_size[1] < working_size[1]:
-            labels = clean_labels(labels, n, opening=0)
+            labels = clean_labels(labels, n, opening=0, fill=True)
         H, W = labels.shape
         flat = labels.reshape(-1)
         where = np.flatnonzero(flat >= 0)
@@ -242,7 +243,9 @@ class Elements:
     def insert(self, other: Elements, ids, at: tuple[float, float]) -> tuple[list[int], list[int]]:
         """Compose: copy elements `ids` of `other` here, their joint centroid at image pixel `at`.
 
-        Elements keep their size in pixels. Reuses deleted slots first, then appends. Returns (new ids, deleted ids).
+        Elements keep their size in pixels. N stays the partition's size (paper 001 keeps N fixed): each
+        inserted element takes a deleted element's slot, lowest id first, and an insert needing more slots
+        than are free is refused before anything changes. Returns (new ids, deleted ids).
         """
         ids = other._check_ids(ids, "insert")
         if other.features.shape[1] != self.features.shape[1]:
@@ -254,11 +257,11 @@ class Elements:
         offsets = other.centroids[ids] - other.centroids[ids].mean(axis=0)  # (k, 2) pixels
         limit = np.array([W, H], np.float32)
         free = [i for i in range(len(self)) if not self.alive[i]]
+        if len(ids) > len(free):
+            raise ElementsError(f"insert: {len(ids)} element(s) need free slots, {len(free)} of {len(self)} are free "
+                                "(the element count stays fixed; delete elements first)", field="ids")
         new_ids = []
-        for k, j in enumerate(ids):
-            slot = free.pop(0) if free else len(self)
-            if slot == len(self):
-                self._append_empty()
+        for k, (j, slot) in enumerate(zip(ids, free)):
             self.features[slot] = other.features[j]
             self.centroids[slot] = np.clip(np.asarray(at, np.float32) + offsets[k], 0, limit)
             self.sizes[slot] = np.minimum(other.sizes[j], limit)
@@ -266,15 +269,6 @@ class Elements:
             self.alive[slot] = True
             new_ids.append(slot)
         return new_ids, self._delete_covered(new_ids)
-
-    def _append_empty(self) -> None:
-        self.features = np.concatenate([self.features, np.zeros((1, self.features.shape[1]), np.float32)])
-        self.centroids = np.concatenate([self.centroids, np.zeros((1, 2), np.float32)])
-        self.sizes = np.concatenate([self.sizes, np.zeros((1, 2), np.float32)])
-        self.anchors = np.concatenate([self.anchors, np.zeros((1, 2), np.float32)])
-        self.scales = np.concatenate([self.scales, np.ones(1, np.float32)])
-        self.alive = np.concatenate([self.alive, [False]])
-        self.masks.append(np.zeros((0, 0), bool))
 
     # ------------------------------------------------------------------ selection
     def select(self, point=None, box=None) -> list[int]:

@@ -44,6 +44,14 @@ from editrt.runtime.work_queue import FINAL, WorkQueue
 PROMPT_BUDGET = 64 << 20  # bytes of cached prompt embeddings (SD-1.5: 77 x 768 fp32 = 236 KB each)
 
 
+def check_square(square) -> int:
+    """`square`: the side of a square working canvas (paper 001 partitions 512 x 512), a positive multiple of 8."""
+    if isinstance(square, bool) or not isinstance(square, (int, np.integer)) or square < 8 or square % 8:
+        raise InputError(f"square: expected a positive multiple of 8 (the paper's is 512), got {square!r}",
+                         field="square")
+    return int(square)
+
+
 class ElementsPipeline:
     """Editable image elements over engines (torch, onnxruntime or tensorrt): any device, fp32 / fp16 / bf16.
 
@@ -100,19 +108,25 @@ class ElementsPipeline:
         return resize_rgb(rgb, processing_size(rgb.shape[:2], resolution or self.default_resolution))
 
     def partition(self, image, resolution: int | None = None, grid: int = 16, beta: float = 64.0, beta_c: float = 0.2,
-                  iterations: int = 1, priority: int = FINAL) -> Elements:
+                  iterations: int = 1, priority: int = FINAL, square: int | None = None) -> Elements:
         """Split `image` into at most grid*grid elements and encode each; the elements live in `image`'s pixels.
 
         SAM, the assignment and the content encoder run at the working resolution (short side
-        `resolution`, default the model's); the label map is then resized to the image (nearest).
+        `resolution`, default the model's; or, with `square`, the image resized to square x square as
+        the paper's 512 x 512, aspect not kept); the label map is then resized to the image (nearest),
+        and the decoder renders on that working canvas by default.
         """
+        if square is not None:
+            square = check_square(square)
+            if resolution is not None:
+                raise InputError("partition: expected resolution or square, not both", field="square")
         wrong = [name for name, bad in (("grid", grid < 1), ("iterations", iterations < 1), ("beta", beta < 0),
                                         ("beta_c", not 0 <= beta_c <= 1)) if bad]
         if wrong:
             raise InputError(f"partition: expected grid >= 1, iterations >= 1, beta >= 0, 0 <= beta_c <= 1; got "
                              f"grid={grid}, iterations={iterations}, beta={beta}, beta_c={beta_c}", field=wrong[0])
         original = as_rgb(image)
-        rgb = self.working_image(original, resolution)
+        rgb = self.working_image(original, resolution) if square is None else resize_rgb(original, (square, square))
 
         def job():
             part = partition(self.segmenter, rgb, grid=grid, beta=beta, beta_c=beta_c, iterations=iterations)
@@ -121,6 +135,8 @@ class ElementsPipeline:
         part, features = self.work.run(job, priority=priority)
         info = {"working_dropped_fraction": part.dropped_fraction, "resolution": min(rgb.shape[:2]),
                 "grid": grid, "beta": beta, "beta_c": beta_c, "iterations": iterations}
+        if square is not None:
+            info["square"] = square
         return Elements.from_labels(part.labels, features, original.shape[:2], info)
 
     def element_patches(self, rgb: np.ndarray, part: Partition) -> tuple[torch.Tensor, np.ndarray]:

@@ -9,7 +9,8 @@
         q~ = argmax_n [s(m, n) - beta * d(m, C~_n)]                 distance regularisation (Eq. 1)
         C_i = centroids(q~)
     morphological opening + connected components (each element keeps its largest piece; the rest
-    is dropped: label -1)
+    is dropped), then every dropped pixel is given to a neighbouring element: no pixel is left
+    without one
 
 The assignment is `editrt.kernels.slic` (`assign` on CUDA, its reference `assign_reference`
 elsewhere; both give equal labels): logits upsampled bilinearly (align_corners=False) to the
@@ -18,7 +19,8 @@ coordinates (beta = 64 costs 0.25 at one grid spacing), ties to the lowest index
 
 The clean-up is `editrt.kernels.cleanup` (the native op on the labels' device, so on CUDA the label
 map leaves the device only once, as the result; its scipy reference elsewhere; both give equal
-labels), which also returns the final statistics.
+labels); `cleanup.fill_dropped` then grows the elements into the pixels it dropped (on the same
+device), and the statistics are measured on the filled map.
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ from editrt.runtime.segmenter import Segmenter
 
 @dataclass
 class Partition:
-    labels: np.ndarray  # int64 [H, W], element id or -1 (dropped)
+    labels: np.ndarray  # int64 [H, W], element id of every pixel (the dropped ones given to a neighbouring element)
     centroids: np.ndarray  # float32 [N, 2] (x, y) in [0, 1]; NaN for an element without pixels
     boxes: np.ndarray  # int64 [N, 4] (x0, y0, x1, y1) inclusive; -1 for an element without pixels
     counts: np.ndarray  # int64 [N] pixels per element
-    dropped_fraction: float  # share of pixels dropped by the clean-up (the paper sees ~0.1%)
+    dropped_fraction: float  # share of pixels the clean-up dropped, then gave to neighbours (the paper sees ~0.1%)
 
     @property
     def num_elements(self) -> int:
@@ -73,15 +75,18 @@ def _cleanup(labels: torch.Tensor, num_elements: int, opening: int) -> cleanup.C
         raise InputError(f"partition clean-up: {e}") from e  # count and opening are checked together there
 
 
-def clean_labels(labels: np.ndarray, num_elements: int, opening: int = 1) -> np.ndarray:
+def clean_labels(labels: np.ndarray, num_elements: int, opening: int = 1, fill: bool = False) -> np.ndarray:
     """Morphological opening of each element, then keep its largest connected piece; the rest -> -1.
 
     int64 [H, W] labels in [-1, num_elements); the native op when built, else scipy
-    (`editrt.kernels.cleanup.clean_labels_reference`, the oracle): equal results.
+    (`editrt.kernels.cleanup.clean_labels_reference`, the oracle): equal results. `fill`: the pixels the
+    clean-up dropped go to a neighbouring element (`cleanup.fill_dropped`); pixels -1 on input stay -1.
     """
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
         raise InputError(f"labels: expected an integer numpy label map, got {getattr(labels, 'dtype', type(labels))}", field="labels")
-    return _cleanup(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), num_elements, opening).labels.numpy()
+    given = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    cleaned = _cleanup(given, num_elements, opening).labels
+    return (cleanup.fill_dropped(cleaned, fillable=given >= 0) if fill else cleaned).numpy()
 
 
 def partition(segmenter: Segmenter, rgb: np.ndarray, grid: int = 16, beta: float = 64.0, beta_c: float = 0.2,
@@ -100,8 +105,12 @@ def partition(segmenter: Segmenter, rgb: np.ndarray, grid: int = 16, beta: float
         # 3. Distance-regularised assignment (Eq. 1).
         labels = _assign(logits, adjusted, beta, (h, w))
         centroids = _centroids_or_grid(labels, grid_q)
-    # 4. Clean-up on the labels' device: opening + largest connected piece per element, and its statistics.
-    cleaned = _cleanup(labels, len(grid_q), opening)
-    final = cleaned.labels.cpu().numpy()  # the one transfer of the label map
-    return Partition(labels=final, centroids=cleaned.centroids.cpu().numpy(), boxes=cleaned.boxes.cpu().numpy(),
-                     counts=cleaned.counts.cpu().numpy(), dropped_fraction=float((final < 0).mean()))
+    # 4. Clean-up on the labels' device: opening + largest connected piece per element; the pixels it drops
+    #    go to a neighbouring element, so an unedited render has no holes; statistics of the filled map.
+    cleaned = _cleanup(labels, len(grid_q), opening).labels
+    dropped = float((cleaned < 0).double().mean())
+    filled = cleanup.fill_dropped(cleaned)
+    counts, centroids, boxes = _stats(filled, len(grid_q))
+    final = filled.cpu().numpy()  # the one transfer of the label map
+    return Partition(labels=final, centroids=centroids.cpu().numpy(), boxes=boxes.cpu().numpy(),
+                     counts=counts.cpu().numpy(), dropped_fraction=dropped)

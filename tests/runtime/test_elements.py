@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from scipy import ndimage
 from skimage import data
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -143,6 +144,83 @@ def test_resize_and_insert_in_image_pixels(elements):
     src = np.argwhere(other.paint() == 100) + shift[::-1]
     inside = (src[:, 0] >= 0) & (src[:, 0] < 300) & (src[:, 1] >= 0) & (src[:, 1] < 451)
     assert (e.paint()[src[inside, 0], src[inside, 1]] == 0).all()
+
+
+@pytest.mark.parametrize("size", [(120, 88), (53, 37)])  # (W, H): image smaller than its canvas
+def test_every_pixel_has_an_element_after_the_partition(elements_pipe, elements, size):
+    """The clean-up's dropped pixels go to neighbouring elements (paper 001 sees ~0.1% dropped): an unedited
+    render has no holes, at every image size, and each element stays one 4-connected piece."""
+    image = np.asarray(Image.fromarray(data.chelsea()).resize(size, Image.LANCZOS))
+    cases = [elements_pipe.partition(image)]
+    if size == (120, 88):
+        cases.append(elements)  # Chelsea 451x300: the image is larger than its 192x128 canvas
+    cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+    for e in cases:
+        labels = e.paint()
+        assert e.info["working_dropped_fraction"] > 0.01  # the clean-up did drop pixels (tiny random weights)
+        assert (labels >= 0).all() and e.info["dropped_fraction"] == 0.0
+        assert set(np.unique(labels)) == set(e.alive_ids)
+        for i in e.alive_ids:
+            assert ndimage.label(labels == i, structure=cross)[1] == 1, f"element {i} is split"
+
+
+def test_square_partition_maps_the_elements_back_to_the_image(elements_pipe):
+    """`square`: the paper partitions 512 x 512; the 120x88 image is stretched to 64 x 64, and each image
+    pixel takes the element of the square map's pixel under its centre (both sides upsampled: exact)."""
+    image = np.asarray(Image.fromarray(data.chelsea()).resize((120, 88), Image.LANCZOS))
+    e = elements_pipe.partition(image, square=64, grid=8)
+    assert e.image_size == (88, 120) and e.working_size == (64, 64) and e.info["square"] == 64
+    square_rgb = np.asarray(Image.fromarray(image).resize((64, 64), Image.LANCZOS))
+    part = partition(elements_pipe.segmenter, square_rgb, grid=8)
+    rows, cols = ((np.arange(88) + 0.5) * 64 / 88).astype(int), ((np.arange(120) + 0.5) * 64 / 120).astype(int)
+    labels = e.paint()
+    np.testing.assert_array_equal(labels, part.labels[rows[:, None], cols[None, :]])
+    assert (labels >= 0).all()
+    for i in e.alive_ids:
+        centre, size = label_stats(labels, i)
+        np.testing.assert_allclose(e.centroids[i], centre, rtol=1e-5)
+        np.testing.assert_array_equal(e.sizes[i], size)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--square", "60"], "square: expected a positive multiple of 8"),
+    (["--square", "64", "--resolution", "64"], "--square and --resolution: expected one of them"),
+    (["--square", "8192"], "--square 8192: expected a canvas of at most"),
+])
+def test_cli_square_partition_and_its_bad_values(tiny_weights, tmp_path, capsys, args, match):
+    from editrt.cli import main
+
+    Image.fromarray(np.asarray(Image.fromarray(data.chelsea()).resize((120, 88)))).save(tmp_path / "p.png")
+    common = ["elements", "partition", str(tmp_path / "p.png"), "--grid", "8", "--weights", str(tiny_weights), "--quiet"]
+    assert main(common + args + ["-o", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("bad*"))  # nothing written
+    if args[1] == "60":  # one good run beside the bad ones
+        assert main(common + ["--square", "64", "-o", str(tmp_path / "e.json")]) == 0
+        doc = json.loads((tmp_path / "e.json").read_text())
+        assert doc["working_size"] == [64, 64] and doc["image_size"] == [88, 120] and doc["info"]["square"] == 64
+
+
+def test_insert_reuses_freed_slots_and_never_grows_n(elements, elements_pipe):
+    """Paper 001 keeps N fixed: k deletions make room for k insertions, no more."""
+    e, other = elements.copy(), elements.copy()
+    n = len(e)
+    free = [i for i in range(n) if not e.alive[i]]  # elements the clean-up left without pixels
+    deleted = e.alive_ids[:3]
+    e.delete(deleted)
+    new, _ = e.insert(other, other.alive_ids[-3 - len(free):], at=(200, 150))
+    assert len(e) == n and sorted(new) == sorted(free + deleted)
+    assert elements_pipe.element_tokens(e).shape[1] == n  # the decoder still sees N tokens
+    free = [i for i in range(n) if not e.alive[i]]  # the slots of the elements the insert covered
+    before = e.copy()
+    want = other.alive_ids[:len(free) + 1]
+    with pytest.raises(ElementsError, match=rf"insert: {len(want)} element\(s\) need free slots, {len(free)} of {n} "
+                       "are free") as caught:
+        e.insert(other, want, at=(30, 30))
+    assert caught.value.field == "ids"
+    assert len(e) == n and (e.alive == before.alive).all()  # refused before anything changed
+    assert elements_pipe.element_tokens(e).shape[1] == n
 
 
 def test_select_box_in_image_pixels(elements):

@@ -18,17 +18,16 @@ def test_partition_invariants_on_real_photos(elements_pipe, photo_name):
     part = partition(elements_pipe.segmenter, rgb, grid=GRID)
     labels = part.labels
     assert labels.shape == rgb.shape[:2]
-    # every pixel in exactly one element or dropped (-1); at most GRID * GRID elements
-    assert labels.min() >= -1 and labels.max() < GRID * GRID
+    # every pixel in exactly one element (the clean-up's dropped pixels go to a neighbour); at most GRID * GRID
+    assert labels.min() >= 0 and labels.max() < GRID * GRID
     present = np.unique(labels[labels >= 0])
     assert 0 < len(present) <= GRID * GRID
     # each element is one connected region
     for n in present:
         _, pieces = ndimage.label(labels == n)
         assert pieces == 1, f"element {n} has {pieces} pieces"
-    # the dropped share is reported, and small (the paper sees ~0.1%)
-    assert part.dropped_fraction == pytest.approx((labels < 0).mean())
-    assert part.dropped_fraction <= 0.01
+    # the share the clean-up dropped (then gave to neighbours) is reported, and small (the paper sees ~0.1%)
+    assert 0 <= part.dropped_fraction <= 0.01
     # reported statistics describe the final labels
     for n in present[:20]:
         rows, cols = np.nonzero(labels == n)
