@@ -16,11 +16,11 @@ from editrt.eval.datasets import read_rgb
 
 def reconstruct(pipe, image: np.ndarray, steps: int, guidance: float, seed: int,
                 resolution: int | None) -> tuple[np.ndarray, float]:
-    """The one call into the elements editor: (the rendered uint8 RGB image, the fraction of pixels the
-    partition left without an element)."""
+    """The one call into the elements editor: (the rendered uint8 RGB image, the fraction of working pixels
+    the partition's clean-up dropped before they were given to a neighbouring element)."""
     elements = pipe.partition(image, resolution=resolution)
     out = pipe.decode(elements, steps=steps, guidance=guidance, seed=seed)
-    return np.asarray(out.convert("RGB")), float(elements.info["dropped_fraction"])
+    return np.asarray(out.convert("RGB")), float(elements.info["working_dropped_fraction"])
 
 
 def evaluate(pipe, files: dict, square: int, steps: int, guidance: float, seed: int, resolution: int | None,
@@ -38,7 +38,7 @@ def evaluate(pipe, files: dict, square: int, steps: int, guidance: float, seed: 
             scorer.failed(row, e)
             continue
         row["seconds"] = round(time.perf_counter() - start, 4)
-        row["dropped_fraction"] = dropped
+        row["working_dropped_fraction"] = dropped
         m = scorer.score(row, pred, image, image_name=name)["metrics"]
         if log:
-            log(f"{name}: psnr {m['psnr']:.2f} ssim {m['ssim']:.3f} ({100 * dropped:.2f}% pixels without an element)")
+            log(f"{name}: psnr {m['psnr']:.2f} ssim {m['ssim']:.3f} ({100 * dropped:.2f}% of the working pixels refilled after the clean-up)")

@@ -184,7 +184,7 @@ def test_harmonize_inpaint_reconstruct_rows_from_their_saved_images(tiny_weights
     assert rc == 0, err
     (row,) = map(json.loads, (tmp_path / "e.jsonl").read_text().splitlines())
     assert row["metrics"]["psnr"] == pytest.approx(psnr(rgb(tmp_path / "R" / "x.png"), photo), rel=1e-9)
-    assert 0 <= row["dropped_fraction"] < 1
+    assert 0 <= row["working_dropped_fraction"] < 1
 
 
 def test_editrt_version_imports_no_torch_and_eval_help_lists_the_commands():
