@@ -60,7 +60,7 @@ def run_diffusers(pipe, prompts, image, mask, steps, guidance, seed, cache=None)
             helper.disable()
 
 
-@pytest.mark.parametrize("interval,branch,guidance", [(2, 0, 1.0), (3, 0, 2.0), (2, 3, 2.0), (3, 1, 1.0), (3, 4, 1.0)])
+@pytest.mark.parametrize("interval,branch,guidance", [(2, 0, 1.0), (2, 3, 2.0), (3, 1, 1.0)])  # two intervals, a deeper branch, CFG
 def test_cached_features_equal_deepcache_helper(reposition, deepcache_pipe, interval, branch, guidance):
     image, mask = case(interval * 10 + branch)
     ours = np.asarray(reposition.inpaint(image, mask, steps=5, guidance=guidance, seed=branch, resolution=SIZE[0],
