@@ -238,6 +238,8 @@ def _seele_edit(args):
             raise InputError("--occluder-mask: the same as --occlusion MASK (and not with --occlusion auto); give "
                              "one of them", field="occlusion")
         occlusion = load_mask(args.occluder_mask, "--occluder-mask")
+    if args.dilation is not None and args.dilation < 0:
+        raise InputError(f"--dilation {args.dilation}: expected an integer >= 0 (pixels)", field="dilation")
     if args.existing_shadow_mask and args.existing_shadow_box:
         raise InputError("--existing-shadow-mask, --existing-shadow-box: give the existing shadow one way",
                          field="existing_shadow")
@@ -248,7 +250,8 @@ def _seele_edit(args):
         existing_shadow=load_mask(args.existing_shadow_mask, "--existing-shadow-mask")
         if args.existing_shadow_mask else None,
         new_shadow_region=_region_option(args.new_shadow_region, "--new-shadow-region")
-        if args.new_shadow_region else None)
+        if args.new_shadow_region else None,
+        dilation=args.dilation, remove_order=args.remove_order)
 
 
 def cmd_reposition(args) -> None:
@@ -611,6 +614,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shadow-box", dest="existing_shadow_box", help=argparse.SUPPRESS)
     p.add_argument("--shadow-region", dest="new_shadow_region", help=argparse.SUPPRESS)
     p.add_argument("--no-harmonize", action="store_true")
+    p.add_argument("--remove-order", choices=("cached", "paper"), default="cached",
+                   help="cached (default): REMOVE on the unmoved image, the subject pasted after (an interactive drag "
+                   "reuses the REMOVE pass); paper: SEELE's order, the subject moved first and REMOVE run with it "
+                   "in view (the void less the moved subject)")
+    p.add_argument("--dilation", type=int, metavar="PX",
+                   help="pixels the REMOVE void and the harmonize area grow by (default 1%% of the short side)")
     p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here (depth and alpha "
                    "as 16-bit greyscale PNGs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")

@@ -393,8 +393,12 @@ class RepositionPipeline:
         self._perspective(flow)
         self._matte(flow)
         self._place(flow)
-        self._remove(flow)
-        self._paste(flow)
+        if flow.edit.remove_order == "paper":  # SEELE's order: move first, REMOVE with the moved subject in view
+            self._paste(flow)
+            self._remove(flow)
+        else:  # the cached order: REMOVE does not depend on the move, so a drag reuses it
+            self._remove(flow)
+            self._paste(flow)
         self._complete(flow)
         self._harmonize(flow)
         return flow.result()
@@ -473,10 +477,22 @@ class RepositionPipeline:
                              "nothing would be pasted", field="occlusion")
 
     def _remove(self, flow: _Flow) -> None:
-        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated; memoized
-        per (subject, quality) under the caller's cache_key: it does not depend on the move."""
+        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
+
+        Cached order: on the unmoved image, memoized per (subject, quality) under the caller's cache_key (it does
+        not depend on the move). Paper order: on the image with the moved subject pasted, the void less the moved
+        subject (it stays in view and is not regenerated); it depends on the move, so it is never memoized."""
         q = flow.quality
         void = dilate(flow.source, flow.radius)
+        if flow.edit.remove_order == "paper":
+            void &= ~flow.visible
+            if not void.any():  # the moved subject covers all it left: nothing to remove
+                return
+            flow.current, _ = self._regenerate(flow.current, void, "remove", q.steps, flow.guidance, q.seed,
+                                               q.resolution, flow.progress, "mask", flow.step_callback)
+            flow.stages["removed"] = Stage(image=Image.fromarray(flow.current), mask=void)
+            flow.regenerated = flow.regenerated | void
+            return
         remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band)
         current = None if flow.cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
@@ -489,8 +505,11 @@ class RepositionPipeline:
         flow.current, flow.regenerated = current, void
 
     def _paste(self, flow: _Flow) -> None:
-        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0)."""
+        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0); onto the REMOVE
+        result (cached order) or onto the input (paper order: REMOVE comes next)."""
         visible = flow.visible
+        if flow.current is None:  # paper order: nothing regenerated yet
+            flow.current, flow.regenerated = flow.rgb, np.zeros(flow.size, bool)
         if flow.moved_alpha is None:
             flow.current = flow.current.copy()
             flow.current[visible] = flow.moved_rgb[visible]
