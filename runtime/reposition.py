@@ -18,11 +18,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from editrt.errors import InputError
+from editrt.errors import InputError, WeightsError
 from editrt.models.common import resolve_dtype
 from editrt.models.deep_cache import DeepCacheUNet, check_branch, check_options
 from editrt.models.files import write_atomic
-from editrt.models.inpaint import TASKS
+from editrt.models.inpaint import load_task_prompts
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
 from editrt.runtime.crop import check_crop, crop_inputs, paste_back, plan_crop
@@ -187,6 +187,26 @@ class RepositionPipeline:
         return self.work.run(lambda: self.segmenter.masks(rgb, points=points, labels=labels, box=box,
                                                           image_key=image_key))
 
+    # ------------------------------------------------------------------ task prompts
+    def use_prompts(self, path: str | Path) -> None:
+        """Run with the task prompts of another prompts file (`--prompts FILE`): the four of the weights folder's
+        layout and any named extras (`outpaint`, `inpaint`, ...), each [L, C] with the UNet's C. An exported UNet
+        (onnxruntime, tensorrt) was built for the loaded prompts' L: a file with another L is refused there."""
+        current = self.task_prompts["null"]
+        prompts = load_task_prompts(path, current.shape[1])
+        if self.components is None and prompts["null"].shape != current.shape:
+            raise WeightsError(f"{path}: prompts of {prompts['null'].shape[0]} tokens; the exported UNet takes "
+                               f"{current.shape[0]}", field="prompts")
+
+        def swap():
+            self.task_prompts = prompts
+            self._embeds.clear()  # new tensors: the K/V caches see new contexts and recompute
+        self.work.run(swap)
+
+    def inpainting_tasks(self) -> tuple[str, ...]:
+        """The prompts `inpaint` takes by name: every loaded prompt but `harmonize` and `null`."""
+        return tuple(k for k in self.task_prompts if k not in ("harmonize", "null"))
+
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()
     def prompt_embeds(self, task: str, cfg: bool) -> torch.Tensor:
@@ -266,8 +286,9 @@ class RepositionPipeline:
         `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py).
         `cache_interval` / `cache_branch`: reuse the UNet's deep features between steps (models/deep_cache.py).
         """
-        if task not in TASKS:
-            raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}", field="task")
+        if task == "null" or task not in self.task_prompts:
+            names = [k for k in self.task_prompts if k != "null"]
+            raise InputError(f"task: expected one of {', '.join(names)}, got {task!r}", field="task")
         check_steps(steps, guidance)
         crop_size = check_crop(crop_padding, crop_size)
         cache = self._feature_cache(cache_interval, cache_branch)
@@ -300,15 +321,18 @@ class RepositionPipeline:
                 resolution: int | None = None, progress: bool = False, crop_padding: int | None = None,
                 crop_size: str | None = None, cache_interval: int | None = None,
                 cache_branch: int | None = None) -> Image.Image:
-        """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation.
+        """One prompt-guided inpainting pass (task 'remove', 'complete', or a named prompt the prompts file adds:
+        `inpainting_tasks()`); no hidden mask dilation.
 
         `crop_padding` (px): regenerate only the padded box around the mask (diffusers' padding_mask_crop);
         `crop_size`: "native" (default with a crop: the box at its own resolution, at most the processing
         size) or "processing" (resized to the processing size, as diffusers does). `cache_interval` N,
         `cache_branch` B: DeepCache's feature reuse (the deep UNet features computed every N-th step).
         """
-        if task not in ("remove", "complete"):
-            raise InputError(f"task: expected 'remove' or 'complete', got {task!r}", field="task")
+        if task not in self.inpainting_tasks():
+            names = [repr(k) for k in self.inpainting_tasks()]
+            raise InputError(f"task: expected {' or '.join([', '.join(names[:-1]), names[-1]])}, got {task!r}",
+                             field="task")
         out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress,
                                                         crop_padding=crop_padding, crop_size=crop_size,
                                                         cache_interval=cache_interval, cache_branch=cache_branch))
