@@ -105,13 +105,28 @@ def _check_canvas(args, size_hw) -> None:
                          f"{size_hw[0]} image; expected at most {CLI_MAX_CANVAS} pixels (a lower --resolution)", field="resolution")
 
 
+def _check_prompts(args) -> None:
+    """--prompts FILE exists (before any weights load; its tensors are checked against the UNet after)."""
+    path = getattr(args, "prompts", None)
+    if path is not None and not Path(path).is_file():
+        raise InputError(f"--prompts {path}: no such file; expected a task prompts .safetensors file", field="prompts")
+
+
 def _reposition_pipeline(args):
+    from editrt.errors import WeightsError
     from editrt.runtime.reposition import RepositionPipeline
     from editrt.weights import resolve_weights
 
+    _check_prompts(args)
     device = _device(args)
     weights = resolve_weights(args.weights, log=_log(args))
-    return RepositionPipeline.from_pretrained(weights, device=device, dtype=_dtype(args, device), **_backend(args))
+    pipe = RepositionPipeline.from_pretrained(weights, device=device, dtype=_dtype(args, device), **_backend(args))
+    if getattr(args, "prompts", None) is not None:
+        try:
+            pipe.use_prompts(args.prompts)
+        except WeightsError as e:
+            raise WeightsError(f"--prompts {e}", field="prompts") from None
+    return pipe
 
 
 def _prompt_args(args) -> dict:
@@ -209,6 +224,20 @@ def cmd_inpaint(args) -> None:
     _log(args)(f"{args.task} -> {out}")
 
 
+def cmd_harmonize(args) -> None:
+    # Harmonize a region (the harmonize prompt, LoRA at --lora-scale, the whole image as condition)
+    from editrt.runtime.images import save_png
+
+    out = _check_output(args.output)
+    image, mask = load_image(args.image), load_mask(args.mask, "mask")
+    _check_canvas(args, image.shape[:2])
+    result = _reposition_pipeline(args).harmonize(
+        image, mask, steps=args.steps, seed=args.seed, guidance=args.guidance, resolution=args.resolution,
+        lora_scale=args.lora_scale, progress=_progress(args))
+    save_png(result, out, watermark=args.watermark)
+    _log(args)(f"harmonize -> {out}")
+
+
 def _scale_option(text: str):
     """--scale: a number, or 'auto' (perspective from depth)."""
     if text == "auto":
@@ -238,6 +267,8 @@ def _seele_edit(args):
             raise InputError("--occluder-mask: the same as --occlusion MASK (and not with --occlusion auto); give "
                              "one of them", field="occlusion")
         occlusion = load_mask(args.occluder_mask, "--occluder-mask")
+    if args.dilation is not None and args.dilation < 0:
+        raise InputError(f"--dilation {args.dilation}: expected an integer >= 0 (pixels)", field="dilation")
     if args.existing_shadow_mask and args.existing_shadow_box:
         raise InputError("--existing-shadow-mask, --existing-shadow-box: give the existing shadow one way",
                          field="existing_shadow")
@@ -248,7 +279,8 @@ def _seele_edit(args):
         existing_shadow=load_mask(args.existing_shadow_mask, "--existing-shadow-mask")
         if args.existing_shadow_mask else None,
         new_shadow_region=_region_option(args.new_shadow_region, "--new-shadow-region")
-        if args.new_shadow_region else None)
+        if args.new_shadow_region else None,
+        dilation=args.dilation, remove_order=args.remove_order)
 
 
 def cmd_reposition(args) -> None:
@@ -540,6 +572,11 @@ def _common(p: argparse.ArgumentParser, steps: bool = True, guidance: float = 1.
     g.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
+def _prompts_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", metavar="FILE", help="task prompts .safetensors to run with instead of the weights "
+                   "folder's (remove, complete, harmonize, null, and optionally outpaint, inpaint, ...)")
+
+
 def _prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--point", action="append", metavar="X,Y[,LABEL]",
                    help="a click on the subject (label 1) or background (label 0); repeatable")
@@ -578,7 +615,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("inpaint", help="one prompt-guided inpainting pass")
     p.add_argument("image")
     p.add_argument("mask")
-    p.add_argument("--task", default="remove", help="remove (default) or complete")
+    p.add_argument("--task", default="remove", help="remove (default), complete, or a named prompt of the prompts "
+                   "file (inpaint, outpaint, ...)")
+    _prompts_file(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     p.add_argument("--crop-padding", type=int, metavar="PX",
                    help="regenerate only the box around the mask, padded by PX pixels (diffusers' padding_mask_crop)")
@@ -591,6 +630,16 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    help="DeepCache branch id (block * 3 + layer, from the output side; default 0, the shallowest)")
     _common(p)
     p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("harmonize", help="harmonize a masked region with its surroundings (harmonize prompt + LoRA)")
+    p.add_argument("image")
+    p.add_argument("mask")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="C",
+                   help="the harmonizer LoRA's scale (default 1, the paper's; 0 = the base UNet)")
+    _prompts_file(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    _common(p)
+    p.set_defaults(func=cmd_harmonize)
 
     p = sub.add_parser("reposition", help="move a subject: remove, complete, harmonize (SEELE)")
     p.add_argument("image")
@@ -620,19 +669,28 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shadow-box", dest="existing_shadow_box", help=argparse.SUPPRESS)
     p.add_argument("--shadow-region", dest="new_shadow_region", help=argparse.SUPPRESS)
     p.add_argument("--no-harmonize", action="store_true")
+    p.add_argument("--remove-order", choices=("cached", "paper"), default="cached",
+                   help="cached (default): REMOVE on the unmoved image, the subject pasted after (an interactive drag "
+                   "reuses the REMOVE pass); paper: SEELE's order, the subject moved first and REMOVE run with it "
+                   "in view (the void less the moved subject)")
+    _prompts_file(p)
+    p.add_argument("--dilation", type=int, metavar="PX",
+                   help="pixels the REMOVE void and the harmonize area grow by (default 1%% of the short side)")
     p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here (depth and alpha "
                    "as 16-bit greyscale PNGs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_reposition)
 
-    p = sub.add_parser("outpaint", help="extend the canvas with the complete prompt; the original pixels stay")
+    p = sub.add_parser("outpaint", help="extend the canvas with the outpaint prompt (else the complete prompt); "
+                       "the original pixels stay")
     p.add_argument("image")
     p.add_argument("--extend", required=True, metavar="L,T,R,B", help="pixels to add on each side "
                    "(write --extend=0,0,64,0 if a value could read as an option)")
     p.add_argument("--fill", default="edge", help="what the resize to the processing size sees beyond the seam: "
                    "edge (default: repeats the border pixels), reflect or mean; the model never sees the new "
                    "border's own pixels (they are masked out), so with no resize every fill gives the same result")
+    _prompts_file(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_outpaint)

@@ -7,9 +7,9 @@ with the other view (whole image). Protocols:
   harmonization); the completion mask comes from the amodal annotation.
 * `editrt`: the images at their own size (or --short-side), editrt's defaults (the harmonize stage on).
 
-Removal order: the paper moves the subject first and removes with the moved subject in view; editrt's pipeline
-removes on the unmoved image and pastes afterwards (its cached order). Until the pipeline has an option for
-the paper's order (issue 25 item 4), every row's settings say `removal_order: cached`.
+Removal order (SeeleEdit.remove_order, recorded in each row's settings as `removal_order`): `paper` moves the
+subject first and removes with the moved subject in view, as the paper does; `editrt` keeps the pipeline's
+default cached order (remove on the unmoved image, paste afterwards).
 """
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ class ResSettings:
     harmonize: bool
     depth: bool = False
     matting: bool = False
-    removal_order: str = "cached"  # editrt's: remove on the unmoved image (the paper's: move first)
+    removal_order: str = "cached"  # SeeleEdit.remove_order: "cached" (remove on the unmoved image) or "paper" (move first)
 
 
 def settings_for(protocol: str, short_side: int | None, steps: int, guidance: float, seed: int,
                  resolution: int | None) -> ResSettings:
     if protocol == "paper":
         return ResSettings("paper", PAPER_SHORT_SIDE if short_side is None else short_side, steps, guidance, seed,
-                           resolution, harmonize=False)
+                           resolution, harmonize=False, removal_order="paper")
     return ResSettings("editrt", short_side, steps, guidance, seed, resolution, harmonize=True)
 
 
@@ -53,7 +53,7 @@ def reposition(pipe, task: ResTask, settings: ResSettings) -> np.ndarray:
     result = pipe(task.source, mask=task.subject, move=task.move,
                   complete_mask=task.complete if task.complete.any() else None, harmonize=settings.harmonize,
                   steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
-                  resolution=settings.resolution)
+                  resolution=settings.resolution, remove_order=settings.removal_order)
     return np.asarray(result.image.convert("RGB"))
 
 

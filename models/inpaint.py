@@ -19,7 +19,11 @@ from editrt.errors import WeightsError
 from editrt.models.files import load_diffusers, read_json, read_safetensors
 
 TASKS = ("remove", "complete", "harmonize")
-PROMPT_KEYS = TASKS + ("null",)
+PROMPT_KEYS = TASKS + ("null",)  # every prompts file holds these
+# Named prompts a file may add, each [L, C] like the rest: `outpaint` (App. A.4's own outpainting prompt; outpainting
+# falls back to `complete` without it), `inpaint` (plain inpainting, e.g. Places2 rows). Any other extra key is
+# loaded too and usable as an inpainting task by name.
+NAMED_PROMPT_KEYS = ("outpaint", "inpaint")
 
 
 def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -41,29 +45,33 @@ def load_scheduler(folder: str | Path) -> DDIMScheduler:
 
 def save_task_prompts(path: Path, prompts: dict[str, torch.Tensor], base_model: str,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write the four prompts; `metadata` adds to (or overrides) the standard entries. Not atomic
-    by itself: callers writing in place wrap it in models/files.write_atomic."""
+    """Write the four prompts and any named extras in `prompts` (NAMED_PROMPT_KEYS, ...); `metadata` adds to (or
+    overrides) the standard entries. Not atomic by itself: callers writing in place wrap it in
+    models/files.write_atomic."""
     shape = list(prompts["remove"].shape)
+    keys = PROMPT_KEYS + tuple(k for k in prompts if k not in PROMPT_KEYS)
     metadata = {
         "content": "learned task prompts (task inversion): UNet encoder_hidden_states that replace the text encoder output",
-        "keys": ",".join(PROMPT_KEYS),
+        "keys": ",".join(keys),
         "shape": json.dumps(shape),
         "null": "unconditional embedding for classifier-free guidance",
         "base_model": base_model,
         **(metadata or {}),
     }
-    save_file({k: prompts[k].contiguous() for k in PROMPT_KEYS}, str(path), metadata=metadata)
+    save_file({k: prompts[k].contiguous() for k in keys}, str(path), metadata=metadata)
 
 
 def load_task_prompts(path: str | Path, cross_attention_dim: int) -> dict[str, torch.Tensor]:
-    """{'remove', 'complete', 'harmonize', 'null'} -> [L, cross_attention_dim] float32."""
+    """{'remove', 'complete', 'harmonize', 'null', and any named extras} -> [L, cross_attention_dim] float32
+    (the four first, then the extras in sorted order)."""
     path = Path(path)
     prompts = read_safetensors(path, f"the task prompts (keys {', '.join(PROMPT_KEYS)})")
     missing = [k for k in PROMPT_KEYS if k not in prompts]
     if missing:
         raise WeightsError(f"{path}: missing keys {missing}; expected {', '.join(PROMPT_KEYS)}", field="weights")
+    keys = PROMPT_KEYS + tuple(sorted(k for k in prompts if k not in PROMPT_KEYS))
     lengths = set()
-    for k in PROMPT_KEYS:
+    for k in keys:
         t = prompts[k]
         if t.ndim != 2 or t.shape[1] != cross_attention_dim:
             raise WeightsError(f"{path}: '{k}' has shape {list(t.shape)}; expected [L, {cross_attention_dim}] "
@@ -71,4 +79,4 @@ def load_task_prompts(path: str | Path, cross_attention_dim: int) -> dict[str, t
         lengths.add(t.shape[0])
     if len(lengths) != 1:
         raise WeightsError(f"{path}: prompts have different lengths {sorted(lengths)}; CFG batches them, so all must match", field="weights")
-    return {k: prompts[k].float() for k in PROMPT_KEYS}
+    return {k: prompts[k].float() for k in keys}

@@ -32,6 +32,7 @@ __all__ = ["DeleteElements", "ElementOp", "ElementsEdit", "InsertElements", "Mov
            "ResizeElements", "SeeleEdit", "frozen_array"]
 
 SCALE_RANGE = (0.05, 20.0)  # an explicit subject / element scale factor
+REMOVE_ORDERS = ("cached", "paper")  # SeeleEdit.remove_order
 
 
 def frozen_array(value, field: str) -> np.ndarray:
@@ -111,6 +112,9 @@ class SeeleEdit:
     dilation: int | None = None  # completion: px the REMOVE void and harmonize area grow by (None: 1% of the short side)
     existing_shadow: np.ndarray | None = None  # the subject's shadow already in the image: moves and is removed with it
     new_shadow_region: np.ndarray | tuple[float, float, float, float] | None = None  # mask or box where a new shadow is cast
+    # "cached": REMOVE on the unmoved image, paste after (a drag reuses the REMOVE pass); "paper": SEELE's order,
+    # the subject pasted first and REMOVE run with it in view (the void minus the moved subject; not memoized)
+    remove_order: Literal["cached", "paper"] = "cached"
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -137,6 +141,9 @@ class SeeleEdit:
                                  field="trimap_band")
         if self.dilation is not None and (not isinstance(self.dilation, (int, np.integer)) or self.dilation < 0):
             raise InputError(f"dilation: expected an integer >= 0 (pixels), got {self.dilation!r}", field="dilation")
+        if self.remove_order not in REMOVE_ORDERS:
+            raise InputError(f"remove_order: expected one of {', '.join(REMOVE_ORDERS)}, got {self.remove_order!r}",
+                             field="remove_order")
         for name in ("complete_mask", "existing_shadow"):
             if getattr(self, name) is not None:
                 set_(self, name, frozen_array(getattr(self, name), name))

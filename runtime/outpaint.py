@@ -4,6 +4,8 @@ The paper treats outpainting as subject completion "with a more holistic perspec
 inpainting UNet, the complete prompt, and a mask that is the whole new border. So this is one
 `RepositionPipeline.inpaint(canvas, border, task="complete")` call (public API: it runs as one job
 of the pipeline's work queue), and the original pixels are pasted back byte for byte at (left, top).
+The paper trains its own outpainting prompt (App. A.4, on Flickr-Scenery): a prompts file that holds an
+`outpaint` key (models/inpaint.NAMED_PROMPT_KEYS) is used for it; without one, the complete prompt.
 
 What `fill` changes. The inpainting UNet's condition is the canvas with the masked region set to
 zero (diffusers' `image * (mask < 0.5)`), so the fill's own pixels never reach it. They reach it only
@@ -78,10 +80,16 @@ def pad_canvas(rgb: np.ndarray, extend: tuple[int, int, int, int], fill: str = "
     return canvas, border
 
 
+def outpaint_task(pipeline) -> str:
+    """The prompt outpainting runs with: `outpaint` when the loaded prompts hold one, else `complete`."""
+    return "outpaint" if "outpaint" in pipeline.task_prompts else "complete"
+
+
 def outpaint(pipeline, image, extend, fill: str = "edge", steps: int = 50, guidance: float = 1.0, seed: int = 0,
              resolution: int | None = None, progress: bool = False) -> Image.Image:
     """The image on a canvas extended by `extend` = (left, top, right, bottom) pixels, the border generated
-    with the complete prompt; the original pixels are byte-identical at (left, top)."""
+    with the outpaint prompt (the complete prompt when the prompts have none); the original pixels are
+    byte-identical at (left, top)."""
     # 1. Check inputs.
     rgb = as_rgb(image)
     left, top, right, bottom = check_extend(extend, rgb.shape[:2])
@@ -91,8 +99,9 @@ def outpaint(pipeline, image, extend, fill: str = "edge", steps: int = 50, guida
     # 2. The canvas and its mask: everything new is generated.
     canvas, border = pad_canvas(rgb, (left, top, right, bottom), fill)
 
-    # 3. One complete-prompt inpainting pass over the border (the pipeline's work queue orders it).
-    result = np.array(pipeline.inpaint(canvas, border, task="complete", steps=steps, guidance=guidance, seed=seed,
+    # 3. One inpainting pass over the border (the pipeline's work queue orders it): the outpaint prompt, if any.
+    task = outpaint_task(pipeline)
+    result = np.array(pipeline.inpaint(canvas, border, task=task, steps=steps, guidance=guidance, seed=seed,
                                        resolution=resolution, progress=progress))
 
     # 4. The original pixels, byte for byte (inpaint keeps unmasked bytes too; this is outpaint's own promise).

@@ -18,11 +18,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from editrt.errors import InputError
+from editrt.errors import InputError, WeightsError
 from editrt.models.common import resolve_dtype
 from editrt.models.deep_cache import DeepCacheUNet, check_branch, check_options
 from editrt.models.files import write_atomic
-from editrt.models.inpaint import TASKS
+from editrt.models.inpaint import load_task_prompts
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
 from editrt.runtime.crop import check_crop, crop_inputs, paste_back, plan_crop
@@ -187,6 +187,26 @@ class RepositionPipeline:
         return self.work.run(lambda: self.segmenter.masks(rgb, points=points, labels=labels, box=box,
                                                           image_key=image_key))
 
+    # ------------------------------------------------------------------ task prompts
+    def use_prompts(self, path: str | Path) -> None:
+        """Run with the task prompts of another prompts file (`--prompts FILE`): the four of the weights folder's
+        layout and any named extras (`outpaint`, `inpaint`, ...), each [L, C] with the UNet's C. An exported UNet
+        (onnxruntime, tensorrt) was built for the loaded prompts' L: a file with another L is refused there."""
+        current = self.task_prompts["null"]
+        prompts = load_task_prompts(path, current.shape[1])
+        if self.components is None and prompts["null"].shape != current.shape:
+            raise WeightsError(f"{path}: prompts of {prompts['null'].shape[0]} tokens; the exported UNet takes "
+                               f"{current.shape[0]}", field="prompts")
+
+        def swap():
+            self.task_prompts = prompts
+            self._embeds.clear()  # new tensors: the K/V caches see new contexts and recompute
+        self.work.run(swap)
+
+    def inpainting_tasks(self) -> tuple[str, ...]:
+        """The prompts `inpaint` takes by name: every loaded prompt but `harmonize` and `null`."""
+        return tuple(k for k in self.task_prompts if k not in ("harmonize", "null"))
+
     # ------------------------------------------------------------------ inpainting
     @torch.no_grad()
     def prompt_embeds(self, task: str, cfg: bool) -> torch.Tensor:
@@ -266,8 +286,9 @@ class RepositionPipeline:
         `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py).
         `cache_interval` / `cache_branch`: reuse the UNet's deep features between steps (models/deep_cache.py).
         """
-        if task not in TASKS:
-            raise InputError(f"task: expected one of {', '.join(TASKS)}, got {task!r}", field="task")
+        if task == "null" or task not in self.task_prompts:
+            names = [k for k in self.task_prompts if k != "null"]
+            raise InputError(f"task: expected one of {', '.join(names)}, got {task!r}", field="task")
         check_steps(steps, guidance)
         crop_size = check_crop(crop_padding, crop_size)
         cache = self._feature_cache(cache_interval, cache_branch)
@@ -300,15 +321,18 @@ class RepositionPipeline:
                 resolution: int | None = None, progress: bool = False, crop_padding: int | None = None,
                 crop_size: str | None = None, cache_interval: int | None = None,
                 cache_branch: int | None = None) -> Image.Image:
-        """One prompt-guided inpainting pass (task 'remove' or 'complete'); no hidden mask dilation.
+        """One prompt-guided inpainting pass (task 'remove', 'complete', or a named prompt the prompts file adds:
+        `inpainting_tasks()`); no hidden mask dilation.
 
         `crop_padding` (px): regenerate only the padded box around the mask (diffusers' padding_mask_crop);
         `crop_size`: "native" (default with a crop: the box at its own resolution, at most the processing
         size) or "processing" (resized to the processing size, as diffusers does). `cache_interval` N,
         `cache_branch` B: DeepCache's feature reuse (the deep UNet features computed every N-th step).
         """
-        if task not in ("remove", "complete"):
-            raise InputError(f"task: expected 'remove' or 'complete', got {task!r}", field="task")
+        if task not in self.inpainting_tasks():
+            names = [repr(k) for k in self.inpainting_tasks()]
+            raise InputError(f"task: expected {' or '.join([', '.join(names[:-1]), names[-1]])}, got {task!r}",
+                             field="task")
         out, _ = self.work.run(lambda: self._regenerate(image, mask, task, steps, guidance, seed, resolution, progress,
                                                         crop_padding=crop_padding, crop_size=crop_size,
                                                         cache_interval=cache_interval, cache_branch=cache_branch))
@@ -393,8 +417,12 @@ class RepositionPipeline:
         self._perspective(flow)
         self._matte(flow)
         self._place(flow)
-        self._remove(flow)
-        self._paste(flow)
+        if flow.edit.remove_order == "paper":  # SEELE's order: move first, REMOVE with the moved subject in view
+            self._paste(flow)
+            self._remove(flow)
+        else:  # the cached order: REMOVE does not depend on the move, so a drag reuses it
+            self._remove(flow)
+            self._paste(flow)
         self._complete(flow)
         self._harmonize(flow)
         return flow.result()
@@ -473,10 +501,22 @@ class RepositionPipeline:
                              "nothing would be pasted", field="occlusion")
 
     def _remove(self, flow: _Flow) -> None:
-        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated; memoized
-        per (subject, quality) under the caller's cache_key: it does not depend on the move."""
+        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
+
+        Cached order: on the unmoved image, memoized per (subject, quality) under the caller's cache_key (it does
+        not depend on the move). Paper order: on the image with the moved subject pasted, the void less the moved
+        subject (it stays in view and is not regenerated); it depends on the move, so it is never memoized."""
         q = flow.quality
         void = dilate(flow.source, flow.radius)
+        if flow.edit.remove_order == "paper":
+            void &= ~flow.visible
+            if not void.any():  # the moved subject covers all it left: nothing to remove
+                return
+            flow.current, _ = self._regenerate(flow.current, void, "remove", q.steps, flow.guidance, q.seed,
+                                               q.resolution, flow.progress, "mask", flow.step_callback)
+            flow.stages["removed"] = Stage(image=Image.fromarray(flow.current), mask=void)
+            flow.regenerated = flow.regenerated | void
+            return
         remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band)
         current = None if flow.cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
@@ -489,8 +529,11 @@ class RepositionPipeline:
         flow.current, flow.regenerated = current, void
 
     def _paste(self, flow: _Flow) -> None:
-        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0)."""
+        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0); onto the REMOVE
+        result (cached order) or onto the input (paper order: REMOVE comes next)."""
         visible = flow.visible
+        if flow.current is None:  # paper order: nothing regenerated yet
+            flow.current, flow.regenerated = flow.rgb, np.zeros(flow.size, bool)
         if flow.moved_alpha is None:
             flow.current = flow.current.copy()
             flow.current[visible] = flow.moved_rgb[visible]

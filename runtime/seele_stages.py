@@ -119,7 +119,8 @@ def perspective_scale(inv_depth: np.ndarray, subject: np.ndarray, dx: float, dy:
                       scale_range: tuple[float, float] = SCALE_RANGE, carried: np.ndarray | None = None) -> float:
     """The subject's scale after moving its footpoint by (dx, dy): d_new / d_old of relative inverse
     depth at the footpoints (medians), clamped to `scale_range`. Footpoint pixels moved outside the
-    image are not sampled; all of them outside is an InputError.
+    image are not sampled; all of them outside is an InputError, except for a subject cut by the image's
+    bottom edge moved down: its feet are out of frame, and the lowest visible row is its footpoint.
 
     A new footpoint on the moved pixels themselves (`carried`: the subject and its shadow, default the
     subject; e.g. a subject dragged up by less than its height) would read the subject's own depth, not
@@ -130,6 +131,11 @@ def perspective_scale(inv_depth: np.ndarray, subject: np.ndarray, dx: float, dy:
     rows, cols = footpoint(subject)
     new_r, new_c = np.round(rows + dy).astype(int), np.round(cols + dx).astype(int)
     inside = (new_r >= 0) & (new_r < h) & (new_c >= 0) & (new_c < w)
+    if not inside.any() and rows.max() == h - 1 and dy > 0:
+        # cut by the bottom edge and moved down: its feet are out of frame before and after the move, so its
+        # lowest visible row (the image's last) stands for the footpoint at the new place as at the old one
+        new_r = np.minimum(new_r, h - 1)
+        inside = (new_c >= 0) & (new_c < w)
     if not inside.any():
         x, y = float(np.mean(cols) + dx), float(rows.max() + dy)
         raise InputError(f"scale auto: the moved subject's footpoint ({x:.0f}, {y:.0f}) is outside the image "

@@ -53,7 +53,7 @@ def test_res_done_when_four_rows_each_psnr_from_the_saved_image(res_root, tiny_w
     for row in rows:
         assert set(row["metrics"]) == {"psnr", "ssim", "mse", "lpips"} and row["seconds"] > 0
         assert row["settings"]["protocol"] == "paper" and row["settings"]["short_side"] == 128
-        assert row["settings"]["harmonize"] is False and row["settings"]["removal_order"] == "cached"
+        assert row["settings"]["harmonize"] is False and row["settings"]["removal_order"] == "paper"
         pred = rgb(out / f"{row['sample']}_{row['direction']}.png")
         target = rgb(res_root / f"{row['sample']}_{row['direction'][-1]}.jpg")
         assert pred.shape == target.shape == (128, 160, 3)

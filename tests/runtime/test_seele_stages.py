@@ -75,7 +75,7 @@ def test_perspective_scale_is_clamped_and_needs_the_footpoint_inside():
     tiny = box_mask(depth.shape, 0, 4, 20, 40)  # footpoint row 3
     assert st.perspective_scale(depth, tiny, 0, 90) == 4.0  # 93/3 -> clamped down
     with pytest.raises(InputError, match=r"scale auto: the moved subject's footpoint .* outside the image"):
-        st.perspective_scale(depth, subject, 0, 10)
+        st.perspective_scale(depth, box_mask(depth.shape, 70, 90, 20, 40), 0, 15)  # feet in view, moved out
 
 
 def test_a_footpoint_moved_onto_the_subject_reads_the_ground_not_the_subject():
