@@ -98,14 +98,14 @@ class InpaintRequest(Body):
 
 
 class SeeleOptions(Body):
-    """SEELE's pre/post-processing (runtime/seele_stages.py): occlusion, perspective, matting, a shadow to generate."""
+    """SEELE's pre/post-processing (runtime/seele_stages.py): occlusion, perspective, matting, a new shadow."""
 
     scale: ScaleOrAuto = 1.0
     occlusion: Occlusion = "none"
     matting: bool = Field(False, description="composite the subject with its ViTMatte alpha")
     trimap_band: TrimapBand | None = None
-    shadow_box: Box | None = Field(None, description="where a shadow should appear (x0, y0, x1, y1), output pixels: "
-                                                     "harmonized")
+    new_shadow_box: Box | None = Field(None, description="where a new shadow is cast (x0, y0, x1, y1), output "
+                                                         "pixels: harmonized (or new_shadow_region, a mask)")
 
 
 class RepositionRequest(Prompt, SeeleOptions):
@@ -116,9 +116,10 @@ class RepositionRequest(Prompt, SeeleOptions):
     complete_mask: ImageB64 | None = Field(None, description="the part to complete (output coordinates)")
     occluder_mask: ImageB64 | None = Field(None, description="pixels in front of the moved subject (instead of "
                                                              "occlusion 'auto')")
-    shadow_mask: ImageB64 | None = Field(None, description="the subject's existing shadow: moved with it, regenerated "
-                                                           "with the complete prompt")
-    shadow_region: ImageB64 | None = Field(None, description="where a shadow should appear, as a mask (or shadow_box)")
+    existing_shadow_mask: ImageB64 | None = Field(None, description="the subject's existing shadow: moved with it, "
+                                                                    "regenerated with the complete prompt")
+    new_shadow_region: ImageB64 | None = Field(None, description="where a new shadow is cast, as a mask (or "
+                                                                 "new_shadow_box)")
     steps: Steps | None = Field(None, description="denoising steps (default: the server's --steps)")
     guidance: Guidance = 1.0
     seed: Seed = 0

@@ -230,17 +230,17 @@ def test_reposition_seele_options_equal_the_pipeline(client, reposition, photo_s
     mask[20:50, 30:70] = 255
     shadow = np.zeros_like(mask)
     shadow[50:56, 30:80] = 255
-    body = {"image": b64png(photo_small), "mask": b64png(mask), "shadow_mask": b64png(shadow), "move": [12, 3],
+    body = {"image": b64png(photo_small), "mask": b64png(mask), "existing_shadow_mask": b64png(shadow), "move": [12, 3],
             "steps": 1, "seed": 2, "scale": "auto", "occlusion": "auto", "matting": True, "trimap_band": 3,
-            "shadow_box": [70, 60, 110, 70]}
+            "new_shadow_box": [70, 60, 110, 70]}
     r = client.post("/v1/reposition", json=body)
     assert r.status_code == 200, r.text
-    expected = reposition(photo_small, mask=mask > 127, shadow_mask=shadow > 127, move=(12, 3), steps=1, seed=2,
-                          scale="auto", occlusion="auto", matting=True, trimap_band=3, shadow_region=(70, 60, 110, 70))
+    expected = reposition(photo_small, mask=mask > 127, existing_shadow=shadow > 127, move=(12, 3), steps=1, seed=2,
+                          scale="auto", occlusion="auto", matting=True, trimap_band=3, new_shadow_region=(70, 60, 110, 70))
     assert np.array_equal(decode(r.content), np.asarray(expected.image))
     plain = reposition(photo_small, mask=mask > 127, move=(12, 3), steps=1, seed=2).image
     assert not np.array_equal(decode(r.content), np.asarray(plain))  # the options reached the pipeline
-    for change, field in ((dict(shadow_box=[200, 0, 300, 10]), "shadow_box"), (dict(trimap_band=40), "trimap_band"),
+    for change, field in ((dict(new_shadow_box=[200, 0, 300, 10]), "new_shadow_box"), (dict(trimap_band=40), "trimap_band"),
                           (dict(scale="big"), "scale"), (dict(occlusion="maybe"), "occlusion")):
         r = client.post("/v1/reposition", json={**body, **change})
         assert r.status_code == 422 and r.json()["field"] == field, r.text
@@ -277,10 +277,10 @@ def test_reposition_stage_masks_as_multipart_files_equal_json(client, photo_smal
     region[55:65, 60:100] = 255
     fields = {"move": "[6, 2]", "steps": "1", "harmonize": "true", "matting": "true"}
     files = {name: (f"{name}.png", png(a), "image/png") for name, a in
-             (("image", photo_small), ("mask", mask), ("shadow_region", region))}
+             (("image", photo_small), ("mask", mask), ("new_shadow_region", region))}
     r = client.post("/v1/reposition", files=files, data=fields)
     j = client.post("/v1/reposition", json={"image": b64png(photo_small), "mask": b64png(mask),
-                                            "shadow_region": b64png(region), "move": [6, 2], "steps": 1,
+                                            "new_shadow_region": b64png(region), "move": [6, 2], "steps": 1,
                                             "matting": True})
     assert r.status_code == j.status_code == 200, r.text
     assert r.content == j.content

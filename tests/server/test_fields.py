@@ -71,13 +71,13 @@ def test_inpaint(client, photo_small, mask, field):
     (dict(complete_mask=mask_png((10, 10), (0, 10, 0, 10))), "complete_mask"),
     (dict(occluder_mask=mask_png((10, 10), (0, 10, 0, 10))), "occluder_mask"),
     (dict(occluder_mask=mask_png((80, 120), (0, 80, 0, 120)), occlusion="auto"), "occluder_mask"),
-    (dict(shadow_mask=mask_png((10, 10), (0, 10, 0, 10))), "shadow_mask"),
+    (dict(existing_shadow_mask=mask_png((10, 10), (0, 10, 0, 10))), "existing_shadow_mask"),
     (dict(matting=True, trimap_band=200), "trimap_band"),  # wider than the subject
     (dict(trimap_band=3), "trimap_band"),  # without matting
-    (dict(shadow_box=[200, 0, 300, 10]), "shadow_box"),  # the box form of the pipeline's shadow_region
-    (dict(shadow_box=[60, 60, 110, 70], harmonize=False), "shadow_box"),
-    (dict(shadow_region=mask_png((10, 10), (0, 10, 0, 10))), "shadow_region"),  # the mask form
-    (dict(shadow_region=mask_png((80, 120), (60, 70, 60, 110)), harmonize=False), "shadow_region"),
+    (dict(new_shadow_box=[200, 0, 300, 10]), "new_shadow_box"),  # the box form of new_shadow_region
+    (dict(new_shadow_box=[60, 60, 110, 70], harmonize=False), "new_shadow_box"),
+    (dict(new_shadow_region=mask_png((10, 10), (0, 10, 0, 10))), "new_shadow_region"),  # the mask form
+    (dict(new_shadow_region=mask_png((80, 120), (60, 70, 60, 110)), harmonize=False), "new_shadow_region"),
 ])
 def test_reposition(client, photo_small, change, field):
     body = {"image": b64png(photo_small), "mask": mask_png((80, 120), SUBJECT), "move": [6, 2], "steps": 1,

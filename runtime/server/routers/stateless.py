@@ -91,7 +91,7 @@ async def inpaint(request: Request):
     return await common.png_response(out, t0, run_s, wait_s)
 
 
-REPOSITION_MASKS = ("mask", "complete_mask", "occluder_mask", "shadow_mask", "shadow_region")
+REPOSITION_MASKS = ("mask", "complete_mask", "occluder_mask", "existing_shadow_mask", "new_shadow_region")
 
 
 @router.post("/reposition", responses=PNG, openapi_extra=body(RepositionRequest, *REPOSITION_MASKS))
@@ -106,8 +106,9 @@ async def reposition(request: Request):
     for name in REPOSITION_MASKS:
         if getattr(req, name) is not None:
             masks[name] = await common.mask(request, getattr(req, name), name)
-    if req.shadow_region is not None and req.shadow_box is not None:
-        raise APIError(422, "shadow_box", "shadow_box: give the shadow region as shadow_region or shadow_box, not both")
+    if req.new_shadow_region is not None and req.new_shadow_box is not None:
+        raise APIError(422, "new_shadow_box", "new_shadow_box: give the new shadow as new_shadow_region (a mask) or "
+                       "new_shadow_box, not both")
     if req.occluder_mask is not None and req.occlusion == "auto":
         raise APIError(422, "occluder_mask", "occluder_mask: occlusion 'auto' computes the occluder from depth; "
                        "give one or the other")
@@ -115,17 +116,17 @@ async def reposition(request: Request):
     prompt = {} if subject is not None else _prompt(req, *rgb.shape[:2])
     pipe = common.pipeline(request, "reposition")
     cost.check_pass(common.state(request).settings, rgb.shape[:2], req.resolution, pipe.default_resolution, steps)
-    region = masks.get("shadow_region", tuple(req.shadow_box) if req.shadow_box is not None else None)
+    region = masks.get("new_shadow_region", tuple(req.new_shadow_box) if req.new_shadow_box is not None else None)
     occlusion = masks.get("occluder_mask", req.occlusion)
     # the request's spelling of each SeeleEdit attribute, where it differs (the mask or box form: whichever came)
     fields = {**REPOSITION_FIELDS, "occlusion": "occluder_mask" if "occluder_mask" in masks else "occlusion",
-              "existing_shadow": "shadow_mask", "new_shadow_region": "shadow_region" if "shadow_region" in masks
-              else "shadow_box"}
+              "existing_shadow": "existing_shadow_mask",
+              "new_shadow_region": "new_shadow_region" if "new_shadow_region" in masks else "new_shadow_box"}
 
     with common.edit_errors_as_422(fields):  # validated once, before the job takes a place in the queue
         edit = SeeleEdit(move=tuple(req.move), scale=req.scale, occlusion=occlusion, matting=req.matting,
                          trimap_band=req.trimap_band, harmonize=req.harmonize, complete_mask=masks.get("complete_mask"),
-                         existing_shadow=masks.get("shadow_mask"), new_shadow_region=region)
+                         existing_shadow=masks.get("existing_shadow_mask"), new_shadow_region=region)
         quality = Quality(steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution)
     stop = Stop()  # set when the client goes away: the job stops at its next denoising step
 
