@@ -21,6 +21,7 @@ image (it moves and is removed with the subject); `new_shadow_region` is where a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -199,6 +200,9 @@ def seele_request(edit: SeeleEdit | None, quality: Quality | None, keywords: dic
             raise TypeError(f"unexpected keyword argument {key!r}")
         if key != name and value is None:  # an older spelling left at its default
             continue
+        if key != name:
+            warnings.warn(f"{key}= is the older spelling of {name}=; it will be removed", DeprecationWarning,
+                          stacklevel=3)
         if name in edit_kw and not (name == "occlusion" and _is_none_occlusion(edit_kw[name])):
             raise InputError(f"{name}: given twice ({key} is the older spelling of {name})", field=name)
         if name == "occlusion" and _is_none_occlusion(value) and name in edit_kw:

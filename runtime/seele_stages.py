@@ -32,9 +32,9 @@ Compositing: out = alpha * subject + (1 - alpha) * background in float32, rounde
 (floor(x + 0.5)) to uint8. The REMOVE void follows alpha > 0 (then dilated as without matting), so
 the halo of old background that SAM's hard mask carries is removed, not moved.
 
-Shadows (App. A.3 iv) are regions: an existing shadow (`shadow_mask`, original coordinates) is
+Shadows (App. A.3 iv) are regions: an existing shadow (`existing_shadow`, original coordinates) is
 united with the subject for moving and removing, and its moved copy is regenerated with the complete
-prompt; a region where a shadow should appear (`shadow_region`, output coordinates; a mask or a box
+prompt; a region where a new shadow is cast (`new_shadow_region`, output coordinates; a mask or a box
 clipped to the image) is harmonized with the LoRA harmonizer. `as_region` validates either form.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Typed edit requests (runtime/edits.py): validated once where they are built, errors name the attribute,
 arrays held as read-only copies, the keyword form mapped in one place."""
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -65,8 +66,13 @@ def test_masks_are_read_only_copies_and_values_normalised():
 
 def test_the_keyword_form_maps_older_names_once():
     mask = np.ones((4, 6), bool)
-    edit, quality = seele_request(None, None, dict(move=(1, 2), shadow_mask=mask, shadow_region=(0, 0, 2, 2),
-                                                   occlusion="none", occluder_mask=mask, steps=3, seed=5))
+    with pytest.warns(DeprecationWarning) as warned:  # each older spelling says what replaces it
+        edit, quality = seele_request(None, None, dict(move=(1, 2), shadow_mask=mask, shadow_region=(0, 0, 2, 2),
+                                                       occlusion="none", occluder_mask=mask, steps=3, seed=5))
+    assert sorted(str(w.message).split("=")[0] for w in warned) == ["occluder_mask", "shadow_mask", "shadow_region"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current names warn about nothing
+        seele_request(None, None, dict(move=(1, 2), existing_shadow=mask, new_shadow_region=(0, 0, 2, 2)))
     assert edit.existing_shadow.all() and edit.new_shadow_region == (0, 0, 2, 2) and edit.occluder_mask.all()
     assert quality == Quality(steps=3, seed=5)
     with pytest.raises(InputError) as e:

@@ -19,7 +19,7 @@ def test_reposition_real_photo_with_stages(reposition, photo, tmp_path):
     complete = ellipse(photo.shape[:2], 240, 260, 20, 30)
     occluder = np.zeros(photo.shape[:2], bool)
     occluder[:, 300:310] = True
-    result = reposition(photo, mask=subject, move=(50, 20), complete_mask=complete, occluder_mask=occluder,
+    result = reposition(photo, mask=subject, move=(50, 20), complete_mask=complete, occlusion=occluder,
                         steps=3, seed=1, resolution=128)
     out = np.asarray(result.image)
     assert out.shape == photo.shape and out.dtype == np.uint8
@@ -173,7 +173,7 @@ def test_a_shadow_region_does_not_paint_over_the_occluder(reposition, monkeypatc
     depth, box, subject = scene()
     monkeypatch.setattr(reposition, "depth_estimator", KnownMap(depth))
     region = box_mask(photo.shape[:2], 40, 60, 20, 90)  # the shadow's place reaches under the near box
-    result = reposition(photo, mask=subject, move=(40, 5), occlusion="auto", shadow_region=region, steps=1,
+    result = reposition(photo, mask=subject, move=(40, 5), occlusion="auto", new_shadow_region=region, steps=1,
                         resolution=64)
     assert not (result.stages["harmonized"].mask & box).any()
     np.testing.assert_array_equal(np.asarray(result.image)[box], photo[box])
@@ -249,7 +249,7 @@ def test_shadow_moves_with_the_subject_and_a_shadow_region_is_harmonized(reposit
     subject = box_mask(photo.shape[:2], 10, 40, 10, 30)
     shadow = box_mask(photo.shape[:2], 40, 46, 10, 40)  # the existing shadow at its feet
     region = (60, 50, 90, 58)  # where a shadow should appear (x0, y0, x1, y1)
-    result = reposition(photo, mask=subject, move=(40, 0), shadow_mask=shadow, shadow_region=region, steps=1,
+    result = reposition(photo, mask=subject, move=(40, 0), existing_shadow=shadow, new_shadow_region=region, steps=1,
                         resolution=64)
     assert result.stages["removed"].mask[shadow].all()  # the old shadow is removed with the subject
     moved_shadow = np.roll(shadow, 40, 1)
@@ -306,7 +306,7 @@ def test_seele_stages_on_cuda(tiny_weights, photo, dtype):
     pipe = RepositionPipeline.from_pretrained(tiny_weights, device="cuda", dtype=dtype)
     subject = ellipse(photo.shape[:2], 150, 200, 50, 60)
     result = pipe(photo, mask=subject, move=(40, 15), occlusion="auto", scale="auto", matting=True,
-                  shadow_region=(190, 215, 320, 235), steps=2, resolution=64)
+                  new_shadow_region=(190, 215, 320, 235), steps=2, resolution=64)
     for name in ("depth", "alpha"):
         values = result.stages[name].values
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1

@@ -192,7 +192,7 @@ def test_depth_per_image_and_alpha_per_subject_are_computed_once(tiny_weights, p
         shadowed = session.final(move=(30, 5), **edit)
         assert calls == ["matting"] and shadowed.stages["existing_shadow"].mask.sum() == shadow.sum()
         with pytest.raises(InputError, match="existing_shadow: select the shadow with select_shadow"):
-            session.final(move=(1, 1), shadow_mask=shadow)
+            session.final(move=(1, 1), existing_shadow=shadow)
         n_alphas = len(pipe.alphas)
     assert len(pipe.alphas) == 0 < n_alphas  # close() dropped this session's alphas
 
