@@ -213,7 +213,7 @@ setup(
     name="editrt",
     version="0.1.0",
     description="Low-latency inference runtime for diffusion-based spatial image editing",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # asyncio Task.cancelling() and asyncio.timeout (the server)
     packages=[
         "editrt",
         "editrt.models",

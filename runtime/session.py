@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import CancelledError, Future
 from contextlib import suppress
@@ -294,12 +295,16 @@ class RepositionSession(_Session):
         self.subject: np.ndarray | None = None
         self.shadow: np.ndarray | None = None  # the subject's existing shadow (select_shadow)
         self._selection = 0  # bumped by every selection change: part of the REMOVE pass's cache key
+        # image, key, subject, shadow and selection number change together (select on the queue's worker, a
+        # commit, an undo) while a preview's snapshot may read them on another thread: one lock for both sides,
+        # so a snapshot never pairs an old subject with a new selection number (a poisoned REMOVE-pass key)
+        self._fields = threading.Lock()
         super().__init__(image, pipeline, **options)
-        self._warm()
+        self._warm(self.rgb, self.image_key)
 
-    def _warm(self) -> None:
-        """What every edit of this image needs, computed once as one job; independent parts overlap on CUDA streams."""
-        pipe, rgb, key = self.pipeline, self.rgb, self.image_key
+    def _warm(self, rgb: np.ndarray, key) -> None:
+        """What every edit of `rgb` needs, computed once as one job; independent parts overlap on CUDA streams."""
+        pipe = self.pipeline
         embeds = [lambda task=task: pipe.prompt_embeds(task, False) for task in ("remove", "harmonize")]
         with torch.no_grad():
             pipe.work.run(lambda: overlap(pipe.device, lambda: pipe.segmenter.embedding(rgb, key), *embeds))
@@ -328,8 +333,9 @@ class RepositionSession(_Session):
                 subject = self.pipeline.segment(self.rgb, points=points, labels=labels, box=box,
                                                 image_key=self.image_key)
         subject.setflags(write=False)  # a preview snapshot may hold it; select() replaces, never edits it
-        self._clear_selection()
-        self.subject = subject
+        with self._fields:
+            self._clear_selection()
+            self.subject = subject
         return subject
 
     def select_shadow(self, points=None, labels=None, box=None, mask=None) -> np.ndarray | None:
@@ -349,17 +355,20 @@ class RepositionSession(_Session):
                                                image_key=self.image_key)
         if shadow is not None:
             shadow.setflags(write=False)
-        self.shadow, self._selection = shadow, self._selection + 1  # part of the cached subject: a new cache key
+        with self._fields:
+            self.shadow, self._selection = shadow, self._selection + 1  # part of the cached subject: a new key
         return shadow
 
     def _snapshot(self, quality: Quality, edit: SeeleEdit) -> _SeeleRequest:
-        if self.subject is None:
-            raise InputError("selected: select the subject first (select(points=...) or mask=)", field="selected")
         if edit.existing_shadow is not None:  # it shapes the cached REMOVE pass and alpha: a selection, not an edit
             self._refuse_shadow()
-        if self.shadow is not None:
-            edit = dataclasses.replace(edit, existing_shadow=self.shadow)
-        return _SeeleRequest(quality, edit, self.rgb, self.image_key, self.subject, (self.token, self._selection))
+        with self._fields:
+            rgb, key, subject, shadow, selection = self.rgb, self.image_key, self.subject, self.shadow, self._selection
+        if subject is None:
+            raise InputError("selected: select the subject first (select(points=...) or mask=)", field="selected")
+        if shadow is not None:
+            edit = dataclasses.replace(edit, existing_shadow=shadow)
+        return _SeeleRequest(quality, edit, rgb, key, subject, (self.token, selection))
 
     def _render(self, request: _SeeleRequest, step_callback):
         with torch.no_grad():
@@ -371,13 +380,16 @@ class RepositionSession(_Session):
         return self.rgb  # the selection is not restored: undo clears it (select again)
 
     def _adopt(self, request, result) -> None:
-        self.pipeline.forget(self.token)  # the REMOVE passes and alphas of the replaced image
         self._restore(np.asarray(result.image))
+        self.pipeline.forget(self.token)  # the REMOVE passes and alphas of the replaced image
 
     def _restore(self, rgb: np.ndarray) -> None:
-        self._clear_selection()  # first: a snapshot taken meanwhile (another thread) finds no subject, not a stale one
-        self._set_image(rgb)
-        self._warm()
+        rgb = _read_only(rgb)
+        key = pixel_key(rgb)
+        self._warm(rgb, key)  # first: if it fails (out of memory, an engine error) the session is as it was
+        with self._fields:
+            self._clear_selection()
+            self.rgb, self.image_key = rgb, key
 
     def _state_bytes(self, rgb) -> int:
         return rgb.nbytes

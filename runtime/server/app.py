@@ -32,6 +32,7 @@ from editrt.errors import EditError
 from editrt.runtime.server.errors import APIError
 from editrt.runtime.server.metrics import Metrics
 from editrt.runtime.server.routers import ops, sessions, stateless
+from editrt.runtime.server.routers.common import edit_error as common_edit_error
 from editrt.runtime.server.routers.common import require_token
 from editrt.runtime.server.sessions import SessionStore
 from editrt.runtime.server.settings import Settings
@@ -264,7 +265,8 @@ def create_app(reposition=None, elements=None, settings: Settings | None = None,
 
     @app.exception_handler(EditError)
     async def edit_error(request, e: EditError):  # bad input outside common.run, which knows the route's field names
-        return _json_error(422, "body", str(e))
+        answer = common_edit_error(e, {})  # no field map here: 422 on the body (404 for a closed session)
+        return _json_error(answer.status, answer.field, answer.message)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):

@@ -125,3 +125,35 @@ def test_session_edits_refuse_what_belongs_elsewhere(reposition, photo):
             session.commit(ElementsEdit())
         assert e.value.field == "edit"
         assert session.undo_depth == 0
+
+
+def test_a_commit_or_undo_that_fails_while_preparing_the_new_image_changes_nothing(reposition, photo, monkeypatch):
+    """Adopting a result computes the new image's SAM embedding; if that fails (out of memory, an engine
+    error), the session keeps its image, its selection and its history: nothing half-applied."""
+    with open_session(photo, reposition, steps=1, preview_steps=1, resolution=64) as session:
+        subject = session.select(mask=_subject(photo))
+        embedding = reposition.segmenter.embedding
+
+        def failing(rgb, key):
+            if not np.array_equal(rgb, photo):  # the committed image, not the session's own
+                raise _Stop("no memory for the new image's embedding")
+            return embedding(rgb, key)
+
+        monkeypatch.setattr(reposition.segmenter, "embedding", failing)
+        with pytest.raises(_Stop):
+            session.commit(SeeleEdit(move=(20, 5)))
+        assert np.array_equal(session.image, photo) and session.undo_depth == 0
+        assert session.subject is subject  # the selection too: a preview still works on it
+        session.preview(SeeleEdit(move=(5, 0))).result(timeout=120)
+
+        monkeypatch.setattr(reposition.segmenter, "embedding", embedding)
+        committed = session.commit(SeeleEdit(move=(20, 5))).image
+        monkeypatch.setattr(reposition.segmenter, "embedding",
+                            lambda rgb, key: (_ for _ in ()).throw(_Stop("no memory")))
+        with pytest.raises(_Stop):
+            session.undo()
+        np.testing.assert_array_equal(session.image, np.asarray(committed))  # the undo entry is kept
+        assert session.undo_depth == 1
+        monkeypatch.setattr(reposition.segmenter, "embedding", embedding)
+        session.undo()
+        assert np.array_equal(session.image, photo)

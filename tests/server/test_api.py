@@ -284,3 +284,19 @@ def test_reposition_stage_masks_as_multipart_files_equal_json(client, photo_smal
                                             "matting": True})
     assert r.status_code == j.status_code == 200, r.text
     assert r.content == j.content
+
+
+def test_a_request_whose_session_closed_while_it_waited_is_404(client, server, photo_small):
+    """DELETE, the TTL or an eviction can close a session while one of its jobs waits in the queue: when the
+    job runs, the session refuses (InputError field 'session'); the answer is 404 on session_id, as for a
+    session that was already gone, not 422 on the body."""
+    sid = _session(client, photo_small)["id"]
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    client.post(f"/v1/sessions/{sid}/select", json={"mask": b64png(mask)}).raise_for_status()
+    client.post(f"/v1/sessions/{sid}/final", json={"dx": 5, "dy": 0}).raise_for_status()  # something to undo
+    client.post(f"/v1/sessions/{sid}/select", json={"mask": b64png(mask)}).raise_for_status()
+    server.state.sessions.get(sid).session.close()  # closed under the request, still in the store
+    for path, body in (("final", {"dx": 5, "dy": 0}), ("undo", None), ("select", {"mask": b64png(mask)})):
+        r = client.post(f"/v1/sessions/{sid}/{path}", json=body)
+        assert r.status_code == 404 and r.json()["field"] == "session_id", (path, r.text)

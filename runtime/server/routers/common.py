@@ -165,7 +165,15 @@ def edit_errors_as_422(fields: Mapping[str, str]):
     try:
         yield
     except EditError as e:
-        raise APIError(422, request_field(e, fields), str(e)) from None
+        raise edit_error(e, fields) from None
+
+
+def edit_error(e: EditError, fields) -> APIError:
+    """The answer to a library's EditError: 422 on the request field its `field` maps to, or 404 on the
+    session id when the session was closed (DELETE, TTL, eviction) while the request waited."""
+    if e.field == "session":
+        return APIError(404, "session_id", "session_id: the session was closed while this request waited")
+    return APIError(422, request_field(e, fields), str(e))
 
 
 def same_names(*names: str) -> dict[str, str]:
@@ -194,6 +202,8 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str,
                 fut, cancel = future()
             except BusyError as e:
                 raise Busy(str(e), work.retry_after) from None
+            if watcher is not None:  # a session's own job reads no Stop: a client that went away cancels it
+                watcher.add_done_callback(lambda _done: cancel() if stop.is_set() else None)
             return await work.wait(fut, cancel, stage)
         return await work.run(fn, priority, stage, stop)
     except Cancelled:
@@ -204,7 +214,7 @@ async def run(request_or_ws, queue_name: str, fn, priority: int, stage: str,
     except Superseded as e:
         raise APIError(409, "session_id", f"session_id: {e}") from None
     except EditError as e:
-        raise APIError(422, request_field(e, fields), str(e)) from None
+        raise edit_error(e, fields) from None
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -69,7 +69,7 @@ SEELE_ONLY = ("occlusion", "matting", "trimap_band", "new_shadow_box")  # MoveRe
 
 
 def _edit_error(e: EditError, fields: dict) -> APIError:
-    return APIError(422, fields.get(e.field, "body"), str(e))
+    return common.edit_error(e, fields)  # 422 on the mapped field; a session closed meanwhile: 404
 
 
 def _translating(fn, fields: dict):
@@ -409,8 +409,8 @@ class _DragSocket:
                 continue
             if self.pending is not None:
                 self.metrics.count("ws_messages", ("dropped",))  # superseded before it started: never run
-            if message.kind == "release" and "cancel" in self.running:
-                self.running["cancel"]()  # the final must not wait for this socket's preview
+            if message.kind in ("release", "cancel") and "cancel" in self.running:
+                self.running["cancel"]()  # a final must not wait for this socket's preview; a cancel stops it
             message.received = received
             self.pending = message
             self.wake.set()
