@@ -43,6 +43,14 @@ class Live:
         return self.session.nbytes()
 
 
+def close_quietly(session) -> None:
+    """Close a session off the event loop. Dropping its cache entries is a job on the pipeline's queue; with
+    the queue full that job is refused (BusyError) and the entries stay until the caches' byte budgets evict
+    them, which bounds them: a full queue must not leave a traceback per closed session."""
+    with contextlib.suppress(BusyError):
+        session.close()
+
+
 class SessionStore:
     """`id_prefix` starts every session id (a Ray Serve replica puts its own id there, so that a
     request naming the session can be routed to the replica that holds it)."""
@@ -75,7 +83,7 @@ class SessionStore:
     def add(self, session: RepositionSession | ElementsSession, steps: int, preview_steps: int) -> Live:
         live = Live(self.id_prefix + secrets.token_urlsafe(16), session, steps, preview_steps)
         if live.nbytes() > self.budget:  # refused before it makes room: no other session is evicted for it
-            threading.Thread(target=session.close, name="editrt-session-close", daemon=True).start()
+            threading.Thread(target=close_quietly, args=(session,), name="editrt-session-close", daemon=True).start()
             raise APIError(413, "image", "image: this session alone is larger than the server's session budget")
         self._live[live.id] = live
         self.sweep(keep=live.id)
@@ -101,7 +109,7 @@ class SessionStore:
         if why:
             self.evicted[why] += 1
         # the session's close joins its preview thread (at most one short preview): off the event loop
-        threading.Thread(target=live.session.close, name="editrt-session-close", daemon=True).start()
+        threading.Thread(target=close_quietly, args=(live.session,), name="editrt-session-close", daemon=True).start()
 
     def close_all(self) -> None:
         """At shutdown, after the work queues closed: a session whose cache cleanup finds its queue full is
