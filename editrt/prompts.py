@@ -119,8 +119,12 @@ def _check_tokens(tokens, max_length: int) -> int:
     return tokens
 
 
-def _kept_prompts(path: Path, missing: list[str], tokens: int, width: int) -> tuple[dict, dict]:
+def _kept_prompts(path: Path, missing: list[str], tokens: int, width: int, source: str = "text") -> tuple[dict, dict]:
     """The existing file's tensors for the tasks not given, and its recorded texts for them."""
+    if not path.is_file() and source == "embedding":
+        raise InputError(f"--from-embedding writes one task's prompt; {path} does not exist to keep "
+                         f"{', '.join(missing)} from; write it first (--from-text or --preset) or give -o an "
+                         "existing prompts file", field="output")
     if not path.is_file():
         raise InputError(f"--from-text: no text for {', '.join(missing)} and {path} does not exist to keep "
                          f"{'it' if len(missing) == 1 else 'them'} from; give all of {', '.join(TASKS)}", field='texts')
@@ -179,10 +183,11 @@ def write_prompts_from_text(directory: str | Path, texts: dict, output: str | Pa
     })
 
 
-def _keep(path: Path, given: list[str], tokens: int, encoder: TextPromptEncoder, log) -> tuple[list, dict, dict]:
+def _keep(path: Path, given: list[str], tokens: int, encoder: TextPromptEncoder, log,
+          source: str = "text") -> tuple[list, dict, dict]:
     missing = [t for t in TASKS if t not in given]
     width = encoder.text_encoder.config.hidden_size
-    kept, kept_texts = _kept_prompts(path, missing, tokens, width) if missing else ({}, {})
+    kept, kept_texts = _kept_prompts(path, missing, tokens, width, source) if missing else ({}, {})
     if kept:
         log(f"kept {', '.join(missing)} from {path}")
     return missing, kept, kept_texts
@@ -289,11 +294,11 @@ def write_prompts_from_embedding(directory: str | Path, embedding: str | Path, t
     if taken:
         raise InputError(f"--from-embedding {embedding}: token {taken[0]!r} is already in {layout.tokenizer}; "
                          "expected a new token", field="from_embedding")
-    missing, kept, kept_texts = _keep(path, [task], tokens, encoder, log)
     encoder.add_embedding(token, vectors)
     if not encoder.uses(text, token):
         raise InputError(f"--text {text!r}: does not hold the token {token!r}; expected a prompt containing it",
                          field="text")
+    missing, kept, kept_texts = _keep(path, [task], tokens, encoder, log, source="embedding")
 
     # 3. Encode and write.
     prompts = {**kept, task: _encode(encoder, task, text, tokens, log)}
