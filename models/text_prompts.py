@@ -51,6 +51,8 @@ class TextPromptEncoder:
 
     def _spell_out(self, text: str) -> str:
         """diffusers' `maybe_convert_prompt`: a multi-vector token stands for all its tokens."""
+        if not self._multi_vector:  # no embedding added: nothing to spell out (the --from-text path)
+            return text
         for token in set(self.tokenizer.tokenize(text)):
             if token in self._multi_vector:
                 text = text.replace(token, self._multi_vector[token])
