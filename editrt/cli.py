@@ -158,16 +158,41 @@ def cmd_weights_init(args) -> None:
 
 
 def cmd_weights_prompts(args) -> None:
-    # Task prompts initialised from text with the SD-2 text encoder (paper App. A.2): editrt/prompts.py
-    from editrt.prompts import write_prompts_from_text
+    # Task prompts from text (paper App. A.2), Table 1's SD-baseline texts, or a textual-inversion embedding:
+    # editrt/prompts.py
+    from editrt.prompts import write_prompts_from_embedding, write_prompts_from_preset, write_prompts_from_text
 
     texts = {}
-    for item in args.from_text:  # the first '=' ends the task name: the text may hold more
+    for item in args.from_text or []:  # the first '=' ends the task name: the text may hold more
         task, sep, text = item.partition("=")
         if not sep:
             raise InputError(f"--from-text {item!r}: expected TASK=TEXT", field="from_text")
         texts[task] = text
-    path = write_prompts_from_text(args.dir, texts, output=args.output, tokens=args.tokens, log=_log(args))
+    if args.from_embedding is not None:
+        if args.from_text or args.preset:
+            raise InputError("--from-embedding: give it alone (not with --from-text or --preset)", field="from_embedding")
+        if args.task is None:
+            raise InputError("--from-embedding: expected --task remove|complete|harmonize (the prompt it writes)",
+                             field="task")
+        path = write_prompts_from_embedding(args.dir, args.from_embedding, args.task, text=args.text,
+                                            output=args.output, tokens=50 if args.tokens is None else args.tokens,
+                                            log=_log(args))
+        _log(args)(f"task prompt {args.task} from {args.from_embedding} -> {path}")
+        return
+    if args.task is not None or args.text is not None:
+        raise InputError("--task/--text: only with --from-embedding", field="task")
+    if args.preset is not None:
+        if args.tokens is not None:
+            raise InputError(f"--tokens {args.tokens}: --preset encodes all 77 positions as diffusers does; "
+                             "leave --tokens out", field="tokens")
+        path = write_prompts_from_preset(args.dir, args.preset, texts, output=args.output, log=_log(args))
+        _log(args)(f"task prompts {args.preset} (SEELE Table 1) -> {path}")
+        return
+    if not args.from_text:
+        raise InputError("weights prompts: expected --from-text TASK=TEXT..., --preset NAME or --from-embedding FILE",
+                         field="from_text")
+    path = write_prompts_from_text(args.dir, texts, output=args.output, tokens=50 if args.tokens is None else args.tokens,
+                                   log=_log(args))
     _log(args)(f"task prompts from text -> {path}")
 
 
@@ -596,12 +621,19 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_weights_init)
-    p = weights.add_parser("prompts", help="initialise task prompts from text with the SD-2 text encoder")
+    p = weights.add_parser("prompts", help="task prompts from text, SEELE Table 1's SD-baseline texts or a "
+                                           "textual-inversion embedding, with the SD-2 text encoder")
     p.add_argument("dir", help="weights directory whose inpaint/text_encoder and inpaint/tokenizer encode the text")
-    p.add_argument("--from-text", nargs="+", required=True, metavar="TASK=TEXT",
+    p.add_argument("--from-text", nargs="+", metavar="TASK=TEXT",
                    help="remove=..., complete=..., harmonize=... (null is the empty prompt)")
+    p.add_argument("--preset", choices=["sd-no", "sd-simple", "sd-complex"],
+                   help="the paper's SD-baseline texts (Table 1) at all 77 positions; --from-text may add harmonize")
+    p.add_argument("--from-embedding", metavar="FILE", help="textual-inversion embedding (learned_embeds.safetensors "
+                   "or .bin): its token in a prompt, encoded for --task")
+    p.add_argument("--task", help="with --from-embedding: remove, complete or harmonize")
+    p.add_argument("--text", help="with --from-embedding: the prompt holding the token (default: the token alone)")
     p.add_argument("-o", "--output", metavar="FILE", help="default: DIR/task_prompts.safetensors")
-    p.add_argument("--tokens", type=int, default=50, help="prompt length L of [L, C] (paper: 50)")
+    p.add_argument("--tokens", type=int, help="prompt length L of [L, C] (default 50, the paper's; --preset: 77)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_weights_prompts)
 
