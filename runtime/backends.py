@@ -140,6 +140,7 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in editor_networks(editor, optional=False)}
         estimators = estimator_networks(w.layout, estimator_networks_present(w.layout), device, dtype)
         engines.update({n: engine(n, net) for n, net in estimators.items()})
+        engines.update(_preview_decoder(c, w.specs["vae_decoder"], device))
         return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
     from editrt.models.attention import use_fused_dual_attention
     from editrt.models.components import load_elements_components
@@ -152,8 +153,20 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         use_fused_dual_attention(c.decoder)
     nets = elements_networks(c)
     engines = {n: engine(n, nets[n]) for n in editor_networks(editor, optional=False)}
+    engines.update(_preview_decoder(c, w.specs["element_vae_decoder"], device))
     return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, embedder=c.decoder.embedder,
                        tokenizer=c.tokenizer, text_encoder=c.text_encoder)
+
+
+def _preview_decoder(components, full_decoder_spec, device) -> dict:
+    """{"vae_tiny_decoder": engine} where the weights have vae_tiny/ (torch backend only: it is not exported, so
+    onnxruntime and tensorrt previews decode with the full VAE). Same inputs and outputs as the full decoder."""
+    from editrt.models.networks import VaeDecoderNet
+    from editrt.runtime.engines import TorchEngine
+
+    if components.vae_tiny is None:
+        return {}
+    return {"vae_tiny_decoder": TorchEngine(full_decoder_spec, VaeDecoderNet(components.vae_tiny), device)}
 
 
 def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir, device, dtype) -> BuiltEditor:
