@@ -71,6 +71,7 @@ class ElementsPipeline:
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
         self.prompts = ByteLRU("prompt embeddings", PROMPT_BUDGET)
         self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
+        self.preview_decoder = None  # the tiny VAE's decoder engine: from_pretrained sets it (BuiltEditor's)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -87,9 +88,11 @@ class ElementsPipeline:
         built = build_engines("elements", weights, backend, device=device, dtype=dtype, engines_dir=engines,
                               optimize=optimize, compile=compile, cuda_graphs=cuda_graphs, kernels=kernels)
         w = built.settings
-        return cls(built.engines, built.embedder, built.tokenizer, built.text_encoder, built.scheduler_config,
+        pipe = cls(built.engines, built.embedder, built.tokenizer, built.text_encoder, built.scheduler_config,
                    w.vae_scale_factor, w.resolution, w.sam_image_size, device, dtype, built.components,
                    built.cuda_graphs, built.compiled, max_waiting)
+        pipe.preview_decoder = built.preview_decoder
+        return pipe
 
     @property
     def decoder(self):
@@ -248,8 +251,8 @@ class ElementsPipeline:
                 callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
         # 4. Decode (a preview with the tiny VAE where one is loaded).
-        decoder = self.engines.get("vae_tiny_decoder") if preview else None
-        image = (decoder or self.engines["element_vae_decoder"])(latent=latents)["image"]
+        decoder = self.preview_decoder if preview and self.preview_decoder is not None else self.engines["element_vae_decoder"]
+        image = decoder(latent=latents)["image"]
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         return (image[0] * 255).round().astype(np.uint8)
 

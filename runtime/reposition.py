@@ -128,6 +128,7 @@ class RepositionPipeline:
         self.depth_maps = ByteLRU("depth maps", DEPTH_BUDGET)
         self.alphas = ByteLRU("subject alphas", ALPHA_BUDGET)
         self._embeds: dict[tuple, torch.Tensor] = {}  # (task, cfg) -> tensor: at most 8, fixed size
+        self.preview_decoder = None  # the tiny VAE's decoder engine: from_pretrained sets it (BuiltEditor's)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -147,8 +148,10 @@ class RepositionPipeline:
         built = build_engines("reposition", weights, backend, device=device, dtype=dtype, engines_dir=engines,
                               optimize=optimize, compile=compile, cuda_graphs=cuda_graphs)
         w = built.settings
-        return cls(built.engines, built.task_prompts, built.scheduler_config, w.vae_scale_factor, w.resolution,
+        pipe = cls(built.engines, built.task_prompts, built.scheduler_config, w.vae_scale_factor, w.resolution,
                    w.sam_image_size, device, dtype, built.components, built.cuda_graphs, built.compiled, max_waiting)
+        pipe.preview_decoder = built.preview_decoder
+        return pipe
 
     def _component(self, name):
         if self.components is None:
@@ -275,8 +278,8 @@ class RepositionPipeline:
 
         # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
         # A preview decodes with the tiny VAE where one is loaded (diffusers' AutoencoderTiny takes the same latents).
-        decoder = self.engines.get("vae_tiny_decoder") if preview else None
-        decoded = (decoder or self.engines["vae_decoder"])(latent=latents)["image"]
+        decoder = self.preview_decoder if preview and self.preview_decoder is not None else self.engines["vae_decoder"]
+        decoded = decoder(latent=latents)["image"]
         decoded = (decoded / 2 + 0.5).clamp(0, 1)
         decoded = decoded.cpu().permute(0, 2, 3, 1).float().numpy()
         return (decoded[0] * 255).round().astype(np.uint8)

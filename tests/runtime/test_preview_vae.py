@@ -27,7 +27,7 @@ class _LatentsSeen(CountingEngine):
 
 def _count_decoders(pipe, full_name: str, calls: list) -> None:
     pipe.engines[full_name] = CountingEngine(pipe.engines[full_name], calls, "full")
-    pipe.engines["vae_tiny_decoder"] = CountingEngine(pipe.engines["vae_tiny_decoder"], calls, "tiny")
+    pipe.preview_decoder = CountingEngine(pipe.preview_decoder, calls, "tiny")
 
 
 def test_weights_init_writes_a_loadable_tiny_vae_for_both_editors(tiny_weights, tmp_path):
@@ -59,15 +59,14 @@ def test_a_preview_pass_decodes_the_unets_latents_with_the_tiny_vae_as_diffusers
     from editrt.runtime.images import resize_mask_covering, resize_rgb
 
     rgb, mask = resize_rgb(photo, (64, 96)), resize_mask_covering(MASK, (64, 96))
-    calls, engines = [], dict(reposition.engines)
+    calls, full_decoder, tiny_decoder = [], reposition.engines["vae_decoder"], reposition.preview_decoder
     try:
-        full = reposition.engines["vae_decoder"] = _LatentsSeen(engines["vae_decoder"], calls, "full")
-        tiny = reposition.engines["vae_tiny_decoder"] = _LatentsSeen(engines["vae_tiny_decoder"], calls, "tiny")
+        full = reposition.engines["vae_decoder"] = _LatentsSeen(full_decoder, calls, "full")
+        tiny = reposition.preview_decoder = _LatentsSeen(tiny_decoder, calls, "tiny")
         final = reposition._denoise(rgb, mask, "remove", 2, 1.0, 0, False)
         preview = reposition._denoise(rgb, mask, "remove", 2, 1.0, 0, False, preview=True)
     finally:
-        reposition.engines.clear()
-        reposition.engines.update(engines)
+        reposition.engines["vae_decoder"], reposition.preview_decoder = full_decoder, tiny_decoder
     assert calls == ["full", "tiny"]
     torch.testing.assert_close(tiny.latents[0], full.latents[0], rtol=0, atol=0)
     vae = reposition.components.vae_tiny
@@ -100,7 +99,7 @@ def test_reposition_previews_use_the_tiny_vae_and_finals_and_commits_never(tiny_
 
 
 def test_elements_previews_use_the_tiny_vae_and_finals_never(elements_pipe, photo):
-    calls, engines = [], dict(elements_pipe.engines)
+    calls, full_decoder, tiny_decoder = [], elements_pipe.engines["element_vae_decoder"], elements_pipe.preview_decoder
     try:
         with EditSession(photo, elements_pipe, steps=1, preview_steps=1, resolution=64) as session:
             _count_decoders(elements_pipe, "element_vae_decoder", calls)
@@ -110,8 +109,7 @@ def test_elements_previews_use_the_tiny_vae_and_finals_never(elements_pipe, phot
             session.commit(prompt="a cat")
             assert calls == ["tiny", "full", "full"]
     finally:
-        elements_pipe.engines.clear()
-        elements_pipe.engines.update(engines)
+        elements_pipe.engines["element_vae_decoder"], elements_pipe.preview_decoder = full_decoder, tiny_decoder
 
 
 def test_without_vae_tiny_previews_decode_with_the_full_vae_as_before(tiny_weights, photo, tmp_path):
@@ -122,7 +120,7 @@ def test_without_vae_tiny_previews_decode_with_the_full_vae_as_before(tiny_weigh
     shutil.copytree(tiny_weights, weights)
     shutil.rmtree(weights / "inpaint" / "vae_tiny")
     pipe = RepositionPipeline.from_pretrained(weights)
-    assert "vae_tiny_decoder" not in pipe.engines
+    assert pipe.preview_decoder is None
     with EditSession(photo, pipe, steps=1, preview_steps=1, resolution=64, preview_resolution=64) as session:
         session.select(mask=MASK)
         preview = session.preview(move=(20, 5)).result(timeout=120)
