@@ -51,6 +51,15 @@ def test_weights_init_writes_a_loadable_tiny_vae_for_both_editors(tiny_weights, 
         load_tiny_vae(bad, vae)
 
 
+def test_quality_preview_is_a_bool():
+    from editrt.errors import InputError
+    from editrt.runtime.edits import Quality
+
+    assert Quality().preview is False
+    with pytest.raises(InputError, match=r"^preview: expected True or False, got 1$"):
+        Quality(preview=1)
+
+
 def test_a_preview_pass_decodes_the_unets_latents_with_the_tiny_vae_as_diffusers_does(reposition, photo):
     """Same latents as the full decode; the tiny VAE decodes them the way diffusers pipelines use AutoencoderTiny
     (vae.decode(latents / vae.config.scaling_factor), then VaeImageProcessor.postprocess): exact."""
