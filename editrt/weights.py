@@ -20,7 +20,9 @@ from editrt.models.files import write_dir_atomic
 
 CONFIG_NAMES = ("tiny", "full")
 # Bumped when `init_weights` writes something new, so cached random weights are rewritten.
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
+# The preview VAEs' (vae_tiny/) width per config: full has TAESD's (diffusers' AutoencoderTiny defaults).
+TINY_VAE_WIDTH = {"tiny": 8, "full": 64}
 
 
 def load_config(name: str) -> dict:
@@ -46,6 +48,23 @@ def _model_index() -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+
+
+def tiny_vae_config(vae_config: dict, config_name: str) -> dict:
+    """An AutoencoderTiny config that decodes `vae_config`'s latents: same latent channels, one stage per VAE
+    block (the same 2^k upscale). full: TAESD's blocks; tiny: one block per stage, for fast CPU tests."""
+    stages, width = len(vae_config["block_out_channels"]), TINY_VAE_WIDTH[config_name]
+    blocks = {} if config_name == "full" else {"num_encoder_blocks": [1] * stages, "num_decoder_blocks": [1] * stages}
+    return {"encoder_block_out_channels": [width] * stages, "decoder_block_out_channels": [width] * stages,
+            "latent_channels": vae_config["latent_channels"], **blocks}
+
+
+def _write_tiny_vae(folder: Path, vae_config: dict, config_name: str, seed: int, log) -> None:
+    from diffusers import AutoencoderTiny
+
+    log(f"{folder.parent.name}/vae_tiny")
+    torch.manual_seed(seed)  # its own seed, written last: every other network's weights stay as before
+    AutoencoderTiny.from_config(tiny_vae_config(vae_config, config_name)).save_pretrained(folder, safe_serialization=True)
 
 
 def _write_inpaint(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
@@ -78,6 +97,7 @@ def _write_inpaint(layout: WeightsLayout, config: dict, generator: torch.Generat
     log("harmonizer_lora.safetensors")
     lora = random_lora(unet, cfg["lora_targets"], cfg["lora_rank"], generator)
     save_lora(layout.harmonizer_lora, lora, metadata={"base_model": "stable-diffusion-2-inpainting", "rank": str(cfg["lora_rank"])})
+    _write_tiny_vae(layout.vae_tiny, cfg["vae"], config["name"], generator.initial_seed() + 5, log)
 
 
 def _write_sam(layout: WeightsLayout, config: dict, generator: torch.Generator, log) -> None:
@@ -143,6 +163,7 @@ def _write_elements(layout: WeightsLayout, config: dict, generator: torch.Genera
     DDIMScheduler.from_config(cfg["scheduler"]).save_pretrained(root / "scheduler")
     vocab = write_tiny_tokenizer(root / "tokenizer")
     random_text_encoder(cfg["text_encoder"], vocab).save_pretrained(root / "text_encoder")
+    _write_tiny_vae(root / "vae_tiny", cfg["vae"], config["name"], generator.initial_seed() + 6, log)
 
 
 def init_weights(directory: str | Path, config: str = "tiny", seed: int = 0, log=lambda what: None) -> Path:

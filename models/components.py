@@ -2,7 +2,8 @@
 
     DIR/
       inpaint/                      diffusers SD-2 inpainting folder: model_index.json, unet/, vae/, scheduler/,
-                                    text_encoder/ + tokenizer/ (only to initialise task prompts from text)
+                                    text_encoder/ + tokenizer/ (only to initialise task prompts from text);
+                                    optional vae_tiny/: a diffusers AutoencoderTiny (TAESD) that decodes previews
       task_prompts.safetensors      remove / complete / harmonize / null, each [L, cross_attention_dim]
                                     (learned, or from text: `editrt weights prompts DIR --from-text`)
       harmonizer_lora.safetensors   LoRA on the UNet's attention projections, diffusers key format; optional:
@@ -10,7 +11,8 @@
       sam/                          config.json + segment-anything checkpoint (.pth)
       depth/                        transformers DPTForDepthEstimation folder (MiDaS v3 / DPT): occlusion, perspective
       matting/                      transformers VitMatteForImageMatting folder (ViTMatte): subject alpha
-      elements/                     unet/ element_adapter/ content_encoder/ vae/ scheduler/ text_encoder/ tokenizer/
+      elements/                     unet/ element_adapter/ content_encoder/ vae/ scheduler/ text_encoder/ tokenizer/,
+                                    optional vae_tiny/ (as inpaint/'s)
       editrt.json                   which config and seed wrote it (random weights only)
 
 `WeightsLayout` is the one place that knows these names. `load_*_components` read a directory
@@ -35,6 +37,7 @@ class WeightsLayout:
     inpaint = property(lambda self: self.root / "inpaint")
     unet = property(lambda self: self.root / "inpaint" / "unet")
     vae = property(lambda self: self.root / "inpaint" / "vae")
+    vae_tiny = property(lambda self: self.root / "inpaint" / "vae_tiny")
     scheduler = property(lambda self: self.root / "inpaint" / "scheduler")
     text_encoder = property(lambda self: self.root / "inpaint" / "text_encoder")
     tokenizer = property(lambda self: self.root / "inpaint" / "tokenizer")
@@ -103,10 +106,11 @@ class RepositionComponents:
     task_prompts: dict[str, torch.Tensor]
     harmonizer: FusedLoRA
     sam: torch.nn.Module
+    vae_tiny: torch.nn.Module | None = None  # AutoencoderTiny for previews, where the folder has vae_tiny/
 
 
 def load_reposition_components(root: str | Path, device="cpu", dtype=torch.float32) -> RepositionComponents:
-    from editrt.models.inpaint import load_scheduler, load_task_prompts, load_unet, load_vae
+    from editrt.models.inpaint import load_scheduler, load_task_prompts, load_tiny_vae, load_unet, load_vae
     from editrt.models.lora import load_harmonizer_lora
     from editrt.models.sam import load_sam
 
@@ -118,8 +122,9 @@ def load_reposition_components(root: str | Path, device="cpu", dtype=torch.float
     # The LoRA snapshot is taken after the UNet is on its device and dtype: switches copy in place.
     # No LoRA file: no layers, so every scale is the base UNet (harmonize at c = 0), warned once.
     harmonizer = FusedLoRA(unet, load_harmonizer_lora(layout.harmonizer_lora), source=str(layout.harmonizer_lora))
+    tiny = load_tiny_vae(layout.vae_tiny, vae, dtype)
     return RepositionComponents(unet, vae, load_scheduler(layout.scheduler).config, prompts, harmonizer,
-                                load_sam(layout.sam, device))
+                                load_sam(layout.sam, device), None if tiny is None else tiny.to(device))
 
 
 @dataclass
@@ -131,6 +136,7 @@ class ElementsComponents:
     tokenizer: object
     text_encoder: torch.nn.Module
     sam: torch.nn.Module
+    vae_tiny: torch.nn.Module | None = None  # AutoencoderTiny for previews, where the folder has vae_tiny/
 
 
 def load_elements_components(root: str | Path, device="cpu", dtype=torch.float32) -> ElementsComponents:
@@ -139,7 +145,7 @@ def load_elements_components(root: str | Path, device="cpu", dtype=torch.float32
     from editrt.models.content_encoder import ContentEncoder
     from editrt.models.element_unet import load_element_decoder
     from editrt.models.files import load_diffusers
-    from editrt.models.inpaint import load_scheduler
+    from editrt.models.inpaint import load_scheduler, load_tiny_vae
     from editrt.models.sam import load_sam
     from editrt.models.text import load_text_encoder, load_tokenizer
 
@@ -148,12 +154,15 @@ def load_elements_components(root: str | Path, device="cpu", dtype=torch.float32
     folder = layout.elements
     if not folder.is_dir():
         raise WeightsError(f"{folder}: missing; expected the element decoder folder (editrt weights init writes it)", field="weights")
+    vae = load_diffusers(AutoencoderKL, folder / "vae", "element decoder VAE", dtype).eval().to(device)
+    tiny = load_tiny_vae(folder / "vae_tiny", vae, dtype)
     return ElementsComponents(
         decoder=load_element_decoder(folder / "unet", folder / "element_adapter", dtype).to(device),
-        vae=load_diffusers(AutoencoderKL, folder / "vae", "element decoder VAE", dtype).eval().to(device),
+        vae=vae,
         scheduler_config=load_scheduler(folder / "scheduler").config,
         content_encoder=ContentEncoder.from_pretrained(folder / "content_encoder", dtype).to(device),
         tokenizer=load_tokenizer(folder / "tokenizer"),
         text_encoder=load_text_encoder(folder / "text_encoder", dtype).to(device),
         sam=load_sam(layout.sam, device),
+        vae_tiny=None if tiny is None else tiny.to(device),
     )

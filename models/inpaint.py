@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from editrt.errors import WeightsError
@@ -36,6 +36,23 @@ def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DC
 
 def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     return load_diffusers(AutoencoderKL, Path(folder), "VAE", dtype).eval()
+
+
+def load_tiny_vae(folder: str | Path, vae: AutoencoderKL, dtype: torch.dtype = torch.float32) -> AutoencoderTiny | None:
+    """The preview decoder (TAESD-style AutoencoderTiny, diffusers' format) in `folder`, or None where there is no
+    such folder (previews then decode with the full VAE). It must decode the full `vae`'s latents: same latent
+    channels and the same 2^k downscale."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    tiny = load_diffusers(AutoencoderTiny, folder, "preview VAE (AutoencoderTiny)", dtype).eval()
+    full_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = tiny.config.upsampling_scaling_factor ** (len(tiny.config.num_decoder_blocks) - 1)
+    if (tiny.config.latent_channels, scale) != (vae.config.latent_channels, full_scale):
+        raise WeightsError(f"{folder / 'config.json'}: latent_channels {tiny.config.latent_channels}, upscale {scale}; "
+                           f"the VAE's latents have {vae.config.latent_channels} channels at 1/{full_scale} size",
+                           field="weights")
+    return tiny
 
 
 def load_scheduler(folder: str | Path) -> DDIMScheduler:

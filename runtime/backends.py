@@ -70,6 +70,7 @@ class BuiltEditor:
     embedder: object = None  # elements: the element token embedder (PyTorch on every backend)
     tokenizer: object = None
     text_encoder: object = None
+    preview_decoder: object = None  # torch backend with vae_tiny/: the tiny VAE's decoder engine (Quality.preview)
 
 
 def build_engines(editor: str, weights: str | Path, backend: str = "torch", *, device="cpu", dtype=torch.float32,
@@ -140,7 +141,8 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
         engines = {n: engine(n, nets[n], **loras.get(n, {})) for n in editor_networks(editor, optional=False)}
         estimators = estimator_networks(w.layout, estimator_networks_present(w.layout), device, dtype)
         engines.update({n: engine(n, net) for n, net in estimators.items()})
-        return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts)
+        return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, task_prompts=c.task_prompts,
+                           preview_decoder=_preview_decoder(c, w.specs["vae_decoder"], device))
     from editrt.models.attention import use_fused_dual_attention
     from editrt.models.components import load_elements_components
     from editrt.models.networks import elements_networks
@@ -153,7 +155,20 @@ def _torch_editor(editor, weights, w: EditorSettings, device, dtype, optimize, c
     nets = elements_networks(c)
     engines = {n: engine(n, nets[n]) for n in editor_networks(editor, optional=False)}
     return BuiltEditor(engines, w, c.scheduler_config, False, compile, verdict, c, embedder=c.decoder.embedder,
-                       tokenizer=c.tokenizer, text_encoder=c.text_encoder)
+                       tokenizer=c.tokenizer, text_encoder=c.text_encoder,
+                       preview_decoder=_preview_decoder(c, w.specs["element_vae_decoder"], device))
+
+
+def _preview_decoder(components, full_decoder_spec, device):
+    """The tiny VAE's decoder engine where the weights have vae_tiny/, else None. Torch backend only: it is not
+    exported, so onnxruntime and tensorrt previews decode with the full VAE. Same inputs and outputs as the full
+    decoder; not in `engines`, which holds the editor's exported networks (export/specs.NETWORK_ROLES)."""
+    from editrt.models.networks import VaeDecoderNet
+    from editrt.runtime.engines import TorchEngine
+
+    if components.vae_tiny is None:
+        return None
+    return TorchEngine(full_decoder_spec, VaeDecoderNet(components.vae_tiny), device)
 
 
 def _file_editor(editor, weights, w: EditorSettings, names, backend, engines_dir, device, dtype) -> BuiltEditor:

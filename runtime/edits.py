@@ -80,6 +80,8 @@ class Quality:
     guidance: float | None = None  # classifier-free guidance scale; None: the editor's (SEELE 1.0 = off, EIE 3.0)
     seed: int = 0  # the initial noise's seed (each SEELE pass adds its stage number)
     resolution: int | None = None  # processing short side in pixels, a multiple of 8; None: the model's
+    # a drag preview: decoded by the weights' tiny VAE (vae_tiny/) where the torch backend loaded one; finals never
+    preview: bool = False
 
     def __post_init__(self):
         if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) or self.steps < 1:
@@ -93,6 +95,8 @@ class Quality:
                                             or self.resolution < 8 or self.resolution % 8):
             raise InputError(f"resolution: expected a positive multiple of 8, got {self.resolution}",
                              field="resolution")
+        if not isinstance(self.preview, bool):
+            raise InputError(f"preview: expected True or False, got {self.preview!r}", field="preview")
 
     def guidance_or(self, default: float) -> float:
         return default if self.guidance is None else float(self.guidance)

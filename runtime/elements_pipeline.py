@@ -71,6 +71,7 @@ class ElementsPipeline:
         self.segmenter = Segmenter(engines, sam_image_size, self.device)
         self.prompts = ByteLRU("prompt embeddings", PROMPT_BUDGET)
         self.loops = LoopCache(scheduler_config, self.device, use_graphs=cuda_graphs)
+        self.preview_decoder = None  # the tiny VAE's decoder engine: from_pretrained sets it (BuiltEditor's)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -87,9 +88,11 @@ class ElementsPipeline:
         built = build_engines("elements", weights, backend, device=device, dtype=dtype, engines_dir=engines,
                               optimize=optimize, compile=compile, cuda_graphs=cuda_graphs, kernels=kernels)
         w = built.settings
-        return cls(built.engines, built.embedder, built.tokenizer, built.text_encoder, built.scheduler_config,
+        pipe = cls(built.engines, built.embedder, built.tokenizer, built.text_encoder, built.scheduler_config,
                    w.vae_scale_factor, w.resolution, w.sam_image_size, device, dtype, built.components,
                    built.cuda_graphs, built.compiled, max_waiting)
+        pipe.preview_decoder = built.preview_decoder
+        return pipe
 
     @property
     def decoder(self):
@@ -191,14 +194,15 @@ class ElementsPipeline:
     @torch.no_grad()
     def decode(self, elements: Elements, prompt: str = "", guidance: float = 3.0, steps: int = 50, seed: int = 0,
                progress: bool = False, step_callback=None, size: tuple[int, int] | None = None,
-               resolution: int | None = None, priority: int = FINAL) -> Image.Image:
+               resolution: int | None = None, priority: int = FINAL, preview: bool = False) -> Image.Image:
         """Render the (edited) elements at the image's size; guidance w combines eps(∅, ∅) and eps(C, S) as in the paper.
 
         The decoder runs on a working canvas, resized to the image's size at the end: `size` (H, W,
         multiples of 8) or `resolution` (its short side) choose it, by default the partition's (a
         preview renders smaller). Positions and sizes reach the decoder normalised, so any canvas works.
         `step_callback(i)` runs after each denoising step on the thread running the job (a preview's
-        raises work_queue.Cancelled there to stop); `priority` orders it in the work queue.
+        raises work_queue.Cancelled there to stop); `priority` orders it in the work queue. `preview`: decode
+        with the tiny VAE where the weights have one (Quality.preview).
         """
         check_steps(steps, guidance)
         if not isinstance(prompt, str):
@@ -215,12 +219,12 @@ class ElementsPipeline:
                                 f"{self.embedder.feature_dim} (elements from other weights?)", field="elements")
         snapshot = elements.copy()  # the edit state when asked: the caller may go on editing `elements`
         image = self.work.run(lambda: self._render(snapshot, prompt, guidance, steps, seed, progress,
-                                                   step_callback, (h, w)), priority=priority)
+                                                   step_callback, (h, w), preview), priority=priority)
         return Image.fromarray(resize_rgb(image, elements.image_size))  # back in the user's image
 
     @torch.no_grad()
     def _render(self, elements: Elements, prompt: str, guidance: float, steps: int, seed: int, progress: bool,
-                step_callback, size: tuple[int, int]) -> np.ndarray:
+                step_callback, size: tuple[int, int], preview: bool = False) -> np.ndarray:
         """uint8 [h, w, 3] on the working canvas `size`; runs holding the work queue's turn."""
         h, w = size
         do_cfg = guidance > 1.0
@@ -246,8 +250,9 @@ class ElementsPipeline:
                 latents, {"encoder_hidden_states": text, "element_tokens": tokens}, None, guidance,
                 callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
-        # 4. Decode.
-        image = self.engines["element_vae_decoder"](latent=latents)["image"]
+        # 4. Decode (a preview with the tiny VAE where one is loaded).
+        decoder = self.preview_decoder if preview and self.preview_decoder is not None else self.engines["element_vae_decoder"]
+        image = decoder(latent=latents)["image"]
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         return (image[0] * 255).round().astype(np.uint8)
 

@@ -128,6 +128,7 @@ class RepositionPipeline:
         self.depth_maps = ByteLRU("depth maps", DEPTH_BUDGET)
         self.alphas = ByteLRU("subject alphas", ALPHA_BUDGET)
         self._embeds: dict[tuple, torch.Tensor] = {}  # (task, cfg) -> tensor: at most 8, fixed size
+        self.preview_decoder = None  # the tiny VAE's decoder engine: from_pretrained sets it (BuiltEditor's)
 
     @classmethod
     def from_pretrained(cls, weights: str | Path, device="cpu", dtype="fp32", backend: str = "torch",
@@ -147,8 +148,10 @@ class RepositionPipeline:
         built = build_engines("reposition", weights, backend, device=device, dtype=dtype, engines_dir=engines,
                               optimize=optimize, compile=compile, cuda_graphs=cuda_graphs)
         w = built.settings
-        return cls(built.engines, built.task_prompts, built.scheduler_config, w.vae_scale_factor, w.resolution,
+        pipe = cls(built.engines, built.task_prompts, built.scheduler_config, w.vae_scale_factor, w.resolution,
                    w.sam_image_size, device, dtype, built.components, built.cuda_graphs, built.compiled, max_waiting)
+        pipe.preview_decoder = built.preview_decoder
+        return pipe
 
     def _component(self, name):
         if self.components is None:
@@ -221,13 +224,15 @@ class RepositionPipeline:
         return self.work.run(make)
 
     def _denoise(self, rgb: np.ndarray, mask: np.ndarray, task: str, steps: int, guidance: float, seed: int,
-                 progress: bool, step_callback=None, feature_cache: tuple[int, int] | None = None) -> np.ndarray:
+                 progress: bool, step_callback=None, feature_cache: tuple[int, int] | None = None,
+                 preview: bool = False) -> np.ndarray:
         """One prompt-guided inpainting pass at the given (processing) size; returns decoded uint8 RGB.
 
         Mirrors StableDiffusionInpaintPipeline.__call__ with strength 1 and a 9-channel UNet. The
         harmonize task runs the harmonizer UNet, and its unmasked condition is the whole image
         (paper Eq. 2) instead of the image with the mask cut out. `feature_cache` (interval, branch): reuse
-        the UNet's deep features between steps (DeepCacheSDHelper's semantics; models/deep_cache.py).
+        the UNet's deep features between steps (DeepCacheSDHelper's semantics; models/deep_cache.py). `preview`:
+        decode with the tiny VAE where the weights have one (Quality.preview).
         """
         device, dtype = self.device, self.dtype
         harmonize = task == "harmonize"
@@ -272,7 +277,9 @@ class RepositionPipeline:
                                                     callback=lambda i: (bar.update(), step_callback and step_callback(i)))
 
         # 6. Decode to uint8 exactly as VaeImageProcessor.postprocess + numpy_to_pil.
-        decoded = self.engines["vae_decoder"](latent=latents)["image"]
+        # A preview decodes with the tiny VAE where one is loaded (diffusers' AutoencoderTiny takes the same latents).
+        decoder = self.preview_decoder if preview and self.preview_decoder is not None else self.engines["vae_decoder"]
+        decoded = decoder(latent=latents)["image"]
         decoded = (decoded / 2 + 0.5).clamp(0, 1)
         decoded = decoded.cpu().permute(0, 2, 3, 1).float().numpy()
         return (decoded[0] * 255).round().astype(np.uint8)
@@ -280,7 +287,7 @@ class RepositionPipeline:
     def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
                     progress: bool, mask_name: str = "mask", step_callback=None, crop_padding: int | None = None,
                     crop_size: str | None = None, cache_interval: int | None = None,
-                    cache_branch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    cache_branch: int | None = None, preview: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Run one pass at the processing resolution; paste the result back inside `mask` only.
 
         `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py).
@@ -298,10 +305,10 @@ class RepositionPipeline:
         if crop_size is not None:
             plan = plan_crop(mask, size, crop_padding, crop_size)
             work_rgb, work_mask = crop_inputs(rgb, mask, plan)
-            decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache)
+            decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache, preview)
             return paste_back(rgb, mask, decoded, plan), mask
         work_rgb, work_mask = resize_rgb(rgb, size), resize_mask_covering(mask, size)
-        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache)
+        decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache, preview)
         decoded = resize_rgb(decoded, rgb.shape[:2])
         out = rgb.copy()
         out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
@@ -513,15 +520,16 @@ class RepositionPipeline:
             if not void.any():  # the moved subject covers all it left: nothing to remove
                 return
             flow.current, _ = self._regenerate(flow.current, void, "remove", q.steps, flow.guidance, q.seed,
-                                               q.resolution, flow.progress, "mask", flow.step_callback)
+                                               q.resolution, flow.progress, "mask", flow.step_callback, preview=q.preview)
             flow.stages["removed"] = Stage(image=Image.fromarray(flow.current), mask=void)
             flow.regenerated = flow.regenerated | void
             return
-        remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band)
+        remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band,
+                      q.preview)
         current = None if flow.cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
             current, _ = self._regenerate(flow.rgb, void, "remove", q.steps, flow.guidance, q.seed, q.resolution,
-                                          flow.progress, "mask", flow.step_callback)
+                                          flow.progress, "mask", flow.step_callback, preview=q.preview)
             if flow.cache_key is not None:
                 current.setflags(write=False)  # shared by later calls: nobody may write into it
                 self.remove_passes.put(remove_key, current)
@@ -555,7 +563,8 @@ class RepositionPipeline:
             return
         q = flow.quality
         flow.current, _ = self._regenerate(flow.current, region, "complete", q.steps, flow.guidance, q.seed + 1,
-                                           q.resolution, flow.progress, "complete_mask", flow.step_callback)
+                                           q.resolution, flow.progress, "complete_mask", flow.step_callback,
+                                           preview=q.preview)
         flow.stages["completed"] = Stage(image=Image.fromarray(flow.current), mask=region)
         flow.regenerated |= region
         flow.completed = region
@@ -573,7 +582,7 @@ class RepositionPipeline:
             area &= ~flow.occluder
         q = flow.quality
         flow.current, _ = self._regenerate(flow.current, area, "harmonize", q.steps, 1.0, q.seed + 2, q.resolution,
-                                           flow.progress, "harmonize region", flow.step_callback)
+                                           flow.progress, "harmonize region", flow.step_callback, preview=q.preview)
         flow.stages["harmonized"] = Stage(image=Image.fromarray(flow.current), mask=area)
         flow.regenerated |= area
 

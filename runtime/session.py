@@ -101,7 +101,7 @@ class _Session(ABC):
         low = preview_resolution or max(8, (full // 2) // 8 * 8)
         guidance = self.guidance if guidance is None else guidance
         self.final_quality = Quality(steps, guidance, seed, full)
-        self.preview_quality = Quality(preview_steps, guidance, seed, low)
+        self.preview_quality = Quality(preview_steps, guidance, seed, low, preview=True)
         self._history: list = []  # previous states, oldest first (see _state)
         self._preview: Job | None = None  # this session's latest preview
         self._closed = False
@@ -461,7 +461,7 @@ class ElementsSession(_Session):
         with torch.no_grad():
             return self.pipeline.decode(request.elements, prompt=request.prompt, guidance=q.guidance_or(3.0),
                                         steps=q.steps, seed=q.seed, resolution=q.resolution,
-                                        step_callback=step_callback)
+                                        step_callback=step_callback, preview=q.preview)
 
     def _state(self):
         return self.elements

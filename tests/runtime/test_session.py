@@ -116,7 +116,7 @@ def test_a_preview_renders_the_state_when_it_was_requested(tiny_weights, photo):
         hold.set()
         blocker.join(60)
         preview = future.result(timeout=120)
-    expected = pipe(photo, mask=first, move=(5.0, 3.0), steps=2, resolution=session.preview_quality.resolution)
+    expected = pipe(photo, mask=first, move=(5.0, 3.0), quality=session.preview_quality)
     np.testing.assert_array_equal(np.asarray(preview.image), np.asarray(expected.image))
 
 
