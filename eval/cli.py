@@ -184,6 +184,13 @@ def cmd_table(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _prompts(p) -> None:
+    """--prompts FILE: the task prompts to evaluate (e.g. `weights prompts --preset sd-simple`), as the editing
+    commands take it; checked before the weights load."""
+    p.add_argument("--prompts", metavar="FILE", help="task prompts .safetensors to run with instead of the weights "
+                   "folder's (e.g. SEELE Table 1's SD baselines: editrt weights prompts W --preset sd-simple)")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from editrt.cli import _common
     from editrt.eval.datasets import MASK_PROTOCOLS
@@ -201,6 +208,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--label", help="the table's column name (default: 'editrt (PROTOCOL)')")
     _outputs(q)
     _common(q)
+    _prompts(q)
     q.set_defaults(eval_func=cmd_res)
 
     q = sub.add_parser("metrics", help="PSNR, SSIM, MSE, LPIPS, FID of PRED_DIR against GT_DIR (files matched by name)")
@@ -222,6 +230,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "as most harmonization papers)")
     _outputs(q)
     _common(q)
+    _prompts(q)
     q.set_defaults(eval_func=cmd_harmonize)
 
     q = sub.add_parser("inpaint", help="inpainting on a Places2-style folder (images/, masks/)")
@@ -234,6 +243,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--short-side", type=_count, metavar="PX", help="resize each image first (default: as stored)")
     _outputs(q)
     _common(q)
+    _prompts(q)
     q.set_defaults(eval_func=cmd_inpaint)
 
     q = sub.add_parser("reconstruct", help="EIE reconstruction: partition -> render -> metrics")

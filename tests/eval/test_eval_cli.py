@@ -92,6 +92,24 @@ def test_res_bad_layout_is_one_line_exit_2_and_nothing_written(res_root, tiny_we
     assert not (tmp_path / "runs.jsonl").exists() and not (tmp_path / "P").exists()
 
 
+def test_res_runs_with_the_prompts_file_it_is_given(res_root, tiny_weights, torch_home, tmp_path, capsys):
+    """SEELE Table 1's SD rows: `weights prompts --preset` writes a prompts file, `eval res --prompts` runs it
+    (the REMOVE pass's prompt changes, so the saved results do); a missing file is one line naming --prompts."""
+    prompts = tmp_path / "sd-simple.safetensors"
+    assert run(["weights", "prompts", tiny_weights, "--preset", "sd-simple", "-o", prompts, "--quiet"], capsys)[0] == 0
+    saved = {}
+    for name, extra in (("own", []), ("preset", ["--prompts", prompts])):
+        rc, _, err = run(["eval", "res", res_root, *tiny(tiny_weights), "--limit", "1", *extra,
+                          "--save-images", tmp_path / name, "-o", tmp_path / f"{name}.jsonl"], capsys)
+        assert rc == 0, err
+        saved[name] = [np.asarray(Image.open(f)) for f in sorted((tmp_path / name).glob("*.png"))]
+    assert len(saved["own"]) == len(saved["preset"]) == 1
+    assert not np.array_equal(saved["own"][0], saved["preset"][0])
+    rc, _, err = run(["eval", "res", res_root, *tiny(tiny_weights), "--prompts", tmp_path / "none.safetensors",
+                      "-o", tmp_path / "x.jsonl"], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and "--prompts" in err and not (tmp_path / "x.jsonl").exists()
+
+
 @pytest.fixture
 def folder_pair(tmp_path):
     preds, gts, masks = (tmp_path / n for n in ("pred", "gt", "masks"))
