@@ -117,12 +117,15 @@ def test_drag_websocket_is_latest_wins(client, server, photo_small):
         time.sleep(0.05)  # the first preview is running: these 20 arrive while it runs
         for seq in range(1, 21):
             ws.send(json.dumps({"type": "drag", "dx": 1 + seq, "dy": 0, "seq": seq}))
-        previews = []
-        while len(previews) < 2:
+        seqs = []
+        while not seqs or seqs[-1] != 20:  # the newest always runs
             m = json.loads(ws.recv(timeout=120))
             assert m["type"] == "preview", m
-            previews.append(m)
-        assert previews[-1]["seq"] == 20, [p["seq"] for p in previews]  # the newest; 1..19 never ran
+            seqs.append(m["seq"])
+        # latest wins: a position superseded before its preview started never runs. How many ran depends on how
+        # fast this client's 20 sends arrive against one preview's time (under CPU load a few slip in between):
+        # in order, and most of them dropped
+        assert seqs == sorted(set(seqs)) and seqs[0] == 0 and len(seqs) <= 6, seqs
         ws.send(json.dumps({"type": "drag", "dx": 2, "dy": 2, "seq": 21}))
         ws.send(json.dumps({"type": "release", "dx": 3, "dy": 2, "seq": 22}))  # replaces the pending drag
         m = json.loads(ws.recv(timeout=120))
@@ -138,7 +141,7 @@ def test_drag_websocket_is_latest_wins(client, server, photo_small):
         assert json.loads(ws.recv(timeout=30))["field"] == "message"
         ws.send(json.dumps({"type": "drag", "dx": 1, "seq": 24}))  # the socket still works
         assert json.loads(ws.recv(timeout=120))["seq"] == 24
-    assert metrics.value("ws_messages", ("dropped",)) - dropped_before >= 19
+    assert metrics.value("ws_messages", ("dropped",)) - dropped_before >= 20 - len(seqs) + 1
 
 
 def test_elements_session(client, photo_small):
