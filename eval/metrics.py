@@ -56,8 +56,9 @@ def resolve_weights(given: str | None, cached_name: str, option: str) -> tuple[P
 
 
 def _check_pair(pred: np.ndarray, target: np.ndarray, region: np.ndarray | None) -> None:
-    if pred.shape != target.shape or pred.ndim != 3 or pred.shape[2] != 3:
-        raise InputError(f"prediction {list(pred.shape)} and target {list(target.shape)}: expected two uint8 "
+    if pred.shape != target.shape or pred.ndim != 3 or pred.shape[2] != 3 or pred.dtype != np.uint8 \
+            or target.dtype != np.uint8:  # the metrics' data range is 255: a float image would be scored wrong
+        raise InputError(f"prediction {list(pred.shape)} {pred.dtype} and target {list(target.shape)} {target.dtype}: expected two uint8 "
                          "RGB images of one size", field="prediction")
     if region is not None and (region.shape != pred.shape[:2] or not region.any()):
         raise InputError(f"region {list(region.shape)}: expected a non-empty mask of the image size "

@@ -290,11 +290,11 @@ class Stage2Settings:
 
     def check(self) -> None:
         if isinstance(self.resolution, bool) or self.resolution < 8 or self.resolution % 8:
-            raise InputError(f"--resolution {self.resolution}: expected a positive multiple of 8")
+            raise InputError(f"--resolution {self.resolution}: expected a positive multiple of 8", field="resolution")
         for name in ("random_partition", "element_dropout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
-                raise InputError(f"--{name.replace('_', '-')} {value!r}: expected a probability in [0, 1]")
+                raise InputError(f"--{name.replace('_', '-')} {value!r}: expected a probability in [0, 1]", field=name)
 
 
 @dataclass

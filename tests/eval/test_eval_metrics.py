@@ -127,3 +127,17 @@ def test_fid_equals_torchmetrics_with_torch_fidelity_loading_the_same_inception(
     expected = oracle.compute().item()
     assert np.isfinite(expected) and expected > 0
     assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_pixel_metrics_refuse_what_they_would_score_wrong(pair):
+    """The data range is 255: a float image (in [0, 1] or not) is refused naming the prediction, as are a size
+    mismatch and an empty region."""
+    pred, target = pair[:2]
+    for bad_pred, bad_target in ((pred.astype(np.float32) / 255, target), (pred, target.astype(np.float64)),
+                                 (pred[:-1], target)):
+        with pytest.raises(EditError) as e:
+            pixel_metrics(bad_pred, bad_target)
+        assert e.value.field == "prediction"
+    with pytest.raises(EditError) as e:
+        pixel_metrics(pred, target, np.zeros(pred.shape[:2], bool))
+    assert e.value.field == "region"

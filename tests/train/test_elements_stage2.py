@@ -238,3 +238,15 @@ def test_the_loss_on_a_fixed_batch_falls(tiny_weights, stage2_images):
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("change, field", [(dict(resolution=36), "resolution"), (dict(resolution=True), "resolution"),
+                                           (dict(random_partition=1.5), "random_partition"),
+                                           (dict(element_dropout=float("nan")), "element_dropout")])
+def test_stage2_settings_refuse_bad_values_naming_the_field(change, field):
+    from editrt.errors import InputError
+    from editrt.train.elements_stage2 import Stage2Settings
+
+    with pytest.raises(InputError) as e:
+        Stage2Settings(weights=Path("w"), data=Path("d"), **change).check()
+    assert e.value.field == field
