@@ -9,6 +9,7 @@ learned ones, or ones initialised from text descriptions by editrt/prompts.py (A
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -38,6 +39,14 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
     return load_diffusers(AutoencoderKL, Path(folder), "VAE", dtype).eval()
 
 
+def _derived_block_out_channels(record: logging.LogRecord) -> bool:
+    """False for the one warning diffusers gives on reading back any AutoencoderTiny it saved: it writes
+    `block_out_channels` (derived from decoder_block_out_channels) into config.json, then warns the key is not an
+    argument. Every other record passes; a CLI's error must stay one line."""
+    message = record.getMessage()
+    return not ("AutoencoderTiny" in message and "'block_out_channels'" in message)
+
+
 def load_tiny_vae(folder: str | Path, vae: AutoencoderKL, dtype: torch.dtype = torch.float32) -> AutoencoderTiny | None:
     """The preview decoder (TAESD-style AutoencoderTiny, diffusers' format) in `folder`, or None where there is no
     such folder (previews then decode with the full VAE). It must decode the full `vae`'s latents: same latent
@@ -45,7 +54,12 @@ def load_tiny_vae(folder: str | Path, vae: AutoencoderKL, dtype: torch.dtype = t
     folder = Path(folder)
     if not folder.exists():
         return None
-    tiny = load_diffusers(AutoencoderTiny, folder, "preview VAE (AutoencoderTiny)", dtype).eval()
+    config_log = logging.getLogger("diffusers.configuration_utils")
+    config_log.addFilter(_derived_block_out_channels)
+    try:
+        tiny = load_diffusers(AutoencoderTiny, folder, "preview VAE (AutoencoderTiny)", dtype).eval()
+    finally:
+        config_log.removeFilter(_derived_block_out_channels)
     full_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     scale = tiny.config.upsampling_scaling_factor ** (len(tiny.config.num_decoder_blocks) - 1)
     if (tiny.config.latent_channels, scale) != (vae.config.latent_channels, full_scale):

@@ -27,11 +27,14 @@ from safetensors.torch import load_file
 from editrt.cli import main
 from editrt.models.components import WeightsLayout
 
-# Every written tensor: 99.9 % of entries within 1e-5 and the mean |difference| under 5e-7; the largest within a
-# quarter of one AdamW step (lr), and the prompts (no near-cancelling sums: one [L, C] tensor) within 1e-5. The
-# 99.9th percentile depends on the BLAS threads' summation order: stage 2's UNet measured 3.8e-7 in one run and
-# 1.6e-6 in a CI run (2.7e-9 / 5.2e-8 means); a sample given to the wrong process moves entries by about lr (1e-3).
-TOLERANCE = {"p999": 1e-5, "mean": 5e-7, "max_in_lr": 0.25}
+# Every written tensor: 99.9 % of entries within 1e-5 and the mean |difference| under 5e-7, and the prompts (no
+# near-cancelling sums: one [L, C] tensor) within 1e-5. The largest difference has only Adam's own bound: an
+# entry's step is at most about lr per step (|m_hat / sqrt(v_hat)| <= 1 in the first steps), so a near-zero
+# gradient whose sign the summation order flips moves it by up to 2 lr per step; over the 2 steps, 4 lr (stage 2's
+# UNet measured 1.4e-4 in one run, 5.7e-4 in a CI run, lr 1e-3). The percentile and the mean carry the check: they
+# depend on the BLAS threads' order (stage 2's UNet: 3.8e-7 and 1.6e-6 at the 99.9th percentile in two runs), and a
+# sample given to the wrong process moves most entries by about lr (1e-3).
+TOLERANCE = {"p999": 1e-5, "mean": 5e-7, "max_in_lr": 4.0}
 PROMPT_TOLERANCE = 1e-5
 RESOLUTION = 32
 COMMON = ["--steps", "2", "--batch-size", "4", "--micro-batch", "1", "--val-samples", "2", "--val-every", "2",
