@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from editrt.errors import InputError
-from editrt.models.components import WeightsLayout
 from editrt.models.content_encoder import ContentEncoder
 from editrt.models.element_unet import ElementEmbedder
 from editrt.train.data import IMAGE_SUFFIXES, _open_size, split_train_val
-from editrt.train.job import LoopSettings, make_accelerator, train_loop
+from editrt.train.job import LoopSettings, start_job, train_loop
 from editrt.train.samples import TRAIN_STREAM, VAL_STREAM, IndexedSamples
 
 
@@ -178,12 +177,7 @@ def train_content_encoder(settings: ElementsSettings, loop: LoopSettings, log=la
     epochs_steps = loop.steps is None
     if epochs_steps:
         loop.steps = 1  # checked now, set once the training images are counted
-    loop.check()
-    accelerator = accelerator or make_accelerator(loop)
-    if not accelerator.is_main_process:
-        log = lambda what: None  # noqa: E731
-    layout = WeightsLayout(settings.weights)
-    layout.check_root()
+    accelerator, log, layout = start_job(loop, settings.weights, log, accelerator)
     out = layout.elements / "content_encoder" if settings.output is None else Path(settings.output)
     paths = check_images(settings.data)
     encoder = ContentEncoder.from_pretrained(layout.elements / "content_encoder").float().train()

@@ -43,11 +43,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from editrt.errors import InputError, WeightsError
-from editrt.models.components import WeightsLayout
 from editrt.models.files import load_diffusers, read_json
 from editrt.models.networks import VaeEncoderNet
 from editrt.train.data import ObjectImage, check_plain, split_train_val
-from editrt.train.job import LoopSettings, make_accelerator, train_loop, weight_dtype
+from editrt.train.job import LoopSettings, start_job, train_loop, weight_dtype
 from editrt.train.samples import TRAIN_STREAM, VAL_STREAM, IndexedSamples, as_tensor, noise_draws
 
 # Supplementary: "we randomly set only C = ∅ for 30% of examples, S = ∅ for 10% of examples, and both for 10%".
@@ -315,12 +314,7 @@ def train_decoder(settings: Stage2Settings, loop: LoopSettings, log=lambda what:
 
     # 1. Check inputs before any network loads.
     settings.check()
-    loop.check()
-    accelerator = accelerator or make_accelerator(loop)
-    if not accelerator.is_main_process:
-        log = lambda what: None  # noqa: E731
-    layout = WeightsLayout(settings.weights)
-    layout.check_root()
+    accelerator, log, layout = start_job(loop, settings.weights, log, accelerator)
     folder = layout.elements
     out = folder if settings.output is None else Path(settings.output)
     records = check_plain(settings.data)

@@ -26,13 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from editrt.errors import InputError, WeightsError
-from editrt.models.components import WeightsLayout
 from editrt.models.files import read_json, write_atomic
 from editrt.models.inpaint import PROMPT_KEYS, save_task_prompts
 from editrt.models.lora import LoRALayer, save_lora
 from editrt.train.data import HarmonyPair, check_iharmony, split_train_val
 from editrt.train.inversion import FrozenInpainter, initial_prompt, kept_prompts, output_path
-from editrt.train.job import LoopSettings, make_accelerator, train_loop, weight_dtype
+from editrt.train.job import LoopSettings, start_job, train_loop, weight_dtype
 from editrt.train.samples import TRAIN_STREAM, VAL_STREAM, IndexedSamples, as_tensor, noise_draws, square_crop
 
 INIT_TEXT = "Harmonize the subject with the lighting, color and texture of the background"
@@ -138,12 +137,7 @@ def train_harmonizer(settings: HarmonizerSettings, loop: LoopSettings, log=lambd
         raise InputError(f"--lora-rank {settings.rank!r}: expected a positive integer")
     if isinstance(settings.resolution, bool) or settings.resolution < 8 or settings.resolution % 8:
         raise InputError(f"--resolution {settings.resolution}: expected a positive multiple of 8")
-    loop.check()
-    accelerator = accelerator or make_accelerator(loop)
-    if not accelerator.is_main_process:
-        log = lambda what: None  # noqa: E731
-    layout = WeightsLayout(settings.weights)
-    layout.check_root()
+    accelerator, log, layout = start_job(loop, settings.weights, log, accelerator)
     out = output_path(settings)
     lora_out = layout.harmonizer_lora if settings.lora_output is None else Path(settings.lora_output)
     if lora_out.suffix != ".safetensors" or lora_out.is_dir():

@@ -29,7 +29,7 @@ from editrt.models.components import WeightsLayout
 from editrt.models.files import read_json, write_atomic
 from editrt.models.inpaint import PROMPT_KEYS, load_scheduler, load_task_prompts, load_unet, load_vae, save_task_prompts
 from editrt.models.networks import VaeEncoderNet
-from editrt.train.job import LoopSettings, make_accelerator, train_loop, weight_dtype
+from editrt.train.job import LoopSettings, start_job, train_loop, weight_dtype
 from editrt.train.samples import INVERSION_TASKS, TRAIN_STREAM, VAL_STREAM, InversionSamples
 
 # The paper initialises each prompt "with text descriptions from the task instructions" (App. A.2);
@@ -166,12 +166,7 @@ def train_task_prompt(settings: InversionSettings, loop: LoopSettings, log=lambd
                          "`editrt train harmonizer`)")
     if isinstance(settings.resolution, bool) or settings.resolution < 8 or settings.resolution % 8:
         raise InputError(f"--resolution {settings.resolution}: expected a positive multiple of 8")
-    loop.check()
-    accelerator = accelerator or make_accelerator(loop)
-    if not accelerator.is_main_process:  # one process speaks for all
-        log = lambda what: None  # noqa: E731
-    layout = WeightsLayout(settings.weights)
-    layout.check_root()
+    accelerator, log, layout = start_job(loop, settings.weights, log, accelerator)
     out = output_path(settings)
     records = load_records(settings, log)
     from editrt.train.data import split_train_val

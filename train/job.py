@@ -86,6 +86,21 @@ def accumulation_steps(settings: LoopSettings, processes: int) -> int:
     return settings.batch_size // per_pass
 
 
+def start_job(loop: LoopSettings, weights, log: Callable, accelerator=None):
+    """What every job does first, after checking its own settings and before any network loads: the loop's
+    settings checked, the accelerator (one per process), a silent log on every process but the main one (one
+    process speaks for all), the weights folder checked. Returns (accelerator, log, layout)."""
+    from editrt.models.components import WeightsLayout
+
+    loop.check()
+    accelerator = accelerator or make_accelerator(loop)
+    if not accelerator.is_main_process:
+        log = lambda what: None  # noqa: E731
+    layout = WeightsLayout(weights)
+    layout.check_root()
+    return accelerator, log, layout
+
+
 def make_accelerator(settings: LoopSettings, processes_hint: int | None = None):
     """The Accelerator for these settings (accumulation = B / (processes x micro batch))."""
     from accelerate import Accelerator, PartialState
