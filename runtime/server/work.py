@@ -78,6 +78,9 @@ class PipelineWork:
         self.max_in_flight = queue.max_waiting + 1  # the jobs that may wait for the turn, plus the one holding it
         self.in_flight = 0
         self.closed = asyncio.Event()  # set at shutdown: every waiting request answers 503 at once
+        # The worker thread reads this one: a job it reaches once shutdown began never starts, even if close()
+        # has not cancelled that job yet (the running job may stop, and the worker move on, mid-close()).
+        self._shutting_down = threading.Event()
         self.running: dict[Job, Stop] = {}  # this server's jobs (waiting or running) and their stop flags
 
     @property
@@ -97,6 +100,8 @@ class PipelineWork:
 
         def job(_job):
             stop.check()  # nobody waits for it any more: it never starts
+            if self._shutting_down.is_set():
+                raise Cancelled("the server is shutting down")
             return fn()
 
         try:
@@ -114,8 +119,10 @@ class PipelineWork:
     def close(self) -> None:
         """Shutdown: waiting requests answer 503 at once (their jobs never start), running jobs stop at their
         next step."""
+        self._shutting_down.set()
         self.closed.set()
-        for job, stop in list(self.running.items()):
+        jobs = list(self.running.items())
+        for job, stop in sorted(jobs, key=lambda item: item[0].started_at is not None):  # waiting ones first
             stop.set()
             job.cancel()
 

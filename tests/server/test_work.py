@@ -133,6 +133,41 @@ def test_shutdown_answers_waiters_and_stops_the_running_job():
     assert len(steps) < 2000 and ran == []  # the running job stopped; no waiting job ran
 
 
+def test_a_job_the_worker_reaches_while_shutdown_is_underway_never_runs():
+    """close() stops the running job first; the worker may reach the next waiting job before close() has
+    cancelled it (CI saw two waiting jobs run this way). The running job's stop flag here holds close()
+    until the worker has taken every waiting job off the queue: none of them may run."""
+    async def main():
+        work = PipelineWork("reposition", _pipeline())
+        started, ran = threading.Event(), []
+
+        class SlowStop(Stop):
+            def set(self):  # close() is held here, after the running job's flag, before the waiting jobs'
+                super().set()
+                deadline = time.monotonic() + 5
+                while work.queue.jobs_run < 4 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+
+        stop = SlowStop()
+
+        def long_job():
+            started.set()
+            for i in range(2000):
+                stop.check(i)
+                time.sleep(0.005)
+
+        running = asyncio.create_task(work.run(long_job, FINAL, "final", stop))
+        await _until(started.is_set)
+        waiting = [asyncio.create_task(work.run(lambda: ran.append(1), PREVIEW, "preview")) for _ in range(3)]
+        await _until(lambda: work.depth == 3)
+        work.close()
+        outcomes = await asyncio.gather(running, *waiting, return_exceptions=True)
+        return outcomes, ran
+
+    outcomes, ran = asyncio.run(main())
+    assert ran == [] and all(isinstance(o, Busy) for o in outcomes), (ran, outcomes)
+
+
 def test_a_full_queue_answers_busy():
     async def main():
         work = PipelineWork("reposition", _pipeline(max_waiting=2))
