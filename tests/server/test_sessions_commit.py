@@ -89,3 +89,25 @@ def test_an_elements_drag_changes_nothing_until_released(server, photo_small):
         assert after[target]["x"] == pytest.approx(before[target]["x"] + 3)
         undone = c.post(f"/v1/sessions/{sid}/undo").json()
         assert {e["id"]: e for e in undone["items"]} == before and undone["undo"] == 0
+
+
+def test_a_repositioning_session_refuses_element_ids(server, photo_small):
+    """`ids` moves elements; a repositioning session answers 422 naming it (HTTP and WebSocket alike) instead of
+    moving its subject as if the ids were not there; the socket stays open and serves the next message."""
+    mask = np.zeros(photo_small.shape[:2], np.uint8)
+    mask[20:50, 30:70] = 255
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"image": b64png(photo_small), "steps": 1, "preview_steps": 1}).json()["id"]
+        c.post(f"/v1/sessions/{sid}/select", json={"mask": b64png(mask)}).raise_for_status()
+        for route in ("preview", "final"):
+            r = c.post(f"/v1/sessions/{sid}/{route}", json={"dx": 4, "dy": 0, "ids": [0]})
+            assert r.status_code == 422 and r.json()["field"] == "ids", (route, r.text)
+        assert c.get(f"/v1/sessions/{sid}").json()["undo"] == 0  # the refused final committed nothing
+        with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/drag", open_timeout=30) as ws:
+            for seq, kind in enumerate(("drag", "release")):
+                ws.send(json.dumps({"type": kind, "ids": [0], "dx": 4, "dy": 0, "seq": seq}))
+                m = json.loads(ws.recv(timeout=120))
+                assert (m["type"], m["seq"], m["status"], m["field"]) == ("error", seq, 422, "ids"), m
+            ws.send(json.dumps({"type": "drag", "dx": 4, "dy": 0, "seq": 9}))
+            m = json.loads(ws.recv(timeout=120))
+            assert (m["type"], m["seq"]) == ("preview", 9)

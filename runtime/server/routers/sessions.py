@@ -66,6 +66,7 @@ SEELE_MOVE_FIELDS = {"move": "dx", "scale": "scale", "occlusion": "occlusion", "
 ELEMENTS_MOVE_FIELDS = {"ids": "ids", "move": "dx", "dx": "dx", "dy": "dy", "scale": "scale", "ops": "ids",
                         "prompt": "prompt", "elements": "ids"}
 SEELE_ONLY = ("occlusion", "matting", "trimap_band", "new_shadow_box")  # MoveRequest fields an elements session refuses
+ELEMENTS_ONLY = ("ids",)  # MoveRequest fields a repositioning session refuses (refused, never silently ignored)
 
 
 def _edit_error(e: EditError, fields: dict) -> APIError:
@@ -83,6 +84,10 @@ def _translating(fn, fields: dict):
 
 
 def _seele_edit(live: Live, move: MoveRequest, settings, render_without_ids: bool) -> SeeleEdit:
+    given = [name for name in ELEMENTS_ONLY if getattr(move, name) is not None]
+    if given:
+        raise APIError(422, given[0], f"{given[0]}: {getattr(move, given[0])!r} is an elements option; a "
+                       "repositioning session moves its selected subject by dx, dy and scale")
     if live.session.subject is None:
         raise APIError(409, "selected", "selected: select the subject first (POST .../select)")
     box = None if move.new_shadow_box is None else tuple(move.new_shadow_box)
