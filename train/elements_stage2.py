@@ -28,6 +28,8 @@ loads them: `elements/unet/` (a plain diffusers UNet folder, the element layers 
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
@@ -229,10 +231,11 @@ def plain_unet_state(state: dict[str, torch.Tensor], prefix: str = "decoder.unet
             if k.startswith(prefix) and not any(s in k for s in ELEMENT_LAYER_KEYS)}
 
 
-def write_decoder(state: dict[str, torch.Tensor], unet_config: dict, adapter: dict, unet_out: Path,
-                  adapter_out: Path, record: dict | None = None) -> None:
-    """`elements/unet` and `elements/element_adapter` from a Stage2 state dict, in the runtime's formats (the
-    adapter folder also gets `training.json`, `record`); both are written to temporary siblings, then swapped in."""
+def write_decoder(state: dict[str, torch.Tensor], unet_config: dict, adapter: dict, out: Path,
+                  record: dict | None = None) -> None:
+    """`out/unet` and `out/element_adapter` from a Stage2 state dict, in the runtime's formats (the adapter folder
+    also gets `training.json`, `record`); published together (publish_folders): a reader, or a crash, sees both
+    old or both new."""
     from diffusers import UNet2DConditionModel
 
     from editrt.models.element_unet import build_element_decoder
@@ -247,32 +250,91 @@ def write_decoder(state: dict[str, torch.Tensor], unet_config: dict, adapter: di
         if record is not None:
             (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    replace_folders({unet_out: lambda tmp: plain.save_pretrained(tmp, safe_serialization=True),
-                     adapter_out: write_adapter})
+    publish_folders(out, {"unet": lambda tmp: plain.save_pretrained(tmp, safe_serialization=True),
+                          "element_adapter": write_adapter})
 
 
-def replace_folders(writers: dict) -> None:
-    """Write every folder to a temporary sibling, then swap each in (the old one removed last): a failed write
-    leaves every destination as it was."""
-    staged = {}
+def publish_folders(parent: Path, writers: dict) -> None:
+    """Replace the folders `writers` names inside `parent` ({name: write(tmp)}) all together: a crash at any
+    point leaves `parent` as it was or with every one of them new, never a mix and never without them.
+
+    Two folders cannot be swapped in by one rename each (a crash between the renames leaves one new and one
+    old), so `parent` itself is swapped: a sibling is staged with every other entry of `parent` hard-linked into
+    it (no data copied; copied where the file system cannot link) and each named folder written fresh, then the
+    sibling and `parent` are exchanged in one atomic step (Linux renameat2 RENAME_EXCHANGE), and the old tree,
+    now the sibling, is removed. Without `parent` yet, the staged folder is renamed to it (one rename). Where the
+    file system has no exchange, `parent` is moved aside and the staged one renamed in (a crash between those
+    two renames leaves no `parent`, and the complete old tree beside it as `.NAME.old`). A failed write leaves
+    `parent` as it was."""
+    parent = Path(parent)
+    parent.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{parent.name}.", dir=parent.parent))
     try:
-        for path, write in writers.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-            staged[path] = tmp
-            write(tmp)
-            os.chmod(tmp, 0o755)
+        if parent.exists():
+            for entry in parent.iterdir():
+                if entry.name not in writers:
+                    _link_tree(entry, staged / entry.name)
+            shutil.copystat(parent, staged)
+        else:
+            os.chmod(staged, 0o755)
+        for name, write in writers.items():
+            folder = staged / name
+            folder.mkdir()
+            write(folder)
+            os.chmod(folder, 0o755)
     except BaseException:
-        for tmp in staged.values():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
-    for path, tmp in staged.items():
-        old = path.with_name(f".{path.name}.old")
+    if not parent.exists():
+        staged.rename(parent)
+    elif _exchange(staged, parent):  # the one step that publishes: before it the old tree, after it the new
+        pass
+    else:
+        old = parent.with_name(f".{parent.name}.old")
         shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        parent.rename(old)
+        try:
+            staged.rename(parent)
+        except BaseException:
+            old.rename(parent)
+            raise
+        staged = old
+    shutil.rmtree(staged, ignore_errors=True)  # the old tree
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source` (a file, folder or symlink) at `target`: files hard-linked (copied where linking fails)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=link)
+    else:
+        link(source, target)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap paths `a` and `b` atomically (Linux renameat2 with RENAME_EXCHANGE; folders may be non-empty).
+    False where the C library or the file system has no such call; any other failure raises OSError."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap in the new folder: {os.strerror(err)}", str(a), None, str(b))
 
 
 @dataclass
@@ -365,7 +427,7 @@ def train_decoder(settings: Stage2Settings, loop: LoopSettings, log=lambda what:
     chosen = result.best if result.best is not None else result.last
     unet_out, adapter_out = out / "unet", out / "element_adapter"
     if accelerator.is_main_process:
-        write_decoder(chosen, unet_config, adapter, unet_out, adapter_out, {
+        write_decoder(chosen, unet_config, adapter, out, {
             "content": "element adapter trained with the UNet (paper 001 Eq. 5, editrt train elements --stage 2)",
             "step": result.best_step if result.best is not None else result.step,
             "val_loss": result.best_val_loss})
