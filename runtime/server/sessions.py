@@ -4,6 +4,12 @@ A `Live` wraps one editor session (runtime/session.py: a RepositionSession or an
 their selection, drag state, commit and undo history) and what only the server keeps beside it: its id,
 last use, the lock that orders its state changes (select, final, undo) between its REST calls and its
 WebSocket, and the drag sockets open on it. All its pipeline work runs on the pipeline's work queue.
+
+Starting a preview is not free: the session snapshots what the render reads, and an elements session's
+snapshot is a copy of its elements with the edit applied (every region drawn to find collisions), which grows
+with the elements and their regions. `SessionStore.start_preview` runs it on the store's few threads, never on
+the event loop, one at a time per session in arrival order, so the newest preview is still the one submitted
+last (latest wins).
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import contextlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from editrt.runtime.server.errors import APIError
@@ -19,6 +27,7 @@ from editrt.runtime.session import ElementsSession, RepositionSession
 from editrt.runtime.work_queue import BusyError
 
 KINDS = {RepositionSession: "reposition", ElementsSession: "elements"}  # the wire's `kind` of each session class
+PREVIEW_START_THREADS = 4  # previews of different sessions start side by side; the render itself is the queue's
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Live:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
     sockets: int = 0  # drag WebSockets open on it (capped by Settings.ws_per_session)
+    starting: asyncio.Lock = field(default_factory=asyncio.Lock)  # its previews start one at a time, FIFO
 
     @property
     def kind(self) -> str:
@@ -60,6 +70,8 @@ class SessionStore:
         self.id_prefix = id_prefix
         self._live: dict[str, Live] = {}  # insertion order = LRU order (touch moves to the end)
         self.evicted = {"ttl": 0, "lru": 0, "bytes": 0}
+        # where previews start (their snapshots): bounded, and apart from the event loop and the work queue
+        self._starts = ThreadPoolExecutor(PREVIEW_START_THREADS, thread_name_prefix="editrt-preview-start")
 
     def __len__(self) -> int:
         return len(self._live)
@@ -111,6 +123,23 @@ class SessionStore:
         # the session's close joins its preview thread (at most one short preview): off the event loop
         threading.Thread(target=close_quietly, args=(live.session,), name="editrt-session-close", daemon=True).start()
 
+    async def start_preview(self, live: Live, start: Callable, withdraw: Callable) -> object:
+        """What `start()` returns, run on one of the store's threads (never on the event loop): `start` calls the
+        session's preview, whose snapshot may be long. Previews of one session start one at a time, in the order
+        they arrived (asyncio.Lock is FIFO), so the newest is submitted last and wins. If this await is cancelled
+        (its socket closed) while `start` runs, `withdraw(what start returned)` cancels it once it returns:
+        nobody is left to wait for that preview."""
+        async with live.starting:
+            if live.closed:  # closed (or the store shut down) while this waited for its turn
+                raise APIError(404, "session_id", f"session_id {live.id[:64]!r}: no such session (closed or expired)")
+            started = self._starts.submit(start)
+            try:
+                return await asyncio.wrap_future(started)
+            except asyncio.CancelledError:  # not yet running: wrap_future cancels it; running: withdrawn when done
+                started.add_done_callback(
+                    lambda done: withdraw(done.result()) if not done.cancelled() and done.exception() is None else None)
+                raise
+
     def close_all(self) -> None:
         """At shutdown, after the work queues closed: a session whose cache cleanup finds its queue full is
         closed all the same (its caches go with the process)."""
@@ -119,3 +148,4 @@ class SessionStore:
             live.closed = True
             with contextlib.suppress(BusyError):
                 live.session.close()
+        self._starts.shutdown(wait=False, cancel_futures=True)

@@ -58,3 +58,34 @@ def test_elements_blobs_are_compressed_off_the_loop(client, photo_small, monkeyp
     r = client.post("/v1/elements/edit", json={"elements": blob, "ops": [{"op": "delete", "ids": [r.json()["items"][0]["id"]]}]})
     assert r.status_code == 200, r.text
     assert seen == ["worker", "worker"]
+
+
+def test_elements_preview_snapshots_are_made_off_the_loop(client, server, photo_small, monkeypatch):
+    """An elements preview starts with the session's snapshot: a copy of its elements with the move applied (every
+    region drawn to find collisions; long with many elements or large regions). It is made on a worker thread,
+    over HTTP and over the drag WebSocket, and the preview still answers. So is the hit test of elements/select
+    (the regions under the point drawn)."""
+    import json
+
+    from needs import need
+
+    from editrt.runtime.session import ElementsSession
+
+    websockets = need("websockets.sync.client", reason="websockets is not installed")
+    s = client.post("/v1/sessions", json={"image": b64png(photo_small), "kind": "elements", "preview_steps": 1})
+    assert s.status_code == 200, s.text
+    sid, items = s.json()["id"], s.json()["items"]
+    target = max(items, key=lambda e: e["w"] * e["h"])["id"]
+    from editrt.runtime.elements import Elements
+
+    hit_tests = where_it_runs(Elements, "select", monkeypatch)
+    r = client.post(f"/v1/sessions/{sid}/elements/select", json={"point": [60, 40]})
+    assert r.status_code == 200 and hit_tests == ["worker"], (r.text, hit_tests)
+    seen = where_it_runs(ElementsSession, "edited", monkeypatch)
+    r = client.post(f"/v1/sessions/{sid}/preview", json={"ids": [target], "dx": 3, "dy": 0})
+    assert r.status_code == 200, r.text
+    with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/drag", open_timeout=30) as ws:
+        ws.send(json.dumps({"type": "drag", "ids": [target], "dx": 2, "dy": 1, "seq": 1}))
+        m = json.loads(ws.recv(timeout=120))
+        assert (m["type"], m["seq"]) == ("preview", 1), m
+    assert seen == ["worker", "worker"]

@@ -51,6 +51,7 @@ from editrt.runtime.server.schemas import (
 from editrt.runtime.server.sessions import Live
 from editrt.runtime.server.work import FINAL, INTERACTIVE, PREVIEW, Stop
 from editrt.runtime.session import ElementsSession, RepositionSession, open_session
+from editrt.runtime.work_queue import BusyError
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 404, 409, 413, 415, 422, 503)}
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(common.require_token)],
@@ -242,19 +243,31 @@ def _future_of(session, future):
 
 
 async def run_preview(conn, live: Live, move: MoveRequest, handle: dict | None = None):
-    """The session's own preview of `move` (started on the event loop: it only enqueues). `handle` gets the
-    preview's cancel function while it is queued or running (the drag loop's release uses it)."""
+    """The session's own preview of `move`. `handle` gets the preview's cancel function while it is queued or
+    running (the drag loop's release uses it). The edit and the session's snapshot of it (an elements session
+    copies its elements and applies the edit: long with many elements or large regions) are made off the event
+    loop, one preview of the session at a time in arrival order (SessionStore.start_preview): latest still wins."""
     ed = editor(live)
-    edit = ed.edit_of(live, move, common.state(conn).settings, False)  # bad input raises here, before anything is queued
+    st = common.state(conn)
 
     def start():
+        edit = ed.edit_of(live, move, st.settings, False)  # bad input raises here, before anything is queued
         future, cancel = _future_of(live.session, _translating(lambda: live.session.preview(edit), ed.move_fields)())
         if handle is not None:
             handle["cancel"] = cancel
         return future, cancel
     try:
+        try:
+            started = await st.sessions.start_preview(live, start, withdraw=lambda fc: fc[1]())
+        except BusyError as e:  # the queue is full: common.run answers it (503, Retry-After) as it answers any job's
+            started = e
+
+        def submitted():
+            if isinstance(started, BusyError):
+                raise started
+            return started
         image, run_s, wait_s = await common.run(conn, ed.pipeline, None, PREVIEW, "preview", ed.move_fields,
-                                                future=start)
+                                                future=submitted)
     finally:
         if handle is not None:
             handle.pop("cancel", None)
@@ -330,7 +343,8 @@ async def elements_select(request: Request, session_id: str):
     h, w = el.image_size
     if req.point is not None and not (0 <= req.point[0] < w and 0 <= req.point[1] < h):
         raise APIError(422, "point", f"point ({req.point[0]:g}, {req.point[1]:g}): outside the image ({w}x{h})")
-    return IdsResponse(ids=el.select(point=req.point, box=req.box))
+    # a point's hit test draws the regions under it (scaled ones resized): off the event loop, as a preview's snapshot
+    return IdsResponse(ids=await anyio.to_thread.run_sync(lambda: el.select(point=req.point, box=req.box)))
 
 
 def _typed_ops(ops: list[EditOp]) -> tuple:
