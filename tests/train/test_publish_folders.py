@@ -7,7 +7,6 @@ included, as if the process had died there. What is on disk is then read back.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
@@ -96,7 +95,6 @@ def exchange_supported(tmp_path: Path) -> bool:
 def test_a_crash_at_any_step_leaves_both_folders_old_or_both_new(tmp_path):
     if not exchange_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system has no renameat2 RENAME_EXCHANGE (the two-rename fallback runs)")
-    ctypes.CDLL(None)  # loaded before arming: a lookup is no change
     outcomes = []
     for at in range(1, 100):
         root = tmp_path / f"crash-{at}"
@@ -142,4 +140,15 @@ def test_a_failing_writer_leaves_the_old_folders_and_nothing_staged(tmp_path):
     with pytest.raises(IsADirectoryError):
         publish_folders(parent, {"unet": WRITERS["unet"], "element_adapter": not_a_folder})
     assert pair(parent) == ("old", "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elements"]
+
+
+def test_without_the_exchange_the_old_folder_is_moved_aside_and_removed(tmp_path, monkeypatch):
+    """A file system without RENAME_EXCHANGE: `parent` is moved aside, the staged one renamed in, the old removed."""
+    from editrt.train import elements_stage2
+
+    monkeypatch.setattr(elements_stage2, "_exchange", lambda a, b: False)  # the platform's answer, not the publish
+    parent = old_tree(tmp_path)
+    publish_folders(parent, WRITERS)
+    assert pair(parent) == ("new", "new") and (parent / "vae" / "weights.bin").read_bytes() == b"frozen vae"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elements"]
