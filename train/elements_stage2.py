@@ -267,6 +267,8 @@ def publish_folders(parent: Path, writers: dict) -> None:
     two renames leaves no `parent`, and the complete old tree beside it as `.NAME.old`). A failed write leaves
     `parent` as it was."""
     parent = Path(parent)
+    if parent.is_symlink():  # a weights folder linked from elsewhere: publish where it points, keep the link
+        parent = parent.resolve()
     parent.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{parent.name}.", dir=parent.parent))
     try:

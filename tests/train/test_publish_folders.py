@@ -118,7 +118,7 @@ def test_a_crash_at_any_step_leaves_both_folders_old_or_both_new(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["elements"]  # finished: nothing staged is left
 
 
-def test_the_other_entries_are_linked_not_copied_and_a_first_publish_creates_the_folder(tmp_path):
+def test_the_other_entries_are_linked_not_copied_a_first_publish_creates_the_folder_and_a_link_stays(tmp_path):
     parent = old_tree(tmp_path)
     vae = os.stat(parent / "vae" / "weights.bin")
     publish_folders(parent, WRITERS)
@@ -128,6 +128,10 @@ def test_the_other_entries_are_linked_not_copied_and_a_first_publish_creates_the
     fresh = tmp_path / "fresh" / "elements"
     publish_folders(fresh, WRITERS)
     assert pair(fresh) == ("new", "new") and sorted(p.name for p in fresh.parent.iterdir()) == ["elements"]
+    linked = tmp_path / "linked"
+    linked.symlink_to(old_tree(tmp_path / "elsewhere"))  # a weights folder linked from another disk stays a link
+    publish_folders(linked, WRITERS)
+    assert linked.is_symlink() and pair(tmp_path / "elsewhere" / "elements") == ("new", "new")
 
 
 def test_a_failing_writer_leaves_the_old_folders_and_nothing_staged(tmp_path):
