@@ -85,8 +85,8 @@ class RepositionResult:
     image: Image.Image
     stages: dict[str, Stage] = field(default_factory=dict)
     scale: float = 1.0  # the scale applied (scale="auto": the perspective rule's)
-    # Quality.crop_padding: (x1, y1, x2, y2), the box around everything the edit changes that its passes worked in
-    # (outside it every pixel is the input's); None without a crop
+    # with Quality.crop_padding: (x1, y1, x2, y2), the padded box around everything the edit changes, outside which
+    # every pixel is the input's (which pass works in which box: _remove, docs/crop-and-cache.md); None without
     crop_box: tuple[int, int, int, int] | None = None
 
     def save_stages(self, folder: str | Path) -> list[Path]:
