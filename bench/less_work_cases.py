@@ -5,6 +5,8 @@
 | crop-whole-MASK | a 2048x1536 photo (scaled with the processing size: 4r x 3r) inpainted whole at short side r | `StableDiffusionInpaintPipeline` at the same size |
 | crop-processing-MASK | the same, `crop_padding` P, `crop_size="processing"`: the padded box resized to the processing size | the same pipeline with `padding_mask_crop=P` |
 | crop-native-MASK | `crop_size="native"`: the padded box at its own resolution (multiple of 8, at most the processing size) | — (diffusers has no native-size crop) |
+| crop-reposition-whole | the SEELE flow (remove + paste + harmonize, cached order) on a 4032x3024 photo (scaled as above: 7.875r x 5.906r), a 240x320 subject moved by (200, 40), the photo regenerated whole at short side r | — |
+| crop-reposition-native | the same with `Quality(crop_padding=P, crop_size="native")`: REMOVE in the box around the void, HARMONIZE in the box around the void and the moved subject, each at its own resolution | — (no peer repositions) |
 | deepcache-off | an r x r inpainting pass, every UNet step full | `StableDiffusionInpaintPipeline` |
 | deepcache-iN-bB | the same with `cache_interval=N, cache_branch=B` | the same pipeline with DeepCache's `DeepCacheSDHelper(N, B)` |
 
@@ -17,7 +19,8 @@ step, and `mid_block`, run only by a step that computes the deep features, ours 
 `unet_full_steps`, `unet_cached_steps`, `unet_latent_pixels` (latent H x W summed over the UNet calls: a crop's
 size shows here) and, on the deepcache rows, `unet_flops` / `unet_flops_per_step`: each counted step adds the
 FLOPs `models.deep_cache.step_flops` counted (torch's FlopCounterMode, on a meta copy of the UNet at the row's
-shapes) for its kind. The suite holds ours and the peer's to the same counts (bench/work.py `same_work`). The
+shapes) for its kind; on the crop-reposition rows every UNet step adds the FLOPs of a full step at its own latent size
+(the passes of a crop differ in size), counted the same way. The suite holds ours and the peer's to the same counts (bench/work.py `same_work`). The
 deepcache rows also record `output_psnr_db`: the output's PSNR against the uncached output of the same input and
 seed, over the mask's pixels (ours keeps the input bytes outside the mask, diffusers returns the decoded image).
 """
@@ -35,6 +38,8 @@ from editrt.bench.cases import BenchContext, Case, Run, Skip, dtype_name, pipeli
 
 REFERENCE_SIDE = 512  # the sizes below are the issue's, at processing size 512
 PHOTO_WH = (2048, 1536)
+REPOSITION_PHOTO_WH = (4032, 3024)  # the ReS dataset's photo size
+SUBJECT_WH, SUBJECT_MOVE = (240, 320), (200, 40)  # a subject whose edit (void + moved subject) fits the processing size
 MASKS_WH = {"m120x90": (120, 90), "m480x360": (480, 360)}
 CROP_PADDING = 32
 CACHE_SETTINGS = ((3, 0), (2, 1))  # (cache_interval, cache_branch): DeepCache's usual N=3 at the shallowest branch
@@ -45,27 +50,30 @@ def _scaled(ctx: BenchContext, v: int) -> int:
 
 
 # ---------------------------------------------------------------------- counting what the UNet processed
-def count_unet_work(unet, flops: dict | None = None, network: str | None = None):
+def count_unet_work(unet, flops=None, network: str | None = None):
     """Wrap `unet.conv_in` and `unet.mid_block` (instance attributes, set before DeepCache's helper wraps the
     modules: its cached steps never call the mid block's own forward) to count every step, the full ones,
-    the latent pixels and, with `flops` (step_flops' counts), the FLOPs of each step's kind. `network`: also
-    count each step as one call of that network (our cached loop runs the UNet's blocks through
-    models/deep_cache.DeepCacheUNet, not through the engine bench/work.py counts). Returns the undo."""
+    the latent pixels and, with `flops` (step_flops' counts, or a function of the step's latent (h, w) giving
+    them), the FLOPs of each step's kind. `network`: also count each step as one call of that network (our
+    cached loop runs the UNet's blocks through models/deep_cache.DeepCacheUNet, not through the engine
+    bench/work.py counts). Returns the undo."""
     conv_in, mid = unet.conv_in.forward, unet.mid_block.forward
+    step = {}  # the current step's FLOPs (its mid block runs after its conv_in, at the conv_in's latent size)
 
     def counted_conv_in(sample, *args, **kwargs):
         work.count(work.UNET_STEPS)
         if network is not None:
             work.count(work.network(network))
         work.count(work.UNET_LATENT_PIXELS, int(sample.shape[-2] * sample.shape[-1]))
-        if flops:
-            work.count(work.UNET_FLOPS, flops["cached"])
+        step["flops"] = flops(tuple(sample.shape[-2:])) if callable(flops) else flops
+        if step["flops"]:
+            work.count(work.UNET_FLOPS, step["flops"]["cached"])
         return conv_in(sample, *args, **kwargs)
 
     def counted_mid(*args, **kwargs):
         work.count(work.UNET_FULL_STEPS)
-        if flops:
-            work.count(work.UNET_FLOPS, flops["full"] - flops["cached"])
+        if step.get("flops"):
+            work.count(work.UNET_FLOPS, step["flops"]["full"] - step["flops"]["cached"])
         return mid(*args, **kwargs)
 
     unet.conv_in.forward, unet.mid_block.forward = counted_conv_in, counted_mid
@@ -115,6 +123,48 @@ def _crop_inputs(ctx: BenchContext, mask_key: str) -> list[tuple[np.ndarray, np.
             out.append((photo, mask, seed))
         return out
     return ctx.memo(f"crop inputs {mask_key}", make)
+
+
+def _reposition_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(photo, subject mask, seed): the photo at 4032x3024 scaled, an elliptical subject at three positions on the
+    left half (moved right, it stays inside)."""
+    from PIL import Image
+
+    def make():
+        w, h = (_scaled(ctx, v) for v in REPOSITION_PHOTO_WH)
+        sw, sh = (_scaled(ctx, v) for v in SUBJECT_WH)
+        photos = ctx.photos(max(w, h))
+        yy, xx = np.mgrid[:h, :w]
+        out = []
+        for seed, (fx, fy) in enumerate(((0.15, 0.35), (0.3, 0.5), (0.2, 0.6))):
+            photo = np.asarray(Image.fromarray(photos[seed]).resize((w, h), Image.LANCZOS))
+            cx, cy = fx * w, fy * h
+            out.append((photo, ((xx - cx) / (sw / 2)) ** 2 + ((yy - cy) / (sh / 2)) ** 2 <= 1.0, seed))
+        return out
+    return ctx.memo("crop reposition inputs", make)
+
+
+def _full_step_flops(ctx: BenchContext, latent_hw: tuple[int, int]) -> dict:
+    """A full UNet step's FLOPs at `latent_hw` (every step of an uncached pass is full: its 'cached' part plus the
+    rest add up to it)."""
+    return ctx.memo(f"step flops 0 {latent_hw}", lambda: counted_step_flops(ctx, 0, latent_hw))
+
+
+def _ours_reposition(ctx: BenchContext, crop: dict) -> Run:
+    from editrt.runtime.edits import Quality
+
+    pipe = ctx.torch_pipeline("torch-eager")
+    undo = count_unet_work(pipe.components.unet, lambda hw: _full_step_flops(ctx, hw))
+    inputs = _reposition_inputs(ctx)
+    move = tuple(_scaled(ctx, v) for v in SUBJECT_MOVE)
+
+    def call(x):
+        photo, mask, seed = x
+        quality = Quality(steps=ctx.steps, guidance=1.0, seed=seed, resolution=ctx.resolution, **crop)
+        return pipe(photo, mask=mask, move=move, harmonize=True, quality=quality).image
+
+    return Run(call, inputs, dtype_name(ctx.dtype), _check_size(inputs[0][0].shape[1::-1], "reposition"),
+               parts=pipeline_parts(pipe), close=undo)
 
 
 def _square_inputs(ctx: BenchContext) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -278,6 +328,20 @@ def less_work_cases(ctx: BenchContext) -> list[Case]:
                                                                                      "crop_size": "native"})},
                  about="the padded box around the mask at its own resolution (crop_size='native'; no peer has it)"),
         ]
+
+    photo = "x".join(str(_scaled(ctx, v)) for v in REPOSITION_PHOTO_WH)
+    subject = "x".join(str(_scaled(ctx, v)) for v in SUBJECT_WH)
+    move = tuple(_scaled(ctx, v) for v in SUBJECT_MOVE)
+    shape = f"{photo} photo, {subject} subject moved {move}, short side {r}, remove + harmonize, {steps} steps each"
+    cases += [
+        Case("crop-reposition-whole", shape, steps=steps, heavy=True,
+             runners={"torch-eager": lambda: _ours_reposition(ctx, {})},
+             about="the SEELE flow, every pass on the whole photo resized to the processing size"),
+        Case("crop-reposition-native", shape + f", crop padding {pad}", steps=steps, heavy=True,
+             runners={"torch-eager": lambda: _ours_reposition(ctx, {"crop_padding": pad, "crop_size": "native"})},
+             about="the SEELE flow with a native crop: REMOVE in the padded box around the void, HARMONIZE around "
+                   "the void and the moved subject, each at its own resolution, pasted back at full resolution"),
+    ]
 
     def flops0():
         return _deepcache_flops(ctx, 0)

@@ -198,6 +198,7 @@ def cmd_weights_prompts(args) -> None:
 
 def cmd_outpaint(args) -> None:
     # Outpainting with the complete prompt (paper App. A.4): runtime/outpaint.py
+    from editrt.runtime.crop import check_crop
     from editrt.runtime.images import save_png
     from editrt.runtime.outpaint import check_extend, check_fill, outpaint
 
@@ -212,9 +213,11 @@ def cmd_outpaint(args) -> None:
     extend = [int(v) if v.is_integer() else v for v in extend]
     check_extend(extend, image.shape[:2])  # before any weights load
     check_fill(args.fill)
+    check_crop(args.crop_padding, args.crop_size)
     _check_canvas(args, image.shape[:2])
     result = outpaint(_reposition_pipeline(args), image, extend, fill=args.fill, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args))
+                      guidance=args.guidance, seed=args.seed, resolution=args.resolution, progress=_progress(args),
+                      crop_padding=args.crop_padding, crop_size=args.crop_size)
     save_png(result, out, watermark=args.watermark)
     _log(args)(f"outpaint -> {out}")
 
@@ -320,7 +323,8 @@ def cmd_reposition(args) -> None:
         raise InputError("reposition: expected the subject as --mask M, --point X,Y or --box X0,Y0,X1,Y1", field="mask")
     mask = load_mask(args.mask, "--mask") if args.mask else None
     edit = _seele_edit(args)
-    quality = Quality(steps=args.steps, guidance=args.guidance, seed=args.seed, resolution=args.resolution)
+    quality = Quality(steps=args.steps, guidance=args.guidance, seed=args.seed, resolution=args.resolution,
+                      crop_padding=args.crop_padding, crop_size=args.crop_size)
     shadow_box = _numbers(args.existing_shadow_box, "--existing-shadow-box", (4,)) if args.existing_shadow_box \
         else None
     stages_dir = Path(args.save_stages) if args.save_stages else None
@@ -602,6 +606,14 @@ def _prompts_file(p: argparse.ArgumentParser) -> None:
                    "folder's (remove, complete, harmonize, null, and optionally outpaint, inpaint, ...)")
 
 
+def _crop_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--crop-padding", type=int, metavar="PX",
+                   help=f"regenerate only the box around {what}, padded by PX pixels (diffusers' padding_mask_crop)")
+    p.add_argument("--crop-size", metavar="processing|native",
+                   help="with --crop-padding: 'native' (default) works on the crop at its own resolution (a multiple "
+                   "of 8, at most the processing size); 'processing' resizes it to the processing size (diffusers)")
+
+
 def _prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--point", action="append", metavar="X,Y[,LABEL]",
                    help="a click on the subject (label 1) or background (label 0); repeatable")
@@ -651,11 +663,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    "file (inpaint, outpaint, ...)")
     _prompts_file(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
-    p.add_argument("--crop-padding", type=int, metavar="PX",
-                   help="regenerate only the box around the mask, padded by PX pixels (diffusers' padding_mask_crop)")
-    p.add_argument("--crop-size", metavar="processing|native",
-                   help="with --crop-padding: 'native' (default) works on the crop at its own resolution (a multiple "
-                   "of 8, at most the processing size); 'processing' resizes it to the processing size (diffusers)")
+    _crop_options(p, "the mask")
     p.add_argument("--cache-interval", type=int, metavar="N",
                    help="DeepCache: compute the UNet's deep features every N-th step, reuse them between (default off)")
     p.add_argument("--cache-branch", type=int, metavar="B",
@@ -710,6 +718,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    help="pixels the REMOVE void and the harmonize area grow by (default 1%% of the short side)")
     p.add_argument("--save-stages", metavar="DIR", help="write every stage's image and mask here (depth and alpha "
                    "as 16-bit greyscale PNGs)")
+    _crop_options(p, "all the move changes (the void, the moved subject, what is completed and harmonized)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_reposition)
@@ -723,6 +732,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    "edge (default: repeats the border pixels), reflect or mean; the model never sees the new "
                    "border's own pixels (they are masked out), so with no resize every fill gives the same result")
     _prompts_file(p)
+    _crop_options(p, "the new border")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     _common(p)
     p.set_defaults(func=cmd_outpaint)

@@ -82,6 +82,11 @@ class Quality:
     resolution: int | None = None  # processing short side in pixels, a multiple of 8; None: the model's
     # a drag preview: decoded by the weights' tiny VAE (vae_tiny/) where the torch backend loaded one; finals never
     preview: bool = False
+    # region crops (runtime/crop.py): each generative pass works on the box around what it regenerates, padded by
+    # crop_padding pixels (None: the whole image); crop_size "native" (the default with a padding: the box at its own
+    # resolution, at most the processing size) or "processing" (resized to the processing size, as diffusers does)
+    crop_padding: int | None = None
+    crop_size: Literal["processing", "native"] | None = None
 
     def __post_init__(self):
         if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) or self.steps < 1:
@@ -97,6 +102,10 @@ class Quality:
                              field="resolution")
         if not isinstance(self.preview, bool):
             raise InputError(f"preview: expected True or False, got {self.preview!r}", field="preview")
+        if self.crop_padding is not None or self.crop_size is not None:
+            from editrt.runtime.crop import check_crop
+
+            object.__setattr__(self, "crop_size", check_crop(self.crop_padding, self.crop_size))  # None -> "native"
 
     def guidance_or(self, default: float) -> float:
         return default if self.guidance is None else float(self.guidance)
@@ -183,7 +192,7 @@ class SeeleEdit:
 # Keyword spellings older releases took, and the SeeleEdit attribute each means (RepositionPipeline's keyword form).
 LEGACY_SEELE_KEYWORDS = {"occluder_mask": "occlusion", "shadow_mask": "existing_shadow",
                          "shadow_region": "new_shadow_region"}
-QUALITY_KEYWORDS = ("steps", "guidance", "seed", "resolution")
+QUALITY_KEYWORDS = ("steps", "guidance", "seed", "resolution", "crop_padding", "crop_size")
 
 
 def seele_request(edit: SeeleEdit | None, quality: Quality | None, keywords: dict) -> tuple[SeeleEdit, Quality]:

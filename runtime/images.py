@@ -76,11 +76,21 @@ def resize_mask_covering(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarr
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by a disk of `radius` pixels: scipy's binary_dilation with the disk x^2 + y^2 <= r^2 as its
+    structure, computed exactly as "Euclidean distance to the mask <= r" (distance transform) over the mask's
+    bounding box grown by r. That is linear in the window's pixels; the structure costs (2r + 1)^2 per pixel of the
+    whole image (40 s for the 1% radius of a 4032x3024 photo)."""
     if radius <= 0:
         return mask
-    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
-    disk = x * x + y * y <= radius * radius
-    return ndimage.binary_dilation(mask, structure=disk)
+    out = np.zeros(mask.shape, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return out
+    (h, w), r = mask.shape, int(radius)
+    y0, y1, x0, x1 = max(rows[0] - r, 0), min(rows[-1] + r + 1, h), max(cols[0] - r, 0), min(cols[-1] + r + 1, w)
+    window = np.asarray(mask[y0:y1, x0:x1], bool)  # holds every mask pixel: distances inside it are the true ones
+    out[y0:y1, x0:x1] = ndimage.distance_transform_edt(~window) <= r  # sqrt of an integer: exact against r
+    return out
 
 
 def shift_or_warp(image: np.ndarray, mask: np.ndarray, dx: float, dy: float, scale: float) -> tuple[np.ndarray, np.ndarray]:

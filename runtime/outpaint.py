@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from editrt.errors import InputError
+from editrt.runtime.crop import check_crop
 from editrt.runtime.images import as_rgb
 
 FILLS = ("edge", "reflect", "mean")
@@ -86,14 +87,20 @@ def outpaint_task(pipeline) -> str:
 
 
 def outpaint(pipeline, image, extend, fill: str = "edge", steps: int = 50, guidance: float = 1.0, seed: int = 0,
-             resolution: int | None = None, progress: bool = False) -> Image.Image:
+             resolution: int | None = None, progress: bool = False, crop_padding: int | None = None,
+             crop_size: str | None = None) -> Image.Image:
     """The image on a canvas extended by `extend` = (left, top, right, bottom) pixels, the border generated
     with the outpaint prompt (the complete prompt when the prompts have none); the original pixels are
-    byte-identical at (left, top)."""
+    byte-identical at (left, top).
+
+    `crop_padding` / `crop_size` (runtime/crop.py): one cropped pass over the padded box around the new border.
+    The box grows to the processing size's aspect (diffusers' rule), so a border along a whole side spans the whole
+    canvas: the crop then changes how the canvas is resampled and pasted back, not how much is processed."""
     # 1. Check inputs.
     rgb = as_rgb(image)
     left, top, right, bottom = check_extend(extend, rgb.shape[:2])
     check_fill(fill)
+    check_crop(crop_padding, crop_size)
     h, w = rgb.shape[:2]
 
     # 2. The canvas and its mask: everything new is generated.
@@ -102,7 +109,8 @@ def outpaint(pipeline, image, extend, fill: str = "edge", steps: int = 50, guida
     # 3. One inpainting pass over the border (the pipeline's work queue orders it): the outpaint prompt, if any.
     task = outpaint_task(pipeline)
     result = np.array(pipeline.inpaint(canvas, border, task=task, steps=steps, guidance=guidance, seed=seed,
-                                       resolution=resolution, progress=progress))
+                                       resolution=resolution, progress=progress, crop_padding=crop_padding,
+                                       crop_size=crop_size))
 
     # 4. The original pixels, byte for byte (inpaint keeps unmasked bytes too; this is outpaint's own promise).
     result[top:top + h, left:left + w] = rgb

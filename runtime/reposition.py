@@ -25,7 +25,7 @@ from editrt.models.files import write_atomic
 from editrt.models.inpaint import load_task_prompts
 from editrt.runtime.backends import build_engines
 from editrt.runtime.caches import ByteLRU
-from editrt.runtime.crop import check_crop, crop_inputs, paste_back, plan_crop
+from editrt.runtime.crop import CropPlan, check_crop, crop_inputs, paste_back, plan_crop
 from editrt.runtime.edits import Quality, SeeleEdit, seele_request
 from editrt.runtime.estimators import estimators_from_engines, trimap_from_mask
 from editrt.runtime.images import (
@@ -85,6 +85,9 @@ class RepositionResult:
     image: Image.Image
     stages: dict[str, Stage] = field(default_factory=dict)
     scale: float = 1.0  # the scale applied (scale="auto": the perspective rule's)
+    # with Quality.crop_padding: (x1, y1, x2, y2), the padded box around everything the edit changes, outside which
+    # every pixel is the input's (which pass works in which box: _remove, docs/crop-and-cache.md); None without
+    crop_box: tuple[int, int, int, int] | None = None
 
     def save_stages(self, folder: str | Path) -> list[Path]:
         """Every stage as `{i}_{name}.png` (RGB, 8-bit), `{i}_{name}_mask.png` (255 inside) and, for float
@@ -287,10 +290,12 @@ class RepositionPipeline:
     def _regenerate(self, image, mask, task: str, steps: int, guidance: float, seed: int, resolution: int | None,
                     progress: bool, mask_name: str = "mask", step_callback=None, crop_padding: int | None = None,
                     crop_size: str | None = None, cache_interval: int | None = None,
-                    cache_branch: int | None = None, preview: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    cache_branch: int | None = None, preview: bool = False,
+                    crop_around: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run one pass at the processing resolution; paste the result back inside `mask` only.
 
-        `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py).
+        `crop_padding` / `crop_size`: work on the padded box around the mask only (runtime/crop.py); around
+        `crop_around` instead where given (a repositioning's passes share the box around all they change).
         `cache_interval` / `cache_branch`: reuse the UNet's deep features between steps (models/deep_cache.py).
         """
         if task == "null" or task not in self.task_prompts:
@@ -303,7 +308,8 @@ class RepositionPipeline:
         mask = as_mask(mask, rgb.shape[:2], name=mask_name)
         size = processing_size(rgb.shape[:2], resolution or self.default_resolution)
         if crop_size is not None:
-            plan = plan_crop(mask, size, crop_padding, crop_size)
+            plan = self._crop_plan(mask if crop_around is None else crop_around, rgb.shape[:2], resolution,
+                                   crop_padding, crop_size)
             work_rgb, work_mask = crop_inputs(rgb, mask, plan)
             decoded = self._denoise(work_rgb, work_mask, task, steps, guidance, seed, progress, step_callback, cache, preview)
             return paste_back(rgb, mask, decoded, plan), mask
@@ -313,6 +319,11 @@ class RepositionPipeline:
         out = rgb.copy()
         out[mask] = decoded[mask]  # outside the mask: the input bytes, untouched
         return out, mask
+
+    def _crop_plan(self, around: np.ndarray, size_hw: tuple[int, int], resolution: int | None, padding: int,
+                   mode: str) -> CropPlan:
+        """The padded box around `around` in an image of `size_hw` and the size it is processed at (runtime/crop.py)."""
+        return plan_crop(around, processing_size(size_hw, resolution or self.default_resolution), padding, mode)
 
     def _feature_cache(self, interval: int | None, branch: int | None) -> tuple[int, int] | None:
         """(interval, branch) of DeepCache-style feature reuse, or None when off (no interval, or 1)."""
@@ -424,6 +435,7 @@ class RepositionPipeline:
         self._perspective(flow)
         self._matte(flow)
         self._place(flow)
+        self._regions(flow)
         if flow.edit.remove_order == "paper":  # SEELE's order: move first, REMOVE with the moved subject in view
             self._paste(flow)
             self._remove(flow)
@@ -507,29 +519,68 @@ class RepositionPipeline:
             raise InputError(f"occlusion: the occluder hides the whole subject moved by ({dx:g}, {dy:g}); "
                              "nothing would be pasted", field="occlusion")
 
+    def _regions(self, flow: _Flow) -> None:
+        """6. What each generative pass will regenerate (known before any runs: masks, not pixels) and, with a crop,
+        the one box around them all (Quality.crop_padding; runtime/crop.py): the void, the moved subject, the part to
+        complete and the harmonize area with its new shadow. Every pass that sees the moved subject works in it."""
+        flow.void = dilate(flow.source, flow.radius)
+        region = flow.complete  # COMPLETE: the user's mask and the moved existing shadow, never over the occluders
+        if flow.shadow is not None:
+            moved_shadow = move_values(flow.shadow, flow.carried, flow.dx, flow.dy, flow.scale) >= 0.5
+            region = moved_shadow if region is None else region | moved_shadow
+        if region is not None and flow.occluder is not None:
+            region = region & ~flow.occluder
+        flow.completion = region if region is not None and region.any() else None
+        if flow.edit.harmonize:  # HARMONIZE: the pasted (and completed) subject, dilated, and a new shadow
+            area = dilate(flow.visible if flow.completion is None else flow.visible | flow.completion, flow.radius)
+            if flow.new_shadow is not None:
+                area |= flow.new_shadow
+            if flow.occluder is not None:  # last: not even a new shadow paints over what is in front
+                area &= ~flow.occluder
+            flow.harmony = area
+        q = flow.quality
+        if q.crop_padding is not None:
+            changed = flow.void | flow.visible
+            for part in (flow.completion, flow.harmony):
+                if part is not None:
+                    changed |= part
+            flow.crop_around = changed
+            flow.crop = self._crop_plan(changed, flow.size, q.resolution, q.crop_padding, q.crop_size)
+
+    def _pass(self, flow: _Flow, image: np.ndarray, mask: np.ndarray, task: str, guidance: float, seed: int,
+              mask_name: str, crop_around: np.ndarray | None) -> np.ndarray:
+        """One generative pass of the flow at its quality (with a crop: in the box around `crop_around`)."""
+        q = flow.quality
+        out, _ = self._regenerate(image, mask, task, q.steps, guidance, seed, q.resolution, flow.progress, mask_name,
+                                  flow.step_callback, crop_padding=q.crop_padding, crop_size=q.crop_size,
+                                  preview=q.preview, crop_around=crop_around)
+        return out
+
     def _remove(self, flow: _Flow) -> None:
-        """6. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
+        """7. REMOVE: inpaint the void the subject (and its shadow / its alpha's reach) leaves, dilated.
 
         Cached order: on the unmoved image, memoized per (subject, quality) under the caller's cache_key (it does
         not depend on the move). Paper order: on the image with the moved subject pasted, the void less the moved
-        subject (it stays in view and is not regenerated); it depends on the move, so it is never memoized."""
+        subject (it stays in view and is not regenerated); it depends on the move, so it is never memoized.
+        With a crop, the paper order's pass works in the box around all the edit changes (it sees the moved subject);
+        the cached order's in the box around the void alone: it runs on the unmoved image, and a box that followed
+        the move would make it depend on the move (a drag could no longer reuse it)."""
         q = flow.quality
-        void = dilate(flow.source, flow.radius)
+        void = flow.void
         if flow.edit.remove_order == "paper":
-            void &= ~flow.visible
+            void = void & ~flow.visible
             if not void.any():  # the moved subject covers all it left: nothing to remove
                 return
-            flow.current, _ = self._regenerate(flow.current, void, "remove", q.steps, flow.guidance, q.seed,
-                                               q.resolution, flow.progress, "mask", flow.step_callback, preview=q.preview)
+            flow.current = self._pass(flow, flow.current, void, "remove", flow.guidance, q.seed, "mask",
+                                      flow.crop_around)
             flow.stages["removed"] = Stage(image=Image.fromarray(flow.current), mask=void)
             flow.regenerated = flow.regenerated | void
             return
         remove_key = (flow.cache_key, flow.radius, q.steps, flow.guidance, q.seed, q.resolution, self.dtype, flow.band,
-                      q.preview)
+                      q.preview, q.crop_padding, q.crop_size)
         current = None if flow.cache_key is None else self.remove_passes.get(remove_key)
         if current is None:
-            current, _ = self._regenerate(flow.rgb, void, "remove", q.steps, flow.guidance, q.seed, q.resolution,
-                                          flow.progress, "mask", flow.step_callback, preview=q.preview)
+            current = self._pass(flow, flow.rgb, void, "remove", flow.guidance, q.seed, "mask", None)
             if flow.cache_key is not None:
                 current.setflags(write=False)  # shared by later calls: nobody may write into it
                 self.remove_passes.put(remove_key, current)
@@ -537,7 +588,7 @@ class RepositionPipeline:
         flow.current, flow.regenerated = current, void
 
     def _paste(self, flow: _Flow) -> None:
-        """7. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0); onto the REMOVE
+        """8. Paste the moved subject: hard, or blended with its alpha (hidden part: alpha 0); onto the REMOVE
         result (cached order) or onto the input (paper order: REMOVE comes next)."""
         visible = flow.visible
         if flow.current is None:  # paper order: nothing regenerated yet
@@ -551,38 +602,26 @@ class RepositionPipeline:
         flow.regenerated = flow.regenerated | visible
 
     def _complete(self, flow: _Flow) -> None:
-        """8. COMPLETE the occluded / cut-off part (user mask, output coordinates) and the moved existing shadow,
-        never over the occluders."""
-        region = flow.complete
-        if flow.shadow is not None:
-            moved_shadow = move_values(flow.shadow, flow.carried, flow.dx, flow.dy, flow.scale) >= 0.5
-            region = moved_shadow if region is None else region | moved_shadow
-        if region is not None and flow.occluder is not None:
-            region = region & ~flow.occluder
-        if region is None or not region.any():
+        """9. COMPLETE the occluded / cut-off part (user mask, output coordinates) and the moved existing shadow,
+        never over the occluders (the region: _regions)."""
+        region = flow.completion
+        if region is None:
             return
-        q = flow.quality
-        flow.current, _ = self._regenerate(flow.current, region, "complete", q.steps, flow.guidance, q.seed + 1,
-                                           q.resolution, flow.progress, "complete_mask", flow.step_callback,
-                                           preview=q.preview)
+        flow.current = self._pass(flow, flow.current, region, "complete", flow.guidance, flow.quality.seed + 1,
+                                  "complete_mask", flow.crop_around)
         flow.stages["completed"] = Stage(image=Image.fromarray(flow.current), mask=region)
         flow.regenerated |= region
-        flow.completed = region
 
     def _harmonize(self, flow: _Flow) -> None:
-        """9. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1), and the region where a new
-        shadow is cast (App. A.3 iv); the occluders stay as they are."""
+        """10. HARMONIZE the pasted subject with its new surroundings (LoRA at c = 1), and the region where a new
+        shadow is cast (App. A.3 iv); the occluders stay as they are (the area: _regions)."""
         if not flow.edit.harmonize:
             return
-        area = dilate(flow.visible if flow.completed is None else flow.visible | flow.completed, flow.radius)
         if flow.new_shadow is not None:
             flow.stages["new_shadow_region"] = Stage(mask=flow.new_shadow)
-            area |= flow.new_shadow
-        if flow.occluder is not None:  # last: not even a new shadow paints over what is in front
-            area &= ~flow.occluder
-        q = flow.quality
-        flow.current, _ = self._regenerate(flow.current, area, "harmonize", q.steps, 1.0, q.seed + 2, q.resolution,
-                                           flow.progress, "harmonize region", flow.step_callback, preview=q.preview)
+        area = flow.harmony
+        flow.current = self._pass(flow, flow.current, area, "harmonize", 1.0, flow.quality.seed + 2,
+                                  "harmonize region", flow.crop_around)
         flow.stages["harmonized"] = Stage(image=Image.fromarray(flow.current), mask=area)
         flow.regenerated |= area
 
@@ -613,9 +652,13 @@ class _Flow:
     moved_rgb: np.ndarray | None = None  # _place
     moved_alpha: np.ndarray | None = None
     visible: np.ndarray | None = None
+    void: np.ndarray | None = None  # _regions: what REMOVE regenerates (the paper order: less the moved subject)
+    completion: np.ndarray | None = None  # what COMPLETE regenerates (None: nothing to complete)
+    harmony: np.ndarray | None = None  # what HARMONIZE regenerates (None: harmonize off)
+    crop_around: np.ndarray | None = None  # with a crop: all the edit changes, whose padded box the passes work in
+    crop: CropPlan | None = None
     current: np.ndarray | None = None  # the image being regenerated, stage after stage
     regenerated: np.ndarray | None = None  # what is pasted back into the input
-    completed: np.ndarray | None = None  # _complete's region (None: nothing completed)
 
     def __post_init__(self):
         self.size = self.rgb.shape[:2]
@@ -625,9 +668,10 @@ class _Flow:
         self.stages["input"] = Stage(image=Image.fromarray(self.rgb))
 
     def result(self) -> RepositionResult:
-        """10. Paste only the regenerated regions back into the original image."""
+        """11. Paste only the regenerated regions back into the original image."""
         out = self.rgb.copy()
         out[self.regenerated] = self.current[self.regenerated]
         image = Image.fromarray(out)
         self.stages["output"] = Stage(image=image, mask=self.regenerated)
-        return RepositionResult(image=image, stages=self.stages, scale=float(self.scale))
+        return RepositionResult(image=image, stages=self.stages, scale=float(self.scale),
+                                crop_box=None if self.crop is None else self.crop.box)

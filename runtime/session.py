@@ -133,7 +133,7 @@ class _Session(ABC):
             quality = [k for k in keywords if k in QUALITY_KEYWORDS]
             if quality:
                 raise InputError(f"{quality[0]}: a session's quality is set when it opens (steps, preview_steps, "
-                                 "resolution, seed)", field=quality[0])
+                                 "resolution, seed, crop_padding, crop_size)", field=quality[0])
             edit = self._edit_from_keywords(keywords)
         edit = self.edit_type() if edit is None else edit
         if not isinstance(edit, self.edit_type):
@@ -286,12 +286,16 @@ class _SeeleRequest:
 
 class RepositionSession(_Session):
     """A SEELE session on one RepositionPipeline: select the subject (and its existing shadow), drag it
-    (previews), commit the move (the result becomes the image), undo."""
+    (previews), commit the move (the result becomes the image), undo.
+
+    `crop_padding` / `crop_size` (Quality's region crops): previews and finals alike work in the padded box around
+    what the edit changes, each at its own resolution (a preview's processing size caps its crop's)."""
 
     edit_type = SeeleEdit
     guidance = 1.0
 
-    def __init__(self, image, pipeline, **options):
+    def __init__(self, image, pipeline, crop_padding: int | None = None, crop_size: str | None = None, **options):
+        crop = Quality(crop_padding=crop_padding, crop_size=crop_size)  # checked before anything runs
         self.subject: np.ndarray | None = None
         self.shadow: np.ndarray | None = None  # the subject's existing shadow (select_shadow)
         self._selection = 0  # bumped by every selection change: part of the REMOVE pass's cache key
@@ -300,6 +304,9 @@ class RepositionSession(_Session):
         # so a snapshot never pairs an old subject with a new selection number (a poisoned REMOVE-pass key)
         self._fields = threading.Lock()
         super().__init__(image, pipeline, **options)
+        self.final_quality, self.preview_quality = (
+            dataclasses.replace(q, crop_padding=crop.crop_padding, crop_size=crop.crop_size)
+            for q in (self.final_quality, self.preview_quality))
         self._warm(self.rgb, self.image_key)
 
     def _warm(self, rgb: np.ndarray, key) -> None:
@@ -499,7 +506,8 @@ def _session_class(pipeline) -> type[_Session]:
 
 def open_session(image, pipeline, **options) -> RepositionSession | ElementsSession:
     """The session class for `pipeline`'s editor (a RepositionSession or an ElementsSession) on `image`.
-    `options`: steps, preview_steps, resolution, preview_resolution, seed, guidance, max_undo."""
+    `options`: steps, preview_steps, resolution, preview_resolution, seed, guidance, max_undo; a RepositionSession
+    also crop_padding, crop_size."""
     return _session_class(pipeline)(image, pipeline, **options)
 
 

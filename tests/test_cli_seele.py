@@ -95,7 +95,31 @@ BAD = [
     (["--shadow-region", "1,2,3,4", "--no-harmonize"], "new_shadow_region: the shadow"),  # the older spelling, hidden
     (["--existing-shadow-mask", "{d}/mask.png", "--existing-shadow-box", "1,2,3,4"], "give the existing shadow one way"),
     (["--occlusion", "auto", "--occluder-mask", "{d}/mask.png"], "--occluder-mask: the same as --occlusion MASK"),
+    (["--crop-padding", "-2"], "crop_padding: expected a whole number of pixels >= 0, got -2"),
+    (["--crop-padding", "8", "--crop-size", "full"], "crop_size: expected one of processing, native, got 'full'"),
+    (["--crop-size", "native"], "crop_size 'native': only with crop_padding"),
 ]
+
+
+def test_reposition_crop_flags_equal_the_python_api(files, tiny_weights, reposition, tmp_path, capsys):
+    """--crop-padding / --crop-size reach the Quality: the PNG is the library's cropped result, and outside the crop
+    box every byte is the photo's."""
+    from editrt.runtime.edits import Quality
+
+    rc, err = run(["reposition", files / "photo.png", "--mask", files / "mask.png", "--move", "40,15", "--crop-padding",
+                   "8", "--crop-size", "processing", "-o", tmp_path / "r.png", *common(tiny_weights)], capsys)
+    assert rc == 0, err
+    photo = np.asarray(Image.open(files / "photo.png").convert("RGB"))
+    mask = np.asarray(Image.open(files / "mask.png")) > 127
+    expected = reposition(photo, mask=mask, move=(40, 15),
+                          quality=Quality(steps=2, resolution=64, crop_padding=8, crop_size="processing"))
+    written = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    np.testing.assert_array_equal(written, np.asarray(expected.image))
+    x1, y1, x2, y2 = expected.crop_box
+    inside = np.zeros(mask.shape, bool)
+    inside[y1:y2, x1:x2] = True
+    assert (x2 - x1) * (y2 - y1) < mask.size and (written[inside] != photo[inside]).any()
+    np.testing.assert_array_equal(written[~inside], photo[~inside])
 
 
 @pytest.mark.parametrize("extra,message", BAD)

@@ -26,6 +26,11 @@ Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Guidance = Annotated[float, Field(ge=1.0, le=30.0)]
 Resolution = Annotated[int, Field(ge=8, le=4096, multiple_of=8, description="processing short side")]
 Scale = Annotated[float, Field(ge=0.05, le=20.0)]
+CropPadding = Annotated[int, Field(ge=0, le=int(COORD), description="regenerate only the box around what the edit "
+                                                                    "changes, padded by this many pixels (region crop)")]
+CropSize = Annotated[Literal["processing", "native"], Field(description="with crop_padding: 'native' (default) the "
+                                                                        "box at its own resolution (at most the "
+                                                                        "processing size); 'processing' resized to it")]
 
 
 def _one_scale_error(value, handler):
@@ -95,6 +100,8 @@ class InpaintRequest(Body):
     guidance: Guidance = 1.0
     seed: Seed = 0
     resolution: Resolution | None = None
+    crop_padding: CropPadding | None = None
+    crop_size: CropSize | None = None
 
 
 class SeeleOptions(Body):
@@ -124,6 +131,8 @@ class RepositionRequest(Prompt, SeeleOptions):
     guidance: Guidance = 1.0
     seed: Seed = 0
     resolution: Resolution | None = None
+    crop_padding: CropPadding | None = None
+    crop_size: CropSize | None = None
 
 
 class ElementsBlob(Body):
@@ -186,6 +195,10 @@ class SessionCreate(Body):
     steps: Steps | None = Field(None, description="final steps (default: the server's)")
     preview_steps: Steps | None = None
     seed: Seed = 0
+    crop_padding: CropPadding | None = Field(None, description="reposition: previews and finals work in the box "
+                                                               "around what each move changes, padded by this many "
+                                                               "pixels (region crop)")
+    crop_size: CropSize | None = None
 
 
 class SessionInfo(Body):

@@ -10,6 +10,11 @@ from needs import need
 from editrt.bench.less_work_cases import CACHE_SETTINGS
 
 STEPS = 3  # interval 3: 1 full + 2 cached steps; interval 2: 2 full + 1 cached
+REPOSITION = ("crop-reposition-whole/torch-eager", "crop-reposition-native/torch-eager")  # two passes: remove, harmonize
+
+
+def steps_of(name: str) -> int:
+    return 2 * STEPS if name in REPOSITION else STEPS
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +38,11 @@ def test_only_crop_and_deepcache_rows_ran_and_measured(rows):
     expected |= {f"crop-native-{m}/torch-eager" for m in masks}
     cached = [f"deepcache-i{i}-b{b}" for i, b in CACHE_SETTINGS]
     expected |= {f"{c}/{b}" for c in ("deepcache-off", *cached) for b in ("torch-eager", "diffusers")}
+    expected |= set(REPOSITION)  # `--only crop` takes the repositioning rows too
     assert set(rows) == expected
     for name, row in rows.items():
         assert row["skipped"] is None and row["p50_ms"] > 0, (name, row["skipped"])
-        assert row["observed"]["denoising_steps"] == STEPS, name
+        assert row["observed"]["denoising_steps"] == steps_of(name), name
 
 
 def pixels(rows, name):
@@ -51,7 +57,17 @@ def test_a_native_crop_of_a_smaller_mask_processes_fewer_pixels(rows):
         sizes = {pixels(rows, f"crop-{kind}-{m}/{b}") for kind in ("whole", "processing") for b in ("torch-eager", "diffusers")}
         assert sizes == {pixels(rows, "crop-whole-m480x360/diffusers")}, m
     for name, row in rows.items():
-        assert row["observed"]["unet_full_steps"] + row["observed"]["unet_cached_steps"] == STEPS, name
+        assert row["observed"]["unet_full_steps"] + row["observed"]["unet_cached_steps"] == steps_of(name), name
+
+
+def test_a_reposition_with_a_crop_counts_less_unet_work_than_the_whole_photo(rows):
+    """The issue's row: the same SEELE flow on the same photo, whole vs a native crop; the same passes and steps,
+    fewer latent pixels and FLOPs (counted per step at each pass's own size)."""
+    whole, crop = (rows[name]["observed"] for name in REPOSITION)
+    assert whole["networks"] == crop["networks"] and whole["unet_full_steps"] == crop["unet_full_steps"] == 2 * STEPS
+    assert 0 < crop["unet_latent_pixels"] < whole["unet_latent_pixels"]
+    assert 0 < crop["unet_flops"] < whole["unet_flops"]
+    assert whole["unet_flops_per_step"] * 2 * STEPS == whole["unet_flops"]  # every step full, all at one size
 
 
 def test_a_cached_run_counts_fewer_flops(rows):

@@ -25,10 +25,10 @@ def boxed_mask(size_hw, box):
     return mask
 
 
-def run_diffusers_cropped(pipe, prompts, image, mask, steps, guidance, seed, resolution, padding):
+def run_diffusers_cropped(pipe, prompts, image, mask, steps, guidance, seed, resolution, padding, task="remove"):
     h, w = processing_size(mask.shape, resolution)
     return np.asarray(pipe(
-        prompt_embeds=prompts["remove"][None], negative_prompt_embeds=prompts["null"][None],
+        prompt_embeds=prompts[task][None], negative_prompt_embeds=prompts["null"][None],
         image=Image.fromarray(image), mask_image=Image.fromarray(mask.astype(np.uint8) * 255), height=h, width=w,
         num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
         padding_mask_crop=padding,
@@ -132,3 +132,135 @@ def test_cli_crop_padding_32_processing_equals_diffusers(tiny_weights, diffusers
     assert rc == 0, capsys.readouterr().err
     theirs = run_diffusers_cropped(diffusers_pipe, reposition.task_prompts, photo, mask, 3, 1.0, 4, 64, 32)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), theirs)
+
+
+# ---------------------------------------------------------------------- repositioning and outpainting with a crop
+def seele_scene():
+    """A real photo at its processing size (64 x 96 at resolution 64), a subject on the left moved 50 px right and
+    a part to complete beside its new place: REMOVE, COMPLETE and HARMONIZE all run."""
+    from skimage import data
+
+    image = np.ascontiguousarray(data.chelsea()[100:164, 150:246])
+    subject, complete = boxed_mask((64, 96), (20, 8, 36, 22)), boxed_mask((64, 96), (36, 58, 40, 72))
+    return image, subject, complete
+
+
+def outside(box, shape):
+    x1, y1, x2, y2 = box
+    out = np.ones(shape, bool)
+    out[y1:y2, x1:x2] = False
+    return out
+
+
+def test_reposition_crop_equals_the_uncropped_flow_on_the_crop(reposition):
+    """The paper order (every pass sees the moved subject): the box holds the void and the moved subject, nothing
+    outside it changes, and inside it the result is the whole SEELE flow run on the crop alone (native crop: the
+    box is processed at its own size, so no resampling separates the two; exact)."""
+    from editrt.runtime.edits import Quality, SeeleEdit
+
+    image, subject, complete = seele_scene()
+    edit = SeeleEdit(move=(50, 0), dilation=2, complete_mask=complete, remove_order="paper")
+    result = reposition(image, edit, mask=subject, quality=Quality(steps=2, resolution=64, crop_padding=3))
+    out, box = np.asarray(result.image), result.crop_box
+    x1, y1, x2, y2 = box
+    assert x1 <= 8 - 2 and x2 >= 72 + 2 and y1 <= 20 - 2 and y2 >= 40 + 2  # void (dilated) and moved subject inside
+    assert (x2 - x1, y2 - y1) != (96, 64)  # a real crop, not the whole image
+    np.testing.assert_array_equal(out[outside(box, subject.shape)], image[outside(box, subject.shape)])
+    crop = np.s_[y1:y2, x1:x2]
+    alone = reposition(image[crop], SeeleEdit(move=(50, 0), dilation=2, complete_mask=complete[crop],
+                                              remove_order="paper"),
+                       mask=subject[crop], quality=Quality(steps=2, resolution=min(y2 - y1, x2 - x1)))
+    np.testing.assert_array_equal(out[crop], np.asarray(alone.image))
+
+
+@pytest.mark.parametrize("crop_size", ["processing", "native"])
+def test_reposition_crop_whose_box_is_the_whole_image_equals_no_crop(reposition, crop_size):
+    """A padding that reaches every border makes the box the whole image; at an image of the processing size neither
+    crop size resamples anything, so the result is the uncropped flow's, byte for byte."""
+    from editrt.runtime.edits import Quality, SeeleEdit
+
+    image, subject, complete = seele_scene()
+    edit = SeeleEdit(move=(50, 0), dilation=2, complete_mask=complete)
+    plain = reposition(image, edit, mask=subject, quality=Quality(steps=2, resolution=64))
+    cropped = reposition(image, edit, mask=subject,
+                         quality=Quality(steps=2, resolution=64, crop_padding=96, crop_size=crop_size))
+    assert plain.crop_box is None and cropped.crop_box == (0, 0, 96, 64)
+    np.testing.assert_array_equal(np.asarray(cropped.image), np.asarray(plain.image))
+
+
+def test_cached_order_remove_with_a_crop_does_not_depend_on_the_move(reposition):
+    """The cached order's REMOVE runs on the unmoved image in the box around the void alone: two moves give the same
+    REMOVE result (what lets a drag reuse it), while the edit's box follows the moved subject."""
+    from editrt.runtime.edits import Quality
+
+    image, subject, _ = seele_scene()
+    quality = Quality(steps=2, resolution=64, crop_padding=3)
+    near, far = (reposition(image, mask=subject, move=(dx, 0), dilation=2, harmonize=False, quality=quality)
+                 for dx in (20, 50))
+    np.testing.assert_array_equal(np.asarray(near.stages["removed"].image), np.asarray(far.stages["removed"].image))
+    assert near.crop_box != far.crop_box and far.crop_box[2] >= 72
+    for r in (near, far):
+        np.testing.assert_array_equal(np.asarray(r.image)[outside(r.crop_box, subject.shape)],
+                                      image[outside(r.crop_box, subject.shape)])
+
+
+@pytest.mark.parametrize("options,field", [
+    (dict(crop_padding=-3), "crop_padding"),
+    (dict(crop_padding="8"), "crop_padding"),
+    (dict(crop_padding=8, crop_size="whole"), "crop_size"),
+    (dict(crop_size="processing"), "crop_size"),  # a size without a crop
+])
+def test_quality_refuses_bad_crop_options_naming_the_field(reposition, options, field):
+    from editrt.runtime.edits import Quality
+
+    with pytest.raises(InputError) as e:
+        Quality(**options)
+    assert e.value.field == field and "\n" not in str(e.value)
+    image, subject, _ = seele_scene()
+    with pytest.raises(InputError) as e:  # the keyword form: refused where the Quality is built, before any pass
+        reposition(image, mask=subject, move=(5, 0), steps=1, **options)
+    assert e.value.field == field
+    assert Quality(crop_padding=8).crop_size == "native"  # the default size with a crop
+
+
+def test_outpaint_processing_crop_equals_diffusers_padding_mask_crop_on_the_canvas(reposition, diffusers_pipe):
+    """Outpainting with a crop is one cropped inpainting pass over the new border: with crop_size "processing" it equals
+    diffusers' padding_mask_crop on the padded canvas (exact). The canvas (64 x 112) is not the processing size
+    (48 x 84 at resolution 48), so a pass that ignored the crop would resample differently and differ. (A border along
+    a whole side grows, with the box's aspect rule, to the whole canvas: the crop changes how it is resampled and
+    pasted, not how much is processed.)"""
+    from editrt.runtime.outpaint import outpaint, outpaint_task, pad_canvas
+
+    image = seele_scene()[0]
+    out = np.asarray(outpaint(reposition, image, (0, 0, 16, 0), steps=2, seed=5, resolution=48, crop_padding=8,
+                              crop_size="processing"))
+    canvas, border = pad_canvas(image, (0, 0, 16, 0))
+    theirs = run_diffusers_cropped(diffusers_pipe, reposition.task_prompts, canvas, border, 2, 1.0, 5, 48, 8,
+                                   task=outpaint_task(reposition))
+    np.testing.assert_array_equal(out, theirs)
+    np.testing.assert_array_equal(out[:, :96], image)
+    with pytest.raises(InputError) as e:
+        outpaint(reposition, image, (0, 0, 16, 0), steps=1, crop_size="native")
+    assert e.value.field == "crop_size"
+
+
+def test_dilate_equals_binary_dilation_with_the_disk():
+    """images.dilate (distance transform over the mask's window; photo-size masks made it 40 s per call with the
+    structure) against its reference, scipy's binary_dilation with the disk structure: masks anywhere, borders
+    included, radii 1 to 12 (exact)."""
+    from scipy import ndimage
+
+    from editrt.runtime.images import dilate
+
+    rng = np.random.default_rng(1)
+    for _ in range(120):
+        h, w = rng.integers(1, 60, 2)
+        mask = np.zeros((h, w), bool)
+        for _ in range(rng.integers(1, 4)):  # blobs and single pixels, some on the border
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            mask[y:y + rng.integers(1, 8), x:x + rng.integers(1, 8)] = True
+        r = int(rng.integers(1, 13))
+        y, x = np.ogrid[-r:r + 1, -r:r + 1]
+        np.testing.assert_array_equal(dilate(mask, r), ndimage.binary_dilation(mask, structure=x * x + y * y <= r * r),
+                                      err_msg=f"{mask.shape} r={r}")
+    assert not dilate(np.zeros((5, 5), bool), 3).any()

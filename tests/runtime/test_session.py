@@ -201,3 +201,30 @@ def test_select_shadow_needs_a_subject(reposition, photo):
     with EditSession(photo, reposition, steps=1, resolution=64) as session:
         with pytest.raises(InputError, match="select_shadow: select the subject first"):
             session.select_shadow(box=[10, 10, 50, 50])
+
+
+def test_a_reposition_session_with_a_crop_renders_previews_and_finals_in_it(reposition, photo):
+    """crop_padding / crop_size are session options: both qualities carry them, and a preview and a final equal the
+    pipeline's result at that quality (a box around the move, the rest of the photo byte-identical)."""
+    subject = np.zeros(photo.shape[:2], bool)
+    subject[120:180, 100:170] = True
+    with EditSession(photo, reposition, steps=2, preview_steps=1, resolution=64, crop_padding=8) as session:
+        session.select(mask=subject)
+        final = session.final(move=(60, 10))
+        preview = session.preview(move=(60, 10)).result(timeout=120)
+        with pytest.raises(InputError) as e:  # set when the session opens, not per edit
+            session.final(move=(60, 10), crop_padding=4)
+        assert e.value.field == "crop_padding"
+        qualities = (session.final_quality, session.preview_quality)
+    for result, quality in zip((final, preview), qualities):
+        assert (quality.crop_padding, quality.crop_size) == (8, "native")
+        expected = reposition(photo, mask=subject, move=(60, 10), quality=quality)
+        np.testing.assert_array_equal(np.asarray(result.image), np.asarray(expected.image))
+        x1, y1, x2, y2 = result.crop_box
+        outside = np.ones(subject.shape, bool)
+        outside[y1:y2, x1:x2] = False
+        assert outside.any()
+        np.testing.assert_array_equal(np.asarray(result.image)[outside], photo[outside])
+    with pytest.raises(InputError) as e:
+        EditSession(photo, reposition, crop_size="processing")
+    assert e.value.field == "crop_size"

@@ -289,6 +289,42 @@ def test_reposition_stage_masks_as_multipart_files_equal_json(client, photo_smal
     assert r.content == j.content
 
 
+def _crop_scene(photo):
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[20:50, 10:40] = 255
+    return mask, {"move": (40, 2)}
+
+
+def test_reposition_crop_form_fields_reach_the_typed_edit(client, reposition, photo_small):
+    """crop_padding / crop_size as multipart form fields: the PNG is the library's result with that crop (a route
+    that dropped them would return the uncropped one, which resamples the whole image and differs)."""
+    from editrt.runtime.edits import Quality
+
+    mask, edit = _crop_scene(photo_small)
+    files = {name: (f"{name}.png", png(a), "image/png") for name, a in (("image", photo_small), ("mask", mask))}
+    r = client.post("/v1/reposition", files=files, data={"move": json.dumps(edit["move"]), "steps": "1",
+                                                          "crop_padding": "4", "crop_size": "native"})
+    assert r.status_code == 200, r.text
+    expected = reposition(photo_small, mask=mask, **edit, quality=Quality(steps=1, crop_padding=4, crop_size="native"))
+    assert expected.crop_box != (0, 0, 120, 80)
+    np.testing.assert_array_equal(decode(r.content), np.asarray(expected.image))
+
+
+def test_a_session_opened_with_a_crop_renders_with_it(client, server, reposition, photo_small):
+    from editrt.runtime.edits import Quality
+
+    mask, edit = _crop_scene(photo_small)
+    sid = _session(client, photo_small, crop_padding=4)["id"]
+    client.post(f"/v1/sessions/{sid}/select", json={"mask": b64png(mask)}).raise_for_status()
+    r = client.post(f"/v1/sessions/{sid}/final", json={"dx": edit["move"][0], "dy": edit["move"][1]})
+    assert r.status_code == 200, r.text
+    steps = server.state.settings.final_steps
+    expected = reposition(photo_small, mask=mask, **edit, quality=Quality(steps=steps, resolution=reposition.default_resolution,
+                                                                          crop_padding=4))
+    np.testing.assert_array_equal(decode(r.json()["image"]), np.asarray(expected.image))
+    client.delete(f"/v1/sessions/{sid}")
+
+
 def test_a_request_whose_session_closed_while_it_waited_is_404(client, server, photo_small):
     """DELETE, the TTL or an eviction can close a session while one of its jobs waits in the queue: when the
     job runs, the session refuses (InputError field 'session'); the answer is 404 on session_id, as for a

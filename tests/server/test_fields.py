@@ -78,11 +78,25 @@ def test_inpaint(client, photo_small, mask, field):
     (dict(new_shadow_box=[60, 60, 110, 70], harmonize=False), "new_shadow_box"),
     (dict(new_shadow_region=mask_png((10, 10), (0, 10, 0, 10))), "new_shadow_region"),  # the mask form
     (dict(new_shadow_region=mask_png((80, 120), (60, 70, 60, 110)), harmonize=False), "new_shadow_region"),
+    (dict(crop_padding=-1), "crop_padding"),  # the schema's bound
+    (dict(crop_padding=4, crop_size="whole"), "crop_size"),
+    (dict(crop_size="native"), "crop_size"),  # a size without a crop: the typed edit's refusal
 ])
 def test_reposition(client, photo_small, change, field):
     body = {"image": b64png(photo_small), "mask": mask_png((80, 120), SUBJECT), "move": [6, 2], "steps": 1,
             **change}
     named(client.post("/v1/reposition", json={k: v for k, v in body.items() if v is not None}), field)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(crop_padding=-1), "crop_padding"),
+    (dict(crop_padding=2.5), "crop_padding"),
+    (dict(crop_padding=4, crop_size="whole"), "crop_size"),
+    (dict(crop_size="processing"), "crop_size"),  # without crop_padding: refused by the session's Quality
+    (dict(kind="elements", crop_padding=4), "crop_padding"),  # an elements session renders the whole image
+])
+def test_session_crop_options(client, photo_small, change, field):
+    named(client.post("/v1/sessions", json={"image": b64png(photo_small), **change}), field)
 
 
 @pytest.fixture(scope="module")

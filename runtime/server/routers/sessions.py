@@ -174,12 +174,17 @@ async def create(request: Request):
     cost.check_pass(st.settings, rgb.shape[:2], None, resolution, steps)
     cost.check_pass(st.settings, rgb.shape[:2], None, st.settings.preview_resolution or resolution, preview,
                     "preview_steps")
+    crop = {k: getattr(req, k) for k in ("crop_padding", "crop_size") if getattr(req, k) is not None}
+    if crop and req.kind != "reposition":  # an elements session renders the whole canvas: no pass to crop
+        name = next(iter(crop))
+        raise APIError(422, name, f"{name}: a repositioning option; an elements session renders the whole image")
 
     def open_():
         return open_session(rgb, pipe, steps=steps, preview_steps=preview, resolution=st.settings.resolution,
                             preview_resolution=st.settings.preview_resolution, seed=req.seed,
-                            max_undo=st.settings.history)
-    session, run_s, wait_s = await common.run(request, req.kind, open_, INTERACTIVE, "open", {"image": "image"})
+                            max_undo=st.settings.history, **crop)
+    session, run_s, wait_s = await common.run(request, req.kind, open_, INTERACTIVE, "open",
+                                              common.same_names("image", "crop_padding", "crop_size"))
     live = st.sessions.add(session, steps, preview)
     return await anyio.to_thread.run_sync(lambda: info(live, st, t=common.timing(request, t0, run_s, wait_s)))
 

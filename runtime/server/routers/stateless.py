@@ -51,10 +51,12 @@ def _prompt(req, h: int, w: int) -> dict:
 
 # each route's field map: the pipeline call's keyword (EditError.field) -> the request field that carried it
 SEGMENT_FIELDS = common.same_names("image", "points", "labels", "box")
-INPAINT_FIELDS = common.same_names("image", "mask", "task", "steps", "guidance", "seed", "resolution")
+INPAINT_FIELDS = common.same_names("image", "mask", "task", "steps", "guidance", "seed", "resolution", "crop_padding",
+                                   "crop_size")
 REPOSITION_FIELDS = common.same_names("image", "mask", "points", "labels", "box", "move", "scale", "matting",
                                       "trimap_band", "harmonize", "complete_mask", "steps", "guidance", "seed",
-                                      "resolution")  # + the SeeleEdit attributes the request spells otherwise
+                                      "resolution", "crop_padding",
+                                      "crop_size")  # + the SeeleEdit attributes the request spells otherwise
 PARTITION_FIELDS = common.same_names("image", "resolution", "grid", "beta", "iterations")
 RENDER_FIELDS = common.same_names("elements", "prompt", "guidance", "steps", "seed")
 
@@ -86,7 +88,7 @@ async def inpaint(request: Request):
     def job():
         with torch.no_grad():
             return pipe.inpaint(rgb, mask, task=req.task, steps=steps, guidance=req.guidance, seed=req.seed,
-                                resolution=req.resolution)
+                                resolution=req.resolution, crop_padding=req.crop_padding, crop_size=req.crop_size)
     out, run_s, wait_s = await common.run(request, "reposition", job, ONE_SHOT, "inpaint", INPAINT_FIELDS)
     return await common.png_response(out, t0, run_s, wait_s)
 
@@ -127,7 +129,8 @@ async def reposition(request: Request):
         edit = SeeleEdit(move=tuple(req.move), scale=req.scale, occlusion=occlusion, matting=req.matting,
                          trimap_band=req.trimap_band, harmonize=req.harmonize, complete_mask=masks.get("complete_mask"),
                          existing_shadow=masks.get("existing_shadow_mask"), new_shadow_region=region)
-        quality = Quality(steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution)
+        quality = Quality(steps=steps, guidance=req.guidance, seed=req.seed, resolution=req.resolution,
+                          crop_padding=req.crop_padding, crop_size=req.crop_size)
     stop = Stop()  # set when the client goes away: the job stops at its next denoising step
 
     def job():
