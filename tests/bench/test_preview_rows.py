@@ -104,3 +104,19 @@ def test_the_full_config_previews_run_the_real_taesd_architecture():
             tiny = AutoencoderTiny.from_config(tiny_vae_config(full[editor]["vae"], "full"))
             assert {k: tuple(v) if isinstance(v, list) else v for k, v in tiny.config.items() if k in taesd} == taesd
             assert [p.shape for p in tiny.parameters()] == [p.shape for p in defaults.parameters()]
+
+
+def test_a_decoder_that_is_not_diffusers_own_fails_the_peer_row(reposition, tiny_weights, monkeypatch):
+    """The peer row is skipped only while our engine's decode is bit-equal to diffusers'; otherwise the row fails."""
+    from editrt.bench import preview_cases
+    from editrt.bench.cases import BenchContext, Selection, Skip
+
+    ctx = BenchContext(tiny_weights, torch.device("cpu"), torch.float32, "tiny", True, 2, Selection([]))
+    monkeypatch.setattr(preview_cases.Editor, "pipe", lambda self, ctx: reposition)
+    inpaint = preview_cases.EDITORS[0]
+    with pytest.raises(Skip, match="the same code as ours"):
+        preview_cases._peer(ctx, inpaint, tiny=False)
+    full = reposition.engines["vae_decoder"]
+    monkeypatch.setitem(reposition.engines, "vae_decoder", lambda **x: {"image": full(**x)["image"] + 1e-3})
+    with pytest.raises(AssertionError, match="differs from diffusers' AutoencoderKL.decode"):
+        preview_cases._peer(ctx, inpaint, tiny=False)
