@@ -212,8 +212,9 @@ def _peer(ctx: BenchContext, editor: Editor, tiny: bool) -> Run:
     finally:
         diffusers_logging.set_verbosity(verbosity)
     z = ctx.randn(1, theirs.config.latent_channels, PEER_CHECK_LATENT, PEER_CHECK_LATENT)
-    ours = engine(latent=z)["image"]
-    peer = theirs.decode(z / theirs.config.scaling_factor, return_dict=False)[0]
+    with torch.no_grad():  # the suite calls builders under no_grad; a direct call (a test) too
+        ours = engine(latent=z)["image"]
+        peer = theirs.decode(z / theirs.config.scaling_factor, return_dict=False)[0]
     if not torch.equal(ours, peer):
         raise AssertionError(f"our {DECODERS[tiny]} decode differs from diffusers' {cls.__name__}.decode on "
                              f"{folder} (largest difference {float((ours - peer).abs().max()):.3g}): time the peer")
