@@ -82,6 +82,7 @@ from editrt.bench.elements_cases import elements_cases
 from editrt.bench.kernel_rows import kernel_cases
 from editrt.bench.less_work_cases import less_work_cases
 from editrt.bench.observe import Observed, compiled_parts, row_environment, watch
+from editrt.bench.preview_cases import preview_cases
 from editrt.bench.reposition_cases import reposition_cases
 from editrt.bench.runtime_cases import runtime_cases
 from editrt.bench.seele_cases import seele_cases
@@ -94,7 +95,7 @@ SCHEMA = "editrt-bench/1"
 # Each area adds its cases here (engine backends and new components add theirs as they land).
 CASE_PROVIDERS: list[Callable[[BenchContext], list[Case]]] = [reposition_cases, elements_cases, runtime_cases,
                                                               kernel_cases, seele_cases, train_cases,
-                                                              less_work_cases]
+                                                              less_work_cases, preview_cases]
 try:  # the partition clean-up rows (scipy vs the native ops), written beside the native library
     from editrt.bench.cleanup_cases import cleanup_cases
 except ModuleNotFoundError as e:  # not there yet: the other rows run without them

@@ -38,7 +38,8 @@ TRAIN_STEPS, TRAIN_SAMPLES = ("training steps",), ("training samples",)  # bench
 # bench/less_work_cases.py: what the UNet really processed (its hooks count them as the UNet runs)
 UNET_STEPS, UNET_FULL_STEPS = ("unet steps",), ("unet full steps",)  # every step / those that ran the deep path
 UNET_LATENT_PIXELS, UNET_FLOPS = ("unet latent pixels",), ("unet flops",)  # per UNet call: H x W of its input; FLOPs
-OUTPUT_PSNR = ("output psnr db",)  # a cached run's output against the uncached one's
+OUTPUT_PSNR = ("output psnr db",)  # a cached run's output against the uncached one's; a preview's against the final
+DECODER_FLOPS = ("decoder flops",)  # bench/preview_cases.py: each VAE decoder call adds its counted FLOPs
 
 _lock = threading.RLock()
 _tallies: list[Counter] = []  # open tallies: a row's watches
@@ -259,8 +260,10 @@ def summary(seen: Counter, runs: int) -> dict:
         if seen[UNET_FLOPS]:
             out["unet_flops"] = _per_run(seen[UNET_FLOPS], runs)
             out["unet_flops_per_step"] = _per_run(seen[UNET_FLOPS], seen[UNET_STEPS])
-        if seen[OUTPUT_PSNR]:
-            out["output_psnr_db"] = round(seen[OUTPUT_PSNR] / runs, 2)
+    if seen[DECODER_FLOPS]:  # preview-decode rows: the VAE decoders' FLOPs
+        out["decoder_flops"] = _per_run(seen[DECODER_FLOPS], runs)
+    if seen[OUTPUT_PSNR]:  # deepcache rows (against the uncached output), tiny preview rows (against the final)
+        out["output_psnr_db"] = round(seen[OUTPUT_PSNR] / runs, 2)
     return out
 
 
@@ -269,4 +272,4 @@ def same_work(a: dict, b: dict) -> bool:
     (caches and compiled-graph calls are how a row runs its work, not which work: not compared)."""
     return a["networks"] == b["networks"] and a["denoising_steps"] == b["denoising_steps"] and \
         a.get("training_samples") == b.get("training_samples") and \
-        all(a.get(key) == b.get(key) for key in ("unet_full_steps", "unet_latent_pixels", "unet_flops"))
+        all(a.get(key) == b.get(key) for key in ("unet_full_steps", "unet_latent_pixels", "unet_flops", "decoder_flops"))
