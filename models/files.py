@@ -1,11 +1,15 @@
 """Files: reading weights with errors that name the file and what was expected, and writing any
 output atomically (DESIGN.md contract 5: nothing on disk is left half-written).
 
-The one atomic writer: `write_atomic` for a file, `write_dir_atomic` for a folder (both write a
-temporary sibling, then rename it into place).
+The atomic writers: `write_atomic` for a file, `write_dir_atomic` for a new folder (both write a
+temporary sibling, then rename it into place), `replace_dir` for a folder that may already exist and
+`publish_folders` for several folders of one parent that must change together (both swap with one
+atomic exchange where Linux has it).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -95,3 +99,110 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a temporary sibling, then put it in place of `path`, which may exist: one atomic
+    exchange (Linux renameat2 RENAME_EXCHANGE), so a crash leaves the old folder or the new one, never none; the
+    old tree is removed after. Without the exchange, the old folder is moved aside first (a crash between the
+    two renames leaves it beside as `.NAME.old`). A failed write leaves `path` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(staged)
+        os.chmod(staged, 0o755)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    _swap_in(staged, path)
+    return path
+
+
+def publish_folders(parent: Path, writers: dict) -> None:
+    """Replace the folders `writers` names inside `parent` ({name: write(tmp)}) all together: a crash at any
+    point leaves `parent` as it was or with every one of them new, never a mix and never without them.
+
+    Two folders cannot be swapped in by one rename each (a crash between the renames leaves one new and one
+    old), so `parent` itself is swapped: a sibling is staged with every other entry of `parent` hard-linked into
+    it (no data copied; copied where the file system cannot link) and each named folder written fresh, then the
+    sibling and `parent` are exchanged in one atomic step (Linux renameat2 RENAME_EXCHANGE), and the old tree,
+    now the sibling, is removed. Without `parent` yet, the staged folder is renamed to it (one rename). Where the
+    file system has no exchange, `parent` is moved aside and the staged one renamed in (a crash between those
+    two renames leaves no `parent`, and the complete old tree beside it as `.NAME.old`). A failed write leaves
+    `parent` as it was."""
+    parent = Path(parent)
+    if parent.is_symlink():  # a weights folder linked from elsewhere: publish where it points, keep the link
+        parent = parent.resolve()
+    parent.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{parent.name}.", dir=parent.parent))
+    try:
+        if parent.exists():
+            for entry in parent.iterdir():
+                if entry.name not in writers:
+                    _link_tree(entry, staged / entry.name)
+            shutil.copystat(parent, staged)
+        else:
+            os.chmod(staged, 0o755)
+        for name, write in writers.items():
+            folder = staged / name
+            folder.mkdir()
+            write(folder)
+            os.chmod(folder, 0o755)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    _swap_in(staged, parent)
+
+
+def _swap_in(staged: Path, path: Path) -> None:
+    """Put the finished folder `staged` in place of `path` (see replace_dir), then remove the old tree."""
+    if not path.exists():
+        staged.rename(path)
+        return
+    if not _exchange(staged, path):  # the one step that publishes: before it the old tree, after it the new
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        try:
+            staged.rename(path)
+        except BaseException:
+            old.rename(path)
+            raise
+        staged = old
+    shutil.rmtree(staged, ignore_errors=True)  # the old tree
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`source` (a file, folder or symlink) at `target`: files hard-linked (copied where linking fails)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=link)
+    else:
+        link(source, target)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap paths `a` and `b` atomically (Linux renameat2 with RENAME_EXCHANGE; folders may be non-empty).
+    False where the C library or the file system has no such call; any other failure raises OSError."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap in the new folder: {os.strerror(err)}", str(a), None, str(b))

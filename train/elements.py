@@ -17,9 +17,6 @@ it); the decoder lives in the checkpoints.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from PIL import Image
 from editrt.errors import InputError
 from editrt.models.content_encoder import ContentEncoder
 from editrt.models.element_unet import ElementEmbedder
+from editrt.models.files import replace_dir
 from editrt.train.data import IMAGE_SUFFIXES, _open_size, split_train_val
 from editrt.train.job import LoopSettings, start_job, train_loop
 from editrt.train.samples import TRAIN_STREAM, VAL_STREAM, IndexedSamples
@@ -149,28 +147,6 @@ class ElementsSettings:
     val_fraction: float = 0.05
 
 
-def replace_folder(path: Path, write) -> None:
-    """`write(tmp)` into a temporary sibling, then swap it in for `path` (the old one removed last)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            old.rename(path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def train_content_encoder(settings: ElementsSettings, loop: LoopSettings, log=lambda what: None, on_step=None,
                           accelerator=None):
     """Train the content encoder; `loop.steps` None: 30 passes over the training images (the paper's 30 epochs)."""
@@ -202,6 +178,6 @@ def train_content_encoder(settings: ElementsSettings, loop: LoopSettings, log=la
     if accelerator.is_main_process:
         trained = ContentEncoder(**encoder.config)
         trained.load_state_dict({k[len("encoder."):]: v for k, v in chosen.items() if k.startswith("encoder.")})
-        replace_folder(out, trained.save_pretrained)
+        replace_dir(out, trained.save_pretrained)  # a crash leaves the old encoder or the new, never none
     accelerator.wait_for_everyone()
     return out, result, model
