@@ -61,3 +61,15 @@ def elements_pipe(tiny_weights):
     from editrt.runtime.elements_pipeline import ElementsPipeline
 
     return ElementsPipeline.from_pretrained(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tiny_weights, tmp_path_factory):
+    """`editrt export` of every tiny component (fp32, each graph checked against PyTorch): (folder, results).
+
+    Read-only for its users: tests/export/test_onnx_export.py holds every result to its spec and PyTorch,
+    test_seele_export.py the estimators', test_tensorrt.py reads the graphs (one export, not three)."""
+    from editrt.export.components import export_components
+
+    out = tmp_path_factory.mktemp("onnx-exports")
+    return out, export_components(tiny_weights, "all", out, check=True)
