@@ -1,6 +1,14 @@
 import os
 
-import torch
+# One intra-op thread for torch here and in every process a test starts (CLIs, servers, Triton's and Ray's workers
+# inherit the variable): the tests run tiny networks, where a second OpenMP thread costs more than it computes
+# (a quick `editrt bench` over 8 components: 117 s of CPU with 2 threads, 25 s with 1, on 2 cores). PyTorch's CPU
+# results depend on the thread count in their last bits, so every process agrees by all using the same count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Triton kernels run on CPU through the interpreter. The switch must be set before any
 # @triton.jit function is decorated, i.e. before editrt.kernels is imported by a test.
