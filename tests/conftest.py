@@ -1,6 +1,14 @@
 import os
 
-import torch
+# One intra-op thread for torch here and in every process a test starts (CLIs, servers, Triton's and Ray's workers
+# inherit the variable): the tests run tiny networks, where a second OpenMP thread costs more than it computes
+# (a quick `editrt bench` over 8 components: 117 s of CPU with 2 threads, 25 s with 1, on 2 cores). PyTorch's CPU
+# results depend on the thread count in their last bits, so every process agrees by all using the same count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Triton kernels run on CPU through the interpreter. The switch must be set before any
 # @triton.jit function is decorated, i.e. before editrt.kernels is imported by a test.
@@ -61,3 +69,15 @@ def elements_pipe(tiny_weights):
     from editrt.runtime.elements_pipeline import ElementsPipeline
 
     return ElementsPipeline.from_pretrained(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tiny_weights, tmp_path_factory):
+    """`editrt export` of every tiny component (fp32, each graph checked against PyTorch): (folder, results).
+
+    Read-only for its users: tests/export/test_onnx_export.py holds every result to its spec and PyTorch,
+    test_seele_export.py the estimators', test_tensorrt.py reads the graphs (one export, not three)."""
+    from editrt.export.components import export_components
+
+    out = tmp_path_factory.mktemp("onnx-exports")
+    return out, export_components(tiny_weights, "all", out, check=True)

@@ -1,5 +1,7 @@
 """`editrt bench` end to end on tiny weights: the JSON schema, the peers really running, the outputs,
-the kernel-case adapter, failed rows, and bad options (one line on stderr, exit 2, no file)."""
+the kernel-case adapter, failed rows, and bad options (one line on stderr, exit 2, no file).
+
+`bench_run` (tests/bench/conftest.py) is the one quick run over this file's rows and test_truthful_rows.py's."""
 import contextlib
 import importlib.machinery
 import importlib.util
@@ -19,16 +21,8 @@ from editrt.bench.cases import BACKENDS, Case, Run
 from editrt.bench.cli import add_bench_parser, cmd_bench, main
 
 FAST = ["--repeats", "2", "--warmup", "1", "--steps", "2", "--quiet"]
-SUBSET = "unet-inpaint-b1,lora-switch,sam-segment-1pt,inpaint-pass,elements-unet-b1"
 TOP_FIELDS = {"schema", "created", "command", "device", "config", "dtype", "quick", "steps", "versions", "notes", "rows"}
 TENSORRT_ABSENT = importlib.util.find_spec("tensorrt") is None
-
-
-def _counting(original, calls: dict, key: str):
-    def wrapper(self, *args, **kwargs):
-        calls[key] += 1
-        return original(self, *args, **kwargs)
-    return wrapper
 
 
 def run_cli(argv) -> tuple[int, str, str]:
@@ -39,33 +33,6 @@ def run_cli(argv) -> tuple[int, str, str]:
         except SystemExit as e:
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def bench_run(tiny_weights, tmp_path_factory):
-    """One in-process run over a subset, with the peers' entry points wrapped to count their calls,
-    and --save pointed at a scratch copy of bench/results."""
-    from diffusers import StableDiffusionInpaintPipeline
-    from segment_anything import SamPredictor
-
-    out = tmp_path_factory.mktemp("bench")
-    results = out / "results"
-    results.mkdir()
-    shutil.copy(Path(report.__file__).parent / "results" / "README.md", results / "README.md")
-    calls = {"diffusers": 0, "set_image": 0, "predict": 0}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StableDiffusionInpaintPipeline, "__call__",
-                   _counting(StableDiffusionInpaintPipeline.__call__, calls, "diffusers"))
-        mp.setattr(SamPredictor, "set_image", _counting(SamPredictor.set_image, calls, "set_image"))
-        mp.setattr(SamPredictor, "predict", _counting(SamPredictor.predict, calls, "predict"))
-        mp.setattr(report, "RESULTS_DIR", results)
-        # --quick: on a CPU the torch.compile rows are then skipped (test_truthful_rows.py compiles for real)
-        rc, stdout, stderr = run_cli(["--weights", tiny_weights, "--quick", "--only", SUBSET, *FAST, "--json", out / "b.json",
-                                      "--markdown", out / "b.md", "--plot", out / "b.png", "--save"])
-    assert rc == 0, stderr
-    doc = json.loads((out / "b.json").read_text())
-    return dict(doc=doc, rows={r["name"]: r for r in doc["rows"]}, calls=calls, out=out, results=results,
-                stdout=stdout)
 
 
 def test_json_schema(bench_run):

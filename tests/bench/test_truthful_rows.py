@@ -162,14 +162,10 @@ def test_a_compile_row_is_measured_outside_quick_cpu_runs(tiny_weights, tmp_path
 
 
 # ---------------------------------------------------------------------- the real rows
-REAL = "inpaint-pass,reposition-e2e,elements-partition,elements-unet-b1,elements-render-e2e,sam-segment-1pt"
-
-
 @pytest.fixture(scope="module")
-def quick_rows(tiny_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick") / "q.json"
-    rc, err = run_cli(["--weights", tiny_weights, "--quick", "--only", REAL, *FAST, "--json", out])
-    return rc, err, {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+def quick_rows(bench_run):
+    """The quick run over the real rows (tests/bench/conftest.py: shared with test_bench_suite.py)."""
+    return bench_run["rc"], bench_run["stderr"], bench_run["rows"]
 
 
 def test_quick_rows_carry_what_ran(quick_rows):

@@ -31,10 +31,9 @@ ODD_LATENTS = [(11, 11), (9, 14), (13, 8), (16, 16)]  # 11x11 is `inpaint --reso
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, tiny_weights):
-    out = tmp_path_factory.mktemp("engines")
-    results = export_components(tiny_weights, "all", out, check=True)
-    return out, results
+def engines(onnx_exports):
+    """export_components(tiny_weights, "all", check=True): the session's one export (tests/conftest.py)."""
+    return onnx_exports
 
 
 @pytest.fixture(scope="module")

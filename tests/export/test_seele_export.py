@@ -26,9 +26,11 @@ ESTIMATORS = optional_networks()  # depth and matting: exported where the weight
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_weights):
-    out = tmp_path_factory.mktemp("estimator_engines")
-    return out, export_components(tiny_weights, list(ESTIMATORS), out, check=True)
+def exported(onnx_exports):
+    """The estimators of the session's one `export_components(tiny_weights, "all", check=True)` (tests/conftest.py):
+    "all" exports them where the weights have them, as tiny_weights do."""
+    out, results = onnx_exports
+    return out, [r for r in results if r.name in ESTIMATORS]
 
 
 @pytest.fixture(scope="module")

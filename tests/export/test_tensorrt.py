@@ -213,13 +213,14 @@ def _inputs_whose_values_set_shapes(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def test_every_shape_tensor_input_of_the_exported_graphs_has_a_value_range(tiny_weights, tiny_specs, tmp_path):
-    """An independent reading of the exported graphs: the inputs whose values feed shapes are
-    exactly the spec's value_ranges (orig_im_size in the SAM decoder, nothing anywhere else)."""
+def test_every_shape_tensor_input_of_the_exported_graphs_has_a_value_range(onnx_exports, tiny_specs):
+    """An independent reading of the exported graphs (the session's one export, tests/conftest.py): the inputs
+    whose values feed shapes are exactly the spec's value_ranges (orig_im_size in the SAM decoder, nothing
+    anywhere else)."""
+    out, _ = onnx_exports
     names = ["sam_mask_decoder", "sam_mask_decoder_grid", "vae_decoder", "content_encoder", "inpaint_unet"]
-    export_components(tiny_weights, names, tmp_path, check=False)
     for name in names:
-        found = _inputs_whose_values_set_shapes(onnx.load(str(tmp_path / f"{name}.onnx")))
+        found = _inputs_whose_values_set_shapes(onnx.load(str(out / f"{name}.onnx")))
         assert found == set(tiny_specs[name].value_ranges), (name, found)
     assert set(tiny_specs["sam_mask_decoder"].value_ranges) == {"orig_im_size"}
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from needs import need
+
+import editrt
 
 need("prometheus_client", reason="prometheus_client is not installed (pip install editrt[serve])")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-RECORD = ("from editrt.runtime.server.metrics import Metrics; m = Metrics(); "
+# Each process loads runtime/server/metrics.py (prometheus_client only) from its file: importing it as
+# editrt.runtime.server.metrics would first import the package, i.e. the whole app (seconds per process).
+METRICS_PY = Path(editrt.__file__).parent / "runtime" / "server" / "metrics.py"
+RECORD = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('metrics', sys.argv[1]); "
+          "metrics = importlib.util.module_from_spec(spec); spec.loader.exec_module(metrics); m = metrics.Metrics(); "
           "[m.request('/v1/segment', 'POST', 200, 0.02) for _ in range({n})]; m.count('busy', ('reposition',)); "
           "print(m.render())")
 
@@ -43,9 +50,9 @@ def test_the_exposition_parses_and_counts():
 def test_several_processes_report_their_sum(tmp_path):
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for n in (1, 2):  # replicas 1 and 2 record 1 and 2 requests, and exit
-        subprocess.run([sys.executable, "-c", RECORD.format(n=n)], env=env, check=True, capture_output=True,
+        subprocess.run([sys.executable, "-c", RECORD.format(n=n), METRICS_PY], env=env, check=True, capture_output=True,
                        timeout=60, cwd=tmp_path)
-    scrape = subprocess.run([sys.executable, "-c", RECORD.format(n=0)], env=env, check=True, capture_output=True,
+    scrape = subprocess.run([sys.executable, "-c", RECORD.format(n=0), METRICS_PY], env=env, check=True, capture_output=True,
                             text=True, timeout=60, cwd=tmp_path).stdout  # a third scrapes (recording none)
     samples = _samples(scrape)
     key = (("endpoint", "/v1/segment"), ("method", "POST"), ("status", "200"))
