@@ -124,6 +124,8 @@ def _scalar(name, dtype, default, about):
 _STEPS = _scalar("STEPS", "int32", 50, "denoising steps (default 50)")
 _SEED = _scalar("SEED", "int64", 0, "random seed (default 0)")
 _RESOLUTION = _scalar("RESOLUTION", "int32", None, "processing short side, multiple of 8 (default: the model's)")
+_CROP_PADDING = _scalar("CROP_PADDING", "int32", None, "regenerate only the padded box around what changes, in pixels, "
+                        "pasted back at full resolution (default: off), as `--crop-padding`")
 _POINTS = (Port("POINTS", "float32", (-1, 2), "clicks (x, y) in image pixels", optional=True),
            Port("LABELS", "int32", (-1,), "one per point: 1 foreground, 0 background (default: all 1)", optional=True),
            Port("BOX", "float32", (4,), "a box (x0, y0, x1, y1) around the subject", optional=True))
@@ -136,6 +138,9 @@ class Parameter:
     name: str
     default: str
     about: str
+
+
+_CROP_SIZE = Parameter("crop_size", "", "processing or native (the default with CROP_PADDING), as `--crop-size`")
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,9 @@ PIPELINE_MODELS = {m.name: m for m in (
     PipelineModel("inpaint", "reposition", "one prompt-guided inpainting pass, as `editrt inpaint`",
                   (_image(), Port("MASK", "uint8", (-1, -1), "region to regenerate, uint8 [H, W], nonzero = inside"),
                    _STEPS, _scalar("GUIDANCE", "float32", 1.0, "classifier-free guidance (default 1 = none)"), _SEED,
-                   _RESOLUTION),
+                   _RESOLUTION, _CROP_PADDING),
                   (_image(about="the inpainted image, uint8 [H, W, 3]"),),
-                  (Parameter("task", "remove", "remove (default) or complete"),)),
+                  (Parameter("task", "remove", "remove (default) or complete"), _CROP_SIZE)),
     PipelineModel("reposition", "reposition", "move a subject: remove, complete, harmonize (SEELE), as `editrt reposition`",
                   (_image(), Port("MASK", "uint8", (-1, -1), "subject mask, nonzero = inside (or POINTS / BOX)", optional=True), *_POINTS,
                    Port("MOVE", "float32", (2,), "move (dx, dy) in pixels"),
@@ -176,11 +181,11 @@ PIPELINE_MODELS = {m.name: m for m in (
                         "inside", optional=True),
                    _scalar("HARMONIZE", "uint8", 1, "harmonize the pasted subject: 1 (default) or 0"), _STEPS,
                    _scalar("GUIDANCE", "float32", 1.0, "classifier-free guidance (default 1 = none)"), _SEED,
-                   _RESOLUTION),
+                   _RESOLUTION, _CROP_PADDING),
                   (_image(about="the edited image, uint8 [H, W, 3]"),
                    Port("REGION", "uint8", (-1, -1), "the pixels that were regenerated, uint8 [H, W], 255 inside")),
                   (Parameter("occlusion", "none", "none (default) or auto: destination pixels nearer than the subject "
-                             "(depth) hide it, as `--occlusion auto`"),)),
+                             "(depth) hide it, as `--occlusion auto`"), _CROP_SIZE)),
     PipelineModel("elements_partition", "elements",
                   "split an image into elements and encode them, as `editrt elements partition`",
                   (_image(), _RESOLUTION, _scalar("GRID", "int32", 16, "query grid (default 16 -> 256 elements)"),

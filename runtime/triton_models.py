@@ -345,9 +345,14 @@ class InpaintModel(PipelineModelBase):
         image = r.array("IMAGE")
         check_work(self.limits, image.shape[:2], r.integer("RESOLUTION"), self.pipe.default_resolution,
                    r.integer("STEPS"))
-        result = self.pipe.inpaint(image, r.mask("MASK"), task=r.text("task"), steps=r.integer("STEPS"),
-                                   guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
-                                   resolution=r.integer("RESOLUTION"))
+        try:
+            result = self.pipe.inpaint(image, r.mask("MASK"), task=r.text("task"), steps=r.integer("STEPS"),
+                                       guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
+                                       resolution=r.integer("RESOLUTION"), crop_padding=r.integer("CROP_PADDING"),
+                                       crop_size=r.text("crop_size") or None)
+        except EditError as e:  # the crop's fields named as this model's input
+            port = {"crop_padding": "CROP_PADDING"}.get(e.field)
+            raise type(e)(f"{port}: {e}" if port else str(e), field=port or e.field) from None
         return {"IMAGE": np.asarray(result)}
 
 
@@ -359,7 +364,7 @@ class RepositionModel(PipelineModelBase):
              "complete_mask": "COMPLETE_MASK", "matting": "MATTING", "trimap_band": "TRIMAP_BAND",
              "existing_shadow": "EXISTING_SHADOW_MASK", "new_shadow_region": "NEW_SHADOW_REGION",
              "harmonize": "HARMONIZE", "steps": "STEPS", "guidance": "GUIDANCE", "seed": "SEED",
-             "resolution": "RESOLUTION"}
+             "resolution": "RESOLUTION", "crop_padding": "CROP_PADDING", "crop_size": "crop_size"}
 
     def run(self, r: Request) -> dict:
         mask, prompt = r.mask("MASK"), r.prompt()
@@ -395,7 +400,8 @@ class RepositionModel(PipelineModelBase):
                          harmonize=bool(r.integer("HARMONIZE")), complete_mask=r.mask("COMPLETE_MASK"),
                          existing_shadow=r.mask("EXISTING_SHADOW_MASK"), new_shadow_region=r.mask("NEW_SHADOW_REGION"))
         quality = Quality(steps=r.integer("STEPS"), guidance=r.number("GUIDANCE"), seed=r.integer("SEED"),
-                          resolution=r.integer("RESOLUTION"))
+                          resolution=r.integer("RESOLUTION"), crop_padding=r.integer("CROP_PADDING"),
+                          crop_size=r.text("crop_size") or None)
         return edit, quality
 
     def port(self, field: str | None, r: Request) -> str | None:

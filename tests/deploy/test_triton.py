@@ -237,6 +237,37 @@ def test_reposition_equals_cli(clients, photo_small, tiny_weights, tmp_path):
     np.testing.assert_array_equal(out["REGION"], png_pixels(region, "L"))
 
 
+def test_crops_equal_cli_and_bad_crops_name_their_input(clients, photo_small, tiny_weights, tmp_path):
+    """CROP_PADDING (an input) and crop_size (a request parameter) reach the pass as `--crop-padding` /
+    `--crop-size` do: the CLI's bytes, for reposition (native) and inpaint (processing)."""
+    rgb, path = photo_small
+    subject = np.zeros(rgb.shape[:2], np.uint8)
+    subject[40:80, 60:100] = 255
+    Image.fromarray(subject).save(tmp_path / "subject.png")
+    cli("reposition", str(path), "--mask", str(tmp_path / "subject.png"), "--move", "25,-10", "--crop-padding", "6",
+        "--steps", "2", "--seed", "5", "-o", str(tmp_path / "moved.png"), "--weights", str(tiny_weights))
+    moved = infer(clients, "grpc", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([25, -10], np.float32), "CROP_PADDING": scalar(6, np.int32),
+        "STEPS": scalar(2, np.int32), "SEED": scalar(5, np.int64)})
+    np.testing.assert_array_equal(moved["IMAGE"], png_pixels(tmp_path / "moved.png"))
+    whole = infer(clients, "grpc", "reposition", {
+        "IMAGE": rgb, "MASK": subject, "MOVE": np.array([25, -10], np.float32), "STEPS": scalar(2, np.int32),
+        "SEED": scalar(5, np.int64)})
+    assert not np.array_equal(whole["IMAGE"], moved["IMAGE"])  # the crop changed the work
+    cli("inpaint", str(path), str(tmp_path / "subject.png"), "--crop-padding", "8", "--crop-size", "processing",
+        "--steps", "2", "--seed", "7", "-o", str(tmp_path / "filled.png"), "--weights", str(tiny_weights))
+    filled = infer(clients, "http", "inpaint", {"IMAGE": rgb, "MASK": subject, "STEPS": scalar(2, np.int32),
+                                                "SEED": scalar(7, np.int64)},
+                   parameters={"crop_padding": 8, "crop_size": "processing"})
+    np.testing.assert_array_equal(filled["IMAGE"], png_pixels(tmp_path / "filled.png"))
+    for model, inputs in (("reposition", {"MASK": subject, "MOVE": np.array([5, 0], np.float32)}),
+                          ("inpaint", {"MASK": subject})):
+        assert "CROP_PADDING" in _error(clients, "http", model, {"IMAGE": rgb, **inputs,
+                                                                 "CROP_PADDING": scalar(-1, np.int32)})
+        assert "crop_size" in _error(clients, "http", model, {"IMAGE": rgb, **inputs, "CROP_PADDING": scalar(4, np.int32)},
+                                     {"crop_size": "tiny"})
+
+
 def test_reposition_seele_stages_equal_cli(clients, photo_small, tiny_weights, tmp_path):
     """Depth occlusion, perspective scale, matting and a shadow region through Triton: the CLI's bytes."""
     rgb, path = photo_small
