@@ -107,15 +107,12 @@ def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     old tree is removed after. Without the exchange, the old folder is moved aside first (a crash between the
     two renames leaves it beside as `.NAME.old`). A failed write leaves `path` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def fill(staged: Path) -> None:
         write(staged)
         os.chmod(staged, 0o755)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    _swap_in(staged, path)
+
+    _swap_in(_staged(path, fill), path)
     return path
 
 
@@ -134,9 +131,8 @@ def publish_folders(parent: Path, writers: dict) -> None:
     parent = Path(parent)
     if parent.is_symlink():  # a weights folder linked from elsewhere: publish where it points, keep the link
         parent = parent.resolve()
-    parent.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{parent.name}.", dir=parent.parent))
-    try:
+
+    def fill(staged: Path) -> None:
         if parent.exists():
             for entry in parent.iterdir():
                 if entry.name not in writers:
@@ -149,10 +145,20 @@ def publish_folders(parent: Path, writers: dict) -> None:
             folder.mkdir()
             write(folder)
             os.chmod(folder, 0o755)
+
+    _swap_in(_staged(parent, fill), parent)
+
+
+def _staged(path: Path, fill: Callable[[Path], None]) -> Path:
+    """A temporary sibling of `path`, filled by `fill`; removed again if filling fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    _swap_in(staged, parent)
+    return staged
 
 
 def _swap_in(staged: Path, path: Path) -> None:

@@ -105,24 +105,30 @@ def test_a_final_overtakes_waiting_previews_and_nested_calls_run_inline():
     assert asyncio.run(main()) == ["final", ("nested", True, 2), "p0", "p1"]
 
 
+async def _close_with_a_running_job_and_three_waiting(work: PipelineWork, stop: Stop):
+    """A FINAL job that runs until its stop flag is set, three previews waiting behind it, then close():
+    returns (their outcomes, the steps the running job made, the previews that ran)."""
+    started, steps, ran = threading.Event(), [], []
+
+    def long_job():
+        started.set()
+        for i in range(2000):
+            stop.check(i)  # the denoising loop's step callback
+            steps.append(i)
+            time.sleep(0.005)
+
+    running = asyncio.create_task(work.run(long_job, FINAL, "final", stop))
+    await _until(started.is_set)
+    waiting = [asyncio.create_task(work.run(lambda: ran.append(1), PREVIEW, "preview")) for _ in range(3)]
+    await _until(lambda: work.depth == 3)
+    work.close()
+    return await asyncio.gather(running, *waiting, return_exceptions=True), steps, ran
+
+
 def test_shutdown_answers_waiters_and_stops_the_running_job():
     async def main():
         work = PipelineWork("reposition", _pipeline())
-        stop, started, steps, ran = Stop(), threading.Event(), [], []
-
-        def long_job():
-            started.set()
-            for i in range(2000):
-                stop.check(i)  # the denoising loop's step callback
-                steps.append(i)
-                time.sleep(0.005)
-
-        running = asyncio.create_task(work.run(long_job, FINAL, "final", stop))
-        await _until(started.is_set)
-        waiting = [asyncio.create_task(work.run(lambda: ran.append(1), PREVIEW, "preview")) for _ in range(3)]
-        await _until(lambda: work.depth == 3)
-        work.close()
-        outcomes = await asyncio.gather(running, *waiting, return_exceptions=True)
+        outcomes, steps, ran = await _close_with_a_running_job_and_three_waiting(work, Stop())
         with pytest.raises(Busy, match="shutting down"):
             await work.run(lambda: ran.append(1), FINAL, "final")
         assert await asyncio.to_thread(work.queue.run, lambda: "free") == "free"  # the turn was released
@@ -134,34 +140,20 @@ def test_shutdown_answers_waiters_and_stops_the_running_job():
 
 
 def test_a_job_the_worker_reaches_while_shutdown_is_underway_never_runs():
-    """close() stops the running job first; the worker may reach the next waiting job before close() has
-    cancelled it (CI saw two waiting jobs run this way). The running job's stop flag here holds close()
-    until the worker has taken every waiting job off the queue: none of them may run."""
+    """The worker may reach a waiting job while close() is still underway (CI saw two waiting jobs run after
+    close() had stopped the running job but before it cancelled them). The running job's stop flag here holds
+    close() until the worker has taken every live waiting job off the queue: none of them may run."""
     async def main():
         work = PipelineWork("reposition", _pipeline())
-        started, ran = threading.Event(), []
 
         class SlowStop(Stop):
-            def set(self):  # close() is held here, after the running job's flag, before the waiting jobs'
+            def set(self):  # close() is held here, after the running job's flag is set
                 super().set()
                 deadline = time.monotonic() + 5
-                while work.queue.jobs_run < 4 and time.monotonic() < deadline:
+                while work.queue.waiting and time.monotonic() < deadline:
                     time.sleep(0.005)
 
-        stop = SlowStop()
-
-        def long_job():
-            started.set()
-            for i in range(2000):
-                stop.check(i)
-                time.sleep(0.005)
-
-        running = asyncio.create_task(work.run(long_job, FINAL, "final", stop))
-        await _until(started.is_set)
-        waiting = [asyncio.create_task(work.run(lambda: ran.append(1), PREVIEW, "preview")) for _ in range(3)]
-        await _until(lambda: work.depth == 3)
-        work.close()
-        outcomes = await asyncio.gather(running, *waiting, return_exceptions=True)
+        outcomes, _, ran = await _close_with_a_running_job_and_three_waiting(work, SlowStop())
         return outcomes, ran
 
     outcomes, ran = asyncio.run(main())
