@@ -105,8 +105,11 @@ def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` into a temporary sibling, then put it in place of `path`, which may exist: one atomic
     exchange (Linux renameat2 RENAME_EXCHANGE), so a crash leaves the old folder or the new one, never none; the
     old tree is removed after. Without the exchange, the old folder is moved aside first (a crash between the
-    two renames leaves it beside as `.NAME.old`). A failed write leaves `path` as it was."""
+    two renames leaves it beside as `.NAME.old`). A failed write leaves `path` as it was. A linked `path` stays
+    a link: the folder it points to is replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
 
     def fill(staged: Path) -> None:
         write(staged)
@@ -162,20 +165,25 @@ def _staged(path: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def _swap_in(staged: Path, path: Path) -> None:
-    """Put the finished folder `staged` in place of `path` (see replace_dir), then remove the old tree."""
-    if not path.exists():
-        staged.rename(path)
-        return
-    if not _exchange(staged, path):  # the one step that publishes: before it the old tree, after it the new
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        try:
+    """Put the finished folder `staged` in place of `path` (see replace_dir), then remove the old tree. If the
+    swap itself fails, `path` is as it was and the staged copy is removed (no full copy left beside it)."""
+    try:
+        if not path.exists():
             staged.rename(path)
-        except BaseException:
-            old.rename(path)
-            raise
-        staged = old
+            return
+        if not _exchange(staged, path):  # the one step that publishes: before it the old tree, after it the new
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            try:
+                staged.rename(path)
+            except BaseException:
+                old.rename(path)
+                raise
+            staged = old
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     shutil.rmtree(staged, ignore_errors=True)  # the old tree
 
 

@@ -41,6 +41,9 @@ class Live:
     closed: bool = False
     sockets: int = 0  # drag WebSockets open on it (capped by Settings.ws_per_session)
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)  # its previews start one at a time, FIFO
+    # held by the store's thread while a start runs: a start whose request went away releases `starting` at
+    # once, but the next start of this session still waits here until the abandoned one has returned
+    start_running: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def kind(self) -> str:
@@ -132,7 +135,11 @@ class SessionStore:
         async with live.starting:
             if live.closed:  # closed (or the store shut down) while this waited for its turn
                 raise APIError(404, "session_id", f"session_id {live.id[:64]!r}: no such session (closed or expired)")
-            started = self._starts.submit(start)
+            def run():
+                with live.start_running:
+                    return start()
+
+            started = self._starts.submit(run)
             try:
                 return await asyncio.wrap_future(started)
             except asyncio.CancelledError:  # not yet running: wrap_future cancels it; running: withdrawn when done

@@ -72,3 +72,38 @@ def test_a_start_whose_request_went_away_withdraws_what_it_submitted():
         release.set()
         store.close_all()
     assert withdrawn == ["the submitted preview"]
+
+
+def test_a_start_whose_request_went_away_still_holds_the_session_until_it_returns():
+    """A start cancelled while it runs keeps its place: the session's next start begins only after it returned
+    (else the two snapshots interleave and the older one can cancel the newer preview)."""
+    store, events = _store(), []
+    running, release = threading.Event(), threading.Event()
+
+    def first():
+        running.set()
+        assert release.wait(30), "the test never released the first start"
+        events.append("first returned")
+        return 1
+
+    def second():
+        events.append("second started")
+        return 2
+
+    async def main():
+        live = Live("s", object(), 1, 1)
+        task = asyncio.create_task(store.start_preview(live, first, withdraw=lambda n: None))
+        await asyncio.to_thread(running.wait, 30)
+        task.cancel()  # its socket closed while the snapshot was being made
+        await asyncio.gather(task, return_exceptions=True)
+        later = asyncio.create_task(store.start_preview(live, second, withdraw=lambda n: None))
+        await asyncio.sleep(0.2)  # free threads are there: only the session's order holds the second back
+        release.set()
+        return await later
+
+    try:
+        assert asyncio.run(main()) == 2
+    finally:
+        release.set()
+        store.close_all()
+    assert events == ["first returned", "second started"]

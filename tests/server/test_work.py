@@ -142,7 +142,9 @@ def test_shutdown_answers_waiters_and_stops_the_running_job():
 def test_a_job_the_worker_reaches_while_shutdown_is_underway_never_runs():
     """The worker may reach a waiting job while close() is still underway (CI saw two waiting jobs run after
     close() had stopped the running job but before it cancelled them). The running job's stop flag here holds
-    close() until the worker has taken every live waiting job off the queue: none of them may run."""
+    close() until the worker has taken every live waiting job off the queue: none of them may run. This guards
+    close()'s order (waiting jobs cancelled before the running one is stopped); the worker's shutdown flag is the
+    second line of defence for a job it reaches mid-close() by any other path, and has no test of its own."""
     async def main():
         work = PipelineWork("reposition", _pipeline())
 

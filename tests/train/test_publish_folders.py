@@ -183,3 +183,24 @@ def test_replace_dir_crashed_at_any_step_leaves_the_old_folder_or_the_new_never_
     # in the two-rename fallback, which the assertion above catches: the folder moved aside, none in place)
     assert seen[-1] == "new" and not crashed
     assert sorted(p.name for p in root.iterdir()) == ["content_encoder"]
+
+
+def test_replace_dir_keeps_a_link_and_a_failed_swap_leaves_no_staged_copy(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere" / "content_encoder"
+    target.mkdir(parents=True)
+    (target / "version.txt").write_text("old")
+    link = tmp_path / "weights" / "content_encoder"
+    link.parent.mkdir()
+    link.symlink_to(target)  # a folder linked from another disk stays a link; the folder it points to is replaced
+    replace_dir(link, writer("content_encoder"))
+    assert link.is_symlink() and (target / "version.txt").read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["content_encoder"]
+
+    def refused(a, b):  # the kernel refusing the exchange (the platform's answer, not the code under test)
+        raise OSError(13, "Permission denied", str(a), None, str(b))
+
+    monkeypatch.setattr(files, "_exchange", refused)
+    with pytest.raises(OSError):
+        replace_dir(target, writer("content_encoder"))
+    assert (target / "version.txt").read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["content_encoder"]  # no staged copy left beside it
