@@ -93,27 +93,38 @@ def exchange_supported(tmp_path: Path) -> bool:
         a.rmdir(), b.rmdir()
 
 
-def test_a_crash_at_any_step_leaves_both_folders_old_or_both_new(tmp_path):
+def crash_at_each_step(tmp_path: Path, prepare, publish, check) -> tuple[Path, bool]:
+    """For k = 1, 2, ...: prepare(root) in a fresh root, publish(what prepare returned) crashing at the k-th
+    change, check(it, k) what is on disk; until a publish finishes. Returns (the last root, whether it crashed)."""
     if not exchange_supported(tmp_path):
         pytest.skip(f"{tmp_path}: this file system has no renameat2 RENAME_EXCHANGE (the two-rename fallback runs)")
-    outcomes = []
     for at in range(1, 100):
         root = tmp_path / f"crash-{at}"
-        parent = old_tree(root)
+        target = prepare(root)
         crasher().arm(at)
         try:
-            publish_folders(parent, WRITERS)
+            publish(target)
             crashed = False
         except Crash:
             crashed = True
         finally:
             crasher().disarm()
+        check(target, at)
+        if not crashed:
+            break
+    return root, crashed
+
+
+def test_a_crash_at_any_step_leaves_both_folders_old_or_both_new(tmp_path):
+    outcomes = []
+
+    def check(parent: Path, at: int) -> None:
         outcomes.append(pair(parent))
         assert pair(parent) in (("old", "old"), ("new", "new")), (at, pair(parent))
         assert (parent / "vae" / "weights.bin").read_bytes() == b"frozen vae"  # the other entries, as they were
         assert (parent / "scheduler.json").read_text() == "{}"
-        if not crashed:
-            break
+
+    root, crashed = crash_at_each_step(tmp_path, old_tree, lambda parent: publish_folders(parent, WRITERS), check)
     assert outcomes[-1] == ("new", "new") and not crashed, "the publish never finished"
     assert ("old", "old") in outcomes and outcomes.count(("new", "new")) >= 2  # crashes before and after the swap
     assert sorted(p.name for p in root.iterdir()) == ["elements"]  # finished: nothing staged is left
@@ -159,26 +170,19 @@ def test_without_the_exchange_the_old_folder_is_moved_aside_and_removed(tmp_path
 
 def test_replace_dir_crashed_at_any_step_leaves_the_old_folder_or_the_new_never_none(tmp_path):
     """Stage 1's content encoder folder (models/files.replace_dir): one folder that already exists."""
-    if not exchange_supported(tmp_path):
-        pytest.skip(f"{tmp_path}: this file system has no renameat2 RENAME_EXCHANGE (the two-rename fallback runs)")
     seen = []
-    for at in range(1, 100):
-        root = tmp_path / f"crash-{at}"
+
+    def prepare(root: Path) -> Path:
         (root / "content_encoder").mkdir(parents=True)
         (root / "content_encoder" / "version.txt").write_text("old")
-        crasher().arm(at)
-        try:
-            replace_dir(root / "content_encoder", writer("content_encoder"))
-            crashed = False
-        except Crash:
-            crashed = True
-        finally:
-            crasher().disarm()
-        version = root / "content_encoder" / "version.txt"
-        assert version.is_file(), (at, sorted(p.name for p in root.iterdir()))
-        seen.append(version.read_text())
-        if not crashed:
-            break
+        return root / "content_encoder"
+
+    def check(folder: Path, at: int) -> None:
+        assert (folder / "version.txt").is_file(), (at, sorted(p.name for p in folder.parent.iterdir()))
+        seen.append((folder / "version.txt").read_text())
+
+    root, crashed = crash_at_each_step(tmp_path, prepare, lambda folder: replace_dir(folder, writer("content_encoder")),
+                                       check)
     # (the exchange itself is a ctypes call no audit hook sees: every crash counted here comes after it or
     # in the two-rename fallback, which the assertion above catches: the folder moved aside, none in place)
     assert seen[-1] == "new" and not crashed
